@@ -1,0 +1,1 @@
+"""The training loop and everything around it: data, checkpoints, loggers, metrics, distribution."""
