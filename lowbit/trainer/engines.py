@@ -1,0 +1,147 @@
+"""How a step is executed: plain/DDP PyTorch, or DeepSpeed's engine (ZeRO 0–3).
+
+Both expose the same small surface to the loop — forward context, backward, step, save, load — so
+trainer/loop.py reads the same whatever runs underneath.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lowbit.trainer.checkpoint import CheckpointError, load_torch, save_torch
+from lowbit.trainer.config import DistBackend
+from lowbit.trainer.distributed import DistContext
+
+
+def _optimizer_is_per_rank(opt: torch.optim.Optimizer) -> bool:
+    # Optimizers that shard their own state across ranks (distributed Shampoo) say so; their
+    # state is saved by every rank rather than by rank 0 alone.
+    return bool(getattr(opt, "per_rank_state", False))
+
+
+class TorchEngine:
+    """Single process or DistributedDataParallel."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
+                 grad_accum: int, grad_clip: float, compile_model: bool) -> None:
+        self.module, self.optimizer, self.ctx = model, optimizer, ctx
+        self.grad_accum, self.grad_clip = grad_accum, grad_clip
+        fwd = torch.compile(model) if compile_model else model
+        if ctx.backend is DistBackend.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            fwd = DDP(fwd, device_ids=ids)
+        self.model = fwd
+
+    def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
+        # Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
+        if self.ctx.backend is DistBackend.ddp and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, tmp: Path, trainer_state: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            save_model(self.module, str(tmp / "model.safetensors"))
+            save_torch(trainer_state, tmp / "trainer.pt")
+        if _optimizer_is_per_rank(self.optimizer):
+            save_torch(self.optimizer.state_dict(), tmp / f"optimizer.rank{self.ctx.rank}.pt")
+        elif self.ctx.is_main:
+            save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+
+    def load(self, path: Path) -> dict[str, Any]:
+        missing, unexpected = load_model(self.module, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]} (was it written with another model= config?)"
+            )
+        name = f"optimizer.rank{self.ctx.rank}.pt" if _optimizer_is_per_rank(self.optimizer) else "optimizer.pt"
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {path} has no {name} (written with another world size or optimizer?)")
+        self.optimizer.load_state_dict(load_torch(path / name))
+        return load_torch(path / "trainer.pt")
+
+
+class DeepSpeedEngine:
+    """DeepSpeed's real engine with our optimizer passed in as the client optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
+                 micro_batch: int, grad_accum: int, grad_clip: float, zero_stage: int, bf16: bool) -> None:
+        import deepspeed
+
+        self.ctx, self.zero_stage = ctx, zero_stage
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+        self.client_optimizer = optimizer
+        self.module = self.engine.module
+        self.model = self.engine
+
+    def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        self.engine.step()  # a no-op except at the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, tmp: Path, trainer_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        if self.zero_stage == 3:
+            import deepspeed
+
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.ctx.is_main:
+                    save_model(self.module, str(tmp / "model.safetensors"))
+        elif self.ctx.is_main:
+            save_model(self.module, str(tmp / "model.safetensors"))
+        if self.ctx.is_main:
+            save_torch(trainer_state, tmp / "trainer.pt")
+
+    def load(self, path: Path) -> dict[str, Any]:
+        if not (path / "deepspeed").is_dir():
+            raise CheckpointError(f"checkpoint {path} was not written by dist=deepspeed (no deepspeed/ folder)")
+        load_path, _ = self.engine.load_checkpoint(
+            str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
+        return load_torch(path / "trainer.pt")
+

@@ -1,0 +1,205 @@
+"""run(cfg): set up everything a training run needs, run the loop, write the summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lowbit.nn.convert import apply_quant_config
+from lowbit.nn.llama import Llama
+from lowbit.optim import build_optimizer
+from lowbit.quant.telemetry import QuantTelemetry
+from lowbit.trainer import checkpoint as ckpt
+from lowbit.trainer.config import DistBackend, Precision, RunConfig
+from lowbit.trainer.data import BatchSource, eval_batches, load_data
+from lowbit.trainer.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown
+from lowbit.trainer.engines import DeepSpeedEngine, TorchEngine
+from lowbit.trainer.loggers import RunLogger
+from lowbit.trainer.loop import LoopState, evaluate, train_loop
+from lowbit.trainer.metrics import device_peak_flops, format_bytes, mfu, peak_memory_bytes
+
+
+def _as_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    if isinstance(cfg, RunConfig):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _autocast(precision: Precision, device: torch.device):
+    precision = Precision(precision)
+    if precision is Precision.auto:
+        precision = Precision.bf16 if device.type == "cuda" else Precision.fp32
+    if precision is Precision.fp32:
+        return precision, contextlib.nullcontext
+    return precision, partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+class CheckpointWriter:
+    """Called by the loop when a checkpoint is due; writes atomically and prunes old ones."""
+
+    def __init__(self, engine, ctx: DistContext, root: Path, every: int, keep_last: int, total: int,
+                 extra: dict[str, Any], logger: RunLogger) -> None:
+        self.engine, self.ctx, self.root, self.every, self.keep_last = engine, ctx, root, every, keep_last
+        self.total, self.extra, self.logger = total, extra, logger
+
+    def due(self, step: int, stop_at: int) -> bool:
+        return step == stop_at or step == self.total or (self.every > 0 and step % self.every == 0)
+
+    def __call__(self, state: LoopState) -> Path:
+        tmp = None
+        if self.ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.temp_dir_for(self.root, state.step)
+            tmp.mkdir()
+        tmp = Path(broadcast_object(str(tmp), self.ctx))
+        trainer_state = {
+            "step": state.step, "rng": _rng_state(self.ctx.device), "world": self.ctx.world,
+            "data_position": {"step": state.step, "tokens_seen": state.tokens_seen},
+            "train_losses": state.train_losses, "val_losses": state.val_losses,
+            "train_seconds": state.train_seconds, "wandb_id": self.logger.wandb_id, **self.extra,
+        }
+        self.engine.save(tmp, trainer_state)
+        barrier(self.ctx)
+        final = None
+        if self.ctx.is_main:
+            final = ckpt.finalize(tmp, self.root, state.step)
+            ckpt.prune(self.root, self.keep_last)
+        barrier(self.ctx)
+        return final
+
+
+def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
+    """Train per `cfg` and return the run's summary (also written to <run_dir>/summary.json)."""
+    rc = _as_run_config(cfg)
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True, enum_to_str=True)
+    tc = rc.train
+    for key in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_every"):
+        if getattr(tc, key) <= 0:
+            raise ValueError(f"train.{key}={getattr(tc, key)} must be positive")
+    if tc.seq_len > rc.model.max_seq_len:
+        raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={rc.model.max_seq_len}")
+
+    ctx = init_distributed(rc.dist, tc.device)
+    try:
+        return _run(rc, cfg_dict, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
+    tc = rc.train
+    run_dir = Path(rc.out_dir) / rc.run_name
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = ckpt.resolve_resume(rc.resume, ckpt_root)
+    if resume_from is not None:
+        ckpt.verify(resume_from)  # fail before any work if the checkpoint is damaged
+
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+    data = load_data(rc.data, rc.model.vocab_size)
+    model = Llama(rc.model)
+    model = apply_quant_config(model, rc.quant).to(ctx.device)
+    optimizer = build_optimizer(model, rc.optim)
+    for g in optimizer.param_groups:
+        g.setdefault("base_lr", g["lr"])
+    precision, autocast = _autocast(tc.precision, ctx.device)
+    if ctx.backend is DistBackend.deepspeed:
+        # DeepSpeed's own bf16 mode keeps fp32 master weights; autocast stays off under it.
+        engine = DeepSpeedEngine(model, optimizer, ctx, tc.micro_batch_size, tc.grad_accum, tc.grad_clip,
+                                 rc.dist.zero_stage, bf16=precision is Precision.bf16)
+        autocast = contextlib.nullcontext
+    else:
+        engine = TorchEngine(model, optimizer, ctx, tc.grad_accum, tc.grad_clip, tc.compile)
+
+    state, wandb_id = LoopState(step=0), None
+    if resume_from is not None:
+        saved = engine.load(resume_from)
+        _set_rng_state(saved["rng"], ctx.device)
+        state = LoopState(step=saved["step"], train_losses=saved["train_losses"], val_losses=saved["val_losses"],
+                          tokens_seen=saved["data_position"]["tokens_seen"], train_seconds=saved["train_seconds"])
+        wandb_id = saved.get("wandb_id")
+
+    batches = BatchSource(data.train, tc.seq_len, tc.micro_batch_size, tc.grad_accum, ctx.rank, ctx.world,
+                          tc.seed, rc.model.vocab_size)
+    val_batches = eval_batches(data.val, tc.seq_len, tc.micro_batch_size, tc.eval_batches, ctx.rank, ctx.world)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    logger = RunLogger(rc.logger, run_dir, cfg_dict, ctx.is_main, tc.steps, state.step, wandb_id)
+    n_params = model.num_params(exclude_embeddings=False)
+    logger.info(
+        f"[bold]lowbit[/bold] {rc.model.name} ({n_params / 1e6:.2f}M params) on {ctx.world}× {ctx.device.type}, "
+        f"{precision.value}, quant={rc.quant.recipe}, optim={rc.optim.name.value if hasattr(rc.optim.name, 'value') else rc.optim.name}, "
+        f"dist={ctx.backend.value}; data: {data.description} "
+        f"({len(data.train):,} train / {len(data.val):,} val tokens); global batch "
+        f"{batches.global_batch}×{tc.seq_len} tokens"
+    )
+    if resume_from is not None:
+        logger.info(f"resumed from {resume_from} at step {state.step}")
+
+    writer = CheckpointWriter(engine, ctx, ckpt_root, rc.checkpoint.every, rc.checkpoint.keep_last, tc.steps,
+                              {"config": cfg_dict}, logger)
+    telemetry = QuantTelemetry(model, every=rc.quant.telemetry_every)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    t0 = time.time()
+    state = train_loop(engine, batches, val_batches, state, tc, ctx, autocast, logger, telemetry, writer)
+    if not state.val_losses or state.val_losses[-1][0] != state.step:
+        state.val_losses.append([state.step, evaluate(engine, val_batches, autocast, ctx)])
+
+    val = state.val_losses[-1][1]
+    tok_s = state.tokens_seen / state.train_seconds if state.train_seconds > 0 else 0.0
+    flops_tok = model.flops_per_token(tc.seq_len)
+    util = mfu(flops_tok, tok_s, device_peak_flops(ctx.device), ctx.world)
+    summary = {
+        "step": state.step, "steps": tc.steps, "completed": state.step >= tc.steps,
+        "final_val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+        "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
+        "tokens_per_s": tok_s, "mfu": util, "peak_mem_bytes": peak_memory_bytes(ctx.device),
+        "params": n_params, "world": ctx.world, "device": str(ctx.device), "precision": precision.value,
+        "quant": rc.quant.recipe, "optim": cfg_dict["optim"]["name"], "dist": ctx.backend.value,
+        "wall_seconds": time.time() - t0, "run_dir": str(run_dir.resolve()),
+        "wandb_dir": logger.wandb_dir, "train_losses": state.train_losses, "val_losses": state.val_losses,
+    }
+    if ctx.is_main:
+        tmp = run_dir / f".summary.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(run_dir / "summary.json")
+        lines = [
+            f"val loss {val:.4f}   perplexity {summary['val_ppl']:.2f}   "
+            f"step {state.step}/{tc.steps}",
+            f"throughput {tok_s:,.0f} tokens/s" + (f"   MFU {util:.1%}" if util is not None else "")
+            + f"   peak memory {format_bytes(summary['peak_mem_bytes'])}",
+            f"run written to {summary['run_dir']}",
+        ]
+        if logger.wandb_dir:
+            lines.append(f"W&B files in {Path(logger.wandb_dir).parent}")
+        logger.finish(summary)
+        logger.info("[bold]summary[/bold]\n  " + "\n  ".join(lines))
+    return summary
