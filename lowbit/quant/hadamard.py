@@ -1,0 +1,73 @@
+"""Blockwise (random) Walsh–Hadamard rotation along the last axis.
+
+R = blockdiag(D·H_b/√b, ..., D·H_b/√b), with H_b the Sylvester Hadamard matrix of size b (a power
+of two) and D = diag(signs) an optional ±1 diagonal. R is orthonormal, so rotating both operands
+of a GEMM along its reduction axis leaves the product unchanged — (A R)(B R)^T = A B^T — while
+spreading an outlier over b elements, which shrinks the amax a block scale has to cover.
+
+Random signs come from the same counter hash as stochastic rounding (rounding.py): sign i is
+1 - 2·(lowbias32(i + seed·0x9E3779B9) & 1), so a Triton kernel rebuilds D from the seed alone.
+Recipes re-draw the seed on every call ("signs redrawn per step"); both operands of one GEMM must
+use the same seed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lowbit.quant.rounding import hash_bits
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_matrix(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The n×n orthonormal Sylvester Hadamard matrix H/√n (fp32); n must be a power of two."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"Hadamard block size must be a power of two, got {n}")
+    return (_hadamard_cpu(n) * n**-0.5).to(device)
+
+
+def random_signs(block: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """±1 (fp32) for the random Hadamard diagonal, from the counter hash of (seed, i)."""
+    bit = hash_bits(seed, block, device) & 1
+    return (1 - 2 * bit).to(torch.float32)
+
+
+def _check(x: torch.Tensor, block: int, signs: torch.Tensor | None) -> None:
+    if x.shape[-1] % block:
+        raise ValueError(
+            f"hadamard_rotate: last dim {x.shape[-1]} is not a multiple of block={block}; "
+            "pad it or pick a block that divides it"
+        )
+    if signs is not None and signs.shape != (block,):
+        raise ValueError(f"signs must have shape ({block},), got {tuple(signs.shape)}")
+
+
+def hadamard_rotate(x: torch.Tensor, block: int = 32, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """x·R along the last axis (R as in the module docstring); computed in fp32, returned in x.dtype."""
+    h = hadamard_matrix(block, x.device)
+    _check(x, block, signs)
+    xb = x.float().unflatten(-1, (-1, block))
+    if signs is not None:
+        xb = xb * signs.to(xb.device, torch.float32)
+    return (xb @ h).flatten(-2).to(x.dtype)
+
+
+def inverse_hadamard_rotate(
+    y: torch.Tensor, block: int = 32, signs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y·R^T, the inverse of hadamard_rotate (H is symmetric, so R^T = H·D/√b)."""
+    h = hadamard_matrix(block, y.device)
+    _check(y, block, signs)
+    xb = y.float().unflatten(-1, (-1, block)) @ h
+    if signs is not None:
+        xb = xb * signs.to(xb.device, torch.float32)
+    return xb.flatten(-2).to(y.dtype)

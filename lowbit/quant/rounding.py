@@ -1,0 +1,158 @@
+"""Rounding fp32 values onto an element format's grid, in portable fp32/integer arithmetic.
+
+Every result is computed so that the final value is *exactly* a grid point held in fp32; a later
+cast to a storage dtype (float8, packed fp4) is then exact. Nothing relies on a float downcast to
+round (the Triton interpreter rounds `.to(tl.float8e4nv)` wrongly), and the Triton port must repeat
+these steps literally to match bit for bit.
+
+Float formats (E bits, M mantissa bits, bias B, emin = 1 - B, emax = floor(log2 max)):
+    a  = min(|y|, max)                        saturate first: the result can never exceed max
+    e  = ((bits(a) >> 23) & 0xFF) - 127       floor(log2 a) from the fp32 exponent field
+    et = clamp(e, emin, emax)                 below emin the format is subnormal: fixed quantum
+    v  = a * 2^(M - et)                       exact power-of-two scaling; v < 2^(M+1)
+    nearest:     r = (v + 2^23) - 2^23        fp32 add: round-half-to-even for 0 <= v < 2^22
+    stochastic:  r = floor(v) + (v - floor(v) > u),  u = (hash >> 8) * 2^-24 in [0, 1)
+    q  = copysign(r * 2^(et - M), y)          exact
+Integer formats (symmetric, qmax = 7 or 127): v = clamp(y, -qmax, qmax), then the same nearest
+(on |v|, sign restored) or stochastic (on v) step with a quantum of 1.
+Codebook formats (NF4): nearest = the code whose midpoint interval holds y (ties to the lower code);
+stochastic = one of the two neighbouring codes c_lo <= y < c_hi, the upper with probability
+(y - c_lo) / (c_hi - c_lo).
+
+Stochastic rounding is unbiased inside the range (E[q] = y up to the 2^-24 resolution of u) and
+saturating outside it (values beyond max always give ±max, so E[q] is then biased towards 0).
+
+Special values (before any scaling; see quantize.py for what scaling does with them):
+    NaN  -> NaN (in the fp32 result; formats without a NaN code get it from the block scale)
+    ±Inf -> ±Inf for fp8_e5m2 (it has Inf), otherwise saturates to ±max
+    finite beyond ±max -> ±max (saturation, all formats)
+    fp32 subnormals and values below half the smallest subnormal -> ±0
+
+Random bits: a counter-based hash, so no noise tensor is stored and Triton (uint32) reproduces the
+same bits from (seed, element index) alone:
+    x = (index + seed * 0x9E3779B9) mod 2^32
+    x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16   (all mod 2^32)
+("lowbias32", Chris Wellons' hash-prospector). `index` is the element's row-major index in the
+tensor handed to `quantize` after its quantized axis was moved last (before any block padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.quant.formats import ElementFormat, get_format
+
+ROUNDING_MODES = ("nearest", "stochastic")
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+_TWO23 = 8388608.0  # 2^23: adding it rounds an fp32 in [0, 2^22) to an integer, half to even
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without overflowing int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """The lowbias32 integer hash of int64 values taken mod 2^32; returns int64 in [0, 2^32)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_bits(seed: int, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2^32)) for each flat index 0..numel-1 under `seed`."""
+    offset = (int(seed) * _GOLDEN) & _MASK32
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    return lowbias32(idx + offset)
+
+
+def uniform_noise(seed: int, shape: torch.Size | tuple[int, ...], device=None) -> torch.Tensor:
+    """u in [0, 1) with 24 random bits, exact in fp32: (hash >> 8) * 2^-24, laid out row-major."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    bits = hash_bits(seed, n, device) >> 8
+    return (bits.to(torch.float32) * 2.0**-24).reshape(shape)
+
+
+def exp2i(k: torch.Tensor) -> torch.Tensor:
+    """2^k for integer tensors k in [-149, 127], exactly, as fp32 (ldexp builds it from bits)."""
+    return torch.ldexp(torch.ones_like(k, dtype=torch.float32), k.to(torch.int32))
+
+
+def _round_half_even_nonneg(v: torch.Tensor) -> torch.Tensor:
+    return (v + _TWO23) - _TWO23
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding={mode!r}; valid choices: {', '.join(ROUNDING_MODES)}")
+
+
+def round_to_format(
+    y: torch.Tensor,
+    fmt: str | ElementFormat,
+    rounding: str = "nearest",
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Round fp32 `y` (already divided by its scale) to the nearest / a stochastic grid value of `fmt`.
+
+    For stochastic rounding pass either `noise` (u in [0, 1), shape of y) or `seed` (noise from the
+    hash of the row-major index). Returns fp32 values exactly on the grid.
+    """
+    fmt = get_format(fmt)
+    _check_mode(rounding)
+    y = y.float()
+    if rounding == "stochastic" and noise is None:
+        if seed is None:
+            raise ValueError("stochastic rounding needs `noise` or a `seed`")
+        noise = uniform_noise(seed, y.shape, y.device)
+    if fmt.kind == "float":
+        return _round_float(y, fmt, rounding, noise)
+    if fmt.kind == "int":
+        return _round_int(y, fmt, rounding, noise)
+    return _round_codebook(y, fmt, rounding, noise)
+
+
+def _round_float(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None):
+    a = torch.clamp(y.abs(), max=fmt.max)  # NaN stays NaN; +Inf saturates here
+    e = ((a.view(torch.int32) >> 23) & 0xFF) - 127
+    et = torch.clamp(e, fmt.emin, fmt.emax)
+    v = a * exp2i(fmt.mbits - et)
+    if rounding == "nearest":
+        r = _round_half_even_nonneg(v)
+    else:
+        fl = torch.floor(v)
+        r = fl + ((v - fl) > noise).to(torch.float32)
+    q = torch.copysign(r * exp2i(et - fmt.mbits), y)
+    if fmt.has_inf:
+        q = torch.where(torch.isinf(y), y, q)
+    return q
+
+
+def _round_int(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None):
+    v = torch.clamp(y, -fmt.max, fmt.max)
+    if rounding == "nearest":
+        return torch.copysign(_round_half_even_nonneg(v.abs()), v)
+    fl = torch.floor(v)
+    return fl + ((v - fl) > noise).to(torch.float32)
+
+
+def _round_codebook(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None):
+    code = torch.tensor(fmt.codebook, dtype=torch.float32, device=y.device)
+    v = torch.clamp(y, -fmt.max, fmt.max)
+    if rounding == "nearest":
+        mids = (code[1:] + code[:-1]) * 0.5
+        q = code[torch.bucketize(v, mids, right=False)]
+    else:
+        lo = torch.clamp(torch.bucketize(v, code, right=True) - 1, 0, len(code) - 2)
+        c_lo, c_hi = code[lo], code[lo + 1]
+        p = (v - c_lo) / (c_hi - c_lo)
+        q = torch.where(p > noise, c_hi, c_lo)
+    return torch.where(torch.isnan(y), y, q)
