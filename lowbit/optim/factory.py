@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Any
+
 import torch
 from torch import nn
 
-from lowbit.optim.config import OptimConfig, OptimName
+from lowbit.optim.adamw import LowBitAdamW
+from lowbit.optim.config import OptimName, validate_optim_config
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+def param_groups(model: nn.Module, cfg: Any) -> list[dict]:
     """Split parameters into decayed (matrices) and undecayed (norms, biases, embeddings) groups."""
     decay, no_decay = [], []
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -25,9 +29,42 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    name = OptimName(cfg.name)
+def _value(x: Any) -> Any:
+    return x.value if isinstance(x, Enum) else x
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """The optimizer for `model` described by `cfg` (an OptimConfig or its DictConfig).
+
+    Every param group carries `base_lr`, which the trainer's schedule multiplies each step.
+    """
+    validate_optim_config(cfg)
+    name = OptimName(_value(cfg.name))
+    rounding = _value(cfg.bf16_rounding)
     groups = param_groups(model, cfg)
-    if name is OptimName.adamw:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    raise ValueError(f"unknown optim.name={cfg.name!r}; valid choices: {[n.value for n in OptimName]}")
+    betas = tuple(float(b) for b in cfg.betas)
+    common = dict(lr=cfg.lr, betas=betas, eps=cfg.eps)
+    lowbit = dict(common, bf16_rounding=rounding, seed=cfg.seed, min_quant_numel=cfg.min_quant_numel,
+                  rank1=cfg.rank1, fused=cfg.fused)
+    opt: torch.optim.Optimizer
+    if name is OptimName.adamw and rounding == "nearest":
+        opt = torch.optim.AdamW(groups, **common)
+    elif name in (OptimName.adamw, OptimName.adamw_bf16_sr):
+        opt = LowBitAdamW(groups, state_bits=32, **lowbit)
+    elif name is OptimName.adamw8bit:
+        opt = LowBitAdamW(groups, state_bits=8, **lowbit)
+    elif name is OptimName.adamw4bit:
+        opt = LowBitAdamW(groups, state_bits=4, **lowbit)
+    else:
+        from lowbit.optim.shampoo import Shampoo
+
+        bits = cfg.precond_bits if cfg.precond_bits is not None else (4 if name is OptimName.shampoo4bit else 32)
+        opt = Shampoo(
+            groups, **common, bits=bits, max_preconditioner_dim=cfg.max_preconditioner_dim,
+            stats_every=cfg.stats_every, inverse_every=cfg.inverse_every, shampoo_beta=cfg.shampoo_beta,
+            matrix_eps=cfg.matrix_eps, bjorck_iters=cfg.bjorck_iters, eigvec_block=cfg.eigvec_block,
+            bf16_rounding=rounding, seed=cfg.seed, distributed=cfg.shampoo_distributed,
+        )
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt

@@ -1,0 +1,282 @@
+"""AdamW with 32-, 8- or 4-bit states, for fp32 or pure-BF16 parameters.
+
+- 8-bit (Dettmers et al.): both moments block-wise (256) with the dynamic exponent map.
+- 4-bit (Li et al. 2023): first moment block-wise (128) with the signed 4-bit dynamic map; second
+  moment rank-1 normalized (scale min(row max, col max)) with the linear map that excludes zero;
+  1-D second moments fall back to block-wise (128) with the same linear map.
+- Tensors under `min_quant_numel` elements keep fp32 states: their memory is negligible and small
+  tensors (norms, biases) are the most sensitive to quantization error.
+- BF16 parameters are updated without an fp32 master copy: `bf16_rounding` = nearest, stochastic
+  (hash stream seeded per step and tensor) or kahan (BF16 compensation buffer, +2 B/param).
+
+The torch code here is the reference; on CUDA (or with `fused=True`) the 8/4-bit steps run the fused
+Triton kernels of lowbit/kernels/optim_adamw_lowbit.py, which perform the same fp32 operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from lowbit.optim import qmaps
+from lowbit.optim.rounding import ROUNDING_MODES, step_seed, write_param_
+
+BLOCK = {8: 256, 4: 128}
+
+
+def f32(x: float) -> float:
+    """Round a Python float to the nearest fp32, so torch and Triton see the same scalar."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def adam_scalars(lr: float, beta1: float, beta2: float, eps: float, wd: float, step: int) -> dict:
+    """Per-step fp32 scalars shared by the reference and the kernels."""
+    return {
+        "beta1": f32(beta1),
+        "omb1": f32(1 - beta1),
+        "beta2": f32(beta2),
+        "omb2": f32(1 - beta2),
+        "step_size": f32(lr / (1 - beta1**step)),
+        "bc2_sqrt": f32(math.sqrt(1 - beta2**step)),
+        "eps": f32(eps),
+        "decay": f32(1 - lr * wd),
+    }
+
+
+def adamw_math(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step in fp32, in the exact order of operations the kernels use."""
+    m = m * s["beta1"] + g * s["omb1"]
+    v = v * s["beta2"] + (g * g) * s["omb2"]
+    denom = torch.sqrt(v) / s["bc2_sqrt"] + s["eps"]
+    new_p = p * s["decay"] - (m / denom) * s["step_size"]
+    return new_p, m, v
+
+
+class LowBitAdamW(torch.optim.Optimizer):
+    """AdamW with `state_bits` ∈ {32, 8, 4} and BF16-parameter rounding `bf16_rounding`."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_bits: int = 8,
+        bf16_rounding: str = "nearest",
+        min_quant_numel: int = 4096,
+        rank1: bool = True,
+        seed: int = 0,
+        fused: bool | None = None,
+    ) -> None:
+        if state_bits not in (32, 8, 4):
+            raise ValueError(f"state_bits={state_bits}; valid choices: 32, 8, 4")
+        if bf16_rounding not in ROUNDING_MODES:
+            raise ValueError(f"bf16_rounding={bf16_rounding!r}; valid choices: {ROUNDING_MODES}")
+        if not lr >= 0:
+            raise ValueError(f"lr={lr}; must be >= 0")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas={betas}; each must be in [0, 1)")
+        if not eps > 0:
+            raise ValueError(f"eps={eps}; must be > 0")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay}; must be >= 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed)
+        super().__init__(params, defaults)
+        self.state_bits = state_bits
+        self.bf16_rounding = bf16_rounding
+        self.min_quant_numel = min_quant_numel
+        self.rank1 = rank1
+        self.fused = fused
+
+    # ----------------------------------------------------------------- state layout
+    def _quantized(self, p: torch.Tensor) -> bool:
+        return self.state_bits < 32 and p.numel() >= self.min_quant_numel
+
+    def _uses_rank1(self, p: torch.Tensor) -> bool:
+        return self.state_bits == 4 and self.rank1 and p.dim() >= 2
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["step"] = 0
+        n, dev = p.numel(), p.device
+        if not self._quantized(p):
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=dev)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=dev)
+        elif self.state_bits == 8:
+            nb = -(-n // 256)
+            state["exp_avg_codes"] = torch.full((n,), self._zero_code(8, True), dtype=torch.uint8, device=dev)
+            state["exp_avg_absmax"] = torch.zeros(nb, dtype=torch.float32, device=dev)
+            state["exp_avg_sq_codes"] = torch.zeros(n, dtype=torch.uint8, device=dev)
+            state["exp_avg_sq_absmax"] = torch.zeros(nb, dtype=torch.float32, device=dev)
+        else:
+            nbytes = -(-n // 2)
+            z = self._zero_code(4, True)
+            state["exp_avg_codes"] = torch.full((nbytes,), z | (z << 4), dtype=torch.uint8, device=dev)
+            state["exp_avg_absmax"] = torch.zeros(-(-n // 128), dtype=torch.float32, device=dev)
+            # Code 0 of the zero-free linear map is its smallest value; with scale 0 it decodes to 0.
+            state["exp_avg_sq_codes"] = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+            if self._uses_rank1(p):
+                rows = p.shape[0]
+                state["exp_avg_sq_row"] = torch.zeros(rows, dtype=torch.float32, device=dev)
+                state["exp_avg_sq_col"] = torch.zeros(n // rows, dtype=torch.float32, device=dev)
+            else:
+                state["exp_avg_sq_absmax"] = torch.zeros(-(-n // 128), dtype=torch.float32, device=dev)
+        if p.dtype == torch.bfloat16 and self.bf16_rounding == "kahan":
+            state["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=dev)
+
+    @staticmethod
+    def _zero_code(bits: int, signed: bool) -> int:
+        return int((qmaps.dynamic_map(bits, signed) == 0).nonzero()[0])
+
+    # ----------------------------------------------------------------- dequantize / quantize
+    def _load_moments(self, p: torch.Tensor, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        n, shape = p.numel(), p.shape
+        if not self._quantized(p):
+            return st["exp_avg"], st["exp_avg_sq"]
+        if self.state_bits == 8:
+            m = qmaps.dequantize_blockwise(
+                st["exp_avg_codes"], st["exp_avg_absmax"], qmaps.dynamic_map(8, True), 256, shape
+            )
+            v = qmaps.dequantize_blockwise(
+                st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"], qmaps.dynamic_map(8, False), 256, shape
+            )
+            return m, v
+        m_codes = qmaps.unpack_nibbles(st["exp_avg_codes"], n)
+        m = qmaps.dequantize_blockwise(m_codes, st["exp_avg_absmax"], qmaps.dynamic_map(4, True), 128, shape)
+        v_codes = qmaps.unpack_nibbles(st["exp_avg_sq_codes"], n)
+        lin = qmaps.linear_map_nozero(4)
+        if self._uses_rank1(p):
+            v = qmaps.dequantize_rank1(v_codes, st["exp_avg_sq_row"], st["exp_avg_sq_col"], lin).view(shape)
+        else:
+            v = qmaps.dequantize_blockwise(v_codes, st["exp_avg_sq_absmax"], lin, 128, shape)
+        return m, v
+
+    def _store_moments(self, p: torch.Tensor, st: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        if not self._quantized(p):
+            st["exp_avg"].copy_(m)
+            st["exp_avg_sq"].copy_(v)
+            return
+        if self.state_bits == 8:
+            c, a = qmaps.quantize_blockwise(m, qmaps.dynamic_map(8, True), 256)
+            st["exp_avg_codes"].copy_(c)
+            st["exp_avg_absmax"].copy_(a)
+            c, a = qmaps.quantize_blockwise(v, qmaps.dynamic_map(8, False), 256)
+            st["exp_avg_sq_codes"].copy_(c)
+            st["exp_avg_sq_absmax"].copy_(a)
+            return
+        c, a = qmaps.quantize_blockwise(m, qmaps.dynamic_map(4, True), 128)
+        st["exp_avg_codes"].copy_(qmaps.pack_nibbles(c))
+        st["exp_avg_absmax"].copy_(a)
+        lin = qmaps.linear_map_nozero(4)
+        if self._uses_rank1(p):
+            c, row, col = qmaps.quantize_rank1(v.reshape(p.shape[0], -1), lin)
+            st["exp_avg_sq_row"].copy_(row)
+            st["exp_avg_sq_col"].copy_(col)
+        else:
+            c, a = qmaps.quantize_blockwise(v, lin, 128)
+            st["exp_avg_sq_absmax"].copy_(a)
+        st["exp_avg_sq_codes"].copy_(qmaps.pack_nibbles(c))
+
+    # ----------------------------------------------------------------- step
+    def _use_fused(self, p: torch.Tensor) -> bool:
+        if not self._quantized(p):
+            return False
+        if self.fused is None:
+            return p.is_cuda and _triton_available()
+        return self.fused
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LowBitAdamW does not support sparse gradients")
+                st = self.state[p]
+                if not st:
+                    self._init_state(p, st)
+                st["step"] += 1
+                s = adam_scalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], st["step"])
+                seed = step_seed(group["seed"], st["step"], index)
+                if self._use_fused(p):
+                    from lowbit.kernels import optim_adamw_lowbit as k
+
+                    k.fused_adamw_step_(self, p, p.grad, st, s, seed)
+                    continue
+                m, v = self._load_moments(p, st)
+                old = p.detach().float()
+                new_p, m, v = adamw_math(old, p.grad.float(), m, v, s)
+                self._store_moments(p, st, m, v)
+                write_param_(p, new_p, self.bf16_rounding, seed, st.get("kahan_comp"), old)
+        return loss
+
+    # ----------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load exactly: torch casts floating state to the parameter dtype, which would turn our
+        fp32 scales and moments into BF16 for BF16 parameters; restore their saved dtypes."""
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (codes, scales, moments, compensation)."""
+        return state_bytes(self)
+
+
+def restore_state_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for idx, saved in state_dict["state"].items():
+        p = params[idx]
+        for key, val in saved.items():
+            if torch.is_tensor(val) and val.dtype != opt.state[p][key].dtype:
+                opt.state[p][key] = val.to(device=p.device, copy=True)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for st in opt.state.values():
+        for val in st.values():
+            if torch.is_tensor(val):
+                total += val.numel() * val.element_size()
+    return total
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class AdamW8bit(LowBitAdamW):
+    """AdamW with both moments in 8 bits (block 256, dynamic exponent map)."""
+
+    def __init__(self, params: Iterable, **kwargs: Any) -> None:
+        super().__init__(params, state_bits=8, **kwargs)
+
+
+class AdamW4bit(LowBitAdamW):
+    """AdamW with 4-bit moments (block-128 dynamic first moment, rank-1 linear second moment)."""
+
+    def __init__(self, params: Iterable, **kwargs: Any) -> None:
+        super().__init__(params, state_bits=4, **kwargs)
+
+
+class BF16AdamW(LowBitAdamW):
+    """AdamW for BF16 parameters without an fp32 master copy; fp32 states, stochastic rounding."""
+
+    def __init__(self, params: Iterable, bf16_rounding: str = "stochastic", **kwargs: Any) -> None:
+        super().__init__(params, state_bits=32, bf16_rounding=bf16_rounding, **kwargs)

@@ -1,0 +1,152 @@
+"""Quantization maps and block-wise quantizers for optimizer states.
+
+A map is a sorted table of 2**bits code values in [-1, 1] (or [0, 1]); a code is the index of a
+value in that table, so dequantization is a table lookup times the block's scale and quantization
+is a search for the nearest value (the count of midpoints below the input — the Triton kernels do
+the same branch-free binary search over the same midpoint table).
+
+Maps (facts from the papers; the tables here are our own definitions):
+- dynamic (exponent) map, Dettmers et al.: after the sign bit, the number of leading zero bits z
+  selects the magnitude 10**-z, the first one bit is an indicator, and the remaining r bits index a
+  linear fraction in (0.1, 1]: 10**-z * (0.1 + 0.9 * (j + 1) / 2**r). The all-zero pattern is 0.
+  This spends codes on small magnitudes, where Adam's moments live.
+- linear map without zero, Li et al. 2023: (j + 1) / 2**bits. Used for the second moment at 4 bits:
+  a zero code would turn a small v into an enormous update.
+- linear-square map, Wang et al. 2024: q_j = -1 + 2j / (2**bits - 1), value sign(q_j) * q_j**2; used
+  for the eigenvector matrices of 4-bit Shampoo.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+def _pad_sorted(values: list[float], bits: int) -> torch.Tensor:
+    vals = sorted(set(values))
+    n = 2**bits
+    if len(vals) > n:
+        raise ValueError(f"{len(vals)} values do not fit in {bits} bits")
+    # Unused codes repeat the largest value: never chosen by nearest search (ties go to the lower).
+    vals += [vals[-1]] * (n - len(vals))
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+@functools.cache
+def dynamic_map(bits: int, signed: bool) -> torch.Tensor:
+    """Sorted values of the dynamic exponent map with `bits` bits (see module docstring)."""
+    nb = bits - 1 if signed else bits
+    mags = [0.0]
+    for z in range(nb):
+        r = nb - 1 - z
+        mags += [10.0**-z * (0.1 + 0.9 * (j + 1) / 2**r) for j in range(2**r)]
+    if signed:
+        mags += [-m for m in mags]
+    return _pad_sorted(mags, bits)
+
+
+@functools.cache
+def linear_map_nozero(bits: int) -> torch.Tensor:
+    """(j + 1) / 2**bits for j = 0 .. 2**bits - 1: an unsigned linear map that excludes zero."""
+    return torch.tensor([(j + 1) / 2**bits for j in range(2**bits)], dtype=torch.float32)
+
+
+@functools.cache
+def linear_square_map(bits: int) -> torch.Tensor:
+    """sign(q) * q**2 for q = -1 + 2j / (2**bits - 1): a signed map dense near zero."""
+    n = 2**bits
+    qs = [-1 + 2 * j / (n - 1) for j in range(n)]
+    return _pad_sorted([math.copysign(q * q, q) for q in qs], bits)
+
+
+@functools.cache
+def midpoints(table: torch.Tensor) -> torch.Tensor:
+    """Midpoints between neighbouring map values (len 2**bits - 1), computed in fp32."""
+    return (table[:-1] + table[1:]) / 2
+
+
+def table_on(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, midpoints) of a map on `device`, cached per device."""
+    return _table_on(table, midpoints(table), str(device))
+
+
+@functools.cache
+def _table_on(table: torch.Tensor, mid: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return table.to(device), mid.to(device)
+
+
+def nearest_code(x: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest map value (ties to the lower value) as uint8."""
+    return torch.searchsorted(mid, x.contiguous(), right=False).to(torch.uint8)
+
+
+def safe_scale(s: torch.Tensor) -> torch.Tensor:
+    # An all-zero block has scale 0; dividing by 1 instead maps it to the code of 0 (or the smallest).
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def quantize_blockwise(
+    x: torch.Tensor, table: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten `x`, split into blocks of `block`, scale by each block's absmax, code by nearest value.
+
+    Returns (codes uint8 [numel], absmax fp32 [ceil(numel / block)]).
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nblocks = -(-n // block)
+    padded = torch.zeros(nblocks * block, dtype=torch.float32, device=x.device)
+    padded[:n] = flat
+    blocks = padded.view(nblocks, block)
+    absmax = blocks.abs().amax(dim=1)
+    normed = blocks / safe_scale(absmax)[:, None]
+    _, mid = table_on(table, x.device)
+    codes = nearest_code(normed.view(-1), mid)[:n]
+    return codes, absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int, shape: torch.Size
+) -> torch.Tensor:
+    vals, _ = table_on(table, codes.device)
+    n = codes.numel()
+    scale = absmax.repeat_interleave(block)[:n]
+    return (vals[codes.long()] * scale).view(shape)
+
+
+def rank1_scale(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Per-element scale min(row max, column max) of rank-1 normalization (Li et al. 2023)."""
+    return torch.minimum(row[:, None], col[None, :])
+
+
+def quantize_rank1(x2d: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-1 normalized quantization of a non-negative matrix: returns (codes [numel], row, col)."""
+    row = x2d.amax(dim=1)
+    col = x2d.amax(dim=0)
+    normed = x2d / safe_scale(rank1_scale(row, col))
+    _, mid = table_on(table, x2d.device)
+    return nearest_code(normed.reshape(-1), mid), row, col
+
+
+def dequantize_rank1(
+    codes: torch.Tensor, row: torch.Tensor, col: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    vals, _ = table_on(table, codes.device)
+    return vals[codes.long()].view(row.numel(), col.numel()) * rank1_scale(row, col)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [n] → bytes [ceil(n / 2)]: element 2k in the low nibble, 2k + 1 in the high one."""
+    n = codes.numel()
+    if n % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    lo = packed & 0xF
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=1).view(-1)[:n]
