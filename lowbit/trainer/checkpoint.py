@@ -162,3 +162,45 @@ def save_torch(obj: Any, path: Path) -> None:
 def load_torch(path: Path) -> Any:
     # Our own file, checked against the manifest's sha256 before this is called.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """Write a module's weights as safetensors; tied parameters are stored once, with their aliases.
+
+    Tensors are copied out first: under DeepSpeed/ZeRO parameters are views into flat buffers, which
+    safetensors refuses to save as they are.
+    """
+    from safetensors.torch import save_file
+
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in module.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases), "format": "pt"})
+    with path.open("rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load weights written by save_weights; a missing or extra tensor is a CheckpointError."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(path))
+    for name, source in aliases.items():
+        state[name] = state[source]
+    expected = set(module.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
+            "(was it written with another model= or quant= config?)"
+        )
+    module.load_state_dict(state, strict=True)

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from lowbit.trainer.checkpoint import CheckpointError, load_torch, save_torch
+from lowbit.trainer.checkpoint import CheckpointError, load_torch, load_weights, save_torch, save_weights
 from lowbit.trainer.config import DistBackend
 from lowbit.trainer.distributed import DistContext
 
@@ -61,7 +60,7 @@ class TorchEngine:
 
     def save(self, tmp: Path, trainer_state: dict[str, Any]) -> None:
         if self.ctx.is_main:
-            save_model(self.module, str(tmp / "model.safetensors"))
+            save_weights(self.module, tmp / "model.safetensors")
             save_torch(trainer_state, tmp / "trainer.pt")
         if _optimizer_is_per_rank(self.optimizer):
             save_torch(self.optimizer.state_dict(), tmp / f"optimizer.rank{self.ctx.rank}.pt")
@@ -69,12 +68,7 @@ class TorchEngine:
             save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
 
     def load(self, path: Path) -> dict[str, Any]:
-        missing, unexpected = load_model(self.module, str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]} (was it written with another model= config?)"
-            )
+        load_weights(self.module, path / "model.safetensors")
         name = f"optimizer.rank{self.ctx.rank}.pt" if _optimizer_is_per_rank(self.optimizer) else "optimizer.pt"
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} has no {name} (written with another world size or optimizer?)")
@@ -129,9 +123,9 @@ class DeepSpeedEngine:
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if self.ctx.is_main:
-                    save_model(self.module, str(tmp / "model.safetensors"))
+                    save_weights(self.module, tmp / "model.safetensors")
         elif self.ctx.is_main:
-            save_model(self.module, str(tmp / "model.safetensors"))
+            save_weights(self.module, tmp / "model.safetensors")
         if self.ctx.is_main:
             save_torch(trainer_state, tmp / "trainer.pt")
 
