@@ -9,7 +9,18 @@ from dataclasses import dataclass, field
 class QuantConfig:
     # A recipe name known to lowbit.quant.get_recipe (bf16 = no quantization).
     recipe: str = "bf16"
-    # Module-name patterns that stay in high precision.
+    # Module-name patterns that stay in high precision (fnmatch globs on the full dotted name, or
+    # an exact dotted component: "lm_head", "layers.0.*", "w2").
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     # Log quantization telemetry every N optimizer steps (0 = off).
     telemetry_every: int = 0
+    # Ablations. The GEMMs (fprop, dgrad, wgrad) that get a Hadamard rotation / stochastic rounding;
+    # null keeps the recipe's choice, [] turns it off everywhere (e.g. quant.hadamard=[]).
+    hadamard: list[str] | None = None
+    stochastic_rounding: list[str] | None = None
+    # Hadamard width for GEMMs that gain one (0 = the recipe's, else its block size, else 32).
+    hadamard_block: int = 0
+    # GEMM implementation: auto | emulate | scaled_mm | a registered kernel backend.
+    backend: str = "auto"
+    # Base seed of the layers' random streams (Hadamard signs, stochastic rounding).
+    seed: int = 0
