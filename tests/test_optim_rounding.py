@@ -51,7 +51,8 @@ def test_small_updates_survive_sr_and_kahan_but_not_nearest():
     for step in range(1000):
         for p, mode in ((p_near, "nearest"), (p_sr, "stochastic"), (p_kahan, "kahan")):
             old = p.float()
-            write_param_(p, old + 1e-4, mode, seed=step, comp=comp if mode == "kahan" else None, old_value=old)
+            c = comp if mode == "kahan" else None
+            write_param_(p, old + 1e-4, mode, seed=step, comp=c, old_value=old)
     assert torch.all(p_near == 1.0)  # nearest rounding cancelled every update
     assert abs(p_sr.float().mean().item() - 1.1) < 0.005
     assert (p_kahan.float() - 1.1).abs().max().item() < 0.01

@@ -40,7 +40,9 @@ def adam_scalars(lr: float, beta1: float, beta2: float, eps: float, wd: float, s
         "beta2": f32(beta2),
         "omb2": f32(1 - beta2),
         "step_size": f32(lr / (1 - beta1**step)),
-        "bc2_sqrt": f32(math.sqrt(1 - beta2**step)),
+        # A reciprocal, so that no tensor is divided by a scalar (torch may turn that into a
+        # multiply on some backends and the kernels must match bit for bit).
+        "inv_bc2_sqrt": f32(1 / math.sqrt(1 - beta2**step)),
         "eps": f32(eps),
         "decay": f32(1 - lr * wd),
     }
@@ -52,9 +54,16 @@ def adamw_math(
     """One AdamW step in fp32, in the exact order of operations the kernels use."""
     m = m * s["beta1"] + g * s["omb1"]
     v = v * s["beta2"] + (g * g) * s["omb2"]
-    denom = torch.sqrt(v) / s["bc2_sqrt"] + s["eps"]
+    denom = _sqrt_rn(v) * s["inv_bc2_sqrt"] + s["eps"]
     new_p = p * s["decay"] - (m / denom) * s["step_size"]
     return new_p, m, v
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt. torch's vectorized CPU sqrt may be off by an ulp; CUDA's is IEEE."""
+    if x.is_cuda:
+        return torch.sqrt(x)
+    return torch.sqrt(x.double()).float()
 
 
 class LowBitAdamW(torch.optim.Optimizer):

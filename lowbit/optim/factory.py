@@ -58,7 +58,9 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     else:
         from lowbit.optim.shampoo import Shampoo
 
-        bits = cfg.precond_bits if cfg.precond_bits is not None else (4 if name is OptimName.shampoo4bit else 32)
+        bits = cfg.precond_bits
+        if bits is None:
+            bits = 4 if name is OptimName.shampoo4bit else 32
         opt = Shampoo(
             groups, **common, bits=bits, max_preconditioner_dim=cfg.max_preconditioner_dim,
             stats_every=cfg.stats_every, inverse_every=cfg.inverse_every, shampoo_beta=cfg.shampoo_beta,
