@@ -16,6 +16,7 @@ Triton kernels of lowbit/kernels/optim_adamw_lowbit.py, which perform the same f
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,10 @@ BLOCK = {8: 256, 4: 128}
 
 def f32(x: float) -> float:
     """Round a Python float to the nearest fp32, so torch and Triton see the same scalar."""
-    return float(torch.tensor(x, dtype=torch.float32))
+    return _F32.unpack(_F32.pack(x))[0]
+
+
+_F32 = struct.Struct("f")
 
 
 def adam_scalars(lr: float, beta1: float, beta2: float, eps: float, wd: float, step: int) -> dict:
@@ -57,6 +61,31 @@ def adamw_math(
     denom = _sqrt_rn(v) * s["inv_bc2_sqrt"] + s["eps"]
     new_p = p * s["decay"] - (m / denom) * s["step_size"]
     return new_p, m, v
+
+
+def foreach_adamw_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    s: dict,
+) -> None:
+    """`adamw_math` on many fp32 CUDA tensors with a few multi-tensor launches (the same IEEE ops
+    in the same order, so the result is the per-tensor one); used for the small fp32-state tensors,
+    which would otherwise cost a dozen launches each."""
+    torch._foreach_mul_(ms, s["beta1"])
+    torch._foreach_add_(ms, torch._foreach_mul(grads, s["omb1"]))
+    gg = torch._foreach_mul(grads, grads)
+    torch._foreach_mul_(gg, s["omb2"])
+    torch._foreach_mul_(vs, s["beta2"])
+    torch._foreach_add_(vs, gg)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_mul_(denom, s["inv_bc2_sqrt"])
+    torch._foreach_add_(denom, s["eps"])
+    upd = torch._foreach_div(ms, denom)
+    torch._foreach_mul_(upd, s["step_size"])
+    torch._foreach_mul_(params, s["decay"])
+    torch._foreach_sub_(params, upd)
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -206,6 +235,7 @@ class LowBitAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         index = 0
+        batches: dict[tuple, tuple[list, list, list, list]] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -225,11 +255,18 @@ class LowBitAdamW(torch.optim.Optimizer):
 
                     k.fused_adamw_step_(self, p, p.grad, st, s, seed)
                     continue
+                if p.is_cuda and p.dtype == torch.float32 and "exp_avg" in st:
+                    batch = batches.setdefault(tuple(s.items()), ([], [], [], []))
+                    for lst, t in zip(batch, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
+                        lst.append(t)
+                    continue
                 m, v = self._load_moments(p, st)
                 old = p.detach().float()
                 new_p, m, v = adamw_math(old, p.grad.float(), m, v, s)
                 self._store_moments(p, st, m, v)
                 write_param_(p, new_p, self.bf16_rounding, seed, st.get("kahan_comp"), old)
+        for scalars, (ps, gs, ms, vs) in batches.items():
+            foreach_adamw_(ps, [g.float() for g in gs], ms, vs, dict(scalars))
         return loss
 
     # ----------------------------------------------------------------- checkpoints
