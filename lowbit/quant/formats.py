@@ -19,6 +19,7 @@ float8/float4 dtypes, `ml_dtypes`, the published NF4 table).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -92,6 +93,16 @@ FORMATS: dict[str, ElementFormat] = {
         ElementFormat("nf4", "codebook", 4, 1.0, codebook=NF4_CODEBOOK),
     ]
 }
+
+
+@functools.lru_cache(maxsize=64)
+def _table(values: tuple[float, ...], device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def device_table(values: tuple[float, ...], device: torch.device | str) -> torch.Tensor:
+    """A small constant table (codebook, magnitudes) on `device`, built once per device."""
+    return _table(tuple(values), str(torch.device(device)))
 
 
 def get_format(name: str | ElementFormat) -> ElementFormat:

@@ -20,19 +20,20 @@ import torch
 from lowbit.quant.rounding import hash_bits
 
 
-@functools.lru_cache(maxsize=32)
-def _hadamard_cpu(n: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _hadamard(n: int, device: str) -> torch.Tensor:
+    # Cached per device so a GPU run does not copy it from the host on every GEMM.
     h = torch.ones(1, 1)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
+    return (h * n**-0.5).to(device)
 
 
 def hadamard_matrix(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The n×n orthonormal Sylvester Hadamard matrix H/√n (fp32); n must be a power of two."""
     if n <= 0 or n & (n - 1):
         raise ValueError(f"Hadamard block size must be a power of two, got {n}")
-    return (_hadamard_cpu(n) * n**-0.5).to(device)
+    return _hadamard(n, str(torch.device(device or "cpu")))
 
 
 def random_signs(block: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.quant.formats import ElementFormat
+from lowbit.quant.formats import ElementFormat, device_table
 
 _FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -44,10 +44,10 @@ def encode(values: torch.Tensor, fmt: ElementFormat) -> tuple[torch.Tensor, bool
     if fmt.name == "int4":
         codes = (v.to(torch.int16) & 0xF).to(torch.uint8)
     elif fmt.kind == "codebook":
-        table = torch.tensor(fmt.codebook, dtype=torch.float32, device=v.device)
+        table = device_table(fmt.codebook, v.device)
         codes = torch.bucketize(v, table).to(torch.uint8)
     else:  # fp4_e2m1
-        table = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32, device=v.device)
+        table = device_table(_FP4_MAGNITUDES, v.device)
         codes = torch.bucketize(v.abs(), table).to(torch.uint8) | (torch.signbit(v).to(torch.uint8) << 3)
     if codes.shape[-1] % 2 == 0 and codes.dim() > 0:
         return pack_nibbles(codes), True
@@ -63,8 +63,8 @@ def decode(data: torch.Tensor, fmt: ElementFormat, packed: bool) -> torch.Tensor
     if fmt.name == "int4":
         return torch.where(c >= 8, c - 16, c).float()
     if fmt.kind == "codebook":
-        return torch.tensor(fmt.codebook, dtype=torch.float32, device=data.device)[c]
-    mag = torch.tensor(_FP4_MAGNITUDES, dtype=torch.float32, device=data.device)[c & 7]
+        return device_table(fmt.codebook, data.device)[c]
+    mag = device_table(_FP4_MAGNITUDES, data.device)[c & 7]
     return torch.where(c >= 8, -mag, mag)
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.quant.formats import ElementFormat, get_format
+from lowbit.quant.formats import ElementFormat, device_table, get_format
 
 ROUNDING_MODES = ("nearest", "stochastic")
 _MASK32 = 0xFFFFFFFF
@@ -145,7 +145,7 @@ def _round_int(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.
 
 
 def _round_codebook(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None):
-    code = torch.tensor(fmt.codebook, dtype=torch.float32, device=y.device)
+    code = device_table(fmt.codebook, y.device)
     v = torch.clamp(y, -fmt.max, fmt.max)
     if rounding == "nearest":
         mids = (code[1:] + code[:-1]) * 0.5

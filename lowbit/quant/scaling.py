@@ -72,8 +72,7 @@ def compute_scale(
     t_amax = amax.amax() if tensor_amax is None else tensor_amax.float()
     t = t_amax / (E4M3_MAX * fmt.max)
     t = torch.where(t == 0, torch.ones_like(t), t)
-    if not bool(torch.isfinite(t_amax)):
-        t = torch.full_like(t, float("nan"))
+    t = torch.where(torch.isfinite(t_amax), t, torch.full_like(t, float("nan")))  # no host sync
     b = round_to_format((amax / fmt.max) / t, "fp8_e4m3", "nearest")
     return torch.where(bad, torch.full_like(b, float("nan")), b), t
 
