@@ -26,11 +26,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS_PER_JOB = 1  # CPU threads each training process may use (cores / jobs)
 
 ABLATIONS = [
     ("mxfp4_no_hadamard", ["quant=mxfp4", "quant.hadamard=[]"]),
@@ -79,6 +81,7 @@ def run_variant(label: str, overrides: list[str], common: list[str], out: Path, 
     cmd += [f"run_name={label}", f"out_dir={out}", "logger=console", "logger.progress=false", "resume=none"]
     t0 = time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", str(THREADS_PER_JOB))
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
         rc, log = proc.returncode, proc.stdout + proc.stderr
@@ -129,14 +132,15 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> bool:
+def plot(results: list[dict], path: Path, quiet: bool = False) -> bool:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: skipping the loss-curve PNG")
+        if not quiet:
+            print("matplotlib is not installed: skipping the loss-curve PNG")
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for r in results:
@@ -160,7 +164,14 @@ def plot(results: list[dict], path: Path) -> bool:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
+
+
+def write(results: list[dict], common: list[str], out: Path) -> None:
+    (out / "convergence.md").write_text(table(results) + "\n")
+    meta = {"common_overrides": common, "argv": sys.argv, "results": results}
+    (out / "convergence.json").write_text(json.dumps(meta, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,18 +185,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per variant")
     args = p.parse_args(argv)
+    global THREADS_PER_JOB
+    THREADS_PER_JOB = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     variants = build_variants(args)
     common = [ov for s in args.set for ov in shlex.split(s)]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+
+    lock = threading.Lock()
+
+    def finished(res: dict) -> dict:
+        # Rewrite table, JSON and picture after every variant: a run cut short keeps its results.
+        with lock:
+            done[res["label"]] = res
+            partial = [done[lbl] for lbl, _ in variants if lbl in done]
+            write(partial, common, out)
+            plot(partial, out / "convergence.png", quiet=True)
+        return res
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_variant, lbl, ov, common, out, args.timeout) for lbl, ov in variants]
+        futures = [
+            pool.submit(lambda lbl, ov: finished(run_variant(lbl, ov, common, out, args.timeout)), lbl, ov)
+            for lbl, ov in variants
+        ]
         results = [f.result() for f in futures]
-    md = table(results)
-    print(md)
-    (out / "convergence.md").write_text(md + "\n")
-    meta = {"common_overrides": common, "argv": sys.argv, "results": results}
-    (out / "convergence.json").write_text(json.dumps(meta, indent=1))
+    write(results, common, out)
+    print(table(results))
     if plot(results, out / "convergence.png"):
         print(f"wrote {out / 'convergence.png'}")
     print(f"wrote {out / 'convergence.md'} and {out / 'convergence.json'}")
