@@ -28,11 +28,14 @@ def _run(shape, bits, dtype, rounding, fused, steps=3):
 CASES = [
     ((40, 130), 8, torch.float32, "nearest"),  # 5200: last 256-block partial
     ((1300,), 8, torch.bfloat16, "stochastic"),
-    ((33, 65), 4, torch.float32, "nearest"),  # rank-1, odd element count: a pair straddles rows
-    ((48, 64), 4, torch.bfloat16, "kahan"),
-    ((2049,), 4, torch.float32, "nearest"),  # 1-D second moment: block-wise
-    ((16, 128), 4, torch.bfloat16, "stochastic"),
     ((8, 200), 8, torch.bfloat16, "kahan"),
+    ((24, 256), 4, torch.float32, "nearest"),  # rank-1 second moment: two-pass kernel
+    ((20, 384), 4, torch.bfloat16, "stochastic"),
+    ((16, 128), 4, torch.bfloat16, "kahan"),
+    ((2049,), 4, torch.float32, "nearest"),  # 1-D: both moments block-wise, odd length
+    ((33, 65), 4, torch.float32, "nearest"),  # ncols % 128 != 0: falls back to the reference
+    ((30, 50), 32, torch.bfloat16, "stochastic"),  # fp32 states, BF16 params without master copy
+    ((30, 50), 32, torch.bfloat16, "kahan"),
 ]
 
 
@@ -47,3 +50,13 @@ def test_fused_step_matches_reference_bitwise(shape, bits, dtype, rounding):
         else:
             assert val == st_fused[key], key
     assert torch.equal(p_ref, p_fused)
+
+
+def test_fused_path_is_taken():
+    from lowbit.kernels import optim_adamw_lowbit as k
+
+    p = torch.nn.Parameter(torch.zeros(24, 256))
+    opt = LowBitAdamW([p], state_bits=4, fused=True, min_quant_numel=1024)
+    assert opt._use_fused(p) and k.supports(opt, p)
+    q = torch.nn.Parameter(torch.zeros(33, 65))
+    assert not LowBitAdamW([q], state_bits=4, fused=True, min_quant_numel=1024)._use_fused(q)

@@ -92,3 +92,21 @@ def test_pack_nibbles_roundtrip():
     assert packed.numel() == 4
     assert packed[0] == c[0] | (c[1] << 4)
     assert torch.equal(qmaps.unpack_nibbles(packed, 7), c)
+
+
+@pytest.mark.parametrize(
+    "table_fn",
+    [lambda: qmaps.dynamic_map(8, True), lambda: qmaps.dynamic_map(8, False),
+     lambda: qmaps.dynamic_map(4, True), lambda: qmaps.linear_map_nozero(4)],
+)
+def test_kernel_lut_search_equals_nearest_code(table_fn):
+    table = table_fn()
+    mids = qmaps.midpoints(table)
+    torch.manual_seed(0)
+    wide = (torch.rand(50_000) * 2 - 1) * torch.logspace(-12, 0, 50_000)
+    edges = torch.cat([mids, -mids, torch.nextafter(mids, torch.tensor(2.0)), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    x = torch.cat([torch.rand(50_000) * 2 - 1, wide, edges])
+    if table.min() >= 0:
+        x = x.abs()
+    x = x.clamp(-1, 1)
+    assert torch.equal(qmaps.lut_search(x, table), qmaps.nearest_code(x, mids).long())

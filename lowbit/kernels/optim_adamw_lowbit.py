@@ -1,14 +1,18 @@
-"""Fused Triton steps for 8-bit and 4-bit AdamW: dequantize → update → requantize in registers.
+"""Fused Triton steps for low-bit AdamW: dequantize → update → requantize in registers.
 
 One pass reads param, grad and the quantized moments and writes param and moments back: 16 B/param
-for fp32 params at 8 bits (fused fp32 AdamW moves 28). The 4-bit second moment is rank-1 normalized
-by the row/column maxima of the *new* moment, which are only known after the update, so the 4-bit
-step on matrices adds a first pass that recomputes v and takes the maxima with atomics (+4.5 B/param).
+for fp32 params at 8 bits (fused fp32 AdamW moves 28). The 4-bit second moment of a matrix is
+rank-1 normalized by the row/column maxima of the *new* moment, known only after the update, so
+that step adds a first pass recomputing v and taking the maxima with atomics (+4.5 B/param). BF16
+parameters with fp32 states (no master copy) get their own single pass.
 
-Every fp32 operation mirrors lowbit/optim/adamw.py (`adamw_math`, qmaps quantizers) in the same
-order with IEEE division and square root, so under TRITON_INTERPRET=1 the kernels reproduce the
-reference bit for bit. BF16 params are rounded in integer arithmetic (nearest-even, stochastic with
-the lowbias32 hash of (element index, seed), or Kahan-compensated) so the final cast is exact.
+Every fp32 operation mirrors lowbit/optim/adamw.py (`adamw_math`) and lowbit/optim/qmaps.py
+(`normalize`, nearest code) in the same order with IEEE division and square root, so under
+TRITON_INTERPRET=1 the kernels reproduce the reference bit for bit (on GPUs the compiler may fuse
+multiply-adds: last-ulp differences). Nearest codes come from the byte LUT of `qmaps.search_lut`
+(two gathers instead of an 8-step binary search). BF16 params are rounded in integer arithmetic
+(nearest-even, stochastic with the lowbias32 hash of (element index, seed), or Kahan-compensated),
+so the final cast is exact.
 """
 
 from __future__ import annotations
@@ -23,17 +27,39 @@ from lowbit.optim import qmaps
 from lowbit.optim.rounding import GOLDEN32, MASK32
 
 ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
+# Launch shapes (the benchmark may sweep them): blocks per program, warps, rows per tile.
+CONFIG = {"bpp8": 4, "warps8": 4, "bpp4": 8, "warps4": 4, "br4": 8, "br1": 64, "warps1": 8,
+          "block32": 1024, "warps32": 4}
+LUT_K: tl.constexpr = tl.constexpr(qmaps.LUT_MANT_BITS)
+LUT_BASE: tl.constexpr = tl.constexpr((127 + qmaps.LUT_MIN_EXP) << qmaps.LUT_MANT_BITS)
+LUT_N: tl.constexpr = tl.constexpr(qmaps.LUT_OCTAVES << qmaps.LUT_MANT_BITS)
 
 
 @triton.jit
-def _search(x, mid_ptr, LOG2: tl.constexpr):
-    # Branch-free binary search: the count of midpoints below x = index of the nearest map value.
-    idx = tl.zeros(x.shape, tl.int32)
-    for s in tl.static_range(LOG2):
-        cand = idx + (1 << (LOG2 - 1 - s))
-        mv = tl.load(mid_ptr + cand - 1)
-        idx = tl.where(mv < x, cand, idx)
-    return idx
+def _code(x, lut_ptr, pmid_ptr, Z: tl.constexpr):
+    # Index of the nearest map value = count of midpoints below x (see qmaps.search_lut).
+    a = tl.abs(x)
+    key = (a.to(tl.int32, bitcast=True) >> (23 - LUT_K)) - LUT_BASE
+    key = tl.minimum(tl.maximum(key, 0), LUT_N - 1)
+    lo = tl.load(lut_ptr + key).to(tl.int32)
+    mv = tl.load(pmid_ptr + lo)
+    if Z > 0:
+        neg = x < 0
+        cnt = lo + tl.where(neg, mv <= a, mv < a).to(tl.int32)
+        return tl.where(neg, Z - cnt, Z + cnt)
+    else:
+        return lo + (mv < a).to(tl.int32)
+
+
+@triton.jit
+def _inv(scale):
+    # 1 / scale with 0 → 1, like qmaps.safe_scale; one IEEE division per block, not per element.
+    return tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(scale > 0, scale, 1.0))
+
+
+@triton.jit
+def _unit(x, inv):
+    return tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
 
 
 @triton.jit
@@ -86,10 +112,28 @@ def _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, de
 
 
 @triton.jit
+def _adamw32_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, comp_ptr, n,
+    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
+    BLOCK: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0)
+    new_p, m, v = _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    _store_param(p_ptr, comp_ptr, offs, mask, p, new_p, seed_mix, P_BF16, ROUNDING)
+
+
+@triton.jit
 def _adamw8bit_kernel(
-    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, mtab, mmid, vtab, vmid, comp_ptr,
+    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, mtab, mlut, mpmid, vtab, vlut, vpmid, comp_ptr,
     n, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
-    QB: tl.constexpr, BPP: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+    QB: tl.constexpr, BPP: tl.constexpr, MZ: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
     rows = tl.program_id(0) * BPP + tl.arange(0, BPP)
     offs = rows[:, None] * QB + tl.arange(0, QB)[None, :]
@@ -105,8 +149,8 @@ def _adamw8bit_kernel(
 
     m_abs = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1)
     v_abs = tl.max(tl.where(mask, v, 0.0), axis=1)
-    mq = _search(tl.div_rn(m, tl.where(m_abs > 0, m_abs, 1.0)[:, None]), mmid, 8)
-    vq = _search(tl.div_rn(v, tl.where(v_abs > 0, v_abs, 1.0)[:, None]), vmid, 8)
+    mq = _code(_unit(m, _inv(m_abs)[:, None]), mlut, mpmid, MZ)
+    vq = _code(_unit(v, _inv(v_abs)[:, None]), vlut, vpmid, 0)
     tl.store(mq_ptr + offs, mq.to(tl.uint8), mask=mask)
     tl.store(vq_ptr + offs, vq.to(tl.uint8), mask=mask)
     tl.store(mabs_ptr + rows, m_abs, mask=rmask)
@@ -115,107 +159,144 @@ def _adamw8bit_kernel(
 
 
 @triton.jit
-def _v_scale(offs, mask, vabs_ptr, row_ptr, col_ptr, ncols, QB: tl.constexpr, RANK1: tl.constexpr):
-    if RANK1:
-        r = tl.load(row_ptr + offs // ncols, mask=mask, other=0)
-        c = tl.load(col_ptr + offs % ncols, mask=mask, other=0)
-        return tl.minimum(r, c)
-    else:
-        return tl.load(vabs_ptr + offs // QB, mask=mask, other=0)
-
-
-@triton.jit
-def _nibble(packed_ptr, offs, mask):
-    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    return (byte >> ((offs % 2) * 4)) & 0xF
-
-
-@triton.jit
-def _v_rowcol_max_kernel(
-    g_ptr, vq_ptr, vtab, row_old, col_old, row_new, col_new, nrows, ncols, beta2, omb2,
-    BR: tl.constexpr, BC: tl.constexpr,
+def _adamw4bit_flat_kernel(
+    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, mtab, mlut, mpmid, vtab, vlut, vpmid, comp_ptr,
+    n, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
+    BPP: tl.constexpr, MZ: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
-    # Pass 1 of the 4-bit rank-1 step: the new second moment's row and column maxima.
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    mask = (r[:, None] < nrows) & (c[None, :] < ncols)
-    offs = r[:, None] * ncols + c[None, :]
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-    row = tl.load(row_old + r, mask=r < nrows, other=0)
-    col = tl.load(col_old + c, mask=c < ncols, other=0)
-    scale = tl.minimum(row[:, None], col[None, :])
-    v = tl.load(vtab + _nibble(vq_ptr, offs, mask)) * scale
-    v = v * beta2 + (g * g) * omb2
-    v = tl.where(mask, v, 0.0)
-    tl.atomic_max(row_new + r, tl.max(v, axis=1), mask=r < nrows)
-    tl.atomic_max(col_new + c, tl.max(v, axis=0), mask=c < ncols)
-
-
-@triton.jit
-def _adamw4bit_half(
-    p_ptr, g_ptr, offs, mask, m_scale, mq_ptr, mtab, vq_ptr, vtab, vabs_ptr, row_ptr, col_ptr, ncols,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, QB: tl.constexpr, RANK1: tl.constexpr,
-):
-    p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-    m = tl.load(mtab + _nibble(mq_ptr, offs, mask)) * m_scale
-    v_scale = _v_scale(offs, mask, vabs_ptr, row_ptr, col_ptr, ncols, QB, RANK1)
-    v = tl.load(vtab + _nibble(vq_ptr, offs, mask)) * v_scale
-    new_p, m, v = _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    return p, new_p, m, v
-
-
-@triton.jit
-def _adamw4bit_kernel(
-    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, row_old, col_old, row_new, col_new,
-    mtab, mmid, vtab, vmid, comp_ptr, n, ncols,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
-    QB: tl.constexpr, BPP: tl.constexpr, RANK1: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-):
-    HALF: tl.constexpr = QB // 2
+    # Both moments block-wise (128): 1-D tensors. A byte holds elements 2b (low) and 2b+1 (high).
     rows = tl.program_id(0) * BPP + tl.arange(0, BPP)
-    boffs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte index: elements 2b and 2b+1
-    rmask = rows * QB < n
-    bmask = boffs * 2 < n
-    even, odd = boffs * 2, boffs * 2 + 1
+    boffs = rows[:, None] * 64 + tl.arange(0, 64)[None, :]
+    even = boffs * 2
+    odd = even + 1
     emask, omask = even < n, odd < n
-    m_scale = tl.load(mabs_ptr + rows, mask=rmask, other=0)[:, None]
-    pe, new_pe, me, ve = _adamw4bit_half(
-        p_ptr, g_ptr, even, emask, m_scale, mq_ptr, mtab, vq_ptr, vtab, vabs_ptr, row_old, col_old, ncols,
-        beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, QB, RANK1)
-    po, new_po, mo, vo = _adamw4bit_half(
-        p_ptr, g_ptr, odd, omask, m_scale, mq_ptr, mtab, vq_ptr, vtab, vabs_ptr, row_old, col_old, ncols,
-        beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, QB, RANK1)
+    rmask = rows * 128 < n
+    mb = tl.load(mq_ptr + boffs, mask=emask, other=0).to(tl.int32)
+    vb = tl.load(vq_ptr + boffs, mask=emask, other=0).to(tl.int32)
+    ms = tl.load(mabs_ptr + rows, mask=rmask, other=0)[:, None]
+    vs = tl.load(vabs_ptr + rows, mask=rmask, other=0)[:, None]
+    pe = tl.load(p_ptr + even, mask=emask, other=0).to(tl.float32)
+    po = tl.load(p_ptr + odd, mask=omask, other=0).to(tl.float32)
+    ge = tl.load(g_ptr + even, mask=emask, other=0).to(tl.float32)
+    go = tl.load(g_ptr + odd, mask=omask, other=0).to(tl.float32)
+    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, tl.load(vtab + (vb & 0xF)) * vs,
+                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, tl.load(vtab + (vb >> 4)) * vs,
+                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
     me, mo = tl.where(emask, me, 0.0), tl.where(omask, mo, 0.0)
     ve, vo = tl.where(emask, ve, 0.0), tl.where(omask, vo, 0.0)
-
     m_abs = tl.maximum(tl.max(tl.abs(me), axis=1), tl.max(tl.abs(mo), axis=1))
-    m_safe = tl.where(m_abs > 0, m_abs, 1.0)[:, None]
-    mqe = _search(tl.div_rn(me, m_safe), mmid, 4)
-    mqo = _search(tl.div_rn(mo, m_safe), mmid, 4)
-    if RANK1:
-        se = _v_scale(even, emask, vabs_ptr, row_new, col_new, ncols, QB, RANK1)
-        so = _v_scale(odd, omask, vabs_ptr, row_new, col_new, ncols, QB, RANK1)
-    else:
-        v_abs = tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1))
-        tl.store(vabs_ptr + rows, v_abs, mask=rmask)
-        se = v_abs[:, None]
-        so = v_abs[:, None]
-    vqe = _search(tl.div_rn(ve, tl.where(se > 0, se, 1.0)), vmid, 4)
-    vqo = _search(tl.div_rn(vo, tl.where(so > 0, so, 1.0)), vmid, 4)
-    # Codes of padding elements are 0, as the reference's packing pads with 0.
-    mqo, vqo = tl.where(omask, mqo, 0), tl.where(omask, vqo, 0)
-    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=bmask)
-    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=bmask)
+    v_abs = tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1))
+    m_inv = _inv(m_abs)[:, None]
+    v_inv = _inv(v_abs)[:, None]
+    mqe = _code(_unit(me, m_inv), mlut, mpmid, MZ)
+    mqo = tl.where(omask, _code(_unit(mo, m_inv), mlut, mpmid, MZ), 0)  # padding codes are 0
+    vqe = _code(_unit(ve, v_inv), vlut, vpmid, 0)
+    vqo = tl.where(omask, _code(_unit(vo, v_inv), vlut, vpmid, 0), 0)
+    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=emask)
+    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=emask)
     tl.store(mabs_ptr + rows, m_abs, mask=rmask)
+    tl.store(vabs_ptr + rows, v_abs, mask=rmask)
     _store_param(p_ptr, comp_ptr, even, emask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
     _store_param(p_ptr, comp_ptr, odd, omask, po, new_po, seed_mix, P_BF16, ROUNDING)
 
 
-def fused_adamw_step_(opt: Any, p: torch.Tensor, grad: torch.Tensor, st: dict, s: dict, seed: int) -> None:
-    """One fused step of LowBitAdamW (8 or 4 state bits) on parameter `p`, state `st`, in place."""
+@triton.jit
+def _rank1_tile(r, nrows, ncols):
+    # Tile of BR rows × one 128-column segment, as 64 (even, odd) column pairs = 64 bytes per row.
+    ce = tl.program_id(1) * 128 + 2 * tl.arange(0, 64)
+    even = r[:, None] * ncols + ce[None, :]
+    mask = (r < nrows)[:, None] & (ce < ncols)[None, :]
+    return ce, even, mask
+
+
+@triton.jit
+def _v_rowcol_max_kernel(
+    g_ptr, vq_ptr, vtab, row_old, col_old, row_new, col_new, nrows, ncols, beta2, omb2, BR: tl.constexpr,
+):
+    # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    ce, even, mask = _rank1_tile(r, nrows, ncols)
+    vb = tl.load(vq_ptr + even // 2, mask=mask, other=0).to(tl.int32)
+    row = tl.load(row_old + r, mask=r < nrows, other=0)[:, None]
+    se = tl.minimum(row, tl.load(col_old + ce)[None, :])
+    so = tl.minimum(row, tl.load(col_old + ce + 1)[None, :])
+    ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
+    go = tl.load(g_ptr + even + 1, mask=mask, other=0).to(tl.float32)
+    ve = tl.where(mask, (tl.load(vtab + (vb & 0xF)) * se) * beta2 + (ge * ge) * omb2, 0.0)
+    vo = tl.where(mask, (tl.load(vtab + (vb >> 4)) * so) * beta2 + (go * go) * omb2, 0.0)
+    tl.atomic_max(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), mask=r < nrows)
+    tl.atomic_max(col_new + ce, tl.max(ve, axis=0))
+    tl.atomic_max(col_new + ce + 1, tl.max(vo, axis=0))
+
+
+@triton.jit
+def _adamw4bit_rank1_kernel(
+    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, row_old, col_old, row_new, col_new,
+    mtab, mlut, mpmid, vtab, vlut, vpmid, comp_ptr, nrows, ncols,
+    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
+    BR: tl.constexpr, MZ: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+):
+    # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = r < nrows
+    ce, even, mask = _rank1_tile(r, nrows, ncols)
+    odd = even + 1
+    boffs = even // 2
+    mblk = r * (ncols // 128) + tl.program_id(1)
+    mb = tl.load(mq_ptr + boffs, mask=mask, other=0).to(tl.int32)
+    vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
+    ms = tl.load(mabs_ptr + mblk, mask=rmask, other=0)[:, None]
+    row = tl.load(row_old + r, mask=rmask, other=0)[:, None]
+    vse = tl.minimum(row, tl.load(col_old + ce)[None, :])
+    vso = tl.minimum(row, tl.load(col_old + ce + 1)[None, :])
+    pe = tl.load(p_ptr + even, mask=mask, other=0).to(tl.float32)
+    po = tl.load(p_ptr + odd, mask=mask, other=0).to(tl.float32)
+    ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
+    go = tl.load(g_ptr + odd, mask=mask, other=0).to(tl.float32)
+    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, tl.load(vtab + (vb & 0xF)) * vse,
+                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, tl.load(vtab + (vb >> 4)) * vso,
+                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+    m_abs = tl.maximum(tl.max(tl.where(mask, tl.abs(me), 0.0), axis=1),
+                       tl.max(tl.where(mask, tl.abs(mo), 0.0), axis=1))
+    m_inv = _inv(m_abs)[:, None]
+    # 1 / min(row, col) = max(1 / row, 1 / col) exactly (rounding is monotone); a zero scale means
+    # the whole row or column of v is 0, which codes the same under any finite factor.
+    inv_row = _inv(tl.load(row_new + r, mask=rmask, other=0))[:, None]
+    inv_e = tl.maximum(inv_row, _inv(tl.load(col_new + ce))[None, :])
+    inv_o = tl.maximum(inv_row, _inv(tl.load(col_new + ce + 1))[None, :])
+    mqe = _code(_unit(me, m_inv), mlut, mpmid, MZ)
+    mqo = _code(_unit(mo, m_inv), mlut, mpmid, MZ)
+    vqe = _code(_unit(ve, inv_e), vlut, vpmid, 0)
+    vqo = _code(_unit(vo, inv_o), vlut, vpmid, 0)
+    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=mask)
+    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=mask)
+    tl.store(mabs_ptr + mblk, m_abs, mask=rmask)
+    _store_param(p_ptr, comp_ptr, even, mask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
+    _store_param(p_ptr, comp_ptr, odd, mask, po, new_po, seed_mix, P_BF16, ROUNDING)
+
+
+def supports(opt: Any, p: torch.Tensor) -> bool:
+    """Whether a fused step exists for this parameter's state layout."""
     if not p.is_contiguous():
-        raise ValueError("fused low-bit AdamW needs contiguous parameters")
+        return False
+    if not opt._quantized(p):
+        return p.dtype == torch.bfloat16  # fp32 params with fp32 states: torch's multi-tensor ops
+    if opt.state_bits == 4 and opt._uses_rank1(p):
+        return (p.numel() // p.shape[0]) % 128 == 0
+    return True
+
+
+def _maps(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    pmid, lut, z = qmaps.search_lut(table)
+    vals, _ = qmaps.table_on(table, device)
+    pmid_d, lut_d = qmaps.table_on(pmid, device)[0], qmaps.table_on(lut, device)[0]
+    return vals, lut_d, pmid_d, z
+
+
+def fused_adamw_step_(opt: Any, p: torch.Tensor, grad: torch.Tensor, st: dict, s: dict, seed: int) -> None:
+    """One fused step of LowBitAdamW on parameter `p` and its state `st`, in place."""
     g = grad.contiguous()
     n = p.numel()
     bf16 = p.dtype == torch.bfloat16
@@ -224,40 +305,41 @@ def fused_adamw_step_(opt: Any, p: torch.Tensor, grad: torch.Tensor, st: dict, s
     seed_mix = (seed * GOLDEN32) & MASK32
     args = (s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["step_size"], s["inv_bc2_sqrt"], s["eps"],
             s["decay"], seed_mix)
+    c = CONFIG
+    if "exp_avg" in st:
+        grid = (triton.cdiv(n, c["block32"]),)
+        _adamw32_kernel[grid](p, g, st["exp_avg"], st["exp_avg_sq"], comp, n, *args, BLOCK=c["block32"],
+                              P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps32"])
+        return
+    mcodes, mabs, vcodes = st["exp_avg_codes"], st["exp_avg_absmax"], st["exp_avg_sq_codes"]
     if opt.state_bits == 8:
-        mtab, mmid = qmaps.table_on(qmaps.dynamic_map(8, True), p.device)
-        vtab, vmid = qmaps.table_on(qmaps.dynamic_map(8, False), p.device)
-        bpp = 4
-        grid = (triton.cdiv(triton.cdiv(n, 256), bpp),)
+        mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(8, True), p.device)
+        vtab, vlut, vpmid, _ = _maps(qmaps.dynamic_map(8, False), p.device)
+        grid = (triton.cdiv(triton.cdiv(n, 256), c["bpp8"]),)
         _adamw8bit_kernel[grid](
-            p, g, st["exp_avg_codes"], st["exp_avg_absmax"], st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"],
-            mtab, mmid, vtab, vmid, comp, n, *args, QB=256, BPP=bpp, P_BF16=bf16, ROUNDING=rounding,
-            num_warps=4,
+            p, g, mcodes, mabs, vcodes, st["exp_avg_sq_absmax"], mtab, mlut, mpmid, vtab, vlut, vpmid, comp,
+            n, *args, QB=256, BPP=c["bpp8"], MZ=mz, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps8"],
         )
         return
-    mtab, mmid = qmaps.table_on(qmaps.dynamic_map(4, True), p.device)
-    vtab, vmid = qmaps.table_on(qmaps.linear_map_nozero(4), p.device)
-    rank1 = opt._uses_rank1(p)
-    if rank1:
-        row_old, col_old = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
-        nrows, ncols = row_old.numel(), col_old.numel()
-        row_new, col_new = torch.zeros_like(row_old), torch.zeros_like(col_old)
-        br, bc = 32, 64
-        _v_rowcol_max_kernel[(triton.cdiv(nrows, br), triton.cdiv(ncols, bc))](
-            g, st["exp_avg_sq_codes"], vtab, row_old, col_old, row_new, col_new, nrows, ncols,
-            s["beta2"], s["omb2"], BR=br, BC=bc, num_warps=4,
+    mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(4, True), p.device)
+    vtab, vlut, vpmid, _ = _maps(qmaps.linear_map_nozero(4), p.device)
+    if not opt._uses_rank1(p):
+        grid = (triton.cdiv(triton.cdiv(n, 128), c["bpp4"]),)
+        _adamw4bit_flat_kernel[grid](
+            p, g, mcodes, mabs, vcodes, st["exp_avg_sq_absmax"], mtab, mlut, mpmid, vtab, vlut, vpmid, comp,
+            n, *args, BPP=c["bpp4"], MZ=mz, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"],
         )
-        vabs = row_old  # unused
-    else:
-        row_old = col_old = row_new = col_new = vabs = st["exp_avg_sq_absmax"]
-        ncols = 1
-    bpp = 8
-    grid = (triton.cdiv(triton.cdiv(n, 128), bpp),)
-    _adamw4bit_kernel[grid](
-        p, g, st["exp_avg_codes"], st["exp_avg_absmax"], st["exp_avg_sq_codes"], vabs,
-        row_old, col_old, row_new, col_new, mtab, mmid, vtab, vmid, comp, n, ncols, *args,
-        QB=128, BPP=bpp, RANK1=rank1, P_BF16=bf16, ROUNDING=rounding, num_warps=4,
+        return
+    row_old, col_old = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+    nrows, ncols = row_old.numel(), col_old.numel()
+    row_new, col_new = torch.zeros_like(row_old), torch.zeros_like(col_old)
+    _v_rowcol_max_kernel[(triton.cdiv(nrows, c["br1"]), ncols // 128)](
+        g, vcodes, vtab, row_old, col_old, row_new, col_new, nrows, ncols, s["beta2"], s["omb2"],
+        BR=c["br1"], num_warps=c["warps1"],
     )
-    if rank1:
-        row_old.copy_(row_new)
-        col_old.copy_(col_new)
+    _adamw4bit_rank1_kernel[(triton.cdiv(nrows, c["br4"]), ncols // 128)](
+        p, g, mcodes, mabs, vcodes, row_old, col_old, row_new, col_new, mtab, mlut, mpmid, vtab, vlut, vpmid,
+        comp, nrows, ncols, *args, BR=c["br4"], MZ=mz, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"],
+    )
+    row_old.copy_(row_new)
+    col_old.copy_(col_new)

@@ -222,11 +222,12 @@ class LowBitAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- step
     def _use_fused(self, p: torch.Tensor) -> bool:
-        if not self._quantized(p):
+        want = (p.is_cuda and _triton_available()) if self.fused is None else self.fused
+        if not want:
             return False
-        if self.fused is None:
-            return p.is_cuda and _triton_available()
-        return self.fused
+        from lowbit.kernels import optim_adamw_lowbit as k
+
+        return k.supports(self, p)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -87,6 +87,12 @@ def safe_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+def normalize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x · (1 / scale), clamped to [-1, 1]: one division per scale rather than per element (the
+    kernels do the same), and the clamp absorbs the ulp by which x · (1/x) can exceed 1."""
+    return (x * (1 / safe_scale(scale))).clamp(-1, 1)
+
+
 def quantize_blockwise(
     x: torch.Tensor, table: torch.Tensor, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +107,7 @@ def quantize_blockwise(
     padded[:n] = flat
     blocks = padded.view(nblocks, block)
     absmax = blocks.abs().amax(dim=1)
-    normed = blocks / safe_scale(absmax)[:, None]
+    normed = normalize(blocks, absmax[:, None])
     _, mid = table_on(table, x.device)
     codes = nearest_code(normed.view(-1), mid)[:n]
     return codes, absmax
@@ -125,7 +131,7 @@ def quantize_rank1(x2d: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor
     """Rank-1 normalized quantization of a non-negative matrix: returns (codes [numel], row, col)."""
     row = x2d.amax(dim=1)
     col = x2d.amax(dim=0)
-    normed = x2d / safe_scale(rank1_scale(row, col))
+    normed = normalize(x2d, rank1_scale(row, col))
     _, mid = table_on(table, x2d.device)
     return nearest_code(normed.reshape(-1), mid), row, col
 
@@ -150,3 +156,49 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     lo = packed & 0xF
     hi = packed >> 4
     return torch.stack([lo, hi], dim=1).view(-1)[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Search table for the kernels. A binary search over 256 midpoints costs 8 dependent gathers that
+# hit many cache lines; instead the fp32 bits of |x| (exponent and LUT_MANT_BITS mantissa bits)
+# index a byte table holding the count of midpoints below the bucket's lower edge, and one compare
+# with the next midpoint finishes the count. This is exact when no bucket holds two midpoints,
+# which `search_lut` checks. Signed maps are symmetric: negative x use the mirrored count.
+LUT_MANT_BITS = 7
+LUT_MIN_EXP = -25  # |x| below 2**-25 is under every map's smallest positive midpoint
+LUT_OCTAVES = 26  # buckets cover [2**-25, 2**1)
+
+
+@functools.cache
+def search_lut(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(midpoints of the distinct values >= 0 with +inf appended, uint8 bucket counts, zero index)."""
+    distinct = torch.unique(table)  # sorted; drops the padding repeats of the largest value
+    zero_index = int((distinct < 0).sum())
+    if zero_index:
+        assert float(distinct[zero_index]) == 0.0, "signed LUT search needs 0 in the map"
+        assert torch.equal(distinct[:zero_index], -distinct.flip(0)[:zero_index]), "map not symmetric"
+    pos = distinct[zero_index:]
+    pmid = midpoints(pos)
+    k = torch.arange(LUT_OCTAVES << LUT_MANT_BITS, dtype=torch.float64)
+    octave, frac = torch.div(k, 2**LUT_MANT_BITS, rounding_mode="floor"), k % 2**LUT_MANT_BITS
+    low = 2.0 ** (LUT_MIN_EXP + octave) * (1 + frac / 2**LUT_MANT_BITS)
+    high = 2.0 ** (LUT_MIN_EXP + octave) * (1 + (frac + 1) / 2**LUT_MANT_BITS)
+    mids64 = pmid.double()
+    lut = torch.searchsorted(mids64, low, right=False)
+    per_bucket = torch.searchsorted(mids64, high, right=False) - lut
+    assert int(per_bucket.max()) <= 1, "LUT buckets too coarse for this map"
+    assert float(pmid.min()) >= 2.0**LUT_MIN_EXP and int(lut.max()) <= 255
+    pmid_inf = torch.cat([pmid, torch.tensor([float("inf")])])
+    return pmid_inf, lut.to(torch.uint8), zero_index
+
+
+def lut_search(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The kernels' LUT search in torch (for tests): equals `nearest_code(x, midpoints(table))`."""
+    pmid, lut, z = search_lut(table)
+    a = x.abs()
+    key = (a.view(torch.int32) >> (23 - LUT_MANT_BITS)) - ((127 + LUT_MIN_EXP) << LUT_MANT_BITS)
+    lo = lut[key.clamp(0, lut.numel() - 1).long()].long()
+    mv = pmid[lo]
+    neg = x < 0
+    cnt = lo + torch.where(neg, mv <= a, mv < a).long()
+    return torch.where(neg, z - cnt, z + cnt)

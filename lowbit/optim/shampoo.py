@@ -1,0 +1,300 @@
+"""Blocked Shampoo with 32-, 8- or 4-bit preconditioners, grafted to AdamW, optionally distributed.
+
+Each matrix parameter (viewed as shape[0] × rest) is cut into blocks of at most
+`max_preconditioner_dim` per side. A block G keeps statistics L = β L + (1-β) G Gᵀ and
+R = β R + (1-β) Gᵀ G (every `stats_every` steps) and preconditioners L^-1/4, R^-1/4 (every
+`inverse_every` steps, from eigendecompositions with eigenvalues floored at matrix_eps · λmax).
+The direction L^-1/4 · m̂ · R^-1/4 (m̂: Adam's bias-corrected first moment) is rescaled to the norm of
+AdamW's direction m̂ / (√v̂ + eps) on the same block ("grafting"), so the learning rate and schedule
+of AdamW carry over. Vectors (norms, biases) take the AdamW step.
+
+At 8 or 4 bits (Wang et al. 2024) a symmetric matrix is stored as its eigenvalues (fp32) and its
+eigenvector matrix quantized block-wise with the linear-square map; after dequantization the
+eigenvectors are re-orthogonalized with Björck iterations U ← U (3I − UᵀU) / 2 before use. That
+is 4 × (0.5 + 4/block) B per entry against 16 B for the four fp32 matrices of 32-bit Shampoo.
+
+Under torch.distributed (`distributed=True`) each rank owns a share of the blocks (greedy by cost):
+only the owner keeps their statistics and computes their directions; the directions are
+all-gathered so every rank applies the same update. Such an optimizer has `per_rank_state = True`:
+its state_dict holds this rank's blocks and must be saved per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lowbit.optim import qmaps
+from lowbit.optim.adamw import adam_scalars, restore_state_dtypes, state_bytes
+from lowbit.optim.rounding import ROUNDING_MODES, step_seed, write_param_
+
+
+def bjorck_orthonormalize(u: torch.Tensor, iters: int) -> torch.Tensor:
+    """Björck–Bowie iterations U ← U (3I − UᵀU) / 2: pull a near-orthogonal U to the orthogonal one."""
+    eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
+    for _ in range(iters):
+        u = u @ (1.5 * eye - 0.5 * (u.T @ u))
+    return u
+
+
+def quantize_eigvecs(u: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, absmax = qmaps.quantize_blockwise(u, qmaps.linear_square_map(bits), block)
+    return (qmaps.pack_nibbles(codes) if bits == 4 else codes), absmax
+
+
+def dequantize_eigvecs(
+    codes: torch.Tensor, absmax: torch.Tensor, bits: int, block: int, d: int
+) -> torch.Tensor:
+    if bits == 4:
+        codes = qmaps.unpack_nibbles(codes, d * d)
+    return qmaps.dequantize_blockwise(codes, absmax, qmaps.linear_square_map(bits), block, torch.Size((d, d)))
+
+
+def _numel(b: dict) -> int:
+    return (b["rows"][1] - b["rows"][0]) * (b["cols"][1] - b["cols"][0])
+
+
+class Shampoo(torch.optim.Optimizer):
+    """Blocked Shampoo (`bits` ∈ {32, 8, 4} for the preconditioners) grafted to AdamW."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bits: int = 32,
+        max_preconditioner_dim: int = 1024,
+        stats_every: int = 1,
+        inverse_every: int = 10,
+        shampoo_beta: float = 0.95,
+        matrix_eps: float = 1e-6,
+        bjorck_iters: int = 1,
+        eigvec_block: int = 64,
+        bf16_rounding: str = "nearest",
+        seed: int = 0,
+        distributed: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        if bits not in (32, 8, 4):
+            raise ValueError(f"bits={bits}; valid choices: 32, 8, 4")
+        if bf16_rounding not in ROUNDING_MODES:
+            raise ValueError(f"bf16_rounding={bf16_rounding!r}; valid choices: {ROUNDING_MODES}")
+        for key, val, ok in [
+            ("max_preconditioner_dim", max_preconditioner_dim, max_preconditioner_dim >= 2),
+            ("stats_every", stats_every, stats_every >= 1),
+            ("inverse_every", inverse_every, inverse_every >= 1),
+            ("shampoo_beta", shampoo_beta, 0 < shampoo_beta <= 1),
+            ("matrix_eps", matrix_eps, matrix_eps > 0),
+            ("eigvec_block", eigvec_block, eigvec_block >= 2 and eigvec_block % 2 == 0),
+            ("lr", lr, lr >= 0),
+            ("betas", betas, all(0 <= b < 1 for b in betas)),
+        ]:
+            if not ok:
+                raise ValueError(f"{key}={val!r} is out of range")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed)
+        super().__init__(params, defaults)
+        self.bits, self.max_dim, self.block = bits, max_preconditioner_dim, eigvec_block
+        self.stats_every, self.inverse_every = stats_every, inverse_every
+        self.beta, self.matrix_eps, self.bjorck_iters = shampoo_beta, matrix_eps, bjorck_iters
+        self.bf16_rounding = bf16_rounding
+        self.group = process_group
+        active = distributed and dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size(process_group) if active else 1
+        self.rank = dist.get_rank(process_group) if active else 0
+        self.per_rank_state = self.world > 1
+        self.blocks = self._plan_blocks()
+
+    # ----------------------------------------------------------------- block plan
+    def _plan_blocks(self) -> list[dict]:
+        """Every matrix block (param index, rows, cols) and its owning rank, the same on all ranks."""
+        blocks = []
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pi, p in enumerate(params):
+            if p.dim() < 2:
+                continue
+            rows, cols = p.shape[0], p.numel() // p.shape[0]
+            for r0 in range(0, rows, self.max_dim):
+                for c0 in range(0, cols, self.max_dim):
+                    r1, c1 = min(r0 + self.max_dim, rows), min(c0 + self.max_dim, cols)
+                    blocks.append({"param": pi, "rows": (r0, r1), "cols": (c0, c1), "id": len(blocks)})
+        load = [0.0] * self.world
+        for b in sorted(blocks, key=lambda b: (-self._cost(b), b["id"])):
+            owner = min(range(self.world), key=lambda r: (load[r], r))
+            b["owner"] = owner
+            load[owner] += self._cost(b)
+        return blocks
+
+    @staticmethod
+    def _cost(b: dict) -> float:
+        (r0, r1), (c0, c1) = b["rows"], b["cols"]
+        return float((r1 - r0) ** 3 + (c1 - c0) ** 3)
+
+    # ----------------------------------------------------------------- matrices in state
+    def _put(self, st: dict, key: str, mat: torch.Tensor, evals: torch.Tensor | None = None) -> None:
+        """Store a symmetric matrix: as is at 32 bits, else as fp32 eigenvalues + quantized eigenvectors."""
+        if self.bits == 32:
+            st[key] = mat
+            return
+        codes, absmax = quantize_eigvecs(mat, self.bits, self.block)
+        st[key + ".vec_codes"], st[key + ".vec_absmax"], st[key + ".val"] = codes, absmax, evals
+
+    def _eig(self, st: dict, key: str, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        u = dequantize_eigvecs(st[key + ".vec_codes"], st[key + ".vec_absmax"], self.bits, self.block, d)
+        return st[key + ".val"], bjorck_orthonormalize(u, self.bjorck_iters)
+
+    def _has(self, st: dict, key: str) -> bool:
+        return key in st or key + ".val" in st
+
+    def _update_stat(
+        self, st: dict, key: str, outer: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """L ← β L + (1-β) outer. Returns the eigendecomposition when the matrix is stored quantized."""
+        d = outer.shape[0]
+        if self.bits == 32:
+            prev = st.get(key, torch.zeros_like(outer))
+            st[key] = prev * self.beta + outer * (1 - self.beta)
+            return None
+        if self._has(st, key):
+            lam, u = self._eig(st, key, d)
+            prev = (u * lam) @ u.T
+        else:
+            prev = torch.zeros_like(outer)
+        mat = prev * self.beta + outer * (1 - self.beta)
+        lam, u = torch.linalg.eigh(mat)
+        self._put(st, key, u, lam)
+        return lam, u
+
+    def _inverse_root(self, st: dict, key: str, d: int, eig: tuple | None) -> None:
+        """P = (L + ε λmax I)^-1/4, stored like the statistics."""
+        if self.bits == 32:
+            lam, u = torch.linalg.eigh(st[key])
+        else:
+            lam, u = eig if eig is not None else self._eig(st, key, d)
+        lam = lam.clamp(min=0)
+        root = (lam + self.matrix_eps * lam.max().clamp(min=1e-30)) ** -0.25
+        if self.bits == 32:
+            st["P" + key] = (u * root) @ u.T
+        else:
+            self._put(st, "P" + key, u, root)
+
+    def _precond(self, st: dict, key: str, d: int) -> torch.Tensor:
+        if self.bits == 32:
+            return st["P" + key]
+        root, u = self._eig(st, "P" + key, d)
+        return (u * root) @ u.T
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        updates: dict[int, dict] = {}
+        for pi, (p, group) in enumerate(params):
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                if p.dtype == torch.bfloat16 and self.bf16_rounding == "kahan":
+                    st["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
+            st["step"] += 1
+            b1, b2 = group["betas"]
+            g = p.grad.float()
+            st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            m_hat = st["exp_avg"] / (1 - b1 ** st["step"])
+            adam_dir = m_hat / ((st["exp_avg_sq"] / (1 - b2 ** st["step"])).sqrt() + group["eps"])
+            updates[pi] = {"grad": g, "m_hat": m_hat, "dir": adam_dir, "step": st["step"]}
+        directions = {}
+        for b in self.blocks:
+            u = updates.get(b["param"])
+            if u is None or b["owner"] != self.rank:
+                continue
+            directions[b["id"]] = self._block_direction(b, params[b["param"]][0], u)
+        if self.world > 1:
+            directions = self._all_gather(directions, updates, params)
+        for b in self.blocks:
+            if b["id"] in directions:
+                (r0, r1), (c0, c1) = b["rows"], b["cols"]
+                mat = updates[b["param"]]["dir"].view(params[b["param"]][0].shape[0], -1)
+                mat[r0:r1, c0:c1] = directions[b["id"]]
+        for pi, u in updates.items():
+            p, group = params[pi]
+            s = adam_scalars(group["lr"], *group["betas"], group["eps"], group["weight_decay"], u["step"])
+            old = p.detach().float()
+            new = old * s["decay"] - u["dir"] * group["lr"]
+            seed = step_seed(group["seed"], u["step"], pi + 1)
+            write_param_(p, new, self.bf16_rounding, seed, self.state[p].get("kahan_comp"), old)
+        return loss
+
+    def _block_direction(self, b: dict, p: torch.Tensor, u: dict) -> torch.Tensor:
+        st = self.state[p]
+        (r0, r1), (c0, c1) = b["rows"], b["cols"]
+        g = u["grad"].view(p.shape[0], -1)[r0:r1, c0:c1]
+        m = u["m_hat"].view(p.shape[0], -1)[r0:r1, c0:c1]
+        adam = u["dir"].view(p.shape[0], -1)[r0:r1, c0:c1]
+        key = f"blk{b['id']}."
+        step = u["step"]
+        eig_l = eig_r = None
+        if (step - 1) % self.stats_every == 0:
+            eig_l = self._update_stat(st, key + "L", g @ g.T)
+            eig_r = self._update_stat(st, key + "R", g.T @ g)
+        if (step - 1) % self.inverse_every == 0 or not self._has(st, "P" + key + "L"):
+            self._inverse_root(st, key + "L", r1 - r0, eig_l)
+            self._inverse_root(st, key + "R", c1 - c0, eig_r)
+        d = self._precond(st, key + "L", r1 - r0) @ m @ self._precond(st, key + "R", c1 - c0)
+        # Grafting: Shampoo's direction with AdamW's per-block norm.
+        norm = d.norm()
+        return d * (adam.norm() / norm) if norm > 0 else adam.clone()
+
+    def _all_gather(self, mine: dict, updates: dict, params: list) -> dict:
+        """Every rank's block directions, in the plan's order, via one padded all_gather."""
+        per_rank: list[list[dict]] = [[] for _ in range(self.world)]
+        for b in self.blocks:
+            if b["param"] in updates:
+                per_rank[b["owner"]].append(b)
+        sizes = [sum(_numel(b) for b in bl) for bl in per_rank]
+        dev = next(iter(updates.values()))["dir"].device
+        buf = torch.zeros(max(sizes), dtype=torch.float32, device=dev)
+        offset = 0
+        for b in per_rank[self.rank]:
+            d = mine[b["id"]].reshape(-1)
+            buf[offset : offset + d.numel()] = d
+            offset += d.numel()
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(out, buf, group=self.group)
+        result = {}
+        for r, bl in enumerate(per_rank):
+            offset = 0
+            for b in bl:
+                shape = (b["rows"][1] - b["rows"][0], b["cols"][1] - b["cols"][0])
+                result[b["id"]] = out[r][offset : offset + _numel(b)].view(shape)
+                offset += _numel(b)
+        return result
+
+    # ----------------------------------------------------------------- memory / checkpoints
+    def preconditioner_bytes(self) -> int:
+        """Bytes of the Shampoo statistics and preconditioners held on this rank."""
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for k, v in st.items()
+            if k.startswith(("blk", "Pblk")) and torch.is_tensor(v)
+        )
+
+    def state_bytes(self) -> int:
+        return state_bytes(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)
