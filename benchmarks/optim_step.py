@@ -79,8 +79,18 @@ def check_fused_against_reference() -> dict:
     return out
 
 
-def bench(names: list[str], shapes, rep_ms: int) -> list[dict]:
+SWEEPS = {
+    "lowbit_adamw8bit": [{"bpp8": b, "warps8": w} for b, w in [(1, 2), (2, 4), (4, 4), (4, 8), (8, 8)]],
+    "lowbit_adamw4bit": [{"br4": b, "warps4": w, "br1": b1, "warps1": w1}
+                         for b, w, b1, w1 in [(4, 4, 64, 8), (8, 4, 64, 8), (16, 8, 64, 8), (8, 4, 32, 4),
+                                              (8, 4, 128, 8)]],
+}
+
+
+def bench(names: list[str], shapes, rep_ms: int, sweeps: dict | None = None) -> list[dict]:
     import triton.testing
+
+    sweeps = sweeps or {}
 
     rows = []
     n_params = sum(torch.Size(s).numel() for s in shapes)
@@ -104,8 +114,30 @@ def bench(names: list[str], shapes, rep_ms: int) -> list[dict]:
         state_bytes = torch.cuda.memory_allocated() - before
         first = time.time() - t0
         ms = triton.testing.do_bench(opt.step, warmup=100, rep=rep_ms, return_mode="median")
-        rows.append({"name": name, "param_dtype": str(dtype).replace("torch.", ""), "step_ms": ms,
-                     "state_bytes_per_param": state_bytes / n_params, "first_step_s": first})
+        host = []
+        for _ in range(10):  # host-side (Python + launch) time of one step
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.step()
+            host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        row = {"name": name, "param_dtype": str(dtype).replace("torch.", ""), "step_ms": ms,
+               "host_ms": sorted(host)[5], "state_bytes_per_param": state_bytes / n_params,
+               "first_step_s": first}
+        if hasattr(opt, "state_bytes"):
+            row["state_tensor_bytes_per_param"] = opt.state_bytes() / n_params
+        if name in sweeps:
+            from lowbit.kernels import optim_adamw_lowbit as k
+
+            saved = dict(k.CONFIG)
+            row["sweep"] = []
+            for cfg in sweeps[name]:
+                k.CONFIG.update(cfg)
+                opt.step()
+                t = triton.testing.do_bench(opt.step, warmup=50, rep=200, return_mode="median")
+                row["sweep"].append({**cfg, "step_ms": t})
+                k.CONFIG.update(saved)
+        rows.append(row)
         print(rows[-1], flush=True)
         del opt, params
         gc.collect()
@@ -121,6 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="optim_step.json")
     ap.add_argument("--rep-ms", type=int, default=500)
+    ap.add_argument("--sweep", action="store_true", help="also time a few launch shapes of our kernels")
     ap.add_argument("--optims", default="torch_adamw_fused,lowbit_adamw8bit,lowbit_adamw4bit,"
                     "lowbit_adamw_bf16_sr,lowbit_adamw8bit_bf16_sr,bnb_adamw8bit,torchao_adamw8bit,torchao_adamw4bit")
     args = ap.parse_args()
@@ -135,12 +168,12 @@ def main() -> None:
     print(meta, flush=True)
     check = check_fused_against_reference()
     print("fused vs reference:", check, flush=True)
-    rows = bench(args.optims.split(","), shapes, args.rep_ms)
-    print(f"\n{'optimizer':28s} {'step ms':>9s} {'vs fused':>9s} {'state B/param':>14s}")
+    rows = bench(args.optims.split(","), shapes, args.rep_ms, SWEEPS if args.sweep else None)
+    print(f"\n{'optimizer':28s} {'step ms':>9s} {'vs fused':>9s} {'host ms':>8s} {'state B/param':>14s}")
     for r in rows:
         if "step_ms" in r:
             print(f"{r['name']:28s} {r['step_ms']:9.2f} {r.get('ratio_vs_fused_adamw', float('nan')):9.3f} "
-                  f"{r['state_bytes_per_param']:14.3f}")
+                  f"{r['host_ms']:8.2f} {r['state_bytes_per_param']:14.3f}")
         else:
             print(f"{r['name']:28s} {r['skipped']}")
     with open(args.out, "w") as f:
