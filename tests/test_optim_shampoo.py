@@ -138,7 +138,8 @@ def test_ddp_shampoo_shards_blocks_and_matches_single_process(tmp_path, bits):
     mp.spawn(_worker, args=(2, port, bits, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     params = _params(0)
-    single = Shampoo(params, lr=1e-2, bits=bits, max_preconditioner_dim=24, inverse_every=2, distributed=False)
+    single = Shampoo(params, lr=1e-2, bits=bits, max_preconditioner_dim=24, inverse_every=2,
+                     distributed=False)
     _train(single, params, 4)
     for r in ranks:
         assert r["per_rank"]
