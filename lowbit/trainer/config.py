@@ -61,12 +61,12 @@ class Device(str, Enum):
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 500
     seq_len: int = 128
     micro_batch_size: int = 16
     # Micro-batches per optimizer step on each rank; global batch = micro · accum · world size.
     grad_accum: int = 1
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     # Cosine decays to lr · min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -84,7 +84,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     # Save every N steps (0 = only at the end); the final step is always saved.
-    every: int = 100
+    every: int = 250
     keep_last: int = 2
 
 
@@ -139,8 +139,9 @@ class RunConfig:
     # Where runs are written: <out_dir>/<run_name>/{checkpoints,wandb,summary.json}.
     out_dir: str = "runs"
     run_name: str = "default"
-    # none | auto (newest complete checkpoint in this run's directory, if any) | a checkpoint path.
-    resume: str = "none"
+    # auto (newest complete checkpoint in this run's directory, if any) | none (fresh; refuses to
+    # overwrite existing checkpoints) | a checkpoint directory.
+    resume: str = "auto"
 
 
 def register_configs() -> None:

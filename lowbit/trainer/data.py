@@ -74,10 +74,10 @@ class HFTokenizer:
 
 
 def _join(docs: list[np.ndarray], separator: int | None) -> np.ndarray:
-    if not docs:
-        return np.zeros(0, dtype=np.int64)
-    parts = []
+    parts = [np.zeros(0, dtype=np.int64)]
     for d in docs:
+        if len(d) == 0:
+            continue
         parts.append(d.astype(np.int64))
         if separator is not None:
             parts.append(np.array([separator], dtype=np.int64))
@@ -173,6 +173,14 @@ def load_data(cfg: DataConfig, model_vocab_size: int) -> TokenData:
             f"the tokenizer has {vocab} tokens but model.vocab_size={model_vocab_size}; "
             f"set model.vocab_size>={vocab}"
         )
+    if len(train) + len(val) == 0:
+        raise DataError(f"{desc} holds no tokens; check data.path/pattern")
+    if len(train) == 0 or len(val) == 0:
+        # Too few files/records for a split by file: hold out the stream's last tokens instead.
+        stream = train if len(train) else val
+        cut = int(len(stream) * (1 - cfg.val_fraction))
+        train, val = stream[:cut], stream[cut:]
+        desc += ", split by tokens"
     for name, arr in (("train", train), ("val", val)):
         if len(arr) == 0:
             raise DataError(f"the {name} split of {desc} is empty (no tokens); check data.path/pattern")

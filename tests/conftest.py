@@ -1,0 +1,45 @@
+"""Shared test helpers: compose the real Hydra config and run the real trainer in-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)  # tests never reach the network
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lowbit.trainer.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+# A run small enough for a unit test: ~0.2M params, a few hundred KB of stdlib text.
+SMALL = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "train.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=5",
+    "train.eval_batches=2", "train.log_every=1", "data.max_bytes=300000",
+    "logger=console", "logger.progress=false",
+]
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """Return run(extra_overrides) -> summary, writing into tmp_path."""
+    from lowbit.trainer.run import run
+
+    def _run(extra: list[str]) -> dict:
+        return run(compose([*SMALL, f"out_dir={tmp_path}", *extra]))
+
+    return _run

@@ -1,0 +1,98 @@
+"""End-to-end runs of the real trainer on CPU: learning, exact resume, checkpoints, W&B files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lowbit.trainer.checkpoint import CheckpointError, complete_checkpoints
+
+
+def test_short_run_loss_decreases(small_run):
+    s = small_run(["train.steps=30", "run_name=learn"])
+    losses = [v for _, v in s["train_losses"]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert s["final_val_loss"] < 4.0  # ln(256)=5.55 is the untrained loss of byte tokens
+    assert Path(s["run_dir"], "summary.json").is_file()
+
+
+def test_kill_and_resume_is_bitwise(small_run, tmp_path):
+    full = small_run(["train.steps=12", "run_name=full", "checkpoint.every=0"])
+    # The same run stopped after 5 steps (as if killed after its checkpoint), then resumed twice.
+    small_run(["train.steps=12", "run_name=split", "train.stop_after=5", "checkpoint.every=0"])
+    small_run(["train.steps=12", "run_name=split", "train.stop_after=4", "resume=auto"])
+    split = small_run(["train.steps=12", "run_name=split", "resume=auto"])
+    assert split["step"] == 12
+    assert [s for s, _ in split["train_losses"]] == list(range(1, 13))
+    assert split["train_losses"] == full["train_losses"]  # bitwise: exact float equality
+    assert split["final_val_loss"] == full["final_val_loss"]
+
+
+def test_grad_accum_matches_larger_micro_batch(small_run):
+    a = small_run(["train.steps=4", "run_name=a", "train.micro_batch_size=4", "train.grad_accum=2"])
+    b = small_run(["train.steps=4", "run_name=b", "train.micro_batch_size=8", "train.grad_accum=1"])
+    for (_, la), (_, lb) in zip(a["train_losses"], b["train_losses"]):
+        assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_keeps_last_k_and_ignores_partial_writes(small_run, tmp_path):
+    small_run(["train.steps=8", "run_name=k", "checkpoint.every=2", "checkpoint.keep_last=2"])
+    root = tmp_path / "k" / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(root)] == [6, 8]
+    # A crash mid-write leaves a temp directory; resume must skip it and keep it for inspection.
+    partial = root / ".tmp-step_00000010-123-456"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    s = small_run(["train.steps=10", "run_name=k", "checkpoint.keep_last=2"])
+    assert s["step"] == 10
+    assert partial.is_dir()
+    assert [s for s, _ in complete_checkpoints(root)] == [8, 10]
+
+
+def test_corrupted_checkpoint_is_a_clear_error_and_nothing_is_deleted(small_run, tmp_path):
+    small_run(["train.steps=4", "run_name=c", "checkpoint.every=2"])
+    root = tmp_path / "c" / "checkpoints"
+    newest = complete_checkpoints(root)[-1][1]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*corrupted|corrupted.*model\.safetensors"):
+        small_run(["train.steps=6", "run_name=c"])
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert before == after
+
+
+def test_truncated_optimizer_file_is_detected(small_run, tmp_path):
+    small_run(["train.steps=2", "run_name=t"])
+    ckpt = complete_checkpoints(tmp_path / "t" / "checkpoints")[-1][1]
+    opt = ckpt / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        small_run(["train.steps=4", "run_name=t"])
+
+
+def test_resume_none_refuses_to_overwrite(small_run, tmp_path):
+    small_run(["train.steps=2", "run_name=o"])
+    with pytest.raises(CheckpointError, match="resume=auto"):
+        small_run(["train.steps=2", "run_name=o", "resume=none"])
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        small_run(["train.steps=2", "run_name=o2", f"resume={tmp_path}/nowhere"])
+
+
+def test_checkpoint_of_another_model_is_rejected(small_run, tmp_path):
+    small_run(["train.steps=2", "run_name=m"])
+    ckpt = complete_checkpoints(tmp_path / "m" / "checkpoints")[-1][1]
+    shutil.copytree(ckpt, tmp_path / "copy")
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        small_run(["train.steps=4", "run_name=m3", "model.n_layers=3", f"resume={tmp_path / 'copy'}"])
+
+
+def test_nan_loss_stops_without_checkpoint(small_run, tmp_path):
+    with pytest.raises(FloatingPointError, match="loss became"):
+        small_run(["train.steps=4", "run_name=nan", "model.init_std=1e30"])
+    assert complete_checkpoints(tmp_path / "nan" / "checkpoints") == []

@@ -1,0 +1,21 @@
+"""W&B runs offline (no API key) and its run file holds the metrics the trainer logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wandb_records import history
+
+
+def test_offline_wandb_files_hold_logged_metrics(small_run, tmp_path):
+    s = small_run(["train.steps=10", "run_name=w", "logger=both", "logger.progress=false",
+                   "logger.tags=[ci,cpu]"])
+    files = list(Path(tmp_path, "w", "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    rows = history(files[0])
+    train = {r["_step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert sorted(train) == list(range(1, 11))
+    assert train[10] == s["train_losses"][-1][1]
+    vals = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert vals[-1] == s["final_val_loss"]
+    assert all("perf/tokens_per_s" in r for r in rows if "train/loss" in r)
