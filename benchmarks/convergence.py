@@ -143,6 +143,9 @@ def plot(results: list[dict], path: Path, quiet: bool = False) -> bool:
             print("matplotlib is not installed: skipping the loss-curve PNG")
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.get_cmap("tab20").colors  # up to 20 distinguishable variants
+    for ax in (ax1, ax2):
+        ax.set_prop_cycle(color=colors)
     for r in results:
         tl = r.get("train_losses") or []
         if tl:
