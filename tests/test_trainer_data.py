@@ -127,7 +127,7 @@ def test_ranks_split_the_same_global_batch():
 
 def test_eval_batches_cover_ranks_disjointly():
     tokens = np.arange(10_000) % 256
-    all_ = eval_batches(tokens, 16, 4, 3, rank=0, world=1)
+    all_ = eval_batches(tokens, 16, 8, 3, rank=0, world=1)
     parts = eval_batches(tokens, 16, 4, 3, rank=0, world=2) + eval_batches(tokens, 16, 4, 3, rank=1, world=2)
     flat = lambda bs: sorted(tuple(r) for x, _ in bs for r in x.tolist())  # noqa: E731
-    assert flat(all_) == flat(parts) and len(flat(all_)) == 12
+    assert flat(all_) == flat(parts) and len(flat(all_)) == 24

@@ -232,11 +232,15 @@ class BatchSource:
 def eval_batches(
     tokens: np.ndarray, seq_len: int, micro_batch: int, n_batches: int, rank: int, world: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed set of validation windows spread over the val split; each rank takes every world-th."""
+    """A fixed set of validation windows spread over the val split; each rank takes every world-th.
+
+    The set is `n_batches` global micro-batches (micro_batch · world windows each), so it is the
+    same for any split of one global batch across ranks.
+    """
     n_windows = (len(tokens) - 1) // seq_len
     if n_windows < 1:
         raise DataError(f"the val split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}")
-    total = min(n_windows, n_batches * micro_batch)
+    total = min(n_windows, n_batches * micro_batch * world)
     starts = np.linspace(0, n_windows - 1, total).astype(np.int64) * seq_len
     mine = starts[rank::world]
     out = []
