@@ -27,10 +27,19 @@ def compose(overrides: list[str]):
 
 # A run small enough for a unit test: ~0.2M params, a few hundred KB of stdlib text.
 SMALL = [
-    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-    "train.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=5",
-    "train.eval_batches=2", "train.log_every=1", "data.max_bytes=300000",
-    "logger=console", "logger.progress=false",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.eval_every=5",
+    "train.eval_batches=2",
+    "train.log_every=1",
+    "data.max_bytes=300000",
+    "logger=console",
+    "logger.progress=false",
 ]
 
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose
 from lowbit.trainer.config import RunConfig, check_overrides
 
 GROUPS = ["model", "data", "quant", "optim", "dist", "logger"]
@@ -25,7 +25,9 @@ def test_default_composes_to_the_schema():
 @pytest.mark.parametrize("exp", sorted(p.stem for p in (ROOT / "configs" / "exp").glob("*.yaml")))
 def test_every_exp_file_composes(exp):
     first = (ROOT / "configs" / "exp" / f"{exp}.yaml").read_text().splitlines()[0]
-    assert first.strip() == "# @package _global_", f"configs/exp/{exp}.yaml must start with '# @package _global_'"
+    assert first.strip() == "# @package _global_", (
+        f"configs/exp/{exp}.yaml must start with '# @package _global_'"
+    )
     OmegaConf.to_object(compose([f"+exp={exp}"]))
 
 
@@ -71,8 +73,13 @@ def test_wrong_type_and_bad_choice_are_rejected():
 
 
 def test_cli_typo_fails_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "train.stpes=10", f"out_dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "train.stpes=10", f"out_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "train.stpes" in proc.stderr and "Did you mean 'steps'" in proc.stderr
     assert not any(Path(tmp_path).iterdir())

@@ -26,7 +26,9 @@ def test_text_dir_and_errors(tmp_path):
     (tmp_path / "a.txt").write_text("hello world " * 400)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.txt").write_text("another file " * 400)
-    d = load_data(DataConfig(kind=DataKind.text_dir, path=str(tmp_path), pattern="*.txt", val_fraction=0.5), 256)
+    d = load_data(
+        DataConfig(kind=DataKind.text_dir, path=str(tmp_path), pattern="*.txt", val_fraction=0.5), 256
+    )
     assert len(d.train) + len(d.val) == 4800 + 5200 + 2  # two files plus a separator each
     with pytest.raises(DataError, match="no files matching"):
         load_data(DataConfig(kind=DataKind.text_dir, path=str(tmp_path), pattern="*.md"), 256)
@@ -38,7 +40,9 @@ def test_text_dir_and_errors(tmp_path):
 
 def test_single_file_is_split_by_tokens_and_empty_data_is_an_error(tmp_path):
     (tmp_path / "only.txt").write_text("x" * 1000)
-    d = load_data(DataConfig(kind=DataKind.text_dir, path=str(tmp_path), pattern="*.txt", val_fraction=0.1), 256)
+    d = load_data(
+        DataConfig(kind=DataKind.text_dir, path=str(tmp_path), pattern="*.txt", val_fraction=0.1), 256
+    )
     assert (len(d.train), len(d.val)) == (900, 101)  # 1000 bytes + a separator
     (tmp_path / "only.txt").write_text("")
     with pytest.raises(DataError, match="holds no tokens"):
@@ -52,8 +56,12 @@ def test_bin_memmap_dir_and_single_file(tmp_path, dtype):
     ids[:600].tofile(tmp_path / "val.bin")
     d = load_data(DataConfig(kind=DataKind.bin, path=str(tmp_path), bin_dtype=TokenDtype(dtype)), 1024)
     assert np.array_equal(np.asarray(d.train), ids) and len(d.val) == 600
-    single = load_data(DataConfig(kind=DataKind.bin, path=str(tmp_path / "train.bin"),
-                                  bin_dtype=TokenDtype(dtype), val_fraction=0.1), 1024)
+    single = load_data(
+        DataConfig(
+            kind=DataKind.bin, path=str(tmp_path / "train.bin"), bin_dtype=TokenDtype(dtype), val_fraction=0.1
+        ),
+        1024,
+    )
     assert len(single.train) == 4500 and len(single.val) == 500
     src = BatchSource(d.train, 16, 2, 1, 0, 1, seed=0, vocab_size=500)  # ids up to 999 > vocab
     with pytest.raises(DataError, match="vocab_size=500"):
@@ -92,15 +100,22 @@ def test_hf_tokenizer_json(tmp_path):
 
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50,
-                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
+    tok.train_from_iterator(
+        ["the quick brown fox jumps over the lazy dog"] * 50,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]),
+    )
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     (tmp_path / "data").mkdir()
     for i in range(20):
         (tmp_path / "data" / f"{i}.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
-    cfg = DataConfig(kind=DataKind.text_dir, path=str(tmp_path / "data"), pattern="*.txt",
-                     tokenizer=str(path), val_fraction=0.3)
+    cfg = DataConfig(
+        kind=DataKind.text_dir,
+        path=str(tmp_path / "data"),
+        pattern="*.txt",
+        tokenizer=str(path),
+        val_fraction=0.3,
+    )
     d = load_data(cfg, 256)
     assert d.vocab_size == tok.get_vocab_size() and d.train.max() < d.vocab_size
     assert tok.token_to_id("</s>") in set(d.train.tolist())  # document separator
@@ -108,8 +123,15 @@ def test_hf_tokenizer_json(tmp_path):
         load_data(cfg, 16)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid tokenizer.json"):
-        load_data(DataConfig(kind=DataKind.text_dir, path=str(tmp_path / "data"), pattern="*.txt",
-                             tokenizer=str(tmp_path / "broken.json")), 256)
+        load_data(
+            DataConfig(
+                kind=DataKind.text_dir,
+                path=str(tmp_path / "data"),
+                pattern="*.txt",
+                tokenizer=str(tmp_path / "broken.json"),
+            ),
+            256,
+        )
 
 
 def test_ranks_split_the_same_global_batch():

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SMALL
 
 pytestmark = pytest.mark.slow
@@ -17,8 +16,16 @@ pytestmark = pytest.mark.slow
 
 def _launch(nproc: int, overrides: list[str], timeout: int = 600) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(ROOT / "train.py"), *SMALL, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        str(ROOT / "train.py"),
+        *SMALL,
+        *overrides,
+    ]
     if nproc == 1 and not any(o.startswith("dist=") for o in overrides):
         cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

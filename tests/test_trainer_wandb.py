@@ -8,8 +8,9 @@ from wandb_records import history
 
 
 def test_offline_wandb_files_hold_logged_metrics(small_run, tmp_path):
-    s = small_run(["train.steps=10", "run_name=w", "logger=both", "logger.progress=false",
-                   "logger.tags=[ci,cpu]"])
+    s = small_run(
+        ["train.steps=10", "run_name=w", "logger=both", "logger.progress=false", "logger.tags=[ci,cpu]"]
+    )
     files = list(Path(tmp_path, "w", "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     rows = history(files[0])

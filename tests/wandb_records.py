@@ -43,5 +43,7 @@ def history(path: Path) -> list[dict]:
         rec = pb.Record()
         rec.ParseFromString(data)
         if rec.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+            rows.append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            )
     return rows

@@ -94,11 +94,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # enable_gqa lets SDPA share each k/v head across its query heads without copying them.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -171,7 +170,11 @@ class Llama(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6·N plus the attention score/value matmuls."""
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus causal attention."""
         cfg = self.cfg
-        attn = 12 * cfg.n_layers * cfg.dim * seq_len / 2  # causal: half of the full score matrix
-        return 6 * self.num_params(exclude_embeddings=True) + attn
+        matmul_weights = sum(p.numel() for p in self.parameters() if p.dim() == 2)
+        matmul_weights -= self.tok_embeddings.weight.numel()  # a lookup, not a matmul...
+        if cfg.tie_embeddings:
+            matmul_weights += self.lm_head.weight.numel()  # ...unless it is also the output projection
+        attn = 12 * cfg.n_layers * cfg.dim * seq_len / 2  # QKᵀ and AV, fwd+bwd, half of them masked
+        return 6 * matmul_weights + attn

@@ -117,7 +117,8 @@ def verify(path: Path) -> dict[str, Any]:
         if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
             raise CheckpointError(
                 f"checkpoint {path} is corrupted: {rel} does not match its recorded sha256/size. "
-                "Nothing was deleted; resume from an earlier checkpoint with resume=<path> or remove this one."
+                "Nothing was deleted; resume from an earlier checkpoint with resume=<path> "
+                "or remove this one."
             )
     return manifest
 
@@ -148,7 +149,9 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
         return done[-1][1] if done else None
     path = Path(resume)
     if not path.is_dir():
-        raise CheckpointError(f"resume={resume!r} is not a checkpoint directory (valid: none, auto, or a path)")
+        raise CheckpointError(
+            f"resume={resume!r} is not a checkpoint directory (valid: none, auto, or a path)"
+        )
     return path
 
 
@@ -200,7 +203,7 @@ def load_weights(module: torch.nn.Module, path: Path) -> None:
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
-            "(was it written with another model= or quant= config?)"
+            f"{path} does not fit this model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]} (was it written with another model= or quant= config?)"
         )
     module.load_state_dict(state, strict=True)

@@ -83,6 +83,8 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    # false: write no checkpoints at all (benchmarks); resume then has nothing to continue from.
+    enabled: bool = True
     # Save every N steps (0 = only at the end); the final step is always saved.
     every: int = 250
     keep_last: int = 2

@@ -132,7 +132,9 @@ def _load_bin(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, str]:
         train, val = np.memmap(tr, dtype=dtype, mode="r"), np.memmap(va, dtype=dtype, mode="r")
     elif path.is_file():
         if path.stat().st_size % dtype.itemsize:
-            raise DataError(f"{path}: size {path.stat().st_size} is not a multiple of {dtype} ({dtype.itemsize} B)")
+            raise DataError(
+                f"{path}: size {path.stat().st_size} is not a multiple of {dtype} ({dtype.itemsize} B)"
+            )
         data = np.memmap(path, dtype=dtype, mode="r")
         cut = int(len(data) * (1 - cfg.val_fraction))
         train, val = data[:cut], data[cut:]
@@ -159,7 +161,9 @@ def load_data(cfg: DataConfig, model_vocab_size: int) -> TokenData:
             texts_train, texts_val = _read_text_files(root, cfg.pattern, cfg.max_bytes, cfg.val_fraction)
             desc = f"Python stdlib sources {root}"
         elif kind is DataKind.text_dir:
-            texts_train, texts_val = _read_text_files(Path(cfg.path), cfg.pattern, cfg.max_bytes, cfg.val_fraction)
+            texts_train, texts_val = _read_text_files(
+                Path(cfg.path), cfg.pattern, cfg.max_bytes, cfg.val_fraction
+            )
             desc = f"text files {cfg.path}/{cfg.pattern}"
         else:
             texts_train, texts_val = _read_jsonl(Path(cfg.path), cfg.val_fraction)
@@ -191,8 +195,15 @@ class BatchSource:
     """Deterministic (input, target) micro-batches for a given step, micro-batch index and rank."""
 
     def __init__(
-        self, tokens: np.ndarray, seq_len: int, micro_batch: int, grad_accum: int,
-        rank: int, world: int, seed: int, vocab_size: int,
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        micro_batch: int,
+        grad_accum: int,
+        rank: int,
+        world: int,
+        seed: int,
+        vocab_size: int,
     ) -> None:
         self.vocab_size = vocab_size
         self.tokens, self.seq_len = tokens, seq_len
@@ -225,7 +236,9 @@ class BatchSource:
             rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
         batch = torch.from_numpy(np.stack(rows))
         if int(batch.max()) >= self.vocab_size:  # a pre-tokenized .bin from another tokenizer
-            raise DataError(f"token id {int(batch.max())} in the data is >= model.vocab_size={self.vocab_size}")
+            raise DataError(
+                f"token id {int(batch.max())} in the data is >= model.vocab_size={self.vocab_size}"
+            )
         return batch[:, :-1], batch[:, 1:]
 
 

@@ -38,14 +38,17 @@ def _free_port() -> int:
 def pick_device(requested: Device | str, local_rank: int, world: int) -> torch.device:
     requested = Device(requested)
     if requested is Device.cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available on this machine (valid: auto, cpu, cuda)")
+        raise RuntimeError(
+            "train.device=cuda but CUDA is not available on this machine (valid: auto, cpu, cuda)"
+        )
     use_cuda = requested is Device.cuda or (requested is Device.auto and torch.cuda.is_available())
     if not use_cuda:
         return torch.device("cpu")
     n = torch.cuda.device_count()
     if local_rank >= n:
         raise RuntimeError(
-            f"this node runs {int(os.environ.get('LOCAL_WORLD_SIZE', world))} processes but has only {n} GPU(s): "
+            f"this node runs {int(os.environ.get('LOCAL_WORLD_SIZE', world))} processes but has only "
+            f"{n} GPU(s): "
             f"local rank {local_rank} has no device. Use --nproc_per_node<={n}."
         )
     torch.cuda.set_device(local_rank)
@@ -74,7 +77,9 @@ def init_distributed(cfg: DistConfig, device: Device | str) -> DistContext:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         pg = cfg.pg_backend if cfg.pg_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
         if pg not in ("nccl", "gloo"):
-            raise ValueError(f"dist.pg_backend={cfg.pg_backend!r} is not valid (valid choices: auto, nccl, gloo)")
+            raise ValueError(
+                f"dist.pg_backend={cfg.pg_backend!r} is not valid (valid choices: auto, nccl, gloo)"
+            )
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(pg, rank=rank, world_size=world, **kwargs)
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=dev, backend=backend)

@@ -27,8 +27,15 @@ def _optimizer_is_per_rank(opt: torch.optim.Optimizer) -> bool:
 class TorchEngine:
     """Single process or DistributedDataParallel."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
-                 grad_accum: int, grad_clip: float, compile_model: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ctx: DistContext,
+        grad_accum: int,
+        grad_clip: float,
+        compile_model: bool,
+    ) -> None:
         self.module, self.optimizer, self.ctx = model, optimizer, ctx
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         fwd = torch.compile(model) if compile_model else model
@@ -69,9 +76,13 @@ class TorchEngine:
 
     def load(self, path: Path) -> dict[str, Any]:
         load_weights(self.module, path / "model.safetensors")
-        name = f"optimizer.rank{self.ctx.rank}.pt" if _optimizer_is_per_rank(self.optimizer) else "optimizer.pt"
+        name = (
+            f"optimizer.rank{self.ctx.rank}.pt" if _optimizer_is_per_rank(self.optimizer) else "optimizer.pt"
+        )
         if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint {path} has no {name} (written with another world size or optimizer?)")
+            raise CheckpointError(
+                f"checkpoint {path} has no {name} (written with another world size or optimizer?)"
+            )
         self.optimizer.load_state_dict(load_torch(path / name))
         return load_torch(path / "trainer.pt")
 
@@ -79,8 +90,17 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed's real engine with our optimizer passed in as the client optimizer."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
-                 micro_batch: int, grad_accum: int, grad_clip: float, zero_stage: int, bf16: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ctx: DistContext,
+        micro_batch: int,
+        grad_accum: int,
+        grad_clip: float,
+        zero_stage: int,
+        bf16: bool,
+    ) -> None:
         import deepspeed
 
         self.ctx, self.zero_stage = ctx, zero_stage
@@ -131,11 +151,12 @@ class DeepSpeedEngine:
 
     def load(self, path: Path) -> dict[str, Any]:
         if not (path / "deepspeed").is_dir():
-            raise CheckpointError(f"checkpoint {path} was not written by dist=deepspeed (no deepspeed/ folder)")
+            raise CheckpointError(
+                f"checkpoint {path} was not written by dist=deepspeed (no deepspeed/ folder)"
+            )
         load_path, _ = self.engine.load_checkpoint(
             str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path / 'deepspeed'}")
         return load_torch(path / "trainer.pt")
-

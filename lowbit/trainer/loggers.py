@@ -22,8 +22,14 @@ def wandb_mode(mode: WandbMode | str) -> str:
 
 class RunLogger:
     def __init__(
-        self, cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any], enabled: bool,
-        total_steps: int, start_step: int, wandb_id: str | None,
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        run_config: dict[str, Any],
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        wandb_id: str | None,
     ) -> None:
         self.enabled = enabled
         self.kind = LoggerKind(cfg.kind)
@@ -36,14 +42,25 @@ class RunLogger:
             import wandb
 
             self.wandb_run = wandb.init(
-                project=cfg.project, entity=cfg.entity, tags=list(cfg.tags), mode=wandb_mode(cfg.mode),
-                dir=str(run_dir), config=run_config, name=run_dir.name, id=wandb_id, resume="allow",
+                project=cfg.project,
+                entity=cfg.entity,
+                tags=list(cfg.tags),
+                mode=wandb_mode(cfg.mode),
+                dir=str(run_dir),
+                config=run_config,
+                name=run_dir.name,
+                id=wandb_id,
+                resume="allow",
                 settings=wandb.Settings(console="off", silent=True),
             )
         if cfg.progress and self.kind in (LoggerKind.console, LoggerKind.both):
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self.console,
                 transient=False,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
@@ -65,7 +82,8 @@ class RunLogger:
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if self.progress is not None:
             self.progress.update(
-                self.task, completed=step,
+                self.task,
+                completed=step,
                 info=f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s",
             )
 

@@ -46,10 +46,21 @@ class LoopState:
     val_losses: list = field(default_factory=list)  # [step, val loss]
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    interval_rates: list = field(default_factory=list)  # tokens/s of each logging interval (this process)
 
 
-def train_loop(engine, batches: BatchSource, val_batches, state: LoopState, tc, ctx: DistContext,
-               autocast, logger, telemetry, save_checkpoint) -> LoopState:
+def train_loop(
+    engine,
+    batches: BatchSource,
+    val_batches,
+    state: LoopState,
+    tc,
+    ctx: DistContext,
+    autocast,
+    logger,
+    telemetry,
+    save_checkpoint,
+) -> LoopState:
     """Run optimizer steps from state.step to tc.steps (or tc.stop_after steps in this process)."""
     tokens_per_step = batches.global_batch * tc.seq_len
     pending: list[torch.Tensor] = []  # per-step losses not yet synced to the host
@@ -87,6 +98,7 @@ def train_loop(engine, batches: BatchSource, val_batches, state: LoopState, tc, 
             state.train_seconds += now - t_last
             span_tokens = tokens_per_step * len(losses)
             tok_s = span_tokens / max(now - t_last, 1e-9)
+            state.interval_rates.append(tok_s)
             last = state.train_losses[-1][1]
             if not math.isfinite(last):
                 raise FloatingPointError(
@@ -94,8 +106,13 @@ def train_loop(engine, batches: BatchSource, val_batches, state: LoopState, tc, 
                 )
             lr = engine.optimizer.param_groups[0]["lr"]
             logger.update(state.step, last, lr, tok_s)
-            metrics = {"train/loss": last, "train/lr": lr, "train/grad_norm": grad_norm,
-                       "perf/tokens_per_s": tok_s, "train/epoch": batches.epoch_of(state.step)}
+            metrics = {
+                "train/loss": last,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "perf/tokens_per_s": tok_s,
+                "train/epoch": batches.epoch_of(state.step),
+            }
             metrics.update(quant_metrics)
             if is_eval:
                 val = evaluate(engine, val_batches, autocast, ctx)

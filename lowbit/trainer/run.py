@@ -63,12 +63,25 @@ def _autocast(precision: Precision, device: torch.device):
 class CheckpointWriter:
     """Called by the loop when a checkpoint is due; writes atomically and prunes old ones."""
 
-    def __init__(self, engine, ctx: DistContext, root: Path, every: int, keep_last: int, total: int,
-                 extra: dict[str, Any], logger: RunLogger) -> None:
+    def __init__(
+        self,
+        engine,
+        ctx: DistContext,
+        root: Path,
+        enabled: bool,
+        every: int,
+        keep_last: int,
+        total: int,
+        extra: dict[str, Any],
+        logger: RunLogger,
+    ) -> None:
+        self.enabled = enabled
         self.engine, self.ctx, self.root, self.every, self.keep_last = engine, ctx, root, every, keep_last
         self.total, self.extra, self.logger = total, extra, logger
 
     def due(self, step: int, stop_at: int) -> bool:
+        if not self.enabled:
+            return False
         return step == stop_at or step == self.total or (self.every > 0 and step % self.every == 0)
 
     def __call__(self, state: LoopState) -> Path:
@@ -79,10 +92,15 @@ class CheckpointWriter:
             tmp.mkdir()
         tmp = Path(broadcast_object(str(tmp), self.ctx))
         trainer_state = {
-            "step": state.step, "rng": _rng_state(self.ctx.device), "world": self.ctx.world,
+            "step": state.step,
+            "rng": _rng_state(self.ctx.device),
+            "world": self.ctx.world,
             "data_position": {"step": state.step, "tokens_seen": state.tokens_seen},
-            "train_losses": state.train_losses, "val_losses": state.val_losses,
-            "train_seconds": state.train_seconds, "wandb_id": self.logger.wandb_id, **self.extra,
+            "train_losses": state.train_losses,
+            "val_losses": state.val_losses,
+            "train_seconds": state.train_seconds,
+            "wandb_id": self.logger.wandb_id,
+            **self.extra,
         }
         self.engine.save(tmp, trainer_state)
         barrier(self.ctx)
@@ -132,8 +150,16 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     precision, autocast = _autocast(tc.precision, ctx.device)
     if ctx.backend is DistBackend.deepspeed:
         # DeepSpeed's own bf16 mode keeps fp32 master weights; autocast stays off under it.
-        engine = DeepSpeedEngine(model, optimizer, ctx, tc.micro_batch_size, tc.grad_accum, tc.grad_clip,
-                                 rc.dist.zero_stage, bf16=precision is Precision.bf16)
+        engine = DeepSpeedEngine(
+            model,
+            optimizer,
+            ctx,
+            tc.micro_batch_size,
+            tc.grad_accum,
+            tc.grad_clip,
+            rc.dist.zero_stage,
+            bf16=precision is Precision.bf16,
+        )
         autocast = contextlib.nullcontext
     else:
         engine = TorchEngine(model, optimizer, ctx, tc.grad_accum, tc.grad_clip, tc.compile)
@@ -142,20 +168,36 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     if resume_from is not None:
         saved = engine.load(resume_from)
         _set_rng_state(saved["rng"], ctx.device)
-        state = LoopState(step=saved["step"], train_losses=saved["train_losses"], val_losses=saved["val_losses"],
-                          tokens_seen=saved["data_position"]["tokens_seen"], train_seconds=saved["train_seconds"])
+        state = LoopState(
+            step=saved["step"],
+            train_losses=saved["train_losses"],
+            val_losses=saved["val_losses"],
+            tokens_seen=saved["data_position"]["tokens_seen"],
+            train_seconds=saved["train_seconds"],
+        )
         wandb_id = saved.get("wandb_id")
 
-    batches = BatchSource(data.train, tc.seq_len, tc.micro_batch_size, tc.grad_accum, ctx.rank, ctx.world,
-                          tc.seed, rc.model.vocab_size)
-    val_batches = eval_batches(data.val, tc.seq_len, tc.micro_batch_size, tc.eval_batches, ctx.rank, ctx.world)
+    batches = BatchSource(
+        data.train,
+        tc.seq_len,
+        tc.micro_batch_size,
+        tc.grad_accum,
+        ctx.rank,
+        ctx.world,
+        tc.seed,
+        rc.model.vocab_size,
+    )
+    val_batches = eval_batches(
+        data.val, tc.seq_len, tc.micro_batch_size, tc.eval_batches, ctx.rank, ctx.world
+    )
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     logger = RunLogger(rc.logger, run_dir, cfg_dict, ctx.is_main, tc.steps, state.step, wandb_id)
     n_params = model.num_params(exclude_embeddings=False)
     logger.info(
-        f"[bold]lowbit[/bold] {rc.model.name} ({n_params / 1e6:.2f}M params) on {ctx.world}× {ctx.device.type}, "
-        f"{precision.value}, quant={rc.quant.recipe}, optim={rc.optim.name.value if hasattr(rc.optim.name, 'value') else rc.optim.name}, "
+        f"[bold]lowbit[/bold] {rc.model.name} ({n_params / 1e6:.2f}M params) on "
+        f"{ctx.world}× {ctx.device.type}, {precision.value}, quant={rc.quant.recipe}, "
+        f"optim={cfg_dict['optim']['name']}, "
         f"dist={ctx.backend.value}; data: {data.description} "
         f"({len(data.train):,} train / {len(data.val):,} val tokens); global batch "
         f"{batches.global_batch}×{tc.seq_len} tokens"
@@ -163,8 +205,17 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     if resume_from is not None:
         logger.info(f"resumed from {resume_from} at step {state.step}")
 
-    writer = CheckpointWriter(engine, ctx, ckpt_root, rc.checkpoint.every, rc.checkpoint.keep_last, tc.steps,
-                              {"config": cfg_dict}, logger)
+    writer = CheckpointWriter(
+        engine,
+        ctx,
+        ckpt_root,
+        rc.checkpoint.enabled,
+        rc.checkpoint.every,
+        rc.checkpoint.keep_last,
+        tc.steps,
+        {"config": cfg_dict},
+        logger,
+    )
     telemetry = QuantTelemetry(model, every=rc.quant.telemetry_every)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -175,26 +226,43 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
 
     val = state.val_losses[-1][1]
     tok_s = state.tokens_seen / state.train_seconds if state.train_seconds > 0 else 0.0
+    # Steady state: the median logging interval after the first, which holds compilation/warm-up.
+    rates = state.interval_rates[1:] or state.interval_rates
+    steady = float(np.median(rates)) if rates else tok_s
     flops_tok = model.flops_per_token(tc.seq_len)
-    util = mfu(flops_tok, tok_s, device_peak_flops(ctx.device), ctx.world)
+    util = mfu(flops_tok, steady, device_peak_flops(ctx.device), ctx.world)
     summary = {
-        "step": state.step, "steps": tc.steps, "completed": state.step >= tc.steps,
-        "final_val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+        "step": state.step,
+        "steps": tc.steps,
+        "completed": state.step >= tc.steps,
+        "final_val_loss": val,
+        "val_ppl": math.exp(min(val, 50.0)),
         "final_train_loss": state.train_losses[-1][1] if state.train_losses else None,
-        "tokens_per_s": tok_s, "mfu": util, "peak_mem_bytes": peak_memory_bytes(ctx.device),
-        "params": n_params, "world": ctx.world, "device": str(ctx.device), "precision": precision.value,
-        "quant": rc.quant.recipe, "optim": cfg_dict["optim"]["name"], "dist": ctx.backend.value,
-        "wall_seconds": time.time() - t0, "run_dir": str(run_dir.resolve()),
-        "wandb_dir": logger.wandb_dir, "train_losses": state.train_losses, "val_losses": state.val_losses,
+        "tokens_per_s": tok_s,
+        "tokens_per_s_steady": steady,
+        "mfu": util,
+        "peak_mem_bytes": peak_memory_bytes(ctx.device),
+        "params": n_params,
+        "world": ctx.world,
+        "device": str(ctx.device),
+        "precision": precision.value,
+        "quant": rc.quant.recipe,
+        "optim": cfg_dict["optim"]["name"],
+        "dist": ctx.backend.value,
+        "wall_seconds": time.time() - t0,
+        "run_dir": str(run_dir.resolve()),
+        "wandb_dir": logger.wandb_dir,
+        "train_losses": state.train_losses,
+        "val_losses": state.val_losses,
     }
     if ctx.is_main:
         tmp = run_dir / f".summary.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(run_dir / "summary.json")
         lines = [
-            f"val loss {val:.4f}   perplexity {summary['val_ppl']:.2f}   "
-            f"step {state.step}/{tc.steps}",
-            f"throughput {tok_s:,.0f} tokens/s" + (f"   MFU {util:.1%}" if util is not None else "")
+            f"val loss {val:.4f}   perplexity {summary['val_ppl']:.2f}   step {state.step}/{tc.steps}",
+            f"throughput {steady:,.0f} tokens/s (steady; {tok_s:,.0f} with warm-up)"
+            + (f"   MFU {util:.1%}" if util is not None else "")
             + f"   peak memory {format_bytes(summary['peak_mem_bytes'])}",
             f"run written to {summary['run_dir']}",
         ]
