@@ -5,6 +5,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.quant import FORMATS, get_format, round_to_format
 from lowbit.quant.qtensor import decode, encode
@@ -161,3 +163,22 @@ def test_e8m0_codes_match_ml_dtypes():
 def test_unknown_format_names_valid_choices():
     with pytest.raises(ValueError, match="fp5.*valid choices.*fp4_e2m1"):
         get_format("fp5")
+
+
+def test_exp2i_exact_over_fp32_range():
+    from lowbit.quant.rounding import exp2i
+
+    k = torch.arange(-149, 128)
+    want = torch.from_numpy(np.ldexp(np.float32(1), k.numpy()).astype(np.float32))
+    assert torch.equal(exp2i(k), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=64))
+def test_property_nearest_matches_ml_dtypes_for_any_fp32(values):
+    x = torch.tensor(values, dtype=torch.float32)
+    for name, dt in ML_DTYPES.items():
+        m = FORMATS[name].max
+        xi = x.clamp(-m, m)  # ml_dtypes and torch overflow to NaN/Inf; we saturate (tested above)
+        want = torch.from_numpy(xi.numpy().astype(dt).astype(np.float32))
+        assert torch.equal(round_to_format(xi, name), want), name

@@ -81,8 +81,12 @@ def uniform_noise(seed: int, shape: torch.Size | tuple[int, ...], device=None) -
 
 
 def exp2i(k: torch.Tensor) -> torch.Tensor:
-    """2^k for integer tensors k in [-149, 127], exactly, as fp32 (ldexp builds it from bits)."""
-    return torch.ldexp(torch.ones_like(k, dtype=torch.float32), k.to(torch.int32))
+    """2^k as fp32 for integer k in [-149, 127], built from its bit pattern (exact on every device;
+    pow/ldexp may go through a pow() that is not guaranteed exact on GPUs)."""
+    k = k.to(torch.int32)
+    normal = (k + 127).clamp(min=1) << 23  # biased exponent field, zero mantissa
+    subnormal = torch.ones_like(k) << (k + 149).clamp(0, 22)  # 2^-149 · 2^(k+149)
+    return torch.where(k >= -126, normal, subnormal).view(torch.float32)
 
 
 def _round_half_even_nonneg(v: torch.Tensor) -> torch.Tensor:
