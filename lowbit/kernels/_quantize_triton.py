@@ -1,0 +1,286 @@
+"""Triton side of the fused quantize kernel (imported lazily: lowbit imports without Triton).
+
+The fp32 steps below mirror lowbit/quant/rounding.py (`_round_float`, `_round_int`, `exp2i`) and
+scaling.py (`compute_scale`) operation for operation; see lowbit/kernels/quantize.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.quant.formats import ElementFormat
+
+_TWO23: tl.constexpr = tl.constexpr(8388608.0)
+_INF: tl.constexpr = tl.constexpr(float("inf"))
+_NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _exp2i(k):
+    # 2^k exactly for integer k in [-149, 127], from the fp32 bits (k < -126 is subnormal).
+    k = k.to(tl.int32)
+    normal = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    sh = tl.minimum(tl.maximum(k + 149, 0), 31)
+    sub = ((k * 0 + 1) << sh).to(tl.float32, bitcast=True)
+    return tl.where(k >= -126, normal, sub)
+
+
+@triton.jit
+def _floor_log2(a):
+    # floor(log2 a) for a >= 0 from the exponent field (fp32 subnormals and 0 give -127).
+    return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _round_float(y, u, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                 FMAX: tl.constexpr, HAS_INF: tl.constexpr, SR: tl.constexpr):
+    a = tl.abs(y)
+    a = tl.where(a > FMAX, FMAX, a)  # saturate; NaN compares false and stays NaN
+    et = tl.minimum(tl.maximum(_floor_log2(a), EMIN), EMAX)
+    v = a * _exp2i(MBITS - et)
+    if SR:
+        fl = tl.floor(v)
+        r = fl + ((v - fl) > u).to(tl.float32)
+    else:
+        r = (v + _TWO23) - _TWO23  # round half to even for 0 <= v < 2^22
+    q = r * _exp2i(et - MBITS)
+    sign = (y.to(tl.int32, bitcast=True) >> 31) << 31  # copysign(q, y)
+    q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    if HAS_INF:
+        q = tl.where(tl.abs(y) == _INF, y, q)
+    return q
+
+
+@triton.jit
+def _round_int(y, u, FMAX: tl.constexpr, SR: tl.constexpr):
+    v = tl.where(y > FMAX, FMAX, tl.where(y < -FMAX, -FMAX, y))
+    if SR:
+        fl = tl.floor(v)
+        return fl + ((v - fl) > u).to(tl.float32)
+    else:
+        r = (tl.abs(v) + _TWO23) - _TWO23
+        sign = (v.to(tl.int32, bitcast=True) >> 31) << 31
+        return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_bits(q, EM: tl.constexpr, EB: tl.constexpr, HAS_INF: tl.constexpr):
+    # Byte of an fp32 value that is exactly on the fp8 (EM mantissa bits, bias EB) grid.
+    a = tl.abs(q)
+    a = tl.where((a == a) & (a != _INF), a, 0.0)  # NaN/Inf get their codes below, not a cast
+    et = tl.maximum(_floor_log2(a), 1 - EB)
+    sig = (a * _exp2i(EM - et)).to(tl.int32)  # hidden bit included for normals, exact
+    bits = ((et + EB - 1) << EM) + sig
+    bits = tl.where(q != q, 0x7F, bits)
+    if HAS_INF:
+        bits = tl.where(tl.abs(q) == _INF, 0x7C, bits)
+    return bits | (((q.to(tl.int32, bitcast=True) >> 31) & 1) << 7)
+
+
+@triton.jit
+def _encode(q, ENC: tl.constexpr):
+    # Storage code (int32 in [0, 255]) of grid values q; see lowbit/quant/qtensor.py `encode`.
+    if ENC == 0:
+        return _fp8_bits(q, 3, 7, False)
+    elif ENC == 1:
+        return _fp8_bits(q, 2, 15, True)
+    else:
+        v = tl.where(q != q, 0.0, q)  # formats without NaN store 0 (the scale is NaN)
+        if ENC == 3:
+            m = tl.abs(v)
+            code = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
+            return code | (((v.to(tl.int32, bitcast=True) >> 31) & 1) << 3)
+        elif ENC == 4:
+            return v.to(tl.int32) & 0xF
+        else:
+            return v.to(tl.int32) & 0xFF
+
+
+@triton.jit
+def _tensor_scale(t_amax, FMAX: tl.constexpr):
+    # NVFP4's fp32 tensor scale t = amax_tensor / (448 * max_elem); 0 -> 1, non-finite -> NaN.
+    t = tl.div_rn(t_amax, t_amax * 0.0 + 448.0 * FMAX)
+    t = tl.where(t == 0, 1.0, t)
+    return tl.where((t_amax == t_amax) & (t_amax != _INF), t, _NAN)
+
+
+@triton.jit
+def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.constexpr):
+    # (stored scale, effective divisor) from the group amax, as scaling.compute_scale.
+    bad = (amax != amax) | (amax == _INF)
+    fmax = tl.zeros_like(amax) + FMAX
+    if SMODE == 0:
+        s = tl.div_rn(amax, fmax)
+        s = tl.where(s == 0, 1.0, s)
+        s = tl.where(bad, _NAN, s)
+        eff = s
+    elif SMODE == 3:
+        t = _tensor_scale(t_amax, FMAX)
+        raw = tl.div_rn(tl.div_rn(amax, fmax), tl.zeros_like(amax) + t)
+        s = _round_float(raw, raw, 3, -6, 8, 448.0, False, False)
+        s = tl.where(bad, _NAN, s)
+        eff = s * t
+    else:
+        e = _floor_log2(amax) - EMAX
+        e = tl.where(amax == 0, -127, e)
+        e = tl.minimum(tl.maximum(e, -127), 127)
+        if SMODE == 2:
+            e = tl.where(tl.div_rn(amax, _exp2i(e)) > FMAX, e + 1, e)
+            e = tl.minimum(e, 127)
+        s = tl.where(bad, _NAN, _exp2i(e))
+        eff = s
+    return s, eff
+
+
+@triton.jit
+def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: tl.constexpr,
+                KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr, SR: tl.constexpr):
+    # x: [BR, NG*GG] fp32, eff3: divisor broadcastable to [BR, NG, GG] -> codes [BR, NG*GG] int32.
+    x3 = tl.reshape(x, [BR, NG, GG])
+    zero = eff3 == 0  # an e4m3 block scale underflowed: the block is zero
+    y = tl.div_rn(x3, tl.where(zero, 1.0, eff3))
+    y = tl.where(zero, 0.0, y)
+    u = y
+    if SR:
+        h = (idx + seed_off).to(tl.uint32)  # lowbias32 of (index + seed * golden) mod 2^32
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x846CA68B
+        h = h ^ (h >> 16)
+        u = tl.reshape((h >> 8).to(tl.float32) * (1.0 / 16777216.0), [BR, NG, GG])
+    if KIND_INT:
+        q = _round_int(y, u, FMAX, SR)
+    else:
+        q = _round_float(y, u, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR)
+    return tl.reshape(_encode(q, ENC), [BR, NG * GG])
+
+
+@triton.jit
+def _store_codes(d_ptr, codes, rows, cols, c0, R, K, sdr, BR: tl.constexpr, BC: tl.constexpr,
+                 PACK: tl.constexpr):
+    if PACK:  # element 2i in the low nibble
+        lo, hi = tl.split(tl.reshape(codes, [BR, BC // 2, 2]))
+        pc = c0 // 2 + tl.arange(0, BC // 2)
+        m = (rows[:, None] < R) & (pc[None, :] < K // 2)
+        tl.store(d_ptr + rows[:, None].to(tl.int64) * sdr + pc[None, :], (lo | (hi << 4)).to(tl.uint8), m)
+    else:
+        m = (rows[:, None] < R) & (cols[None, :] < K)
+        tl.store(d_ptr + rows[:, None].to(tl.int64) * sdr + cols[None, :], codes.to(tl.uint8), m)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, d_ptr, s_ptr, ts_ptr, ga_ptr, ta_ptr, R, K, sxr, sxk, sdr, ssr, seed_off,
+    MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+    HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
+    SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rmask = rows < R
+    roff = rows.to(tl.int64)[:, None] * sxr
+    t_amax = 1.0
+    if SMODE == 3:
+        t_amax = tl.load(ta_ptr)  # the data's own amax (NVFP4 tensor scale), not an override
+    if GMODE == 1:  # row: amax over the whole row first, then quantize (second read hits L2)
+        amax = tl.zeros([BR], tl.float32)
+        nan = tl.zeros([BR], tl.int32)
+        for k0 in range(0, K, BC):
+            cols = k0 + tl.arange(0, BC)
+            m = rmask[:, None] & (cols[None, :] < K)
+            x = tl.load(x_ptr + roff + cols[None, :].to(tl.int64) * sxk, m, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            nan = nan | tl.max((x != x).to(tl.int32), axis=1)
+        amax = tl.where(nan != 0, _NAN, amax)
+        s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
+        tl.store(s_ptr + rows * ssr, s, rmask)
+        eff3 = tl.reshape(eff, [BR, 1, 1])
+        for k0 in range(0, K, BC):
+            cols = k0 + tl.arange(0, BC)
+            m = rmask[:, None] & (cols[None, :] < K)
+            x = tl.load(x_ptr + roff + cols[None, :].to(tl.int64) * sxk, m, other=0.0).to(tl.float32)
+            idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
+            codes = _quant_tile(x, eff3, idx, seed_off, BR, 1, BC, KIND_INT, MBITS, EMIN, EMAX, FMAX,
+                                HAS_INF, ENC, SR)
+            _store_codes(d_ptr, codes, rows, cols, k0, R, K, sdr, BR, BC, PACK)
+    else:
+        cols = pid_c * BC + tl.arange(0, BC)
+        m = rmask[:, None] & (cols[None, :] < K)
+        x = tl.load(x_ptr + roff + cols[None, :].to(tl.int64) * sxk, m, other=0.0).to(tl.float32)
+        idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        if GMODE == 0:  # 1-D blocks of G along K
+            NG: tl.constexpr = BC // G
+            a3 = tl.reshape(tl.abs(x), [BR, NG, G])
+            amax = tl.max(a3, axis=2)
+            nan = tl.max(tl.reshape((x != x).to(tl.int32), [BR, NG, G]), axis=2)
+            amax = tl.where(nan != 0, _NAN, amax)
+            s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
+            gcols = pid_c * NG + tl.arange(0, NG)
+            gm = rmask[:, None] & (gcols[None, :] < (K + G - 1) // G)
+            tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :], s, gm)
+            codes = _quant_tile(x, tl.reshape(eff, [BR, NG, 1]), idx, seed_off, BR, NG, G, KIND_INT,
+                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR)
+        else:
+            if GMODE == 2:  # tensor: amax from the pre-pass (or the delayed-scaling history)
+                amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
+            else:  # 2-D tile: this program's whole [BR, BC] tile is one group
+                a = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+                nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
+                amax = tl.where(nan != 0, _NAN, a) + tl.zeros([1, 1], tl.float32)
+            s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
+            if GMODE == 3:
+                tl.store(s_ptr + pid_r * ssr + pid_c + tl.zeros([1, 1], tl.int32), s)
+            elif (pid_r == 0) & (pid_c == 0):
+                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+            codes = _quant_tile(x, tl.reshape(eff, [1, 1, 1]), idx, seed_off, BR, 1, BC, KIND_INT,
+                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR)
+        _store_codes(d_ptr, codes, rows, cols, pid_c * BC, R, K, sdr, BR, BC, PACK)
+    if SMODE == 3:
+        if (pid_r == 0) & (pid_c == 0):
+            t = _tensor_scale(t_amax, FMAX) + tl.zeros([1], tl.float32)
+            tl.store(ts_ptr + tl.zeros([1], tl.int32), t)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# Tile sizes: elements per program (GPU; the interpreter takes the same shapes, just slower).
+TILE_ELEMS = 4096
+ROW_CHUNK = 2048
+
+
+def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
+           g_amax: torch.Tensor | None, t_amax: torch.Tensor | None, fmt: ElementFormat, enc: int,
+           packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int) -> None:
+    r, k = x2.shape
+    kp = _next_pow2(k)
+    g = 1
+    if gmode == 0:  # 1-D block
+        g = int(block)
+        bc = max(g, min(kp, 128))
+        br = max(1, min(_next_pow2(r), TILE_ELEMS // bc))
+    elif gmode == 1:  # row
+        bc = max(2, min(kp, ROW_CHUNK))
+        br = max(1, min(_next_pow2(r), TILE_ELEMS // bc))
+    elif gmode == 2:  # tensor
+        bc = max(2, min(kp, 128))
+        br = max(1, min(_next_pow2(r), TILE_ELEMS // bc))
+    else:
+        br, bc = int(block[0]), int(block[1])
+    grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
+    dummy = scale
+    _quantize_kernel[grid](
+        x2, data, scale, tscale if tscale is not None else dummy,
+        g_amax if g_amax is not None else dummy, t_amax if t_amax is not None else dummy,
+        r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), seed_off,
+        MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
+        KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
+        BR=br, BC=bc, G=g, num_warps=4 if br * bc <= 4096 else 8,
+    )

@@ -1,0 +1,155 @@
+"""Fused quantize kernel: one read of a BF16/FP32 matrix -> quantized elements + scales (a QTensor).
+
+`quantize(x, spec, axis, seed=..., amax=...)` is a drop-in for `lowbit.quant.quantize` and returns
+the same QTensor bit for bit (same seed for stochastic rounding). Every step repeats the reference
+(lowbit/quant/{scaling,rounding,qtensor}.py) literally in fp32/integer arithmetic:
+    group amax -> scale (fp32 | e8m0 | e8m0_up | e4m3 + fp32 tensor scale) -> y = x / scale (IEEE
+    division, `tl.div_rn`) -> round (saturate, exponent from the fp32 bits, power-of-two scaling,
+    +2^23 RNE or floor + hash-noise SR) -> storage bits built from the exact grid value.
+No float downcast is ever used to round: the interpreter rounds `.to(tl.float8e4nv)` wrongly and
+Hopper has no FP4 cast, so fp8 bytes and fp4/int4 nibbles are assembled from integer fields.
+
+Granularities (the QuantSpec `block`): 1-D blocks along K (power of two, 2..256), "row" (one
+program loops over K twice; the second read mostly hits L2), "tensor" (amax from one
+`torch.aminmax` pass, or the delayed-scaling override; no host sync) and 2-D tiles (powers of
+two). The input may be any strided 2-D view (e.g. X^T for wgrad is read in place, no copy): that
+is the "transposed copy in the same pass" of the wgrad operand. Ragged shapes are masked; padding
+never enters an amax (zeros, as in the reference).
+
+What falls back to the reference (never a wrong answer): NF4 (QLoRA's codebook path), 1-D blocks
+that are not a power of two, N-D inputs whose axis is not last (they are moved first), tensors on
+a device where Triton cannot run. `supports(x, spec)` says which path a call takes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lowbit.quant.formats import ElementFormat
+from lowbit.quant.qtensor import QTensor
+from lowbit.quant.quantize import QuantSpec, draw_seed
+from lowbit.quant.quantize import quantize as reference_quantize
+
+_GOLDEN = 0x9E3779B9
+_ENC = {"fp8_e4m3": 0, "fp8_e5m2": 1, "fp6_e3m2": 0, "fp6_e2m3": 0, "int8": 2, "fp4_e2m1": 3, "int4": 4}
+_SCALE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2, "e4m3": 3}
+_G1D, _GROW, _GTENSOR, _GTILE = 0, 1, 2, 3
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def supports(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """True when the Triton kernel handles this call (else `quantize` runs the reference)."""
+    if not triton_available() or not (x.is_cuda or (_interpret() and x.device.type == "cpu")):
+        return False
+    if spec.fmt not in _ENC or not x.is_floating_point() or x.numel() == 0:
+        return False
+    b = spec.block
+    if isinstance(b, int) and not (_pow2(b) and 2 <= b <= 256):
+        return False
+    if isinstance(b, tuple) and not (_pow2(b[0]) and _pow2(b[1]) and b[0] * b[1] <= 65536 and b[1] >= 2):
+        return False
+    return True
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    axis: int = -1,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    amax: torch.Tensor | None = None,
+) -> QTensor:
+    """`lowbit.quant.quantize` on the Triton kernel (same arguments, same QTensor bit for bit)."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if not supports(x, spec):
+        return reference_quantize(x, spec, axis, seed=seed, generator=generator, amax=amax)
+    if amax is not None and spec.block != "tensor":
+        raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
+    if spec.rounding == "stochastic" and seed is None:
+        seed = draw_seed(generator)
+    if x.dim() == 0:
+        x = x.reshape(1)
+    axis = axis % x.dim()
+    xm = x.detach().movedim(axis, -1)
+    if isinstance(spec.block, tuple) and xm.dim() != 2:
+        raise ValueError(f"2-D block {spec.block} needs a matrix, got a tensor of shape {tuple(x.shape)}")
+    shape = xm.shape
+    x2 = xm if xm.dim() == 2 else xm.reshape(-1, shape[-1])  # a view when the axis was last
+    data, scale, tscale, packed = quantize_2d(x2, spec, seed=seed or 0, amax=amax)
+    data = data.reshape(*shape[:-1], data.shape[-1])
+    if isinstance(spec.block, int):
+        scale = scale.reshape(*shape[:-1], scale.shape[-1])
+    elif spec.block == "row":
+        scale = scale.reshape(shape[:-1])
+    return QTensor(data, scale, spec.format, spec.block, shape, axis, x.dtype, packed, tscale)
+
+
+def _tensor_amax(x2: torch.Tensor) -> torch.Tensor:
+    # One read (aminmax), NaN propagates; Inf gives Inf, as the reference's amax does.
+    mn, mx = torch.aminmax(x2)
+    return torch.maximum(mx.float(), -mn.float()).reshape(1)
+
+
+def quantize_2d(
+    x2: torch.Tensor, spec: QuantSpec, seed: int = 0, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """Quantize a (strided) R × K matrix along K: (data, scales, tensor scale or None, packed)."""
+    from lowbit.kernels._quantize_triton import launch
+
+    fmt: ElementFormat = spec.format
+    r, k = x2.shape
+    dev = x2.device
+    if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        x2 = x2.float()
+    enc = _ENC[fmt.name]
+    packed = enc in (3, 4) and k % 2 == 0
+    dcols = k // 2 if packed else k
+    ddtype = {0: torch.float8_e4m3fn, 1: torch.float8_e5m2, 2: torch.int8}.get(enc, torch.uint8)
+    data = torch.empty((r, dcols), dtype=torch.uint8, device=dev)
+    b = spec.block
+    # Tensor-wise group amax (maybe the delayed-scaling override) and NVFP4's tensor amax (always
+    # the data's own, as in the reference).
+    own = _tensor_amax(x2) if (spec.scale == "e4m3" or (b == "tensor" and amax is None)) else None
+    g_amax = None
+    if b == "tensor":
+        g_amax = amax.float().reshape(1).to(dev) if amax is not None else own
+    t_amax = own if spec.scale == "e4m3" else None
+    if isinstance(b, int):
+        gmode, scale = _G1D, torch.empty((r, -(-k // b)), dtype=torch.float32, device=dev)
+    elif b == "row":
+        gmode, scale = _GROW, torch.empty((r, 1), dtype=torch.float32, device=dev)
+    elif b == "tensor":
+        gmode, scale = _GTENSOR, torch.empty((1, 1), dtype=torch.float32, device=dev)
+    else:
+        gmode = _GTILE
+        scale = torch.empty((-(-r // b[0]), -(-k // b[1])), dtype=torch.float32, device=dev)
+    tscale = torch.empty((1,), dtype=torch.float32, device=dev) if spec.scale == "e4m3" else None
+    launch(
+        x2, data, scale, tscale, g_amax, t_amax, fmt, enc, packed, _SCALE[spec.scale], gmode, b,
+        spec.rounding == "stochastic", (int(seed) * _GOLDEN) & 0xFFFFFFFF,
+    )
+    data = data.view(ddtype) if ddtype != torch.uint8 else data
+    if gmode == _GROW:
+        scale = scale.reshape(r)
+    elif gmode == _GTENSOR:
+        scale = scale.reshape(())
+    return data, scale, (tscale.reshape(()) if tscale is not None else None), packed

@@ -1,0 +1,153 @@
+"""Fused Triton quantize kernel vs lowbit.quant.quantize, bit for bit, under the Triton interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from lowbit.kernels import quantize as kq  # noqa: E402
+from lowbit.quant import QuantSpec, quantize  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bytes(q) -> torch.Tensor:
+    return q.data.view(torch.uint8) if q.data.element_size() == 1 else q.data
+
+
+def assert_same_qtensor(ref, got) -> None:
+    """Equal storage bytes and scales; a NaN may differ only in its sign bit (CPU vs GPU NaNs)."""
+    assert got.packed == ref.packed and got.block == ref.block and got.shape == ref.shape
+    assert got.axis == ref.axis and got.dtype == ref.dtype and got.fmt == ref.fmt
+    assert got.data.dtype == ref.data.dtype and got.data.shape == ref.data.shape
+    rb, gb = _bytes(ref).cpu(), _bytes(got).cpu()
+    if ref.data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        nan = torch.isnan(ref.data.float().cpu())
+        assert torch.equal(nan, torch.isnan(got.data.float().cpu()))
+        rb, gb = rb[~nan], gb[~nan]
+    mism = (rb != gb).nonzero()
+    assert mism.numel() == 0, f"{mism.shape[0]} bytes differ, first at {mism[:4].tolist()}"
+    torch.testing.assert_close(got.scale.cpu(), ref.scale.cpu(), rtol=0, atol=0, equal_nan=True)
+    assert got.scale.shape == ref.scale.shape
+    if ref.tensor_scale is None:
+        assert got.tensor_scale is None
+    else:
+        torch.testing.assert_close(got.tensor_scale.cpu(), ref.tensor_scale.cpu(), rtol=0, atol=0,
+                                   equal_nan=True)
+
+
+def _x(shape, seed=0, dtype=torch.float32, outliers=True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-6, 6, shape, generator=g).float())
+    if outliers:  # wide dynamic range, exact zeros, values at the saturation edge
+        flat = x.view(-1)
+        flat[:: 7] = 0.0
+        flat[3:: 11] *= 300.0
+    return x.to(dtype)
+
+
+# (fmt, block, scale): every storage path and every scale rule, 1-D / row / tensor / 2-D tiles.
+SPECS = [
+    ("fp8_e4m3", 32, "e8m0"),  # MXFP8
+    ("fp4_e2m1", 32, "e8m0"),  # MXFP4, packed
+    ("fp4_e2m1", 32, "e8m0_up"),
+    ("fp4_e2m1", 16, "e4m3"),  # NVFP4
+    ("fp4_e2m1", (16, 16), "e4m3"),  # NVFP4 weight tiles
+    ("fp8_e4m3", 128, "fp32"),  # 1x128 blockwise
+    ("fp8_e4m3", (32, 32), "fp32"),  # 128x128-style tiles, scaled down
+    ("fp8_e4m3", "tensor", "fp32"),
+    ("fp8_e5m2", "tensor", "fp32"),
+    ("fp8_e4m3", "row", "fp32"),
+    ("int8", "row", "fp32"),
+    ("int4", "row", "fp32"),  # packed two's complement
+    ("int4", 32, "fp32"),
+    ("fp6_e3m2", 32, "e8m0"),
+    ("fp6_e2m3", 32, "e8m0"),
+]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fmt,block,scale", SPECS)
+def test_matches_reference_bitwise(fmt, block, scale, rounding):
+    spec = QuantSpec(fmt, block, scale, rounding)
+    x = _x((40, 96), seed=hash((fmt, str(block), scale)) % 1000)
+    ref = quantize(x, spec, seed=123)
+    got = kq.quantize(x.to(DEV), spec, seed=123)
+    assert kq.supports(x.to(DEV), spec)
+    assert_same_qtensor(ref, got)
+
+
+@pytest.mark.parametrize(
+    "shape,spec",
+    [
+        ((5, 50), QuantSpec("fp4_e2m1", 32, "e8m0")),  # short last block, rows < tile
+        ((7, 33), QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic")),  # odd K: one code per byte
+        ((3, 37), QuantSpec("int4", "row", "fp32", "stochastic")),
+        ((9, 3000), QuantSpec("fp8_e4m3", "row")),  # row longer than one chunk: two K loops
+        ((19, 21), QuantSpec("fp4_e2m1", (16, 16), "e4m3")),  # ragged 2-D tiles
+        ((2, 3, 40), QuantSpec("fp8_e5m2", 32, "e8m0", "stochastic")),  # N-D input
+    ],
+)
+def test_ragged_shapes(shape, spec):
+    x = _x(shape, seed=7)
+    assert_same_qtensor(quantize(x, spec, seed=9), kq.quantize(x.to(DEV), spec, seed=9))
+
+
+def test_bf16_input_strided_transpose_and_axis():
+    # X^T for wgrad: the kernel reads the transposed view in place.
+    x = _x((48, 64), seed=3, dtype=torch.bfloat16)
+    spec = QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic")
+    xt = x.to(DEV).t()
+    assert not xt.is_contiguous()
+    assert_same_qtensor(quantize(x.t(), spec, seed=5), kq.quantize(xt, spec, seed=5))
+    assert_same_qtensor(quantize(x, spec, axis=0, seed=5), kq.quantize(x.to(DEV), spec, axis=0, seed=5))
+
+
+def test_special_values_and_delayed_amax():
+    x = _x((8, 64), seed=4)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2, 7] = -float("inf")
+    x[3, :32] = 0.0  # an all-zero block
+    x[4, 0] = 1e-40  # fp32 subnormal
+    for spec in [QuantSpec("fp8_e4m3", 32, "e8m0"), QuantSpec("fp8_e5m2", 32, "fp32"),
+                 QuantSpec("fp4_e2m1", 16, "e4m3"), QuantSpec("int8", "row")]:
+        assert_same_qtensor(quantize(x, spec), kq.quantize(x.to(DEV), spec))
+    y = _x((8, 64), seed=5)
+    spec = QuantSpec("fp8_e4m3")
+    amax = torch.tensor(3.0)
+    assert_same_qtensor(quantize(y, spec, amax=amax), kq.quantize(y.to(DEV), spec, amax=amax.to(DEV)))
+
+
+def test_stochastic_seed_changes_bits_and_generator_is_reproducible():
+    x = _x((16, 64), seed=6, outliers=False)
+    spec = QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic")
+    a, b = kq.quantize(x.to(DEV), spec, seed=1), kq.quantize(x.to(DEV), spec, seed=2)
+    assert not torch.equal(a.data, b.data)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert_same_qtensor(quantize(x, spec, generator=g1), kq.quantize(x.to(DEV), spec, generator=g2))
+
+
+def test_unsupported_falls_back_to_reference():
+    x = _x((4, 48), seed=8)
+    for spec in [QuantSpec("nf4", 64, "fp32"), QuantSpec("fp8_e4m3", 24, "fp32")]:
+        assert not kq.supports(x, spec)
+        assert_same_qtensor(quantize(x, spec), kq.quantize(x, spec))
+    with pytest.raises(ValueError, match="delayed scaling"):
+        kq.quantize(x.to(DEV), QuantSpec("fp8_e4m3", 32, "e8m0"), amax=torch.tensor(1.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt,block,scale", SPECS)
+def test_gpu_large_matches_reference(fmt, block, scale):
+    spec = QuantSpec(fmt, block, scale, "stochastic")
+    x = _x((1024, 4096 + 64), seed=11, dtype=torch.bfloat16).cuda()
+    assert_same_qtensor(quantize(x, spec, seed=77), kq.quantize(x, spec, seed=77))
+    assert_same_qtensor(quantize(x.t(), spec.with_rounding("nearest")),
+                        kq.quantize(x.t(), spec.with_rounding("nearest")))
