@@ -10,7 +10,8 @@ activation memory held between forward and backward shrinks with the format; the
 Parameter that is kept anyway.
 
 Randomness (Hadamard signs, stochastic rounding, leverage sampling) takes one seed per GEMM call
-from the layer's own torch.Generator, seeded by `seed`: runs repeat exactly. (The generator's state
+from the layer's own torch.Generator, seeded by `seed` (and mixed with the data-parallel rank):
+runs repeat exactly. (The generator's state
 is not checkpointed; a resumed run draws different, equally valid noise.)
 
 Under autocast the GEMMs still compute in fp32 from the quantized values (autocast is switched
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.quant.gemm import Observer, Operand, gemm_operands, prepare_operand
+from lowbit.quant.gemm import Observer, Operand, derive_seed, gemm_operands, prepare_operand
 from lowbit.quant.recipes import GEMMS, OPERAND_NAMES, Recipe, get_recipe
 
 
@@ -69,7 +70,11 @@ class QuantLinear(nn.Linear):
         return q
 
     def next_seed(self) -> int:
-        return int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+        # Data-parallel ranks draw the same sequence; mixing in the rank keeps their rounding noise
+        # independent, so averaging gradients across ranks also averages the SR noise down.
+        rank = _rank()
+        return derive_seed(seed, 1000 + rank) if rank else seed
 
     def history(self, gemm: str, role: int) -> torch.Tensor | None:
         if self.recipe.amax_history <= 0:
@@ -89,6 +94,12 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend}"
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 def _prep(layer: QuantLinear, gemm: str, t: torch.Tensor, role: int, seed: int) -> Operand:

@@ -112,7 +112,7 @@ def quantize(
         raise TypeError(f"quantize needs a floating-point tensor, got dtype {x.dtype}")
     fmt = spec.format
     if x.dim() == 0:
-        x = x.reshape(1)
+        raise ValueError("quantize needs a tensor with at least one dimension (the quantized axis)")
     axis = axis % x.dim()
     xf = x.detach().float().movedim(axis, -1).contiguous()
     if amax is not None and spec.block != "tensor":
