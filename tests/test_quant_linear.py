@@ -176,6 +176,14 @@ def test_scaled_mm_backend_matches_emulation():
         quantized_gemm(x, w, RECIPES["mxfp4"].fprop, backend="cublas")
 
 
+def test_torch_compile_leaves_quantized_gemms_eager():
+    layer = QuantLinear(K, N, recipe="mxfp4", seed=0)
+    ref = QuantLinear(K, N, recipe="mxfp4", seed=0)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(8, K)
+    assert torch.equal(torch.compile(layer, backend="aot_eager")(x), ref(x))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_emulation():

@@ -90,10 +90,18 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.is_identity:
             return F.linear(x, self.weight, self.bias)
-        return _QuantLinearFn.apply(x, self.weight, self.bias, self)
+        return _quant_linear(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend}"
+
+
+# torch.compile (train.compile=true) graph-breaks around the quantized GEMMs and runs them eagerly:
+# they draw seeds on the host and Inductor's CPU codegen mis-splits their block reshapes; fused
+# kernels are lowbit/kernels' job.
+@torch.compiler.disable
+def _quant_linear(x, weight, bias, layer):
+    return _QuantLinearFn.apply(x, weight, bias, layer)
 
 
 def _rank() -> int:
