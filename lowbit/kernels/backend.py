@@ -1,0 +1,48 @@
+"""The "triton" GEMM backend for lowbit.quant.gemm: quantized Operands -> fp32 product on CUDA.
+
+Registered by `lowbit.kernels.register()` (run on `import lowbit.kernels`), so `backend="triton"`
+names it and `backend="auto"` tries it first. It declines (returns None, and the caller emulates or
+uses cuBLAS) what it cannot run: fp32 operands, leverage sampling (int4_hq wgrad), pairs that
+`gemm.why_not` rejects, and CPU tensors (unless a test switches the interpreter on below).
+FP8 tensorwise/rowwise pairs run on cuBLAS (torch._scaled_mm), measured faster than our kernel.
+A bit-split A (int4_hq) is two GEMMs added.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.quant.gemm import Operand, _scaled_mm, _scaled_mm_ok
+from lowbit.quant.recipes import GemmSpec
+
+# Tests set this to run the Triton interpreter on CPU operands; never on in normal use, where CPU
+# tensors must keep the fast emulation path.
+ALLOW_INTERPRETER_ON_CPU = False
+# Measured on the H100 (docs/BENCHMARKS.md): cuBLAS wins for fp8 tensorwise/rowwise.
+PREFER_CUBLAS_FP8 = True
+
+
+def _runnable(a: Operand) -> bool:
+    from lowbit.kernels.quantize import _interpret, triton_available
+
+    if not triton_available():
+        return False
+    return a.is_cuda or (ALLOW_INTERPRETER_ON_CPU and _interpret())
+
+
+def triton_gemm_backend(a: Operand, b: Operand, gemm: GemmSpec) -> torch.Tensor | None:
+    if a.hp is not None or b.hp is not None or gemm.leverage_sampling or len(b.parts) != 1:
+        return None
+    if not _runnable(a):
+        return None
+    from lowbit.kernels.gemm import scaled_gemm, why_not
+
+    qb = b.parts[0]
+    if any(why_not(qa, qb) is not None for qa in a.parts):
+        return None
+    if PREFER_CUBLAS_FP8 and a.is_cuda and _scaled_mm_ok(a, b, gemm):
+        return _scaled_mm(a, b)
+    out = scaled_gemm(a.parts[0], qb)
+    for qa in a.parts[1:]:
+        out += scaled_gemm(qa, qb)
+    return out

@@ -1,0 +1,147 @@
+"""Block-scaled GEMM of two quantized operands on tensor cores: out = dequant(A) · dequant(B)^T.
+
+`scaled_gemm(qa, qb)` takes the QTensors that lowbit.quant.quantize (or lowbit.kernels.quantize)
+produced along K and returns fp32 (or bf16) M × N, matching `qa.dequantize_lastdim() @
+qb.dequantize_lastdim().T` within fp32-accumulation tolerance. Supported (see _gemm_triton.py):
+    elements  fp8 e4m3/e5m2 (and fp6 stored as e4m3), packed fp4 e2m1, int8, packed int4
+    scales    tensor / row (epilogue), 1-D groups along K or 2-D tiles (per K step), NVFP4 tensor
+              scales; both operands float or both int; group sizes along K must agree
+    shapes    any M, N, K (masked); packed operands need an even K (else they are stored unpacked)
+`why_not(qa, qb)` says why a pair is declined; `triton_gemm_backend` is the lowbit.quant.gemm
+backend ("triton"): it declines (returns None) what it cannot do, and the caller then emulates.
+FP8 tensorwise/rowwise pairs go to cuBLAS (torch._scaled_mm) when that applies: measured faster
+(docs/BENCHMARKS.md), and the issue allows it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.quant.qtensor import QTensor
+
+
+def _elem(q: QTensor) -> int | None:
+    if q.data.dtype == torch.float8_e4m3fn:
+        return 0
+    if q.data.dtype == torch.float8_e5m2:
+        return 4
+    if q.fmt.name == "fp4_e2m1" and q.packed:
+        return 1
+    if q.data.dtype == torch.int8:
+        return 2
+    if q.fmt.name == "int4" and q.packed:
+        return 3
+    return None
+
+
+def _smode(q: QTensor) -> tuple[int, int, int]:
+    """(scale mode, row divisor, group size along K): tensor 0, row 1, group 2."""
+    b = q.block
+    if b == "tensor":
+        return 0, 1, 0
+    if b == "row":
+        return 1, 1, 0
+    if isinstance(b, int):
+        return 2, 1, b
+    return 2, int(b[0]), int(b[1])
+
+
+def why_not(qa: QTensor, qb: QTensor) -> str | None:
+    """None when scaled_gemm handles the pair, else the reason (for messages and the backend)."""
+    ea, eb = _elem(qa), _elem(qb)
+    if ea is None or eb is None:
+        return f"element storage {qa.fmt.name}/{qb.fmt.name} (packed={qa.packed}/{qb.packed})"
+    if (ea in (2, 3)) != (eb in (2, 3)):
+        return "one int and one float operand"
+    if len(qa.shape) != 2 or len(qb.shape) != 2 or qa.shape[1] != qb.shape[1]:
+        return f"shapes {tuple(qa.shape)} and {tuple(qb.shape)} are not (M, K) and (N, K)"
+    ma, _, ga = _smode(qa)
+    mb, _, gb = _smode(qb)
+    if ma == 2 and mb == 2 and ga != gb:
+        return f"scale groups along K differ ({ga} vs {gb})"
+    g = ga or gb
+    if g and (g & (g - 1) or g < 16 or g > 256):
+        return f"scale group {g} along K (needs a power of two in 16..256)"
+    if g == 16 and ea in (2, 3):
+        return "int operands with 16-wide groups"
+    return None
+
+
+def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
+    ea, eb = _elem(qa), _elem(qb)
+    ma, rda, ga = _smode(qa)
+    mb, rdb, gb = _smode(qb)
+    g = ga or gb
+    if ea in (2, 3):
+        compute = 2
+    elif g == 16:
+        compute = 1  # NVFP4: scales folded into bf16 operands
+    else:
+        compute = 0
+    if g and compute != 1:
+        bk = g
+    elif g:
+        bk = 32
+    else:
+        bk = 32 if interpret else 128
+    return dict(A_ELEM=ea, B_ELEM=eb, A_SMODE=ma, B_SMODE=mb, A_RD=rda, B_RD=rdb, G=g or 1,
+                A_TS=qa.tensor_scale is not None, B_TS=qb.tensor_scale is not None, COMPUTE=compute, BK=bk,
+                DOT_BF16=not interpret)
+
+
+def _data2d(q: QTensor) -> torch.Tensor:
+    d = q.data if q.data.element_size() != 1 else q.data.view(torch.uint8)  # fp8 as bytes
+    return d if d.stride(-1) == 1 else d.contiguous()
+
+
+def _scale2d(q: QTensor) -> torch.Tensor:
+    s = q.scale.float()
+    if s.dim() == 0:
+        return s.reshape(1, 1)
+    if s.dim() == 1:
+        return s.reshape(-1, 1)
+    return s if s.stride(-1) == 1 else s.contiguous()
+
+
+def scaled_gemm(
+    qa: QTensor,
+    qb: QTensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """fp32/bf16 (M × N) = dequant(qa) · dequant(qb)^T (+ bias), fp32 accumulation on the Triton GEMM.
+
+    `config` ({"BM", "BN", "GROUP_M", "num_warps", "num_stages"}) skips autotuning (benchmarks).
+    """
+    reason = why_not(qa, qb)
+    if reason is not None:
+        raise ValueError(f"scaled_gemm does not support this pair: {reason}")
+    from lowbit.kernels import _gemm_triton as kt
+
+    interpret = kt.interpret()
+    m, k = qa.shape
+    n = qb.shape[0]
+    a, b = _data2d(qa), _data2d(qb)
+    sa, sb = _scale2d(qa), _scale2d(qb)
+    dev = a.device
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    ta = qa.tensor_scale.float().reshape(1) if qa.tensor_scale is not None else sa
+    tb = qb.tensor_scale.float().reshape(1) if qb.tensor_scale is not None else sb
+    plan = _plan(qa, qb, interpret)
+    args = (a, b, sa, sb, ta, tb, bias if bias is not None else sa, out, m, n, k,
+            a.stride(0), b.stride(0), sa.stride(0), sb.stride(0), out.stride(0), out.stride(1))
+    if m == 0 or n == 0:
+        return out
+    if interpret or config is not None:
+        cfg = config or {"BM": 32, "BN": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+        grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
+        kt._scaled_gemm_kernel[grid](*args, **plan, HAS_BIAS=bias is not None, **cfg)
+    else:
+        grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)
+        kt.scaled_gemm_tuned[grid](*args, **plan, HAS_BIAS=bias is not None)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

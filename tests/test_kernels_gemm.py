@@ -1,0 +1,153 @@
+"""Block-scaled Triton GEMM vs the fp32 emulation of lowbit.quant, under the Triton interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import lowbit.kernels  # noqa: E402,F401  (registers the "triton" backend)
+from lowbit.kernels import backend as kb  # noqa: E402
+from lowbit.kernels.gemm import scaled_gemm, why_not  # noqa: E402
+from lowbit.nn.quant_linear import QuantLinear  # noqa: E402
+from lowbit.quant import QuantSpec, quantize  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _operands(m, n, k, spec_a, spec_b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-3, 4, (m, 1), generator=g).float())
+    b = torch.randn(n, k, generator=g)
+    return quantize(a.to(DEV), spec_a, seed=1), quantize(b.to(DEV), spec_b, seed=2)
+
+
+def _reference(qa, qb):
+    return (qa.dequantize_lastdim().double() @ qb.dequantize_lastdim().double().T).float()
+
+
+def _assert_close(out, ref):
+    # fp32 accumulation over K: error bound ~ K * eps * max|a||b|; compare against that scale.
+    tol = 1e-5 * ref.abs().max().item() + 1e-6
+    torch.testing.assert_close(out.float().cpu(), ref.cpu(), rtol=1e-4, atol=tol)
+
+
+MX8 = QuantSpec("fp8_e4m3", 32, "e8m0")
+MX4 = QuantSpec("fp4_e2m1", 32, "e8m0")
+MX4_SR = QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic")
+NV, NV_W = QuantSpec("fp4_e2m1", 16, "e4m3"), QuantSpec("fp4_e2m1", (16, 16), "e4m3")
+NV_SR = QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic")
+PAIRS = [
+    ("mxfp8", MX8, MX8, 96),
+    ("mxfp4", MX4, MX4, 96),
+    ("mxfp4_sr", MX4_SR, MX4_SR, 64),
+    ("nvfp4_fprop", NV, NV_W, 96),  # 1-D blocks × 16×16 tiles: 2-D scale indexing, bf16 path
+    ("nvfp4_wgrad", NV_SR, NV, 80),
+    ("fp8_blockwise", QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", (128, 128)), 300),
+    ("fp8_tensor_e5m2", QuantSpec("fp8_e5m2"), QuantSpec("fp8_e4m3"), 64),
+    ("fp8_row", QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", "row"), 64),
+    ("int8_row", QuantSpec("int8", "row"), QuantSpec("int8", "row"), 96),
+    ("int4_row", QuantSpec("int4", "row"), QuantSpec("int4", "row"), 96),
+    ("int4_group32", QuantSpec("int4", 32), QuantSpec("int4", 32), 96),
+    ("mxfp6", QuantSpec("fp6_e3m2", 32, "e8m0"), QuantSpec("fp6_e2m3", 32, "e8m0"), 64),
+]
+
+
+@pytest.mark.parametrize("name,spec_a,spec_b,k", PAIRS, ids=[p[0] for p in PAIRS])
+def test_matches_fp32_emulation(name, spec_a, spec_b, k):
+    qa, qb = _operands(40, 36, k, spec_a, spec_b)  # M, N not multiples of the 32-wide tiles
+    assert why_not(qa, qb) is None
+    _assert_close(scaled_gemm(qa, qb), _reference(qa, qb))
+
+
+def test_ragged_k_bias_and_bf16_output():
+    qa, qb = _operands(17, 23, 70, MX8, MX8)  # K=70: the last 32-block is partial
+    bias = torch.randn(23).to(DEV)
+    out = scaled_gemm(qa, qb, bias=bias, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == (17, 23)
+    ref = _reference(qa, qb) + bias.cpu()
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_declines_what_it_cannot_do():
+    qa, _ = _operands(8, 8, 64, QuantSpec("nf4", 64), MX8)
+    _, qb = _operands(8, 8, 64, MX8, MX8)
+    assert "element storage" in why_not(qa, qb)
+    qi, qf = _operands(8, 8, 64, QuantSpec("int8", "row"), MX8)
+    assert "int and one float" in why_not(qi, qf)
+    q32, q16 = _operands(8, 8, 64, MX4, NV)
+    assert "groups along K differ" in why_not(q32, q16)
+    with pytest.raises(ValueError, match="does not support"):
+        scaled_gemm(q32, q16)
+
+
+def _layer_grads(recipe, backend, x, seed=3):
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 48, bias=True, recipe=recipe, backend=backend, seed=seed)
+    xx = x.clone().requires_grad_(True)
+    y = layer(xx)
+    y.backward(torch.ones_like(y) + torch.linspace(-1, 1, y.shape[-1]))
+    return y.detach(), xx.grad, layer.weight.grad
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "int8"])
+def test_quant_linear_triton_backend_matches_emulation(recipe, monkeypatch):
+    monkeypatch.setattr(kb, "ALLOW_INTERPRETER_ON_CPU", True)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    got = _layer_grads(recipe, "triton", x)
+    ref = _layer_grads(recipe, "emulate", x)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+
+
+def test_backend_declines_cpu_and_leverage_sampling():
+    from lowbit.quant.gemm import prepare_operand
+    from lowbit.quant.recipes import get_recipe
+
+    t = torch.randn(16, 64)
+    spec = get_recipe("mxfp8").fprop
+    a = prepare_operand(t, spec.a, spec, 0, 1)
+    b = prepare_operand(t, spec.b, spec, 0, 2)
+    assert kb.triton_gemm_backend(a, b, spec) is None  # CPU without the interpreter switch
+    wg = get_recipe("int4_hq").wgrad
+    a = prepare_operand(t, wg.a, wg, 0, 1)
+    b = prepare_operand(t, wg.b, wg, 0, 2)
+    kb.ALLOW_INTERPRETER_ON_CPU = True
+    try:
+        assert kb.triton_gemm_backend(a, b, wg) is None
+    finally:
+        kb.ALLOW_INTERPRETER_ON_CPU = False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,spec_a,spec_b,k", PAIRS, ids=[p[0] for p in PAIRS])
+def test_gpu_autotuned_large(name, spec_a, spec_b, k):
+    qa, qb = _operands(1000, 1500, 4096 + 128, spec_a, spec_b)
+    out = scaled_gemm(qa, qb)
+    ref = _reference(qa, qb)
+    tol = 2e-4 * ref.abs().max().item()  # fp8 MMA accumulates inside a K-step with fewer bits
+    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=1e-3, atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe", ["mxfp8", "mxfp4", "nvfp4", "fp8_blockwise", "int8", "int4_hq"])
+def test_gpu_quant_linear_auto_uses_triton(recipe):
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    got = _layer_grads_gpu(recipe, "auto", x)
+    ref = _layer_grads_gpu(recipe, "emulate", x)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=2e-4 * r.abs().max().item())
+
+
+def _layer_grads_gpu(recipe, backend, x):
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 128, bias=True, recipe=recipe, backend=backend, seed=3).cuda()
+    xx = x.clone().requires_grad_(True)
+    y = layer(xx)
+    y.backward(torch.ones_like(y))
+    return y.detach(), xx.grad, layer.weight.grad
