@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowbit.nn.convert import apply_quant_config
 from lowbit.nn.llama import Llama
-from lowbit.optim import build_optimizer
+from lowbit.optim import build_optimizer, wants_bf16_params
 from lowbit.quant.telemetry import QuantTelemetry
 from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.config import DistBackend, Precision, RunConfig
@@ -144,6 +144,10 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     data = load_data(rc.data, rc.model.vocab_size)
     model = Llama(rc.model)
     model = apply_quant_config(model, rc.quant).to(ctx.device)
+    if wants_bf16_params(rc.optim):
+        # Pure-BF16 training (no fp32 master copy): parameters only; the rotary tables stay fp32.
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
     optimizer = build_optimizer(model, rc.optim)
     for g in optimizer.param_groups:
         g.setdefault("base_lr", g["lr"])
