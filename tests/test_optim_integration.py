@@ -20,8 +20,8 @@ def _launch(nproc: int, overrides: list[str], timeout: int = 300) -> dict:
     with socket.socket() as sock:  # an explicit free port: torchrun's --master_port=0 hung here
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(ROOT / "train.py"), *SMALL, *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "train.py"), *SMALL, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("out_dir="))
