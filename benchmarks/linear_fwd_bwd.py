@@ -1,0 +1,127 @@
+"""Linear layer forward+backward on Llama-3-8B shapes (8192 tokens), one process per variant (GPU).
+
+Variants (each in its own Python process, so dynamo's recompile limit and allocator state of one
+never spoil another):
+    bf16, bf16_compile           nn.Linear in bf16, eager / torch.compile
+    torchao_tensorwise|rowwise   torchao.float8 convert_to_float8_training + torch.compile
+    lowbit_<recipe>              QuantLinear(recipe, backend="auto"): Triton GEMMs (and cuBLAS for
+                                 fp8 tensor/rowwise), quantization by the eager lowbit.quant code
+    lowbit_<recipe>+kq           the same with lowbit.quant.gemm's `quantize` replaced by the fused
+                                 Triton quantize (the quantize seam proposed to the numerics owner)
+Time = median of triton.testing.do_bench over `y = layer(x); y.backward(dy)` (x, weight grads reset
+each call). rel_err = ||y - x·W^T|| / ||x·W^T|| against fp32 on the first shape.
+
+    python benchmarks/linear_fwd_bwd.py --out $OUT/linear.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+DEFAULT = ("bf16,bf16_compile,torchao_tensorwise,torchao_rowwise,lowbit_fp8_tensorwise,"
+           "lowbit_fp8_tensorwise+kq,lowbit_mxfp8+kq,lowbit_mxfp4+kq,lowbit_nvfp4+kq,lowbit_int4_hq+kq")
+
+
+def _layer(variant: str, k: int, n: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    if variant.startswith("bf16"):
+        return torch.compile(lin) if variant == "bf16_compile" else lin
+    if variant.startswith("torchao"):
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        cfg = Float8LinearConfig.from_recipe_name(variant.split("_", 1)[1])
+        model = convert_to_float8_training(torch.nn.Sequential(lin), config=cfg)
+        return torch.compile(model)
+    import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend)
+    import lowbit.quant.gemm as qg
+    from lowbit.kernels.quantize import quantize as fused_quantize
+    from lowbit.nn.quant_linear import QuantLinear
+
+    recipe = variant.removeprefix("lowbit_").removesuffix("+kq")
+    seam = getattr(qg, "_QUANTIZERS", None)
+    if variant.endswith("+kq"):
+        if seam is None:  # no quantize seam in lowbit.quant yet: patch the name prepare_operand calls
+            qg.quantize = fused_quantize
+    elif seam is not None:
+        seam.clear()  # the eager reference quantize, for comparison
+    return QuantLinear.from_linear(lin, recipe, backend="auto")
+
+
+def run_one(variant: str) -> list[dict]:
+    from triton.testing import do_bench
+
+    rows = []
+    for i, (k, n) in enumerate(SHAPES):
+        layer = _layer(variant, k, n)
+        w = next(layer.parameters())
+        x = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(8192, n, device="cuda", dtype=torch.bfloat16)
+
+        def step(layer=layer, x=x, dy=dy):
+            layer(x).backward(dy)
+
+        rel = float("nan")
+        if i == 0:
+            with torch.no_grad():
+                ref = x.float() @ w.float().T
+                rel = float((layer(x).float() - ref).norm() / ref.norm())
+        torch.cuda.reset_peak_memory_stats()
+        t = float(do_bench(step, warmup=50, rep=200, grad_to_none=[x, w], return_mode="median"))
+        rows.append(dict(variant=variant, shape=f"{k}->{n}", ms=t, rel_err=rel,
+                         peak_GiB=torch.cuda.max_memory_allocated() / 2**30))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default=DEFAULT)
+    p.add_argument("--one", default="")
+    p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if args.one:
+        for r in run_one(args.one):
+            print("ROW " + json.dumps(r), flush=True)
+        return
+    import triton
+
+    rows: list[dict] = []
+    for v in args.variants.split(","):
+        try:
+            res = subprocess.run([sys.executable, __file__, "--one", v], capture_output=True, text=True,
+                                 timeout=args.timeout)
+            got = [json.loads(ln[4:]) for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
+            if not got:
+                got = [dict(variant=v, error=(res.stderr or res.stdout)[-400:])]
+        except subprocess.TimeoutExpired:
+            got = [dict(variant=v, error=f"timeout {args.timeout}s")]
+        rows += got
+        for r in got:
+            print(json.dumps(r), flush=True)
+    base = {r["shape"]: r["ms"] for r in rows if r.get("variant") == "bf16" and "ms" in r}
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), tokens=8192)
+    print(f"\n{meta}\n{'variant':>26} {'shape':>12} {'ms':>7} {'x bf16':>7} {'rel_err':>8} {'peak GiB':>8}")
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['variant']:>26} ERROR {r.get('error', '')[-200:]!r}")
+            continue
+        sp = base.get(r["shape"], float("nan")) / r["ms"]
+        r["speedup_vs_bf16"] = sp
+        print(f"{r['variant']:>26} {r['shape']:>12} {r['ms']:7.3f} {sp:7.2f} {r['rel_err']:8.1e} "
+              f"{r['peak_GiB']:8.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Fused quantize kernel throughput vs a device-to-device copy measured in the same run (GPU).
+
+Bytes counted = input read once + quantized data and scales written once (the minimum any
+implementation must move); throughput = bytes / median time (triton.testing.do_bench). The
+baseline is `dst.copy_(src)` of a bf16 tensor of the same shape (read + write). Also times the
+eager PyTorch reference (lowbit.quant.quantize) and checks on every case that the kernel's bytes
+equal the reference's (NaN sign aside).
+
+    python benchmarks/quantize_bw.py --out $OUT/quantize_bw.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lowbit.kernels import quantize as kq
+from lowbit.quant import QuantSpec, quantize
+
+SPECS = {
+    "mxfp8": QuantSpec("fp8_e4m3", 32, "e8m0"),
+    "mxfp4": QuantSpec("fp4_e2m1", 32, "e8m0"),
+    "mxfp4_sr": QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"),
+    "nvfp4": QuantSpec("fp4_e2m1", 16, "e4m3"),
+    "nvfp4_w16x16": QuantSpec("fp4_e2m1", (16, 16), "e4m3"),
+    "fp8_1x128": QuantSpec("fp8_e4m3", 128),
+    "fp8_128x128": QuantSpec("fp8_e4m3", (128, 128)),
+    "fp8_tensor": QuantSpec("fp8_e4m3"),
+    "fp8_row": QuantSpec("fp8_e4m3", "row"),
+    "int8_row": QuantSpec("int8", "row"),
+    "int4_row": QuantSpec("int4", "row"),
+}
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _nbytes(q) -> int:
+    n = q.data.numel() * q.data.element_size() + q.scale.numel() * 4
+    return n + (4 if q.tensor_scale is not None else 0)
+
+
+def _same(a, b) -> bool:
+    da, db = a.data.view(torch.uint8), b.data.view(torch.uint8)
+    if a.data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        nan = torch.isnan(a.data.float())
+        da, db = da[~nan], db[~nan]
+    same_scale = torch.equal(torch.nan_to_num(a.scale), torch.nan_to_num(b.scale))
+    return bool(torch.equal(da, db)) and bool(same_scale)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="8192x4096,8192x14336")
+    p.add_argument("--specs", default=",".join(SPECS))
+    p.add_argument("--transposed", action="store_true", help="also quantize X^T (strided read)")
+    p.add_argument("--reference", action="store_true", help="also time the eager torch reference")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    import triton
+
+    rows = []
+    for shape in args.shapes.split(","):
+        r, k = (int(v) for v in shape.split("x"))
+        x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 3
+        dst = torch.empty_like(x)
+        t_copy = _bench(lambda dst=dst, x=x: dst.copy_(x))
+        copy_bw = 2 * x.numel() * 2 / t_copy / 1e6  # GB/s
+        for name in args.specs.split(","):
+            spec = SPECS[name]
+            for trans in ([False, True] if args.transposed else [False]):
+                src = x.t() if trans else x
+                q = kq.quantize(src, spec, seed=1)
+                ok = _same(quantize(src, spec, seed=1), q)
+                t = _bench(lambda: kq.quantize(src, spec, seed=1))  # noqa: B023
+                nbytes = x.numel() * 2 + _nbytes(q)
+                bw = nbytes / t / 1e6
+                row = dict(shape=shape, spec=name, transposed=trans, ms=t, GBps=bw, copy_GBps=copy_bw,
+                           frac_of_copy=bw / copy_bw, bitexact=ok)
+                if args.reference:
+                    t_ref = _bench(lambda: quantize(src, spec, seed=1))  # noqa: B023
+                    row["ref_ms"], row["ref_frac_of_copy"] = t_ref, nbytes / t_ref / 1e6 / copy_bw
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(f"\n{meta}\n{'shape':>11} {'spec':>13} {'T':>1} {'ms':>7} {'GB/s':>6} {'copy':>6} {'frac':>5} "
+          f"{'ref':>5} exact")
+    for r in rows:
+        ref = f"{r['ref_frac_of_copy']:.2f}" if "ref_frac_of_copy" in r else "-"
+        print(f"{r['shape']:>11} {r['spec']:>13} {'T' if r['transposed'] else '-':>1} {r['ms']:7.3f} "
+              f"{r['GBps']:6.0f} {r['copy_GBps']:6.0f} {r['frac_of_copy']:5.2f} {ref:>5} {r['bitexact']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
