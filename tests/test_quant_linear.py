@@ -176,6 +176,33 @@ def test_scaled_mm_backend_matches_emulation():
         quantized_gemm(x, w, RECIPES["mxfp4"].fprop, backend="cublas")
 
 
+def test_quantize_backend_seam():
+    from lowbit.quant import gemm, quantize, register_quantize_backend
+
+    calls = []
+
+    def counting_quantize(*args, **kwargs):
+        calls.append(args[1])
+        return quantize(*args, **kwargs)
+
+    x, w, gy = _data()
+
+    def layer():
+        q = QuantLinear(K, N, bias=False, recipe="mxfp4", seed=2)
+        with torch.no_grad():
+            q.weight.copy_(w)
+        return q
+
+    ref = _run(layer(), x, gy)
+    register_quantize_backend(counting_quantize, "cpu")
+    try:
+        got = _run(layer(), x, gy)
+    finally:
+        gemm._QUANTIZERS.pop("cpu")
+    assert len(calls) == 6  # X, W (fprop), X^T (wgrad, saved), dY, W^T (dgrad), dY^T (wgrad)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
 def test_torch_compile_leaves_quantized_gemms_eager():
     layer = QuantLinear(K, N, recipe="mxfp4", seed=0)
     ref = QuantLinear(K, N, recipe="mxfp4", seed=0)

@@ -12,6 +12,7 @@ from lowbit.quant.gemm import (
     prepare_operand,
     quantized_gemm,
     register_gemm_backend,
+    register_quantize_backend,
 )
 from lowbit.quant.hadamard import hadamard_matrix, hadamard_rotate, inverse_hadamard_rotate, random_signs
 from lowbit.quant.qtensor import QTensor
@@ -44,6 +45,7 @@ __all__ = [
     "quantized_gemm",
     "random_signs",
     "register_gemm_backend",
+    "register_quantize_backend",
     "round_to_format",
     "uniform_noise",
 ]

@@ -7,7 +7,10 @@ quantizes X^T for wgrad during the forward pass and saves that for backward):
     gemm_operands(a, b, gemm, seed, backend)    the product of two prepared operands (fp32)
 quantized_gemm(a, b, gemm, seed) does both.
 
-Backends (the seam where faster kernels plug in):
+Quantize seam: register_quantize_backend(fn) swaps in a fused quantize kernel (same signature and
+bits as quantize()) for operands on one device type (CUDA).
+
+GEMM backends (the seam where faster GEMM kernels plug in):
     emulate    dequantize to fp32 and matmul in fp32: exact products of the quantized values with
                fp32 accumulation; runs anywhere, the reference every kernel is tested against.
     scaled_mm  torch._scaled_mm for fp8 operands with per-tensor or per-row scales (no Hadamard).
@@ -93,7 +96,8 @@ def prepare_operand(
     amax = None
     if amax_history is not None and spec.block == "tensor":
         amax = _delayed_amax(t, amax_history)
-    q = quantize(t, spec, -1, seed=derive_seed(seed, role), amax=amax)
+    quant = _QUANTIZERS.get(t.device.type, quantize)
+    q = quant(t, spec, -1, seed=derive_seed(seed, role), amax=amax)
     if observe is not None:
         observe(name, t, q)
     parts = [q]
@@ -101,6 +105,16 @@ def prepare_operand(
         residual = t - q.dequantize_lastdim()
         parts.append(quantize(residual, spec, -1, seed=derive_seed(seed, 3)))
     return Operand(parts)
+
+
+# A fused quantize kernel with quantize()'s signature and bit-identical results (lowbit.kernels)
+# registers here per device type; other devices use the reference.
+_QUANTIZERS: dict[str, Callable[..., QTensor]] = {}
+
+
+def register_quantize_backend(fn: Callable[..., QTensor], device_type: str = "cuda") -> None:
+    """Use `fn` (a drop-in for lowbit.quant.quantize) for GEMM operands on `device_type`."""
+    _QUANTIZERS[device_type] = fn
 
 
 def _delayed_amax(t: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
