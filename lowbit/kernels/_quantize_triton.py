@@ -14,7 +14,12 @@ from lowbit.quant.formats import ElementFormat
 
 _TWO23: tl.constexpr = tl.constexpr(8388608.0)
 _INF: tl.constexpr = tl.constexpr(float("inf"))
-_NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _nan_like(x):
+    # A quiet NaN of x's shape. (A NaN constexpr global breaks Triton 3.6's cache-key check: nan != nan.)
+    return (x.to(tl.int32, bitcast=True) * 0 + 0x7FC00000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -103,7 +108,7 @@ def _tensor_scale(t_amax, FMAX: tl.constexpr):
     # NVFP4's fp32 tensor scale t = amax_tensor / (448 * max_elem); 0 -> 1, non-finite -> NaN.
     t = tl.div_rn(t_amax, t_amax * 0.0 + 448.0 * FMAX)
     t = tl.where(t == 0, 1.0, t)
-    return tl.where((t_amax == t_amax) & (t_amax != _INF), t, _NAN)
+    return tl.where((t_amax == t_amax) & (t_amax != _INF), t, _nan_like(t))
 
 
 @triton.jit
@@ -114,13 +119,13 @@ def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.cons
     if SMODE == 0:
         s = tl.div_rn(amax, fmax)
         s = tl.where(s == 0, 1.0, s)
-        s = tl.where(bad, _NAN, s)
+        s = tl.where(bad, _nan_like(s), s)
         eff = s
     elif SMODE == 3:
         t = _tensor_scale(t_amax, FMAX)
         raw = tl.div_rn(tl.div_rn(amax, fmax), tl.zeros_like(amax) + t)
         s = _round_float(raw, raw, 3, -6, 8, 448.0, False, False)
-        s = tl.where(bad, _NAN, s)
+        s = tl.where(bad, _nan_like(s), s)
         eff = s * t
     else:
         e = _floor_log2(amax) - EMAX
@@ -129,7 +134,8 @@ def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.cons
         if SMODE == 2:
             e = tl.where(tl.div_rn(amax, _exp2i(e)) > FMAX, e + 1, e)
             e = tl.minimum(e, 127)
-        s = tl.where(bad, _NAN, _exp2i(e))
+        s = _exp2i(e)
+        s = tl.where(bad, _nan_like(s), s)
         eff = s
     return s, eff
 
@@ -197,7 +203,7 @@ def _quantize_kernel(
             x = tl.load(x_ptr + roff + cols[None, :].to(tl.int64) * sxk, m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             nan = nan | tl.max((x != x).to(tl.int32), axis=1)
-        amax = tl.where(nan != 0, _NAN, amax)
+        amax = tl.where(nan != 0, _nan_like(amax), amax)
         s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
         tl.store(s_ptr + rows * ssr, s, rmask)
         eff3 = tl.reshape(eff, [BR, 1, 1])
@@ -219,7 +225,7 @@ def _quantize_kernel(
             a3 = tl.reshape(tl.abs(x), [BR, NG, G])
             amax = tl.max(a3, axis=2)
             nan = tl.max(tl.reshape((x != x).to(tl.int32), [BR, NG, G]), axis=2)
-            amax = tl.where(nan != 0, _NAN, amax)
+            amax = tl.where(nan != 0, _nan_like(amax), amax)
             s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
             gcols = pid_c * NG + tl.arange(0, NG)
             gm = rmask[:, None] & (gcols[None, :] < (K + G - 1) // G)
@@ -232,7 +238,7 @@ def _quantize_kernel(
             else:  # 2-D tile: this program's whole [BR, BC] tile is one group
                 a = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
                 nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
-                amax = tl.where(nan != 0, _NAN, a) + tl.zeros([1, 1], tl.float32)
+                amax = tl.where(nan != 0, _nan_like(a), a) + tl.zeros([1, 1], tl.float32)
             s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
             if GMODE == 3:
                 tl.store(s_ptr + pid_r * ssr + pid_c + tl.zeros([1, 1], tl.int32), s)
