@@ -60,3 +60,31 @@ def test_fused_path_is_taken():
     assert opt._use_fused(p) and k.supports(opt, p)
     q = torch.nn.Parameter(torch.zeros(33, 65))
     assert not LowBitAdamW([q], state_bits=4, fused=True, min_quant_numel=1024)._use_fused(q)
+
+
+@pytest.mark.parametrize(
+    "bits,dtype,rounding",
+    [(8, torch.float32, "nearest"), (4, torch.bfloat16, "stochastic"), (4, torch.float32, "nearest")],
+)
+def test_multi_tensor_launch_matches_reference(bits, dtype, rounding):
+    """Many tensors of mixed kinds in one optimizer: one launch per kind, same bits as per tensor."""
+    shapes = [(24, 256), (40, 384), (2049,), (130,), (8, 200), (16, 128)]
+
+    def run(fused):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+        opt = LowBitAdamW(ps, lr=1e-2, state_bits=bits, bf16_rounding=rounding, fused=fused,
+                          min_quant_numel=1024)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        return ps, opt
+
+    ref_ps, ref = run(False)
+    ps, opt = run(True)
+    for a, b in zip(ref_ps, ps):
+        assert torch.equal(a, b)
+        for key, val in ref.state[a].items():
+            other = opt.state[b][key]
+            assert torch.equal(val, other) if torch.is_tensor(val) else val == other, key

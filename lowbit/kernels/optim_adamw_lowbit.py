@@ -111,13 +111,32 @@ def _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, de
     return new_p, m, v
 
 
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor kernels: one launch covers every tensor of a kind. Program i works on tensor
+# prog_t[i] at block/row prog_a[i] (and column segment prog_b[i]); the tensors' addresses come from
+# an int64 table (one row per operand), like torch's multi_tensor_apply. A step of a 1B-parameter
+# model then costs a handful of launches instead of a few hundred, which dominated the step time.
+
+
 @triton.jit
-def _adamw32_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, comp_ptr, n,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
-    BLOCK: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+def _ptr(table, row: tl.constexpr, T, t, DT: tl.constexpr):
+    return tl.load(table + row * T + t).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _adamw32_multi(
+    ptrs, T, prog_t, prog_a, numels, seeds,
+    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
+    BLOCK: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    t = tl.load(prog_t + pid)
+    n = tl.load(numels + t)
+    seed_mix = tl.load(seeds + t)
+    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
+    m_ptr, v_ptr = _ptr(ptrs, 2, T, t, tl.float32), _ptr(ptrs, 3, T, t, tl.float32)
+    comp_ptr = _ptr(ptrs, 4, T, t, tl.bfloat16)
+    offs = tl.load(prog_a + pid) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
@@ -130,15 +149,24 @@ def _adamw32_kernel(
 
 
 @triton.jit
-def _adamw8bit_kernel(
-    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, mtab, mlut, mpmid, vtab, vlut, vpmid, comp_ptr,
-    n, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
-    QB: tl.constexpr, BPP: tl.constexpr, MZ: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+def _adamw8bit_multi(
+    ptrs, T, prog_t, prog_a, numels, seeds, mtab, mlut, mpmid, vtab, vlut, vpmid,
+    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
+    BPP: tl.constexpr, MZ: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BPP + tl.arange(0, BPP)
-    offs = rows[:, None] * QB + tl.arange(0, QB)[None, :]
+    # Both moments block-wise (256) with the dynamic map; program = BPP blocks of one tensor.
+    pid = tl.program_id(0)
+    t = tl.load(prog_t + pid)
+    n = tl.load(numels + t)
+    seed_mix = tl.load(seeds + t)
+    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
+    mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
+    vq_ptr, vabs_ptr = _ptr(ptrs, 4, T, t, tl.uint8), _ptr(ptrs, 5, T, t, tl.float32)
+    comp_ptr = _ptr(ptrs, 6, T, t, tl.bfloat16)
+    rows = tl.load(prog_a + pid) * BPP + tl.arange(0, BPP)
+    offs = rows[:, None] * 256 + tl.arange(0, 256)[None, :]
     mask = offs < n
-    rmask = rows * QB < n
+    rmask = rows * 256 < n
     p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
     mc = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -159,13 +187,21 @@ def _adamw8bit_kernel(
 
 
 @triton.jit
-def _adamw4bit_flat_kernel(
-    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, vabs_ptr, mtab, mlut, mpmid, vtab, vlut, vpmid, comp_ptr,
-    n, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
-    BPP: tl.constexpr, MZ: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+def _adamw4bit_flat_multi(
+    ptrs, T, prog_t, prog_a, numels, seeds, mtab, mlut, mpmid, vtab, vlut, vpmid,
+    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
+    BPP: tl.constexpr, MZ: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
-    # Both moments block-wise (128): 1-D tensors. A byte holds elements 2b (low) and 2b+1 (high).
-    rows = tl.program_id(0) * BPP + tl.arange(0, BPP)
+    # Both moments block-wise (128), for 1-D tensors. Byte b holds elements 2b (low) and 2b+1 (high).
+    pid = tl.program_id(0)
+    t = tl.load(prog_t + pid)
+    n = tl.load(numels + t)
+    seed_mix = tl.load(seeds + t)
+    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
+    mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
+    vq_ptr, vabs_ptr = _ptr(ptrs, 4, T, t, tl.uint8), _ptr(ptrs, 5, T, t, tl.float32)
+    comp_ptr = _ptr(ptrs, 6, T, t, tl.bfloat16)
+    rows = tl.load(prog_a + pid) * BPP + tl.arange(0, BPP)
     boffs = rows[:, None] * 64 + tl.arange(0, 64)[None, :]
     even = boffs * 2
     odd = even + 1
@@ -202,21 +238,28 @@ def _adamw4bit_flat_kernel(
 
 
 @triton.jit
-def _rank1_tile(r, nrows, ncols):
+def _rank1_tile(r, seg, nrows, ncols):
     # Tile of BR rows × one 128-column segment, as 64 (even, odd) column pairs = 64 bytes per row.
-    ce = tl.program_id(1) * 128 + 2 * tl.arange(0, 64)
+    ce = seg * 128 + 2 * tl.arange(0, 64)
     even = r[:, None] * ncols + ce[None, :]
     mask = (r < nrows)[:, None] & (ce < ncols)[None, :]
     return ce, even, mask
 
 
 @triton.jit
-def _v_rowcol_max_kernel(
-    g_ptr, vq_ptr, vtab, row_old, col_old, row_new, col_new, nrows, ncols, beta2, omb2, BR: tl.constexpr,
+def _v_rowcol_max_multi(
+    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, vtab, beta2, omb2,
+    BR: tl.constexpr, PDT: tl.constexpr,
 ):
     # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment.
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    ce, even, mask = _rank1_tile(r, nrows, ncols)
+    pid = tl.program_id(0)
+    t = tl.load(prog_t + pid)
+    nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
+    g_ptr, vq_ptr = _ptr(ptrs, 1, T, t, PDT), _ptr(ptrs, 4, T, t, tl.uint8)
+    row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
+    row_new, col_new = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
+    r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
+    ce, even, mask = _rank1_tile(r, tl.load(prog_b + pid), nrows, ncols)
     vb = tl.load(vq_ptr + even // 2, mask=mask, other=0).to(tl.int32)
     row = tl.load(row_old + r, mask=r < nrows, other=0)[:, None]
     se = tl.minimum(row, tl.load(col_old + ce)[None, :])
@@ -231,19 +274,29 @@ def _v_rowcol_max_kernel(
 
 
 @triton.jit
-def _adamw4bit_rank1_kernel(
-    p_ptr, g_ptr, mq_ptr, mabs_ptr, vq_ptr, row_old, col_old, row_new, col_new,
-    mtab, mlut, mpmid, vtab, vlut, vpmid, comp_ptr, nrows, ncols,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, seed_mix,
-    BR: tl.constexpr, MZ: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+def _adamw4bit_rank1_multi(
+    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, seeds, mtab, mlut, mpmid, vtab, vlut, vpmid,
+    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
+    BR: tl.constexpr, MZ: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
     # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    pid = tl.program_id(0)
+    t = tl.load(prog_t + pid)
+    seg = tl.load(prog_b + pid)
+    nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
+    seed_mix = tl.load(seeds + t)
+    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
+    mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
+    vq_ptr = _ptr(ptrs, 4, T, t, tl.uint8)
+    row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
+    row_new, col_new = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
+    comp_ptr = _ptr(ptrs, 9, T, t, tl.bfloat16)
+    r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
     rmask = r < nrows
-    ce, even, mask = _rank1_tile(r, nrows, ncols)
+    ce, even, mask = _rank1_tile(r, seg, nrows, ncols)
     odd = even + 1
     boffs = even // 2
-    mblk = r * (ncols // 128) + tl.program_id(1)
+    mblk = r * (ncols // 128) + seg
     mb = tl.load(mq_ptr + boffs, mask=mask, other=0).to(tl.int32)
     vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
     ms = tl.load(mabs_ptr + mblk, mask=rmask, other=0)[:, None]
@@ -277,15 +330,26 @@ def _adamw4bit_rank1_kernel(
     _store_param(p_ptr, comp_ptr, odd, mask, po, new_po, seed_mix, P_BF16, ROUNDING)
 
 
-def supports(opt: Any, p: torch.Tensor) -> bool:
-    """Whether a fused step exists for this parameter's state layout."""
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+def kind_of(opt: Any, p: torch.Tensor) -> str | None:
+    """Which fused kernel steps this parameter, or None for the torch path."""
     if not p.is_contiguous():
-        return False
+        return None
     if not opt._quantized(p):
-        return p.dtype == torch.bfloat16  # fp32 params with fp32 states: torch's multi-tensor ops
-    if opt.state_bits == 4 and opt._uses_rank1(p):
-        return (p.numel() // p.shape[0]) % 128 == 0
-    return True
+        # fp32 params with fp32 states use torch's multi-tensor ops; BF16 ones need our rounding.
+        return "32" if p.dtype == torch.bfloat16 else None
+    if opt.state_bits == 8:
+        return "8"
+    if not opt._uses_rank1(p):
+        return "4flat"
+    return "4rank1" if (p.numel() // p.shape[0]) % 128 == 0 else None
+
+
+def supports(opt: Any, p: torch.Tensor) -> bool:
+    return kind_of(opt, p) is not None
 
 
 def _maps(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -295,51 +359,107 @@ def _maps(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torc
     return vals, lut_d, pmid_d, z
 
 
-def fused_adamw_step_(opt: Any, p: torch.Tensor, grad: torch.Tensor, st: dict, s: dict, seed: int) -> None:
-    """One fused step of LowBitAdamW on parameter `p` and its state `st`, in place."""
-    g = grad.contiguous()
-    n = p.numel()
-    bf16 = p.dtype == torch.bfloat16
-    rounding = ROUNDING_CODE[opt.bf16_rounding] if bf16 else 0
-    comp = st.get("kahan_comp", p)
-    seed_mix = (seed * GOLDEN32) & MASK32
-    args = (s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["step_size"], s["inv_bc2_sqrt"], s["eps"],
-            s["decay"], seed_mix)
+_PLANS: dict[tuple, dict] = {}
+
+
+def _plan(kind: str, ps: list[torch.Tensor]) -> dict:
+    """Program tables for a list of tensors (cached: shapes and launch config don't change)."""
     c = CONFIG
-    if "exp_avg" in st:
-        grid = (triton.cdiv(n, c["block32"]),)
-        _adamw32_kernel[grid](p, g, st["exp_avg"], st["exp_avg_sq"], comp, n, *args, BLOCK=c["block32"],
-                              P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps32"])
+    key = (kind, tuple((p.data_ptr(), tuple(p.shape)) for p in ps), tuple(sorted(c.items())))
+    if key in _PLANS:
+        return _PLANS[key]
+    dev = ps[0].device
+    pt, pa, pb, p1t, p1a, p1b = [], [], [], [], [], []
+    for t, p in enumerate(ps):
+        n = p.numel()
+        if kind == "32":
+            k = triton.cdiv(n, c["block32"])
+            pt += [t] * k
+            pa += range(k)
+        elif kind in ("8", "4flat"):
+            k = triton.cdiv(triton.cdiv(n, 256 if kind == "8" else 128), c["bpp8" if kind == "8" else "bpp4"])
+            pt += [t] * k
+            pa += range(k)
+        else:
+            rows, segs = p.shape[0], (n // p.shape[0]) // 128
+            for a in range(triton.cdiv(rows, c["br4"])):
+                pt += [t] * segs
+                pa += [a] * segs
+                pb += range(segs)
+            for a in range(triton.cdiv(rows, c["br1"])):
+                p1t += [t] * segs
+                p1a += [a] * segs
+                p1b += range(segs)
+
+    def i32(x: list) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32).to(dev)
+
+    plan = {"prog_t": i32(pt), "prog_a": i32(pa), "prog_b": i32(pb or [0]), "grid": len(pt),
+            "numels": torch.tensor([p.numel() for p in ps], dtype=torch.int64).to(dev)}
+    if kind == "4rank1":
+        plan.update(p1_t=i32(p1t), p1_a=i32(p1a), p1_b=i32(p1b), grid1=len(p1t),
+                    nrows=i32([p.shape[0] for p in ps]), ncols=i32([p.numel() // p.shape[0] for p in ps]))
+    if len(_PLANS) > 64:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None:
+    """One fused step of LowBitAdamW for `items` = [(param, grad, state, seed)] of one kind, sharing
+    dtype and the per-step scalars `s`, in a few launches."""
+    ps = [it[0] for it in items]
+    gs = [it[1].to(ps[0].dtype).contiguous() for it in items]
+    sts = [it[2] for it in items]
+    dev = ps[0].device
+    bf16 = ps[0].dtype == torch.bfloat16
+    pdt = tl.bfloat16 if bf16 else tl.float32
+    rounding = ROUNDING_CODE[opt.bf16_rounding] if bf16 else 0
+    seeds = torch.tensor([(it[3] * GOLDEN32) & MASK32 for it in items], dtype=torch.int64).to(dev)
+    plan = _plan(kind, ps)
+    T = len(ps)
+    comps = [st.get("kahan_comp", p) for p, st in zip(ps, sts)]
+    names = ("beta1", "omb1", "beta2", "omb2", "step_size", "inv_bc2_sqrt", "eps", "decay")
+    scal = tuple(s[k] for k in names)
+    c = CONFIG
+
+    def table(*cols: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([[x.data_ptr() for x in col] for col in cols], dtype=torch.int64).to(dev)
+
+    if kind == "32":
+        ptrs = table(ps, gs, [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], comps)
+        _adamw32_multi[(plan["grid"],)](
+            ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, *scal,
+            BLOCK=c["block32"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps32"])
         return
-    mcodes, mabs, vcodes = st["exp_avg_codes"], st["exp_avg_absmax"], st["exp_avg_sq_codes"]
-    if opt.state_bits == 8:
-        mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(8, True), p.device)
-        vtab, vlut, vpmid, _ = _maps(qmaps.dynamic_map(8, False), p.device)
-        grid = (triton.cdiv(triton.cdiv(n, 256), c["bpp8"]),)
-        _adamw8bit_kernel[grid](
-            p, g, mcodes, mabs, vcodes, st["exp_avg_sq_absmax"], mtab, mlut, mpmid, vtab, vlut, vpmid, comp,
-            n, *args, QB=256, BPP=c["bpp8"], MZ=mz, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps8"],
-        )
+    mq, ma, vq = ([st[k] for st in sts] for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes"))
+    if kind in ("8", "4flat"):
+        bits = 8 if kind == "8" else 4
+        mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(bits, True), dev)
+        vmap = qmaps.dynamic_map(8, False) if bits == 8 else qmaps.linear_map_nozero(4)
+        vtab, vlut, vpmid, _ = _maps(vmap, dev)
+        ptrs = table(ps, gs, mq, ma, vq, [st["exp_avg_sq_absmax"] for st in sts], comps)
+        kernel = _adamw8bit_multi if bits == 8 else _adamw4bit_flat_multi
+        kernel[(plan["grid"],)](
+            ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds,
+            mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BPP=c["bpp8" if bits == 8 else "bpp4"], MZ=mz,
+            PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps8" if bits == 8 else "warps4"])
         return
-    mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(4, True), p.device)
-    vtab, vlut, vpmid, _ = _maps(qmaps.linear_map_nozero(4), p.device)
-    if not opt._uses_rank1(p):
-        grid = (triton.cdiv(triton.cdiv(n, 128), c["bpp4"]),)
-        _adamw4bit_flat_kernel[grid](
-            p, g, mcodes, mabs, vcodes, st["exp_avg_sq_absmax"], mtab, mlut, mpmid, vtab, vlut, vpmid, comp,
-            n, *args, BPP=c["bpp4"], MZ=mz, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"],
-        )
-        return
-    row_old, col_old = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
-    nrows, ncols = row_old.numel(), col_old.numel()
-    row_new, col_new = torch.zeros_like(row_old), torch.zeros_like(col_old)
-    _v_rowcol_max_kernel[(triton.cdiv(nrows, c["br1"]), ncols // 128)](
-        g, vcodes, vtab, row_old, col_old, row_new, col_new, nrows, ncols, s["beta2"], s["omb2"],
-        BR=c["br1"], num_warps=c["warps1"],
-    )
-    _adamw4bit_rank1_kernel[(triton.cdiv(nrows, c["br4"]), ncols // 128)](
-        p, g, mcodes, mabs, vcodes, row_old, col_old, row_new, col_new, mtab, mlut, mpmid, vtab, vlut, vpmid,
-        comp, nrows, ncols, *args, BR=c["br4"], MZ=mz, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"],
-    )
-    row_old.copy_(row_new)
-    col_old.copy_(col_new)
+    mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(4, True), dev)
+    vtab, vlut, vpmid, _ = _maps(qmaps.linear_map_nozero(4), dev)
+    rows_old = [st["exp_avg_sq_row"] for st in sts]
+    cols_old = [st["exp_avg_sq_col"] for st in sts]
+    # New maxima for every tensor in one zeroed buffer; copied into the states after pass 2.
+    sizes = [x.numel() for pair in zip(rows_old, cols_old) for x in pair]
+    scratch = torch.zeros(sum(sizes), dtype=torch.float32, device=dev)
+    news = list(torch.split(scratch, sizes))
+    rows_new, cols_new = news[0::2], news[1::2]
+    ptrs = table(ps, gs, mq, ma, vq, rows_old, cols_old, rows_new, cols_new, comps)
+    _v_rowcol_max_multi[(plan["grid1"],)](
+        ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], plan["nrows"], plan["ncols"], vtab,
+        s["beta2"], s["omb2"], BR=c["br1"], PDT=pdt, num_warps=c["warps1"])
+    _adamw4bit_rank1_multi[(plan["grid"],)](
+        ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], plan["nrows"], plan["ncols"], seeds,
+        mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BR=c["br4"], MZ=mz, PDT=pdt, P_BF16=bf16,
+        ROUNDING=rounding, num_warps=c["warps4"])
+    torch._foreach_copy_(rows_old + cols_old, list(rows_new) + list(cols_new))

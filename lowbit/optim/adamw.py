@@ -221,13 +221,17 @@ class LowBitAdamW(torch.optim.Optimizer):
         st["exp_avg_sq_codes"].copy_(qmaps.pack_nibbles(c))
 
     # ----------------------------------------------------------------- step
-    def _use_fused(self, p: torch.Tensor) -> bool:
+    def _fused_kind(self, p: torch.Tensor) -> str | None:
+        """The fused kernel kind for `p` ("32", "8", "4flat", "4rank1"), or None for torch ops."""
         want = (p.is_cuda and _triton_available()) if self.fused is None else self.fused
         if not want:
-            return False
+            return None
         from lowbit.kernels import optim_adamw_lowbit as k
 
-        return k.supports(self, p)
+        return k.kind_of(self, p)
+
+    def _use_fused(self, p: torch.Tensor) -> bool:
+        return self._fused_kind(p) is not None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -237,6 +241,7 @@ class LowBitAdamW(torch.optim.Optimizer):
                 loss = closure()
         index = 0
         batches: dict[tuple, tuple[list, list, list, list]] = {}
+        fused: dict[tuple, list] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -251,10 +256,10 @@ class LowBitAdamW(torch.optim.Optimizer):
                 st["step"] += 1
                 s = adam_scalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], st["step"])
                 seed = step_seed(group["seed"], st["step"], index)
-                if self._use_fused(p):
-                    from lowbit.kernels import optim_adamw_lowbit as k
-
-                    k.fused_adamw_step_(self, p, p.grad, st, s, seed)
+                kind = self._fused_kind(p)
+                if kind is not None:
+                    key = (kind, p.dtype, p.device, tuple(s.items()))
+                    fused.setdefault(key, []).append((p, p.grad, st, seed))
                     continue
                 if p.is_cuda and p.dtype == torch.float32 and "exp_avg" in st:
                     batch = batches.setdefault(tuple(s.items()), ([], [], [], []))
@@ -266,6 +271,11 @@ class LowBitAdamW(torch.optim.Optimizer):
                 new_p, m, v = adamw_math(old, p.grad.float(), m, v, s)
                 self._store_moments(p, st, m, v)
                 write_param_(p, new_p, self.bf16_rounding, seed, st.get("kahan_comp"), old)
+        if fused:
+            from lowbit.kernels import optim_adamw_lowbit as k
+
+            for (kind, _, _, scalars), items in fused.items():
+                k.fused_adamw_multi_(self, kind, items, dict(scalars))
         for scalars, (ps, gs, ms, vs) in batches.items():
             foreach_adamw_(ps, [g.float() for g in gs], ms, vs, dict(scalars))
         return loss
