@@ -57,6 +57,7 @@ def test_yaml_builds_optimizer_with_base_lr_and_no_decay_groups(name):
 
 def test_wants_bf16_params():
     assert wants_bf16_params(_cfg("adamw_bf16_sr"))
+    assert wants_bf16_params(_cfg("adamw_bf16_sr", bf16_rounding="nearest"))  # the lossy baseline
     assert not wants_bf16_params(_cfg("adamw8bit"))
     assert wants_bf16_params(_cfg("adamw8bit", bf16_rounding="kahan"))
 
@@ -84,8 +85,10 @@ def test_bad_name_and_rounding_list_choices():
     cfg.name = "adamw3bit"
     with pytest.raises(ValueError, match="adamw8bit"):
         build_optimizer(Tiny(), cfg)
-    with pytest.raises(ValueError, match="bf16_rounding"):
-        build_optimizer(Tiny(), _cfg("adamw_bf16_sr", bf16_rounding="nearest"))
+    cfg = OptimConfig()
+    cfg.bf16_rounding = "up"
+    with pytest.raises(ValueError, match=r"bf16_rounding='up'.*stochastic"):
+        build_optimizer(Tiny(), cfg)
 
 
 def _train(model, opt, steps, seed):
