@@ -15,6 +15,15 @@ from lowbit.quant.telemetry import QuantTelemetry
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors: extra OpenMP threads only add barrier waits, which stall badly on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model():
     torch.manual_seed(0)
     return Llama(LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32))

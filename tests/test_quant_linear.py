@@ -24,6 +24,15 @@ BOUNDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors: extra OpenMP threads only add barrier waits, which stall badly on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _data(seed=0):
     g = torch.Generator().manual_seed(seed)
     return (

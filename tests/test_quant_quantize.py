@@ -11,6 +11,15 @@ from lowbit.quant import QuantSpec, quantize
 from lowbit.quant.scaling import compute_scale
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors: extra OpenMP threads only add barrier waits, which stall badly on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

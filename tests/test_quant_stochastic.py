@@ -6,6 +6,15 @@ import torch
 from lowbit.quant import FORMATS, QuantSpec, hash_bits, lowbias32, quantize, round_to_format, uniform_noise
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors: extra OpenMP threads only add barrier waits, which stall badly on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _lowbias32_python(x: int) -> int:
     m = 0xFFFFFFFF
     x &= m
