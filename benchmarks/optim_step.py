@@ -38,9 +38,9 @@ def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimiz
         from lowbit.optim.adamw import LowBitAdamW
 
         bits = {"lowbit_adamw8bit": 8, "lowbit_adamw4bit": 4, "lowbit_adamw_bf16_sr": 32,
-                "lowbit_adamw8bit_bf16_sr": 8}[name]
+                "lowbit_adamw8bit_bf16_sr": 8, "lowbit_adamw8bit_paged": 8}[name]
         rounding = "stochastic" if "bf16" in name else "nearest"
-        return LowBitAdamW(params, state_bits=bits, bf16_rounding=rounding, **kw)
+        return LowBitAdamW(params, state_bits=bits, bf16_rounding=rounding, paged="paged" in name, **kw)
     if name == "bnb_adamw8bit":
         import bitsandbytes as bnb
 

@@ -144,3 +144,18 @@ def test_sr_on_lowbit_states_with_bf16_params():
 def test_bad_hyperparameters_are_clear_errors(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         LowBitAdamW([_param((4,))], **kwargs)
+
+
+def test_paged_states_stay_on_host_and_give_the_same_step():
+    results = []
+    for paged in (False, True):
+        p = _param((64, 128))
+        opt = LowBitAdamW([p], lr=1e-2, state_bits=8, paged=paged)
+        for i in range(3):
+            p.grad = torch.randn(64, 128, generator=torch.Generator().manual_seed(i))
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]))
+    (p0, s0), (p1, s1) = results
+    assert torch.equal(p0, p1)
+    assert all(v.device.type == "cpu" for v in s1.values() if torch.is_tensor(v))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0 if torch.is_tensor(s0[k]))

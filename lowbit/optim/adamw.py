@@ -8,6 +8,8 @@
   tensors (norms, biases) are the most sensitive to quantization error.
 - BF16 parameters are updated without an fp32 master copy: `bf16_rounding` = nearest, stochastic
   (hash stream seeded per step and tensor) or kahan (BF16 compensation buffer, +2 B/param).
+- `paged=True` keeps the states in pinned host memory, streamed to the GPU tensor by tensor with
+  the next tensor's copy overlapping the current step (for QLoRA-sized jobs).
 
 The torch code here is the reference; on CUDA (or with `fused=True`) the 8/4-bit steps run the fused
 Triton kernels of lowbit/kernels/optim_adamw_lowbit.py, which perform the same fp32 operations.
@@ -111,6 +113,7 @@ class LowBitAdamW(torch.optim.Optimizer):
         rank1: bool = True,
         seed: int = 0,
         fused: bool | None = None,
+        paged: bool = False,
     ) -> None:
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits={state_bits}; valid choices: 32, 8, 4")
@@ -131,6 +134,7 @@ class LowBitAdamW(torch.optim.Optimizer):
         self.min_quant_numel = min_quant_numel
         self.rank1 = rank1
         self.fused = fused
+        self.paged = paged
 
     # ----------------------------------------------------------------- state layout
     def _quantized(self, p: torch.Tensor) -> bool:
@@ -166,6 +170,11 @@ class LowBitAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq_absmax"] = torch.zeros(-(-n // 128), dtype=torch.float32, device=dev)
         if p.dtype == torch.bfloat16 and self.bf16_rounding == "kahan":
             state["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=dev)
+        if self.paged:
+            pin = torch.cuda.is_available()
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    state[k] = v.cpu().pin_memory() if pin else v.cpu()
 
     @staticmethod
     def _zero_code(bits: int, signed: bool) -> int:
@@ -239,9 +248,8 @@ class LowBitAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         index = 0
-        batches: dict[tuple, tuple[list, list, list, list]] = {}
-        fused: dict[tuple, list] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -255,22 +263,34 @@ class LowBitAdamW(torch.optim.Optimizer):
                     self._init_state(p, st)
                 st["step"] += 1
                 s = adam_scalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], st["step"])
-                seed = step_seed(group["seed"], st["step"], index)
-                kind = self._fused_kind(p)
-                if kind is not None:
-                    key = (kind, p.dtype, p.device, tuple(s.items()))
-                    fused.setdefault(key, []).append((p, p.grad, st, seed))
-                    continue
-                if p.is_cuda and p.dtype == torch.float32 and "exp_avg" in st:
-                    batch = batches.setdefault(tuple(s.items()), ([], [], [], []))
-                    for lst, t in zip(batch, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
-                        lst.append(t)
-                    continue
-                m, v = self._load_moments(p, st)
-                old = p.detach().float()
-                new_p, m, v = adamw_math(old, p.grad.float(), m, v, s)
-                self._store_moments(p, st, m, v)
-                write_param_(p, new_p, self.bf16_rounding, seed, st.get("kahan_comp"), old)
+                work.append((p, st, s, step_seed(group["seed"], st["step"], index)))
+        if self.paged and any(p.is_cuda for p, *_ in work):
+            self._paged_update(work)
+        else:
+            self._update(work)
+        return loss
+
+    def _update(self, work: list[tuple]) -> None:
+        """Apply the step to (param, state, scalars, seed) items: fused kernels batched per kind,
+        small fp32 CUDA tensors with multi-tensor ops, the rest with the torch reference."""
+        batches: dict[tuple, tuple[list, list, list, list]] = {}
+        fused: dict[tuple, list] = {}
+        for p, st, s, seed in work:
+            kind = self._fused_kind(p)
+            if kind is not None:
+                key = (kind, p.dtype, p.device, tuple(s.items()))
+                fused.setdefault(key, []).append((p, p.grad, st, seed))
+                continue
+            if p.is_cuda and p.dtype == torch.float32 and "exp_avg" in st:
+                batch = batches.setdefault(tuple(s.items()), ([], [], [], []))
+                for lst, t in zip(batch, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
+                    lst.append(t)
+                continue
+            m, v = self._load_moments(p, st)
+            old = p.detach().float()
+            new_p, m, v = adamw_math(old, p.grad.float(), m, v, s)
+            self._store_moments(p, st, m, v)
+            write_param_(p, new_p, self.bf16_rounding, seed, st.get("kahan_comp"), old)
         if fused:
             from lowbit.kernels import optim_adamw_lowbit as k
 
@@ -278,7 +298,36 @@ class LowBitAdamW(torch.optim.Optimizer):
                 k.fused_adamw_multi_(self, kind, items, dict(scalars))
         for scalars, (ps, gs, ms, vs) in batches.items():
             foreach_adamw_(ps, [g.float() for g in gs], ms, vs, dict(scalars))
-        return loss
+
+    def _paged_update(self, work: list[tuple]) -> None:
+        """Paged states: they live in pinned host memory; each tensor's states are copied to the GPU
+        on a side stream while the previous tensor is stepped, then written back asynchronously."""
+        dev = next(p.device for p, *_ in work if p.is_cuda)
+        side = torch.cuda.Stream(dev)
+        main = torch.cuda.current_stream(dev)
+        side.wait_stream(main)
+
+        def fetch(st: dict) -> tuple[dict, torch.cuda.Event]:
+            with torch.cuda.stream(side):
+                d = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in st.items()}
+                ev = torch.cuda.Event()
+                ev.record(side)
+            return d, ev
+
+        nxt = fetch(work[0][1])
+        for i, (p, st, s, seed) in enumerate(work):
+            cur, ev = nxt
+            if i + 1 < len(work):
+                nxt = fetch(work[i + 1][1])
+            main.wait_event(ev)
+            for v in cur.values():
+                if torch.is_tensor(v):
+                    v.record_stream(main)  # allocated on the side stream, used on this one
+            self._update([(p, cur, s, seed)])
+            for k, v in cur.items():
+                if torch.is_tensor(v):
+                    st[k].copy_(v, non_blocking=True)
+        main.synchronize()  # host copies complete before anyone (the next prefetch, a checkpoint) reads them
 
     # ----------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict) -> None:

@@ -47,6 +47,8 @@ class OptimConfig:
     rank1: bool = True
     # Fused Triton step: null = on CUDA when triton imports, true = always, false = torch reference.
     fused: bool | None = None
+    # Low-bit AdamW: keep states in pinned host memory, prefetched to the GPU per tensor.
+    paged: bool = False
     # Shampoo: preconditioner bits (null = 32 for shampoo, 4 for shampoo4bit), blocks of at most
     # this dim, statistics every `stats_every` steps, inverse 4th roots every `inverse_every` steps.
     precond_bits: int | None = None

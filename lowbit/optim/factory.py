@@ -45,7 +45,7 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     betas = tuple(float(b) for b in cfg.betas)
     common = dict(lr=cfg.lr, betas=betas, eps=cfg.eps)
     lowbit = dict(common, bf16_rounding=rounding, seed=cfg.seed, min_quant_numel=cfg.min_quant_numel,
-                  rank1=cfg.rank1, fused=cfg.fused)
+                  rank1=cfg.rank1, fused=cfg.fused, paged=cfg.paged)
     opt: torch.optim.Optimizer
     if name is OptimName.adamw and rounding == "nearest":
         opt = torch.optim.AdamW(groups, **common)
