@@ -136,6 +136,18 @@ def test_saves_quantized_activation_only():
     assert layer_fp8(x).grad_fn.x_wgrad.parts[0].data.dtype == torch.float8_e4m3fn
 
 
+def test_no_wgrad_operand_without_grad():
+    layer = QuantLinear(K, N, bias=False, recipe="mxfp4")
+    x = torch.randn(M, K, requires_grad=True)
+    with torch.no_grad():
+        layer(x)  # no graph, and the X^T copy for wgrad is not even built
+    layer.weight.requires_grad_(False)  # frozen base weight (QLoRA): dX only
+    y = layer(x)
+    assert y.grad_fn.x_wgrad is None
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is None
+
+
 def test_reproducible_with_seed():
     x, w, gy = _data()
     outs = []

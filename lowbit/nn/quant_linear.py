@@ -101,7 +101,10 @@ class QuantLinear(nn.Linear):
 # kernels are lowbit/kernels' job.
 @torch.compiler.disable
 def _quant_linear(x, weight, bias, layer):
-    return _QuantLinearFn.apply(x, weight, bias, layer)
+    # Inside Function.forward grad mode is always off, so decide here whether wgrad will run
+    # (not under torch.no_grad / eval, not for a frozen weight).
+    need_wgrad = torch.is_grad_enabled() and weight.requires_grad
+    return _QuantLinearFn.apply(x, weight, bias, layer, need_wgrad)
 
 
 def _rank() -> int:
@@ -133,7 +136,7 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _QuantLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: QuantLinear):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, layer: QuantLinear, need_wgrad: bool):  # type: ignore[override]
         out_dtype = _output_dtype(x)
         recipe = layer.recipe
         seeds = [layer.next_seed() for _ in GEMMS]
@@ -145,7 +148,7 @@ class _QuantLinearFn(torch.autograd.Function):
             if bias is not None:
                 y = y + bias.float()
             # The wgrad operand X^T (in × tokens), quantized now from the full-precision X.
-            x_wgrad = _prep(layer, "wgrad", x2.t(), 2, seeds[2]) if weight.requires_grad else None
+            x_wgrad = _prep(layer, "wgrad", x2.t(), 2, seeds[2]) if need_wgrad else None
         ctx.layer, ctx.seeds, ctx.x_wgrad = layer, seeds, x_wgrad
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         ctx.save_for_backward(weight)
@@ -172,4 +175,4 @@ class _QuantLinearFn(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = g2.sum(0).to(weight.dtype)
         ctx.x_wgrad = None
-        return dx, dw, db, None
+        return dx, dw, db, None, None
