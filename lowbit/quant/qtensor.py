@@ -14,6 +14,7 @@ scaling.py), so dequantize still returns NaN.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,14 @@ import torch
 from lowbit.quant.formats import ElementFormat, device_table
 
 _FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _fp4_code_lut(device: torch.device) -> torch.Tensor:
+    lut = torch.zeros(13, dtype=torch.uint8)
+    for code, mag in enumerate(_FP4_MAGNITUDES):
+        lut[int(mag * 2)] = code
+    return lut.to(device)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -46,9 +55,9 @@ def encode(values: torch.Tensor, fmt: ElementFormat) -> tuple[torch.Tensor, bool
     elif fmt.kind == "codebook":
         table = device_table(fmt.codebook, v.device)
         codes = torch.bucketize(v, table).to(torch.uint8)
-    else:  # fp4_e2m1
-        table = device_table(_FP4_MAGNITUDES, v.device)
-        codes = torch.bucketize(v.abs(), table).to(torch.uint8) | (torch.signbit(v).to(torch.uint8) << 3)
+    else:  # fp4_e2m1: 2|v| is an integer in {0,1,2,3,4,6,8,12}; a 13-entry table maps it to the code
+        lut = _fp4_code_lut(v.device)
+        codes = lut[(v.abs() * 2).to(torch.int64)] | (torch.signbit(v).to(torch.uint8) << 3)
     if codes.shape[-1] % 2 == 0 and codes.dim() > 0:
         return pack_nibbles(codes), True
     return codes, False
