@@ -93,6 +93,18 @@ def test_every_recipe_has_a_config_file_and_back():
     assert all(cfg.recipe == name for name, cfg in files.items())
 
 
+def test_exp_configs_name_known_recipes():
+    exps = list((ROOT / "configs" / "exp").glob("*.yaml"))
+    named = set()
+    for p in exps:
+        text = p.read_text()
+        for line in text.splitlines():
+            if "override /quant:" in line:
+                named.add(line.split(":", 1)[1].strip())
+    assert named and named <= set(RECIPES)
+    assert set(RECIPES) - {"bf16"} <= named  # one experiment file per recipe
+
+
 @pytest.mark.parametrize("name", [n for n in RECIPES if n != "bf16"])
 def test_training_step_every_recipe(name):
     model = convert_model(_model(), name)
