@@ -10,6 +10,15 @@ import torch.multiprocessing as mp
 from lowbit.optim.shampoo import Shampoo, bjorck_orthonormalize, dequantize_eigvecs, quantize_eigvecs
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Multithreaded LAPACK eigh on small matrices spins for ~1 s per call on a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _orth_error(u):
     return (u.T @ u - torch.eye(u.shape[1])).norm().item()
 
@@ -56,17 +65,17 @@ def test_blocks_cover_large_dims():
 
 def _precond_bytes(bits):
     torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(2)]
-    opt = Shampoo(ps, bits=bits, max_preconditioner_dim=256)
+    ps = [torch.nn.Parameter(torch.randn(128, 128)) for _ in range(2)]
+    opt = Shampoo(ps, bits=bits, max_preconditioner_dim=128)
     for p in ps:
-        p.grad = torch.randn(256, 256)
+        p.grad = torch.randn(128, 128)
     opt.step()
     return opt.preconditioner_bytes()
 
 
 def test_4bit_preconditioner_memory_at_most_a_sixth_of_32bit():
     b32, b8, b4 = _precond_bytes(32), _precond_bytes(8), _precond_bytes(4)
-    assert b32 == 2 * 4 * 256 * 256 * 4  # L, R, L^-1/4, R^-1/4 in fp32 per matrix
+    assert b32 == 2 * 4 * 128 * 128 * 4  # L, R, L^-1/4, R^-1/4 in fp32 per matrix
     assert b4 <= b32 / 6
     assert b4 < b8 < b32 / 3
 
@@ -114,6 +123,7 @@ def _train(opt, params, steps):
 
 def _worker(rank, world, port, bits, out):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         params = _params(0)
