@@ -43,6 +43,18 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def _module_generators(model: torch.nn.Module) -> dict[str, torch.Generator]:
+    """Generators that layers own (QuantLinear's Hadamard-sign and stochastic-rounding stream).
+
+    They are saved with the checkpoint so that a resumed quantized run draws the same noise.
+    """
+    return {
+        name: m.generator
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "generator", None), torch.Generator)
+    }
+
+
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -94,6 +106,7 @@ class CheckpointWriter:
         trainer_state = {
             "step": state.step,
             "rng": _rng_state(self.ctx.device),
+            "module_rng": {k: g.get_state() for k, g in _module_generators(self.engine.module).items()},
             "world": self.ctx.world,
             "data_position": {"step": state.step, "tokens_seen": state.tokens_seen},
             "train_losses": state.train_losses,
@@ -172,6 +185,9 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     if resume_from is not None:
         saved = engine.load(resume_from)
         _set_rng_state(saved["rng"], ctx.device)
+        for name, gen in _module_generators(model).items():
+            if name in saved.get("module_rng", {}):
+                gen.set_state(saved["module_rng"][name])
         state = LoopState(
             step=saved["step"],
             train_losses=saved["train_losses"],
