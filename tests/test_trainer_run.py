@@ -101,7 +101,13 @@ def test_nan_loss_stops_without_checkpoint(small_run, tmp_path):
 def test_kill_and_resume_is_bitwise_for_quantized_training(small_run):
     # MXFP4 draws Hadamard signs and stochastic-rounding noise from each layer's own generator and
     # AdamW8bit keeps block-quantized states: both must come back exactly from the checkpoint.
-    extra = ["train.steps=4", "train.eval_every=4", "quant=mxfp4", "optim=adamw8bit", "optim.min_quant_numel=1024"]
+    extra = [
+        "train.steps=4",
+        "train.eval_every=4",
+        "quant=mxfp4",
+        "optim=adamw8bit",
+        "optim.min_quant_numel=1024",
+    ]
     full = small_run([*extra, "run_name=qfull", "checkpoint.every=0"])
     small_run([*extra, "run_name=qsplit", "train.stop_after=2"])
     split = small_run([*extra, "run_name=qsplit"])
