@@ -28,7 +28,7 @@ from lowbit.optim.rounding import GOLDEN32, MASK32
 
 ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # Launch shapes (the benchmark may sweep them): blocks per program, warps, rows per tile.
-CONFIG = {"bpp8": 4, "warps8": 4, "bpp4": 8, "warps4": 4, "br4": 8, "br1": 64, "warps1": 8,
+CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 4, "br1": 64, "warps1": 8,
           "block32": 1024, "warps32": 4}
 LUT_K: tl.constexpr = tl.constexpr(qmaps.LUT_MANT_BITS)
 LUT_BASE: tl.constexpr = tl.constexpr((127 + qmaps.LUT_MIN_EXP) << qmaps.LUT_MANT_BITS)
@@ -49,6 +49,23 @@ def _code(x, lut_ptr, pmid_ptr, Z: tl.constexpr):
         return tl.where(neg, Z - cnt, Z + cnt)
     else:
         return lo + (mv < a).to(tl.int32)
+
+
+@triton.jit
+def _code16(x, mid_ptr):
+    # 4-bit maps: count of the 15 midpoints below x by register compares (uniform scalar loads; no
+    # per-element gathers), equal to the reference's searchsorted.
+    code = tl.zeros(x.shape, tl.int32)
+    for k in tl.static_range(15):
+        code += (tl.load(mid_ptr + k) < x).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _code_linear16(x):
+    # The zero-free linear map (j + 1) / 16 has midpoints (j + 1.5) / 16, so the count below x is
+    # ceil(16 x - 1.5) clamped to [0, 15]; 16 x - 1.5 is exact for x in [0, 1].
+    return tl.minimum(tl.maximum(tl.ceil(x * 16.0 - 1.5), 0.0), 15.0).to(tl.int32)
 
 
 @triton.jit
@@ -188,9 +205,9 @@ def _adamw8bit_multi(
 
 @triton.jit
 def _adamw4bit_flat_multi(
-    ptrs, T, prog_t, prog_a, numels, seeds, mtab, mlut, mpmid, vtab, vlut, vpmid,
+    ptrs, T, prog_t, prog_a, numels, seeds, mtab, mmid, vtab,
     beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
-    BPP: tl.constexpr, MZ: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+    BPP: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
     # Both moments block-wise (128), for 1-D tensors. Byte b holds elements 2b (low) and 2b+1 (high).
     pid = tl.program_id(0)
@@ -225,10 +242,10 @@ def _adamw4bit_flat_multi(
     v_abs = tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1))
     m_inv = _inv(m_abs)[:, None]
     v_inv = _inv(v_abs)[:, None]
-    mqe = _code(_unit(me, m_inv), mlut, mpmid, MZ)
-    mqo = tl.where(omask, _code(_unit(mo, m_inv), mlut, mpmid, MZ), 0)  # padding codes are 0
-    vqe = _code(_unit(ve, v_inv), vlut, vpmid, 0)
-    vqo = tl.where(omask, _code(_unit(vo, v_inv), vlut, vpmid, 0), 0)
+    mqe = _code16(_unit(me, m_inv), mmid)
+    mqo = tl.where(omask, _code16(_unit(mo, m_inv), mmid), 0)  # padding codes are 0
+    vqe = _code_linear16(_unit(ve, v_inv))
+    vqo = tl.where(omask, _code_linear16(_unit(vo, v_inv)), 0)
     tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=emask)
     tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=emask)
     tl.store(mabs_ptr + rows, m_abs, mask=rmask)
@@ -275,9 +292,9 @@ def _v_rowcol_max_multi(
 
 @triton.jit
 def _adamw4bit_rank1_multi(
-    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, seeds, mtab, mlut, mpmid, vtab, vlut, vpmid,
+    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, seeds, mtab, mmid, vtab,
     beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
-    BR: tl.constexpr, MZ: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+    BR: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
     # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
     pid = tl.program_id(0)
@@ -319,10 +336,10 @@ def _adamw4bit_rank1_multi(
     inv_row = _inv(tl.load(row_new + r, mask=rmask, other=0))[:, None]
     inv_e = tl.maximum(inv_row, _inv(tl.load(col_new + ce))[None, :])
     inv_o = tl.maximum(inv_row, _inv(tl.load(col_new + ce + 1))[None, :])
-    mqe = _code(_unit(me, m_inv), mlut, mpmid, MZ)
-    mqo = _code(_unit(mo, m_inv), mlut, mpmid, MZ)
-    vqe = _code(_unit(ve, inv_e), vlut, vpmid, 0)
-    vqo = _code(_unit(vo, inv_o), vlut, vpmid, 0)
+    mqe = _code16(_unit(me, m_inv), mmid)
+    mqo = _code16(_unit(mo, m_inv), mmid)
+    vqe = _code_linear16(_unit(ve, inv_e))
+    vqo = _code_linear16(_unit(vo, inv_o))
     tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=mask)
     tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=mask)
     tl.store(mabs_ptr + mblk, m_abs, mask=rmask)
@@ -357,6 +374,13 @@ def _maps(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torc
     vals, _ = qmaps.table_on(table, device)
     pmid_d, lut_d = qmaps.table_on(pmid, device)[0], qmaps.table_on(lut, device)[0]
     return vals, lut_d, pmid_d, z
+
+
+def _to_device(values: list, dev: torch.device) -> torch.Tensor:
+    """int64 table → device without a sync: a pageable host→device copy would wait for the GPU to
+    drain, serializing the host's work for the next launch behind the current kernels."""
+    host = torch.tensor(values, dtype=torch.int64, pin_memory=dev.type == "cuda")
+    return host.to(dev, non_blocking=True)
 
 
 _PLANS: dict[tuple, dict] = {}
@@ -415,7 +439,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     bf16 = ps[0].dtype == torch.bfloat16
     pdt = tl.bfloat16 if bf16 else tl.float32
     rounding = ROUNDING_CODE[opt.bf16_rounding] if bf16 else 0
-    seeds = torch.tensor([(it[3] * GOLDEN32) & MASK32 for it in items], dtype=torch.int64).to(dev)
+    seeds = _to_device([(it[3] * GOLDEN32) & MASK32 for it in items], dev)
     plan = _plan(kind, ps)
     T = len(ps)
     comps = [st.get("kahan_comp", p) for p, st in zip(ps, sts)]
@@ -424,7 +448,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     c = CONFIG
 
     def table(*cols: list[torch.Tensor]) -> torch.Tensor:
-        return torch.tensor([[x.data_ptr() for x in col] for col in cols], dtype=torch.int64).to(dev)
+        return _to_device([[x.data_ptr() for x in col] for col in cols], dev)
 
     if kind == "32":
         ptrs = table(ps, gs, [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], comps)
@@ -433,20 +457,23 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
             BLOCK=c["block32"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps32"])
         return
     mq, ma, vq = ([st[k] for st in sts] for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes"))
-    if kind in ("8", "4flat"):
-        bits = 8 if kind == "8" else 4
-        mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(bits, True), dev)
-        vmap = qmaps.dynamic_map(8, False) if bits == 8 else qmaps.linear_map_nozero(4)
-        vtab, vlut, vpmid, _ = _maps(vmap, dev)
+    if kind == "8":
+        mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(8, True), dev)
+        vtab, vlut, vpmid, _ = _maps(qmaps.dynamic_map(8, False), dev)
         ptrs = table(ps, gs, mq, ma, vq, [st["exp_avg_sq_absmax"] for st in sts], comps)
-        kernel = _adamw8bit_multi if bits == 8 else _adamw4bit_flat_multi
-        kernel[(plan["grid"],)](
+        _adamw8bit_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds,
-            mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BPP=c["bpp8" if bits == 8 else "bpp4"], MZ=mz,
-            PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps8" if bits == 8 else "warps4"])
+            mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BPP=c["bpp8"], MZ=mz,
+            PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps8"])
         return
-    mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(4, True), dev)
-    vtab, vlut, vpmid, _ = _maps(qmaps.linear_map_nozero(4), dev)
+    mtab, mmid = qmaps.table_on(qmaps.dynamic_map(4, True), dev)
+    vtab, _ = qmaps.table_on(qmaps.linear_map_nozero(4), dev)
+    if kind == "4flat":
+        ptrs = table(ps, gs, mq, ma, vq, [st["exp_avg_sq_absmax"] for st in sts], comps)
+        _adamw4bit_flat_multi[(plan["grid"],)](
+            ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mtab, mmid, vtab, *scal,
+            BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"])
+        return
     rows_old = [st["exp_avg_sq_row"] for st in sts]
     cols_old = [st["exp_avg_sq_col"] for st in sts]
     # New maxima for every tensor in one zeroed buffer; copied into the states after pass 2.
@@ -460,6 +487,5 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
         s["beta2"], s["omb2"], BR=c["br1"], PDT=pdt, num_warps=c["warps1"])
     _adamw4bit_rank1_multi[(plan["grid"],)](
         ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], plan["nrows"], plan["ncols"], seeds,
-        mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BR=c["br4"], MZ=mz, PDT=pdt, P_BF16=bf16,
-        ROUNDING=rounding, num_warps=c["warps4"])
+        mtab, mmid, vtab, *scal, BR=c["br4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"])
     torch._foreach_copy_(rows_old + cols_old, list(rows_new) + list(cols_new))
