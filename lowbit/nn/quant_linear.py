@@ -43,6 +43,7 @@ class QuantLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = get_recipe(recipe)
+        _compile_safe()  # build the compile-safe entry now, never while torch.compile traces
         self.backend = backend
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -90,21 +91,34 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.is_identity:
             return F.linear(x, self.weight, self.bias)
-        return _quant_linear(x, self.weight, self.bias, self)
+        return _compile_safe()(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend}"
 
 
-# torch.compile (train.compile=true) graph-breaks around the quantized GEMMs and runs them eagerly:
-# they draw seeds on the host and Inductor's CPU codegen mis-splits their block reshapes; fused
-# kernels are lowbit/kernels' job.
-@torch.compiler.disable
-def _quant_linear(x, weight, bias, layer):
+def _quant_linear_eager(x, weight, bias, layer):
     # Inside Function.forward grad mode is always off, so decide here whether wgrad will run
     # (not under torch.no_grad / eval, not for a frozen weight).
     need_wgrad = torch.is_grad_enabled() and weight.requires_grad
     return _QuantLinearFn.apply(x, weight, bias, layer, need_wgrad)
+
+
+_compile_safe_fn = None
+
+
+def _compile_safe():
+    """_quant_linear_eager wrapped in torch.compiler.disable, built on first use.
+
+    torch.compile (train.compile=true) graph-breaks around the quantized GEMMs and runs them
+    eagerly: they draw seeds on the host and Inductor's CPU codegen mis-splits their block
+    reshapes; fused kernels are lowbit/kernels' job. Built lazily because torch.compiler.disable
+    imports torch._dynamo (and Triton), which `import lowbit.nn` should not do.
+    """
+    global _compile_safe_fn
+    if _compile_safe_fn is None:
+        _compile_safe_fn = torch.compiler.disable(_quant_linear_eager)
+    return _compile_safe_fn
 
 
 def _rank() -> int:
