@@ -85,7 +85,7 @@ def bench_shape(shape: str, ours: list[str], out_dtype: torch.dtype) -> list[dic
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=SHAPES)
-    p.add_argument("--ours", default=",".join(OURS))
+    p.add_argument("--ours", default="mxfp8,mxfp4,nvfp4,fp8_blockwise,fp8_tensor,int8_row,int4_row")
     p.add_argument("--out_dtype", default="bfloat16")
     p.add_argument("--out", default="")
     args = p.parse_args()

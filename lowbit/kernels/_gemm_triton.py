@@ -4,9 +4,10 @@ out[m, n] = sum_k qa[m, k] * sa(m, k) * qb[n, k] * sb(n, k), accumulated in fp32
 operands inside a scale group). Per operand the scale is one of
     tensor  one fp32 scalar                           -> applied in the epilogue
     row     one fp32 per row                          -> applied in the epilogue
-    group   one fp32 per (row // RD, k // G)          -> applied per K step (BK == G) to the fp32
-            partial product of that step, in registers (MX: G=32, blockwise: G=128, 2-D tiles RD>1)
-and NVFP4's fp32 tensor scales multiply in the epilogue.
+    group   one fp32 per (row // RD, k // G)          -> applied per scale group to the fp32
+            partial product of that group, in registers (MX: G=32, blockwise: G=128, 2-D tiles RD>1)
+and NVFP4's fp32 tensor scales multiply in the epilogue. Scales are read through (row, group)
+strides; the quantize kernel stores group scales group-major so one group's scales are contiguous.
 
 Compute paths (COMPUTE):
     0  fp8 tensor cores: fp8 operands as stored, fp4 (E2M1) codes widened to E4M3 bit patterns in
@@ -15,6 +16,10 @@ Compute paths (COMPUTE):
        or E4M3 value times an E4M3 or power-of-two scale fits bf16's 8-bit significand); used
        when G = 16 (NVFP4), which is below the fp8 MMA's K of 32.
     2  int8 tensor cores: int8 as stored, int4 nibbles sign-extended to int8, int32 accumulation.
+A K step covers SPLIT scale groups (BK = G * SPLIT; autotuned). Packed (two per byte) operands are
+read in a permuted K order that needs no interleave: inside each group of PG elements, column j
+holds element 2j (low nibbles) for j < PG/2 and element 2(j - PG/2) + 1 (high nibbles) after.
+Both operands use the same order (PERM), and a group keeps its elements, so the sum is unchanged.
 """
 
 from __future__ import annotations
@@ -34,50 +39,52 @@ def _fp4_to_e4m3_bits(c):
 
 
 @triton.jit
-def _load_operand(ptr, rows, R, stride, k0, K, BR: tl.constexpr, BK: tl.constexpr, ELEM: tl.constexpr):
-    # [BR, BK] tile of the K-last operand, read as bytes: e4m3 (0) / packed fp4 (1) / int8 (2) /
-    # packed int4 (3) / e5m2 (4). fp8 is bitcast from bytes (the interpreter cannot fill fp8 `other`).
+def _load_operand(ptr, rows, R, stride, k0, K, BR: tl.constexpr, W: tl.constexpr, ELEM: tl.constexpr,
+                  PERM: tl.constexpr, PG: tl.constexpr):
+    # [BR, W] tile of the K-last operand from element k0, read as bytes: e4m3 (0) / packed fp4 (1) /
+    # int8 (2) / packed int4 (3) / e5m2 (4).
+    j = tl.arange(0, W)
+    if PERM:
+        p = j % PG
+        e = k0 + (j // PG) * PG + 2 * (p % (PG // 2)) + p // (PG // 2)
+    else:
+        e = k0 + j
     rmask = rows[:, None] < R
     roff = rows.to(tl.int64)[:, None] * stride
-    if ELEM == 0 or ELEM == 2 or ELEM == 4:
-        cols = k0 + tl.arange(0, BK)
-        v = tl.load(ptr + roff + cols[None, :], rmask & (cols[None, :] < K), other=0)
+    if ELEM == 1 or ELEM == 3:
+        byte = tl.load(ptr + roff + (e // 2)[None, :], rmask & (e[None, :] < K), other=0).to(tl.int32)
+        c = (byte >> (4 * (e % 2))[None, :]) & 0xF
+        if ELEM == 1:
+            return _fp4_to_e4m3_bits(c).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        else:
+            return (c - ((c & 8) << 1)).to(tl.int8)
+    else:
+        v = tl.load(ptr + roff + e[None, :], rmask & (e[None, :] < K), other=0)
         if ELEM == 0:
             return v.to(tl.float8e4nv, bitcast=True)
         elif ELEM == 4:
             return v.to(tl.float8e5, bitcast=True)
         else:
             return v.to(tl.int8, bitcast=True)
-    else:
-        cb = k0 // 2 + tl.arange(0, BK // 2)
-        byte = tl.load(ptr + roff + cb[None, :], rmask & (cb[None, :] < K // 2), other=0).to(tl.int32)
-        lo = byte & 0xF
-        hi = byte >> 4
-        if ELEM == 1:
-            lo = _fp4_to_e4m3_bits(lo)
-            hi = _fp4_to_e4m3_bits(hi)
-            codes = tl.reshape(tl.join(lo, hi), [BR, BK])  # element 2i was the low nibble
-            return codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        else:
-            lo = lo - ((lo & 8) << 1)
-            hi = hi - ((hi & 8) << 1)
-            return tl.reshape(tl.join(lo, hi), [BR, BK]).to(tl.int8)
 
 
 @triton.jit
-def _group_scale(ptr, rows, R, stride, kg, RD: tl.constexpr):
-    return tl.load(ptr + (rows // RD).to(tl.int64) * stride + kg, rows < R, other=1.0)
+def _group_scale(ptr, rows, R, s_r, s_g, kg, n_groups, RD: tl.constexpr):
+    # A step's last sub-groups may lie past K (their operands are zero): never read past the scales.
+    return tl.load(ptr + (rows // RD).to(tl.int64) * s_r + kg * s_g, (rows < R) & (rows * 0 + kg < n_groups),
+                   other=1.0)
 
 
 @triton.jit
 def _scaled_gemm_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, ta_ptr, tb_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_a, stride_b, stride_sa, stride_sb, stride_cm, stride_cn,
+    M, N, K, stride_a, stride_b, sa_r, sa_g, sb_r, sb_g, stride_cm, stride_cn,
     A_ELEM: tl.constexpr, B_ELEM: tl.constexpr, A_SMODE: tl.constexpr, B_SMODE: tl.constexpr,
     A_RD: tl.constexpr, B_RD: tl.constexpr, G: tl.constexpr, A_TS: tl.constexpr, B_TS: tl.constexpr,
-    COMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    COMPUTE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr, PERM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    BK: tl.constexpr = G * SPLIT
     # Grouped tile order: GROUP_M row-tiles share their B tiles in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -95,21 +102,20 @@ def _scaled_gemm_kernel(
     else:
         acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, K, BK):
-        a = _load_operand(a_ptr, rm, M, stride_a, k0, K, BM, BK, A_ELEM)
-        b = _load_operand(b_ptr, rn, N, stride_b, k0, K, BN, BK, B_ELEM)
-        kg = k0 // G
-        if COMPUTE == 1:  # scales into the operands, bf16 MMA (G < BK allowed: BK // G groups)
-            ka = tl.reshape(a.to(tl.float32), [BM, BK // G, G])
-            kb = tl.reshape(b.to(tl.float32), [BN, BK // G, G])
+        if COMPUTE == 1:  # scales into the operands, one bf16 MMA over SPLIT groups
+            a = _load_operand(a_ptr, rm, M, stride_a, k0, K, BM, BK, A_ELEM, PERM, G)
+            b = _load_operand(b_ptr, rn, N, stride_b, k0, K, BN, BK, B_ELEM, PERM, G)
+            ka = tl.reshape(a.to(tl.float32), [BM, SPLIT, G])
+            kb = tl.reshape(b.to(tl.float32), [BN, SPLIT, G])
+            gcols = k0 // G + tl.arange(0, SPLIT)
+            gmask = gcols[None, :] < tl.cdiv(K, G)
             if A_SMODE == 2:
-                gcols = kg + tl.arange(0, BK // G)
-                sa = tl.load(sa_ptr + (rm // A_RD).to(tl.int64)[:, None] * stride_sa + gcols[None, :],
-                             (rm[:, None] < M) & (gcols[None, :] < tl.cdiv(K, G)), other=1.0)
+                sa = tl.load(sa_ptr + (rm // A_RD).to(tl.int64)[:, None] * sa_r + gcols[None, :] * sa_g,
+                             (rm[:, None] < M) & gmask, other=1.0)
                 ka = ka * sa[:, :, None]
             if B_SMODE == 2:
-                gcols = kg + tl.arange(0, BK // G)
-                sb = tl.load(sb_ptr + (rn // B_RD).to(tl.int64)[:, None] * stride_sb + gcols[None, :],
-                             (rn[:, None] < N) & (gcols[None, :] < tl.cdiv(K, G)), other=1.0)
+                sb = tl.load(sb_ptr + (rn // B_RD).to(tl.int64)[:, None] * sb_r + gcols[None, :] * sb_g,
+                             (rn[:, None] < N) & gmask, other=1.0)
                 kb = kb * sb[:, :, None]
             if DOT_BF16:
                 a16 = tl.reshape(ka, [BM, BK]).to(tl.bfloat16)
@@ -118,17 +124,24 @@ def _scaled_gemm_kernel(
             else:  # the interpreter's bf16 dot is wrong; fp32 of the same exact values
                 acc = tl.dot(tl.reshape(ka, [BM, BK]), tl.trans(tl.reshape(kb, [BN, BK])), acc,
                              input_precision="ieee")
-        elif GROUPED:  # BK == G: one scale group per step, rescaled in fp32
-            if COMPUTE == 2:
-                part = tl.dot(a, tl.trans(b), out_dtype=tl.int32).to(tl.float32)
-            else:
-                part = tl.dot(a, tl.trans(b))
-            if A_SMODE == 2:
-                part = part * _group_scale(sa_ptr, rm, M, stride_sa, kg, A_RD)[:, None]
-            if B_SMODE == 2:
-                part = part * _group_scale(sb_ptr, rn, N, stride_sb, kg, B_RD)[None, :]
-            acc += part
+        elif GROUPED:  # one MMA per scale group, rescaled in fp32 registers
+            for s in tl.static_range(SPLIT):
+                kk = k0 + s * G
+                a = _load_operand(a_ptr, rm, M, stride_a, kk, K, BM, G, A_ELEM, PERM, G)
+                b = _load_operand(b_ptr, rn, N, stride_b, kk, K, BN, G, B_ELEM, PERM, G)
+                if COMPUTE == 2:
+                    part = tl.dot(a, tl.trans(b), out_dtype=tl.int32).to(tl.float32)
+                else:
+                    part = tl.dot(a, tl.trans(b))
+                kg = kk // G
+                if A_SMODE == 2:
+                    part = part * _group_scale(sa_ptr, rm, M, sa_r, sa_g, kg, tl.cdiv(K, G), A_RD)[:, None]
+                if B_SMODE == 2:
+                    part = part * _group_scale(sb_ptr, rn, N, sb_r, sb_g, kg, tl.cdiv(K, G), B_RD)[None, :]
+                acc += part
         else:
+            a = _load_operand(a_ptr, rm, M, stride_a, k0, K, BM, BK, A_ELEM, PERM, BK)
+            b = _load_operand(b_ptr, rn, N, stride_b, k0, K, BN, BK, B_ELEM, PERM, BK)
             if COMPUTE == 2:
                 acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
             else:
@@ -136,11 +149,11 @@ def _scaled_gemm_kernel(
     out = acc.to(tl.float32)
     # Epilogue: row / tensor scales, NVFP4 tensor scales, bias.
     if A_SMODE == 1:
-        out = out * tl.load(sa_ptr + rm.to(tl.int64) * stride_sa, rm < M, other=1.0)[:, None]
+        out = out * tl.load(sa_ptr + rm.to(tl.int64) * sa_r, rm < M, other=1.0)[:, None]
     elif A_SMODE == 0:
         out = out * tl.load(sa_ptr)
     if B_SMODE == 1:
-        out = out * tl.load(sb_ptr + rn.to(tl.int64) * stride_sb, rn < N, other=1.0)[None, :]
+        out = out * tl.load(sb_ptr + rn.to(tl.int64) * sb_r, rn < N, other=1.0)[None, :]
     elif B_SMODE == 0:
         out = out * tl.load(sb_ptr)
     if A_TS:
@@ -155,15 +168,29 @@ def _scaled_gemm_kernel(
 
 
 def _configs() -> list[triton.Config]:
-    # H100: 128-wide tiles keep the MMA busy; deeper pipelines hide the small BK=32 steps of MX.
+    # H100: 128-wide tiles keep the MMA busy; SPLIT groups per K step amortize the loop.
     out = []
-    for bm, bn, w, s in [(128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 5)]:
-        out.append(triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w, num_stages=s))
+    for bm, bn, w, st in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 64, 4, 4)]:
+        for split in (1, 2, 4, 8):
+            out.append(triton.Config({"BM": bm, "BN": bn, "SPLIT": split, "GROUP_M": 8},
+                                     num_warps=w, num_stages=st))
     return out
 
 
-_KEY = ["M", "N", "K", "A_ELEM", "B_ELEM", "A_SMODE", "B_SMODE", "COMPUTE", "BK", "G"]
-scaled_gemm_tuned = triton.autotune(configs=_configs(), key=_KEY)(_scaled_gemm_kernel)
+def _prune(configs, named_args, **kwargs):
+    # Keep K steps of 64..128 elements (32..128 for per-group MMAs); the rest waste compile time.
+    g = kwargs.get("G", named_args.get("G"))
+    grouped = 2 in (kwargs.get("A_SMODE", named_args.get("A_SMODE")),
+                    kwargs.get("B_SMODE", named_args.get("B_SMODE")))
+    compute = kwargs.get("COMPUTE", named_args.get("COMPUTE"))
+    lo = 32 if grouped and compute != 1 else 64
+    kept = [c for c in configs if lo <= g * c.kwargs["SPLIT"] <= 128]
+    return kept or configs[:1]
+
+
+_KEY = ["M", "N", "K", "A_ELEM", "B_ELEM", "A_SMODE", "B_SMODE", "COMPUTE", "G"]
+scaled_gemm_tuned = triton.autotune(configs=_configs(), key=_KEY,
+                                    prune_configs_by={"early_config_prune": _prune})(_scaled_gemm_kernel)
 
 
 def interpret() -> bool:

@@ -6,6 +6,8 @@ scaling.py (`compute_scale`) operation for operation; see lowbit/kernels/quantiz
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,12 @@ def _exp2i(k):
 
 
 @triton.jit
+def _exp2n(k):
+    # 2^k for k in the normal range [-126, 127] (element-format exponents): two integer ops.
+    return ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _floor_log2(a):
     # floor(log2 a) for a >= 0 from the exponent field (fp32 subnormals and 0 give -127).
     return ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -44,13 +52,13 @@ def _round_float(y, u, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constex
     a = tl.abs(y)
     a = tl.where(a > FMAX, FMAX, a)  # saturate; NaN compares false and stays NaN
     et = tl.minimum(tl.maximum(_floor_log2(a), EMIN), EMAX)
-    v = a * _exp2i(MBITS - et)
+    v = a * _exp2n(MBITS - et)
     if SR:
         fl = tl.floor(v)
         r = fl + ((v - fl) > u).to(tl.float32)
     else:
         r = (v + _TWO23) - _TWO23  # round half to even for 0 <= v < 2^22
-    q = r * _exp2i(et - MBITS)
+    q = r * _exp2n(et - MBITS)
     sign = (y.to(tl.int32, bitcast=True) >> 31) << 31  # copysign(q, y)
     q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     if HAS_INF:
@@ -76,7 +84,7 @@ def _fp8_bits(q, EM: tl.constexpr, EB: tl.constexpr, HAS_INF: tl.constexpr):
     a = tl.abs(q)
     a = tl.where((a == a) & (a != _INF), a, 0.0)  # NaN/Inf get their codes below, not a cast
     et = tl.maximum(_floor_log2(a), 1 - EB)
-    sig = (a * _exp2i(EM - et)).to(tl.int32)  # hidden bit included for normals, exact
+    sig = (a * _exp2n(EM - et)).to(tl.int32)  # hidden bit included for normals, exact
     bits = ((et + EB - 1) << EM) + sig
     bits = tl.where(q != q, 0x7F, bits)
     if HAS_INF:
@@ -85,10 +93,13 @@ def _fp8_bits(q, EM: tl.constexpr, EB: tl.constexpr, HAS_INF: tl.constexpr):
 
 
 @triton.jit
-def _encode(q, ENC: tl.constexpr):
+def _encode(q, ENC: tl.constexpr, HW_FP8: tl.constexpr):
     # Storage code (int32 in [0, 255]) of grid values q; see lowbit/quant/qtensor.py `encode`.
     if ENC == 0:
-        return _fp8_bits(q, 3, 7, False)
+        if HW_FP8:  # q is exactly representable, so the hardware cast is exact (one instruction)
+            return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        else:  # the interpreter's fp8 cast rounds wrongly: assemble the bits
+            return _fp8_bits(q, 3, 7, False)
     elif ENC == 1:
         return _fp8_bits(q, 2, 15, True)
     else:
@@ -113,7 +124,8 @@ def _tensor_scale(t_amax, FMAX: tl.constexpr):
 
 @triton.jit
 def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.constexpr):
-    # (stored scale, effective divisor) from the group amax, as scaling.compute_scale.
+    # (stored scale, effective divisor) from the group amax, as scaling.compute_scale. For e8m0
+    # scales the second value is the reciprocal 2^-e instead (a multiply, not a division).
     bad = (amax != amax) | (amax == _INF)
     fmax = tl.zeros_like(amax) + FMAX
     if SMODE == 0:
@@ -136,19 +148,24 @@ def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.cons
             e = tl.minimum(e, 127)
         s = _exp2i(e)
         s = tl.where(bad, _nan_like(s), s)
-        eff = s
+        eff = tl.where(bad, s, _exp2i(-e))  # the exact reciprocal: x * 2^-e == x / 2^e bit for bit
     return s, eff
 
 
 @triton.jit
 def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: tl.constexpr,
                 KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-                FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr, SR: tl.constexpr):
-    # x: [BR, NG*GG] fp32, eff3: divisor broadcastable to [BR, NG, GG] -> codes [BR, NG*GG] int32.
+                FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr, SR: tl.constexpr,
+                SMODE: tl.constexpr, HW_FP8: tl.constexpr):
+    # x: [BR, NG*GG] fp32, eff3: divisor (reciprocal for e8m0) broadcastable to [BR, NG, GG]
+    # -> codes [BR, NG*GG] int32.
     x3 = tl.reshape(x, [BR, NG, GG])
-    zero = eff3 == 0  # an e4m3 block scale underflowed: the block is zero
-    y = tl.div_rn(x3, tl.where(zero, 1.0, eff3))
-    y = tl.where(zero, 0.0, y)
+    if SMODE == 1 or SMODE == 2:
+        y = x3 * eff3
+    else:
+        zero = eff3 == 0  # an e4m3 block scale underflowed: the block is zero
+        y = tl.div_rn(x3, tl.where(zero, 1.0, eff3))
+        y = tl.where(zero, 0.0, y)
     u = y
     if SR:
         h = (idx + seed_off).to(tl.uint32)  # lowbias32 of (index + seed * golden) mod 2^32
@@ -162,7 +179,27 @@ def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: 
         q = _round_int(y, u, FMAX, SR)
     else:
         q = _round_float(y, u, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR)
-    return tl.reshape(_encode(q, ENC), [BR, NG * GG])
+    return tl.reshape(_encode(q, ENC, HW_FP8), [BR, NG * GG])
+
+
+@triton.jit
+def _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS: tl.constexpr):
+    # [BR, BC] fp32 tile; zeros outside the matrix (they never raise an amax).
+    if TRANS:  # rows are the contiguous axis (X^T of a row-major X): load [BC, BR], coalesced
+        m = (cols[:, None] < K) & (rows[None, :] < R)
+        p = x_ptr + cols.to(tl.int64)[:, None] * sxk + rows.to(tl.int64)[None, :] * sxr
+        return tl.trans(tl.load(p, m, other=0.0).to(tl.float32))
+    else:
+        m = (rows[:, None] < R) & (cols[None, :] < K)
+        p = x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxk
+        return tl.load(p, m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _abs_bits(x):
+    # |x| as int32 bits: integer max orders them like floats and keeps NaN (> Inf) on top, so one
+    # integer reduction gives an amax that propagates NaN as the reference's does.
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -180,77 +217,71 @@ def _store_codes(d_ptr, codes, rows, cols, c0, R, K, sdr, BR: tl.constexpr, BC: 
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, d_ptr, s_ptr, ts_ptr, ga_ptr, ta_ptr, R, K, sxr, sxk, sdr, ssr, seed_off,
+    x_ptr, d_ptr, s_ptr, ts_ptr, ga_ptr, ta_ptr, R, K, sxr, sxk, sdr, ssr, ssc, seed_off,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     rmask = rows < R
-    roff = rows.to(tl.int64)[:, None] * sxr
     t_amax = 1.0
     if SMODE == 3:
         t_amax = tl.load(ta_ptr)  # the data's own amax (NVFP4 tensor scale), not an override
     if GMODE == 1:  # row: amax over the whole row first, then quantize (second read hits L2)
-        amax = tl.zeros([BR], tl.float32)
-        nan = tl.zeros([BR], tl.int32)
+        amax = tl.zeros([BR], tl.int32)
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
-            m = rmask[:, None] & (cols[None, :] < K)
-            x = tl.load(x_ptr + roff + cols[None, :].to(tl.int64) * sxk, m, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-            nan = nan | tl.max((x != x).to(tl.int32), axis=1)
-        amax = tl.where(nan != 0, _nan_like(amax), amax)
+            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+            amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=1))
+        amax = amax.to(tl.float32, bitcast=True)
         s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
         tl.store(s_ptr + rows * ssr, s, rmask)
         eff3 = tl.reshape(eff, [BR, 1, 1])
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
-            m = rmask[:, None] & (cols[None, :] < K)
-            x = tl.load(x_ptr + roff + cols[None, :].to(tl.int64) * sxk, m, other=0.0).to(tl.float32)
+            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
             idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
             codes = _quant_tile(x, eff3, idx, seed_off, BR, 1, BC, KIND_INT, MBITS, EMIN, EMAX, FMAX,
-                                HAS_INF, ENC, SR)
+                                HAS_INF, ENC, SR, SMODE, HW_FP8)
             _store_codes(d_ptr, codes, rows, cols, k0, R, K, sdr, BR, BC, PACK)
     else:
         cols = pid_c * BC + tl.arange(0, BC)
-        m = rmask[:, None] & (cols[None, :] < K)
-        x = tl.load(x_ptr + roff + cols[None, :].to(tl.int64) * sxk, m, other=0.0).to(tl.float32)
+        x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
         idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
         if GMODE == 0:  # 1-D blocks of G along K
             NG: tl.constexpr = BC // G
-            a3 = tl.reshape(tl.abs(x), [BR, NG, G])
-            amax = tl.max(a3, axis=2)
-            nan = tl.max(tl.reshape((x != x).to(tl.int32), [BR, NG, G]), axis=2)
-            amax = tl.where(nan != 0, _nan_like(amax), amax)
+            amax = tl.max(tl.reshape(_abs_bits(x), [BR, NG, G]), axis=2).to(tl.float32, bitcast=True)
             s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
             gcols = pid_c * NG + tl.arange(0, NG)
             gm = rmask[:, None] & (gcols[None, :] < (K + G - 1) // G)
-            tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :], s, gm)
+            tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
             codes = _quant_tile(x, tl.reshape(eff, [BR, NG, 1]), idx, seed_off, BR, NG, G, KIND_INT,
-                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR)
+                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
         else:
             if GMODE == 2:  # tensor: amax from the pre-pass (or the delayed-scaling history)
                 amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
             else:  # 2-D tile: this program's whole [BR, BC] tile is one group
-                a = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-                nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
-                amax = tl.where(nan != 0, _nan_like(a), a) + tl.zeros([1, 1], tl.float32)
+                a = tl.max(tl.max(_abs_bits(x), axis=1), axis=0).to(tl.float32, bitcast=True)
+                amax = a + tl.zeros([1, 1], tl.float32)
             s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
             if GMODE == 3:
-                tl.store(s_ptr + pid_r * ssr + pid_c + tl.zeros([1, 1], tl.int32), s)
+                tl.store(s_ptr + pid_r * ssr + pid_c * ssc + tl.zeros([1, 1], tl.int32), s)
             elif (pid_r == 0) & (pid_c == 0):
                 tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
             codes = _quant_tile(x, tl.reshape(eff, [1, 1, 1]), idx, seed_off, BR, 1, BC, KIND_INT,
-                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR)
+                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
         _store_codes(d_ptr, codes, rows, cols, pid_c * BC, R, K, sdr, BR, BC, PACK)
     if SMODE == 3:
         if (pid_r == 0) & (pid_c == 0):
             t = _tensor_scale(t_amax, FMAX) + tl.zeros([1], tl.float32)
             tl.store(ts_ptr + tl.zeros([1], tl.int32), t)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -266,27 +297,27 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
            g_amax: torch.Tensor | None, t_amax: torch.Tensor | None, fmt: ElementFormat, enc: int,
            packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int) -> None:
     r, k = x2.shape
-    kp = _next_pow2(k)
-    g = 1
-    if gmode == 0:  # 1-D block
-        g = int(block)
-        bc = max(g, min(kp, 128))
-        br = max(1, min(_next_pow2(r), TILE_ELEMS // bc))
-    elif gmode == 1:  # row
-        bc = max(2, min(kp, ROW_CHUNK))
-        br = max(1, min(_next_pow2(r), TILE_ELEMS // bc))
-    elif gmode == 2:  # tensor
-        bc = max(2, min(kp, 128))
-        br = max(1, min(_next_pow2(r), TILE_ELEMS // bc))
-    else:
+    kp, rp = _next_pow2(k), _next_pow2(r)
+    # X^T views (rows contiguous) load [BC, BR] tiles and transpose in registers: make BR wide.
+    trans = x2.stride(1) != 1 and x2.stride(0) == 1 and r > 1
+    g = int(block) if gmode == 0 else 1
+    if gmode == 3:
         br, bc = int(block[0]), int(block[1])
+    elif trans:
+        br = max(1, min(rp, 64))
+        bc = max(g, min(kp, TILE_ELEMS // br))
+    else:
+        chunk = ROW_CHUNK if gmode == 1 else 128
+        bc = max(g, 2, min(kp, chunk))
+        br = max(1, min(rp, TILE_ELEMS // bc))
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
     dummy = scale
     _quantize_kernel[grid](
         x2, data, scale, tscale if tscale is not None else dummy,
         g_amax if g_amax is not None else dummy, t_amax if t_amax is not None else dummy,
-        r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), seed_off,
+        r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), seed_off,
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
-        BR=br, BC=bc, G=g, num_warps=4 if br * bc <= 4096 else 8,
+        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not _interpret(),
+        num_warps=4 if br * bc <= 4096 else 8,
     )

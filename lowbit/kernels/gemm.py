@@ -78,15 +78,26 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
         compute = 1  # NVFP4: scales folded into bf16 operands
     else:
         compute = 0
-    if g and compute != 1:
-        bk = g
-    elif g:
-        bk = 32
-    else:
-        bk = 32 if interpret else 128
-    return dict(A_ELEM=ea, B_ELEM=eb, A_SMODE=ma, B_SMODE=mb, A_RD=rda, B_RD=rdb, G=g or 1,
-                A_TS=qa.tensor_scale is not None, B_TS=qb.tensor_scale is not None, COMPUTE=compute, BK=bk,
-                DOT_BF16=not interpret)
+    # G is the K granularity of a step (BK = G * SPLIT); without group scales any 32 will do.
+    return dict(A_ELEM=ea, B_ELEM=eb, A_SMODE=ma, B_SMODE=mb, A_RD=rda, B_RD=rdb, G=g or 32,
+                A_TS=qa.tensor_scale is not None, B_TS=qb.tensor_scale is not None, COMPUTE=compute,
+                DOT_BF16=not interpret, PERM=ea in (1, 3) or eb in (1, 3))
+
+
+# Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);
+# tests switch it off to bound compile time, benchmarks keep it.
+AUTOTUNE = True
+
+
+def fixed_config(plan: dict, interpret: bool = False) -> dict:
+    """A reasonable config without autotuning: K steps of 64..128 elements, 128-wide tiles."""
+    if interpret:
+        return {"BM": 32, "BN": 32, "SPLIT": 2, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+    split = max(1, 128 // plan["G"]) if plan["COMPUTE"] == 1 or plan["G"] > 32 else 2
+    grouped = 2 in (plan["A_SMODE"], plan["B_SMODE"])
+    if not grouped:
+        split = 4
+    return {"BM": 128, "BN": 128, "SPLIT": split, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _data2d(q: QTensor) -> torch.Tensor:
@@ -95,12 +106,13 @@ def _data2d(q: QTensor) -> torch.Tensor:
 
 
 def _scale2d(q: QTensor) -> torch.Tensor:
+    """Scales as (rows, groups) with any strides (the kernel reads both); one column otherwise."""
     s = q.scale.float()
     if s.dim() == 0:
         return s.reshape(1, 1)
     if s.dim() == 1:
         return s.reshape(-1, 1)
-    return s if s.stride(-1) == 1 else s.contiguous()
+    return s
 
 
 def scaled_gemm(
@@ -112,7 +124,7 @@ def scaled_gemm(
 ) -> torch.Tensor:
     """fp32/bf16 (M × N) = dequant(qa) · dequant(qb)^T (+ bias), fp32 accumulation on the Triton GEMM.
 
-    `config` ({"BM", "BN", "GROUP_M", "num_warps", "num_stages"}) skips autotuning (benchmarks).
+    `config` ({"BM", "BN", "SPLIT", "GROUP_M", "num_warps", "num_stages"}) skips autotuning.
     """
     reason = why_not(qa, qb)
     if reason is not None:
@@ -129,12 +141,12 @@ def scaled_gemm(
     ta = qa.tensor_scale.float().reshape(1) if qa.tensor_scale is not None else sa
     tb = qb.tensor_scale.float().reshape(1) if qb.tensor_scale is not None else sb
     plan = _plan(qa, qb, interpret)
-    args = (a, b, sa, sb, ta, tb, bias if bias is not None else sa, out, m, n, k,
-            a.stride(0), b.stride(0), sa.stride(0), sb.stride(0), out.stride(0), out.stride(1))
+    args = (a, b, sa, sb, ta, tb, bias if bias is not None else sa, out, m, n, k, a.stride(0), b.stride(0),
+            sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), out.stride(0), out.stride(1))
     if m == 0 or n == 0:
         return out
-    if interpret or config is not None:
-        cfg = config or {"BM": 32, "BN": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+    if interpret or config is not None or not AUTOTUNE:
+        cfg = config or fixed_config(plan, interpret)
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
         kt._scaled_gemm_kernel[grid](*args, **plan, HAS_BIAS=bias is not None, **cfg)
     else:

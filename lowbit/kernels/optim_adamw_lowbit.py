@@ -209,7 +209,8 @@ def _adamw4bit_flat_multi(
     beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
     BPP: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
-    # Both moments block-wise (128), for 1-D tensors. Byte b holds elements 2b (low) and 2b+1 (high).
+    # Both moments block-wise (128), for 1-D tensors. Byte j of block b holds elements 128b + j
+    # (low nibble) and 128b + 64 + j (high nibble): see qmaps.pack_nibbles.
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
     n = tl.load(numels + t)
@@ -219,13 +220,15 @@ def _adamw4bit_flat_multi(
     vq_ptr, vabs_ptr = _ptr(ptrs, 4, T, t, tl.uint8), _ptr(ptrs, 5, T, t, tl.float32)
     comp_ptr = _ptr(ptrs, 6, T, t, tl.bfloat16)
     rows = tl.load(prog_a + pid) * BPP + tl.arange(0, BPP)
-    boffs = rows[:, None] * 64 + tl.arange(0, 64)[None, :]
-    even = boffs * 2
-    odd = even + 1
+    j = tl.arange(0, 64)[None, :]
+    boffs = rows[:, None] * 64 + j
+    even = rows[:, None] * 128 + j  # low nibbles: the first half of the block
+    odd = even + 64  # high nibbles: the second half
     emask, omask = even < n, odd < n
     rmask = rows * 128 < n
-    mb = tl.load(mq_ptr + boffs, mask=emask, other=0).to(tl.int32)
-    vb = tl.load(vq_ptr + boffs, mask=emask, other=0).to(tl.int32)
+    bmask = rmask[:, None] & (j >= 0)
+    mb = tl.load(mq_ptr + boffs, mask=bmask, other=0).to(tl.int32)
+    vb = tl.load(vq_ptr + boffs, mask=bmask, other=0).to(tl.int32)
     ms = tl.load(mabs_ptr + rows, mask=rmask, other=0)[:, None]
     vs = tl.load(vabs_ptr + rows, mask=rmask, other=0)[:, None]
     pe = tl.load(p_ptr + even, mask=emask, other=0).to(tl.float32)
@@ -242,12 +245,12 @@ def _adamw4bit_flat_multi(
     v_abs = tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1))
     m_inv = _inv(m_abs)[:, None]
     v_inv = _inv(v_abs)[:, None]
-    mqe = _code16(_unit(me, m_inv), mmid)
-    mqo = tl.where(omask, _code16(_unit(mo, m_inv), mmid), 0)  # padding codes are 0
-    vqe = _code_linear16(_unit(ve, v_inv))
+    mqe = tl.where(emask, _code16(_unit(me, m_inv), mmid), 0)  # padding codes are 0
+    mqo = tl.where(omask, _code16(_unit(mo, m_inv), mmid), 0)
+    vqe = tl.where(emask, _code_linear16(_unit(ve, v_inv)), 0)
     vqo = tl.where(omask, _code_linear16(_unit(vo, v_inv)), 0)
-    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=emask)
-    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=emask)
+    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=bmask)
+    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=bmask)
     tl.store(mabs_ptr + rows, m_abs, mask=rmask)
     tl.store(vabs_ptr + rows, v_abs, mask=rmask)
     _store_param(p_ptr, comp_ptr, even, emask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
@@ -256,8 +259,9 @@ def _adamw4bit_flat_multi(
 
 @triton.jit
 def _rank1_tile(r, seg, nrows, ncols):
-    # Tile of BR rows × one 128-column segment, as 64 (even, odd) column pairs = 64 bytes per row.
-    ce = seg * 128 + 2 * tl.arange(0, 64)
+    # Tile of BR rows × one 128-column segment (one packed block per row): columns seg·128 + j
+    # (low nibbles, "even") and seg·128 + 64 + j (high nibbles, "odd") for j < 64.
+    ce = seg * 128 + tl.arange(0, 64)
     even = r[:, None] * ncols + ce[None, :]
     mask = (r < nrows)[:, None] & (ce < ncols)[None, :]
     return ce, even, mask
@@ -277,17 +281,18 @@ def _v_rowcol_max_multi(
     row_new, col_new = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
     r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
     ce, even, mask = _rank1_tile(r, tl.load(prog_b + pid), nrows, ncols)
-    vb = tl.load(vq_ptr + even // 2, mask=mask, other=0).to(tl.int32)
+    boffs = (r * (ncols // 128) + tl.load(prog_b + pid))[:, None] * 64 + tl.arange(0, 64)[None, :]
+    vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
     row = tl.load(row_old + r, mask=r < nrows, other=0)[:, None]
     se = tl.minimum(row, tl.load(col_old + ce)[None, :])
-    so = tl.minimum(row, tl.load(col_old + ce + 1)[None, :])
+    so = tl.minimum(row, tl.load(col_old + ce + 64)[None, :])
     ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
-    go = tl.load(g_ptr + even + 1, mask=mask, other=0).to(tl.float32)
+    go = tl.load(g_ptr + even + 64, mask=mask, other=0).to(tl.float32)
     ve = tl.where(mask, (tl.load(vtab + (vb & 0xF)) * se) * beta2 + (ge * ge) * omb2, 0.0)
     vo = tl.where(mask, (tl.load(vtab + (vb >> 4)) * so) * beta2 + (go * go) * omb2, 0.0)
     tl.atomic_max(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), mask=r < nrows)
     tl.atomic_max(col_new + ce, tl.max(ve, axis=0))
-    tl.atomic_max(col_new + ce + 1, tl.max(vo, axis=0))
+    tl.atomic_max(col_new + ce + 64, tl.max(vo, axis=0))
 
 
 @triton.jit
@@ -311,15 +316,15 @@ def _adamw4bit_rank1_multi(
     r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
     rmask = r < nrows
     ce, even, mask = _rank1_tile(r, seg, nrows, ncols)
-    odd = even + 1
-    boffs = even // 2
+    odd = even + 64
     mblk = r * (ncols // 128) + seg
+    boffs = mblk[:, None] * 64 + tl.arange(0, 64)[None, :]
     mb = tl.load(mq_ptr + boffs, mask=mask, other=0).to(tl.int32)
     vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
     ms = tl.load(mabs_ptr + mblk, mask=rmask, other=0)[:, None]
     row = tl.load(row_old + r, mask=rmask, other=0)[:, None]
     vse = tl.minimum(row, tl.load(col_old + ce)[None, :])
-    vso = tl.minimum(row, tl.load(col_old + ce + 1)[None, :])
+    vso = tl.minimum(row, tl.load(col_old + ce + 64)[None, :])
     pe = tl.load(p_ptr + even, mask=mask, other=0).to(tl.float32)
     po = tl.load(p_ptr + odd, mask=mask, other=0).to(tl.float32)
     ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
@@ -335,7 +340,7 @@ def _adamw4bit_rank1_multi(
     # the whole row or column of v is 0, which codes the same under any finite factor.
     inv_row = _inv(tl.load(row_new + r, mask=rmask, other=0))[:, None]
     inv_e = tl.maximum(inv_row, _inv(tl.load(col_new + ce))[None, :])
-    inv_o = tl.maximum(inv_row, _inv(tl.load(col_new + ce + 1))[None, :])
+    inv_o = tl.maximum(inv_row, _inv(tl.load(col_new + ce + 64))[None, :])
     mqe = _code16(_unit(me, m_inv), mmid)
     mqo = _code16(_unit(mo, m_inv), mmid)
     vqe = _code_linear16(_unit(ve, inv_e))

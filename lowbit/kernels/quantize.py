@@ -133,15 +133,17 @@ def quantize_2d(
     if b == "tensor":
         g_amax = amax.float().reshape(1).to(dev) if amax is not None else own
     t_amax = own if spec.scale == "e4m3" else None
+    # Group scales are stored group-major (a transposed view of the (rows, groups) shape): the GEMM
+    # then reads one K-group's scales for a tile of rows contiguously.
     if isinstance(b, int):
-        gmode, scale = _G1D, torch.empty((r, -(-k // b)), dtype=torch.float32, device=dev)
+        gmode, scale = _G1D, torch.empty((-(-k // b), r), dtype=torch.float32, device=dev).t()
     elif b == "row":
         gmode, scale = _GROW, torch.empty((r, 1), dtype=torch.float32, device=dev)
     elif b == "tensor":
         gmode, scale = _GTENSOR, torch.empty((1, 1), dtype=torch.float32, device=dev)
     else:
         gmode = _GTILE
-        scale = torch.empty((-(-r // b[0]), -(-k // b[1])), dtype=torch.float32, device=dev)
+        scale = torch.empty((-(-k // b[1]), -(-r // b[0])), dtype=torch.float32, device=dev).t()
     tscale = torch.empty((1,), dtype=torch.float32, device=dev) if spec.scale == "e4m3" else None
     launch(
         x2, data, scale, tscale, g_amax, t_amax, fmt, enc, packed, _SCALE[spec.scale], gmode, b,
