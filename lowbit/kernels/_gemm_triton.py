@@ -134,11 +134,15 @@ def _scaled_gemm_kernel(
                 else:
                     part = tl.dot(a, tl.trans(b))
                 kg = kk // G
-                if A_SMODE == 2:
-                    part = part * _group_scale(sa_ptr, rm, M, sa_r, sa_g, kg, tl.cdiv(K, G), A_RD)[:, None]
-                if B_SMODE == 2:
-                    part = part * _group_scale(sb_ptr, rn, N, sb_r, sb_g, kg, tl.cdiv(K, G), B_RD)[None, :]
-                acc += part
+                # One outer-product multiply and one FMA per accumulator element and group.
+                if A_SMODE == 2 and B_SMODE == 2:
+                    sa = _group_scale(sa_ptr, rm, M, sa_r, sa_g, kg, tl.cdiv(K, G), A_RD)
+                    sb = _group_scale(sb_ptr, rn, N, sb_r, sb_g, kg, tl.cdiv(K, G), B_RD)
+                    acc += part * (sa[:, None] * sb[None, :])
+                elif A_SMODE == 2:
+                    acc += part * _group_scale(sa_ptr, rm, M, sa_r, sa_g, kg, tl.cdiv(K, G), A_RD)[:, None]
+                else:
+                    acc += part * _group_scale(sb_ptr, rn, N, sb_r, sb_g, kg, tl.cdiv(K, G), B_RD)[None, :]
         else:
             a = _load_operand(a_ptr, rm, M, stride_a, k0, K, BM, BK, A_ELEM, PERM, BK)
             b = _load_operand(b_ptr, rn, N, stride_b, k0, K, BN, BK, B_ELEM, PERM, BK)
