@@ -74,7 +74,7 @@ def run_one(variant: str) -> list[dict]:
                 ref = x.float() @ w.float().T
                 rel = float((layer(x).float() - ref).norm() / ref.norm())
         torch.cuda.reset_peak_memory_stats()
-        t = float(do_bench(step, warmup=50, rep=200, grad_to_none=[x, w], return_mode="median"))
+        t = float(do_bench(step, warmup=25, rep=100, grad_to_none=[x, w], return_mode="median"))
         rows.append(dict(variant=variant, shape=f"{k}->{n}", ms=t, rel_err=rel,
                          peak_GiB=torch.cuda.max_memory_allocated() / 2**30))
     return rows
