@@ -89,9 +89,13 @@ def test_rank1_quantization():
 def test_pack_nibbles_roundtrip():
     c = torch.randint(0, 16, (7,), dtype=torch.uint8)
     packed = qmaps.pack_nibbles(c)
-    assert packed.numel() == 4
-    assert packed[0] == c[0] | (c[1] << 4)
+    assert packed.numel() == 64 and packed[0] == c[0] and (packed[7:] == 0).all()
     assert torch.equal(qmaps.unpack_nibbles(packed, 7), c)
+    c = torch.randint(0, 16, (300,), dtype=torch.uint8)
+    packed = qmaps.pack_nibbles(c)
+    assert packed.numel() == 3 * 64
+    assert packed[130 - 64] == c[130] | (c[194] << 4)  # block 1, byte 2: codes 128+2 and 128+66
+    assert torch.equal(qmaps.unpack_nibbles(packed, 300), c)
 
 
 @pytest.mark.parametrize(

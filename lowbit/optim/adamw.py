@@ -156,9 +156,9 @@ class LowBitAdamW(torch.optim.Optimizer):
             state["exp_avg_sq_codes"] = torch.zeros(n, dtype=torch.uint8, device=dev)
             state["exp_avg_sq_absmax"] = torch.zeros(nb, dtype=torch.float32, device=dev)
         else:
-            nbytes = -(-n // 2)
-            z = self._zero_code(4, True)
-            state["exp_avg_codes"] = torch.full((nbytes,), z | (z << 4), dtype=torch.uint8, device=dev)
+            nbytes = -(-n // 128) * 64  # qmaps.pack_nibbles layout
+            # With scale 0 every code decodes to 0; zero bytes match the packing's padding.
+            state["exp_avg_codes"] = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
             state["exp_avg_absmax"] = torch.zeros(-(-n // 128), dtype=torch.float32, device=dev)
             # Code 0 of the zero-free linear map is its smallest value; with scale 0 it decodes to 0.
             state["exp_avg_sq_codes"] = torch.zeros(nbytes, dtype=torch.uint8, device=dev)

@@ -144,18 +144,20 @@ def dequantize_rank1(
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [n] → bytes [ceil(n / 2)]: element 2k in the low nibble, 2k + 1 in the high one."""
+    """4-bit codes [n] → bytes [ceil(n / 128) · 64]. Within each block of 128 codes, byte j holds
+    code j (low nibble) and code 64 + j (high nibble): the kernels then read and write params,
+    grads and codes in contiguous runs of 64 rather than with stride 2. Padding codes are 0."""
     n = codes.numel()
-    if n % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    pairs = codes.view(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+    nb = -(-n // 128)
+    padded = torch.zeros(nb * 128, dtype=torch.uint8, device=codes.device)
+    padded[:n] = codes
+    halves = padded.view(nb, 2, 64)
+    return (halves[:, 0] | (halves[:, 1] << 4)).reshape(-1)
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    lo = packed & 0xF
-    hi = packed >> 4
-    return torch.stack([lo, hi], dim=1).view(-1)[:n]
+    b = packed.view(-1, 64)
+    return torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)[:n]
 
 
 # ---------------------------------------------------------------------------------------------
