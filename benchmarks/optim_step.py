@@ -87,6 +87,22 @@ SWEEPS = {
 }
 
 
+def kernel_times(step, steps: int = 3) -> dict:
+    """GPU time per kernel name per step, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(t / 1e3 / steps, 3)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+
+
 def bench(names: list[str], shapes, rep_ms: int, sweeps: dict | None = None) -> list[dict]:
     import triton.testing
 
@@ -127,6 +143,7 @@ def bench(names: list[str], shapes, rep_ms: int, sweeps: dict | None = None) -> 
         if hasattr(opt, "state_bytes"):
             row["state_tensor_bytes_per_param"] = opt.state_bytes() / n_params
         if name in sweeps:
+            row["kernels_ms_per_step"] = kernel_times(opt.step)
             from lowbit.kernels import optim_adamw_lowbit as k
 
             saved = dict(k.CONFIG)
