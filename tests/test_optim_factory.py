@@ -148,3 +148,18 @@ def test_load_keeps_fp32_scales_for_bf16_params():
     opt2.load_state_dict(_roundtrip(opt.state_dict()))
     assert opt2.state[w]["exp_avg_absmax"].dtype == torch.float32
     assert torch.equal(opt2.state[w]["exp_avg_absmax"], opt.state[w]["exp_avg_absmax"])
+
+
+def test_optimizers_import_and_step_without_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # an import of triton now raises ImportError
+        "import torch\n"
+        "from lowbit.optim import AdamW4bit, build_optimizer, OptimConfig\n"
+        "p = torch.nn.Parameter(torch.randn(64, 128)); o = AdamW4bit([p]); p.grad = torch.randn_like(p)\n"
+        "o.step(); assert 'lowbit.kernels.optim_adamw_lowbit' not in sys.modules\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
