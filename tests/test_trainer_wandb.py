@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wandb_records import history
+from wandb_records import history, record_kinds
 
 
 def test_offline_wandb_files_hold_logged_metrics(small_run, tmp_path):
@@ -15,7 +15,7 @@ def test_offline_wandb_files_hold_logged_metrics(small_run, tmp_path):
     assert len(files) == 1, files
     rows = history(files[0])
     train = {r["_step"]: r["train/loss"] for r in rows if "train/loss" in r}
-    assert sorted(train) == list(range(1, 11))
+    assert sorted(train) == list(range(1, 11)), (files[0].stat().st_size, record_kinds(files[0]))
     assert train[10] == s["train_losses"][-1][1]
     vals = [r["val/loss"] for r in rows if "val/loss" in r]
     assert vals[-1] == s["final_val_loss"]

@@ -14,7 +14,24 @@ from pathlib import Path
 BLOCK = 32768
 
 
+def record_kinds(path: Path) -> dict[str, int]:
+    """How many records of each type the file holds (for failure messages)."""
+    from collections import Counter
+
+    return dict(Counter(rec.WhichOneof("record_type") for rec in _records(path)))
+
+
 def history(path: Path) -> list[dict]:
+    rows = []
+    for rec in _records(path):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            )
+    return rows
+
+
+def _records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2 as pb
 
     raw = path.read_bytes()
@@ -38,12 +55,9 @@ def history(path: Path) -> list[dict]:
             pending += data
         elif kind == 4:
             payloads.append(pending + data)
-    rows = []
+    out = []
     for data in payloads:
         rec = pb.Record()
         rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append(
-                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
-            )
-    return rows
+        out.append(rec)
+    return out
