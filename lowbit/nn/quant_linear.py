@@ -10,9 +10,10 @@ activation memory held between forward and backward shrinks with the format; the
 Parameter that is kept anyway.
 
 Randomness (Hadamard signs, stochastic rounding, leverage sampling) takes one seed per GEMM call
-from the layer's own torch.Generator, seeded by `seed` (and mixed with the data-parallel rank):
-runs repeat exactly. (The generator's state
-is not checkpointed; a resumed run draws different, equally valid noise.)
+from the layer's own torch.Generator (`layer.generator`), seeded by `seed` and mixed with the
+data-parallel rank: runs repeat exactly, and the trainer's checkpoints save and restore these
+generators, so a resumed run draws the same noise as an uninterrupted one. Delayed-scaling amax
+histories are not checkpointed (a non-persistent buffer, so state dicts match across recipes).
 
 Under autocast the GEMMs still compute in fp32 from the quantized values (autocast is switched
 off inside), and the output takes the autocast dtype, as nn.Linear's would.
