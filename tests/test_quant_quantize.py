@@ -171,3 +171,32 @@ def test_bad_specs_name_value_and_choices(kwargs, match):
 def test_2d_block_needs_matrix():
     with pytest.raises(ValueError, match="needs a matrix"):
         quantize(torch.randn(2, 3, 4), QuantSpec("fp8_e4m3", (2, 2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec("fp4_e2m1", 32, "e8m0"),
+        QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"),
+        QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic"),
+        QuantSpec("fp4_e2m1", (16, 16), "e4m3"),
+        QuantSpec("fp8_e4m3", "row"),
+        QuantSpec("fp8_e5m2", "tensor", "fp32", "stochastic"),
+        QuantSpec("fp8_e4m3", 128),
+        QuantSpec("int8", "row", "fp32", "stochastic"),
+        QuantSpec("int4", 32),
+        QuantSpec("nf4", 64, "fp32", "stochastic"),
+        QuantSpec("fp6_e3m2", 32, "e8m0"),
+    ],
+    ids=str,
+)
+def test_cuda_reference_is_bitwise_cpu_reference(spec):
+    # The same reference code on both devices: identical elements and scales, bit for bit.
+    x = torch.randn(96, 256, generator=_gen(8)) * torch.exp2(torch.randint(-8, 8, (96, 1), generator=_gen(9)))
+    cpu, gpu = quantize(x, spec, seed=3), quantize(x.cuda(), spec, seed=3)
+    as_bits = lambda t: t.view(torch.uint8) if t.dtype != torch.int8 else t  # noqa: E731
+    assert torch.equal(as_bits(gpu.data).cpu(), as_bits(cpu.data))
+    assert torch.equal(gpu.scale.cpu(), cpu.scale)
+    assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
