@@ -38,18 +38,21 @@ class TorchEngine:
     ) -> None:
         self.module, self.optimizer, self.ctx = model, optimizer, ctx
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
-        fwd = torch.compile(model) if compile_model else model
+        fwd = model
+        self.ddp = None
         if ctx.backend is DistBackend.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            fwd = DDP(fwd, device_ids=ids)
-        self.model = fwd
+            fwd = self.ddp = DDP(model, device_ids=ids)
+        # Compile the DDP wrapper rather than wrap a compiled module: dynamo then splits the graph
+        # at DDP's bucket boundaries so gradient all-reduces overlap the backward pass.
+        self.model = torch.compile(fwd) if compile_model else fwd
 
     def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
         # Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
-        if self.ctx.backend is DistBackend.ddp and not last:
-            return self.model.no_sync()
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
