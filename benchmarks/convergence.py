@@ -13,6 +13,8 @@ the baseline the others are compared with. Writes <out>/convergence.md (table), 
 --ablations      adds mxfp4 without Hadamard / without SR / without both, nvfp4 without Hadamard
 --optims o1,o2   adds variants optim=<o> (labels = optimizer config names)
 --variant L:OV   adds a variant labelled L with space-separated overrides OV (repeatable)
+--seeds s1,s2    runs every variant once per train.seed and reports mean ± std over seeds
+                 (seed-to-seed spread is the noise floor the gaps must be read against)
 --set OV         overrides applied to every variant (repeatable)
 --jobs N         runs N variants at once (small models leave a GPU mostly idle)
 """
@@ -73,11 +75,15 @@ def build_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return variants
 
 
-def run_variant(label: str, overrides: list[str], common: list[str], out: Path, timeout: int) -> dict:
+def run_variant(
+    label: str, overrides: list[str], common: list[str], out: Path, timeout: int, seed: int | None = None
+) -> dict:
     run_dir = out / label
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run, never a resume of an older one
     cmd = [sys.executable, "train.py", *common, *overrides]
+    if seed is not None:
+        cmd.append(f"train.seed={seed}")
     cmd += [f"run_name={label}", f"out_dir={out}", "logger=console", "logger.progress=false", "resume=none"]
     t0 = time.time()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -88,7 +94,8 @@ def run_variant(label: str, overrides: list[str], common: list[str], out: Path, 
     except subprocess.TimeoutExpired as e:
         rc, log = -1, f"timed out after {timeout}s\n{e.stdout or ''}{e.stderr or ''}"
     (out / f"{label}.log").write_text(log if isinstance(log, str) else str(log))
-    res = {"label": label, "overrides": overrides, "command": shlex.join(cmd), "wall_s": time.time() - t0}
+    res = {"label": label, "overrides": overrides, "seed": seed, "command": shlex.join(cmd)}
+    res["wall_s"] = time.time() - t0
     summary = run_dir / "summary.json"
     if rc == 0 and summary.exists():
         res.update(json.loads(summary.read_text()), status="ok")
@@ -109,6 +116,31 @@ def gap_pct(loss: float | None, base: float | None) -> float | None:
     return 100.0 * (loss - base) / base
 
 
+def aggregate(label: str, overrides: list[str], runs: list[dict]) -> dict:
+    """One variant's row from its runs (one per seed): means over the runs that finished."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    res: dict = {"label": label, "overrides": overrides, "runs": runs, "seeds": [r.get("seed") for r in runs]}
+    res["status"] = "ok" if len(ok) == len(runs) else f"{len(ok)}/{len(runs)} ok"
+    if not ok:
+        res["status"] = runs[0]["status"] if len(runs) == 1 else res["status"]
+        return res
+    mean = lambda key: sum(r[key] for r in ok) / len(ok)  # noqa: E731
+    losses = [r["final_val_loss"] for r in ok]
+    res.update(
+        final_val_loss=mean("final_val_loss"),
+        val_ppl=mean("val_ppl"),
+        tokens_per_s=mean("tokens_per_s"),
+        peak_mem_bytes=max(r["peak_mem_bytes"] for r in ok),
+        per_seed_final_val_loss=losses,
+        train_losses=ok[0].get("train_losses"),
+        val_losses=ok[0].get("val_losses"),
+    )
+    if len(losses) > 1:
+        m = res["final_val_loss"]
+        res["final_val_loss_std"] = (sum((v - m) ** 2 for v in losses) / (len(losses) - 1)) ** 0.5
+    return res
+
+
 def table(results: list[dict]) -> str:
     base = results[0].get("final_val_loss")
     lines = [
@@ -123,8 +155,11 @@ def table(results: list[dict]) -> str:
         verdict = "" if target is None or g is None else f"≤ {target}% ({'met' if g <= target else 'missed'})"
         fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
         mem = r.get("peak_mem_bytes")
+        loss_s = fmt(loss, ".4f")
+        if r.get("final_val_loss_std") is not None:
+            loss_s += f" ± {r['final_val_loss_std']:.4f} ({len(r['per_seed_final_val_loss'])} seeds)"
         lines.append(
-            f"| {r['label']} | `{' '.join(r['overrides'])}` | {fmt(loss, '.4f')} | "
+            f"| {r['label']} | `{' '.join(r['overrides'])}` | {loss_s} | "
             f"{'—' if g is None else f'{g:+.2f}%'} | {verdict} | {fmt(r.get('val_ppl'), '.2f')} | "
             f"{fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(None if mem is None else mem / 2**20, '.0f')} | "
             f"{r['status']} |"
@@ -183,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--optims", default="")
     p.add_argument("--variant", action="append")
+    p.add_argument("--seeds", default="", help="comma-separated train.seed values (default: the config's)")
     p.add_argument("--set", action="append", default=[], help="overrides for every variant")
     p.add_argument("--out", default="runs/convergence")
     p.add_argument("--jobs", type=int, default=1)
@@ -194,25 +230,39 @@ def main(argv: list[str] | None = None) -> int:
     common = [ov for s in args.set for ov in shlex.split(s)]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    seeds: list[int | None] = [int(x) for x in args.seeds.split(",") if x.strip()] or [None]
+    jobs = [
+        (lbl, ov, seed, lbl if seed is None else f"{lbl}_s{seed}") for lbl, ov in variants for seed in seeds
+    ]
     done: dict[str, dict] = {}
-
     lock = threading.Lock()
 
+    def rows() -> list[dict]:
+        out_rows = []
+        for lbl, ov in variants:
+            runs = [done[name] for l2, _, _, name in jobs if l2 == lbl and name in done]
+            if runs:
+                out_rows.append(aggregate(lbl, ov, runs))
+        return out_rows
+
     def finished(res: dict) -> dict:
-        # Rewrite table, JSON and picture after every variant: a run cut short keeps its results.
+        # Rewrite table, JSON and picture after every run: a benchmark cut short keeps its results.
         with lock:
-            done[res["label"]] = res
-            partial = [done[lbl] for lbl, _ in variants if lbl in done]
+            done[res["run_name"]] = res
+            partial = rows()
             write(partial, common, out)
             plot(partial, out / "convergence.png", quiet=True)
         return res
 
+    def one(lbl: str, ov: list[str], seed: int | None, name: str) -> dict:
+        res = run_variant(name, ov, common, out, args.timeout, seed)
+        res["run_name"], res["label"] = name, lbl
+        return finished(res)
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [
-            pool.submit(lambda lbl, ov: finished(run_variant(lbl, ov, common, out, args.timeout)), lbl, ov)
-            for lbl, ov in variants
-        ]
-        results = [f.result() for f in futures]
+        for f in [pool.submit(one, *job) for job in jobs]:
+            f.result()
+    results = rows()
     write(results, common, out)
     print(table(results))
     if plot(results, out / "convergence.png"):

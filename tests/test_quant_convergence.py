@@ -62,10 +62,15 @@ def test_two_variant_run_writes_table_and_json(tmp_path):
         "train.steps=2 train.eval_every=2 train.eval_batches=1 train.micro_batch_size=2 train.seq_len=32 "
         "model.dim=32 model.n_layers=1 data.max_bytes=200000 checkpoint.every=0"
     )
-    rc = conv.main(["--recipes", "bf16,mxfp4", "--set", tiny, "--out", str(tmp_path), "--jobs", "2"])
-    assert rc == 0
+    argv = ["--recipes", "bf16,mxfp4", "--seeds", "1,2", "--set", tiny, "--out", str(tmp_path), "--jobs", "4"]
+    assert conv.main(argv) == 0
     meta = json.loads((tmp_path / "convergence.json").read_text())
     assert [r["label"] for r in meta["results"]] == ["bf16", "mxfp4"]
     for r in meta["results"]:
         assert r["status"] == "ok" and r["final_val_loss"] > 0 and r["train_losses"]
-    assert "| mxfp4 |" in (tmp_path / "convergence.md").read_text()
+        assert r["seeds"] == [1, 2] and len(r["per_seed_final_val_loss"]) == 2 and "final_val_loss_std" in r
+        assert all("train.seed=" in run["command"] for run in r["runs"])
+    assert (
+        "| mxfp4 |" in (tmp_path / "convergence.md").read_text()
+        and "(2 seeds)" in (tmp_path / "convergence.md").read_text()
+    )
