@@ -37,12 +37,25 @@ def _group_options():
             yield group, f.stem
 
 
+# The field of each group that names the option it came from.
+IDENTITY = {
+    "model": "name",
+    "data": "kind",
+    "quant": "recipe",
+    "optim": "name",
+    "dist": "backend",
+    "logger": "kind",
+}
+
+
 @pytest.mark.parametrize("group,option", list(_group_options()))
 def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option != "stdlib":
         overrides.append("data.path=/somewhere")  # those options require a path
-    OmegaConf.to_object(compose(overrides))
+    rc = OmegaConf.to_object(compose(overrides))
+    value = getattr(getattr(rc, group), IDENTITY[group])
+    assert getattr(value, "value", value) == option
 
 
 def test_override_typo_names_the_key_and_the_valid_ones():
