@@ -92,8 +92,12 @@ class RunLogger:
             return
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+        # Per-layer quantization telemetry goes to W&B only; the console gets its one-line summary.
         if (echo or self.progress is None) and self.kind is not LoggerKind.wandb:
-            self.info(f"step {step:>6} | " + " | ".join(_fmt(k, v) for k, v in metrics.items()))
+            self.info(
+                f"step {step:>6} | "
+                + " | ".join(_fmt(k, v) for k, v in metrics.items() if not k.startswith("quant/"))
+            )
 
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.enabled:
