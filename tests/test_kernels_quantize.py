@@ -99,8 +99,10 @@ def test_ragged_shapes(shape, spec):
     assert_same_qtensor(quantize(x, spec, seed=9), kq.quantize(x.to(DEV), spec, seed=9))
 
 
-def test_bf16_input_strided_transpose_and_axis():
-    # X^T for wgrad: the kernel reads the transposed view in place.
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bf16_input_strided_transpose_and_axis(in_place, monkeypatch):
+    # X^T for wgrad: read in place (TRANSPOSED_READ) or after a contiguous copy.
+    monkeypatch.setattr(kq, "TRANSPOSED_READ", in_place)
     x = _x((48, 64), seed=3, dtype=torch.bfloat16)
     spec = QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic")
     xt = x.to(DEV).t()

@@ -81,7 +81,7 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
     # G is the K granularity of a step (BK = G * SPLIT); without group scales any 32 will do.
     return dict(A_ELEM=ea, B_ELEM=eb, A_SMODE=ma, B_SMODE=mb, A_RD=rda, B_RD=rdb, G=g or 32,
                 A_TS=qa.tensor_scale is not None, B_TS=qb.tensor_scale is not None, COMPUTE=compute,
-                DOT_BF16=not interpret, PERM=ea in (1, 3) or eb in (1, 3))
+                DOT_BF16=not interpret)
 
 
 # Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);

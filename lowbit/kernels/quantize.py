@@ -12,8 +12,9 @@ Hopper has no FP4 cast, so fp8 bytes and fp4/int4 nibbles are assembled from int
 Granularities (the QuantSpec `block`): 1-D blocks along K (power of two, 2..256), "row" (one
 program loops over K twice; the second read mostly hits L2), "tensor" (amax from one
 `torch.aminmax` pass, or the delayed-scaling override; no host sync) and 2-D tiles (powers of
-two). The input may be any strided 2-D view (e.g. X^T for wgrad is read in place, no copy): that
-is the "transposed copy in the same pass" of the wgrad operand. Ragged shapes are masked; padding
+two). The input may be any strided 2-D view. An X^T view (the wgrad operand) can be read in place
+(TRANSPOSED_READ: the "transposed copy in the same pass"), but that path measured slow on the
+H100, so by default such views are made contiguous first. Ragged shapes are masked; padding
 never enters an amax (zeros, as in the reference).
 
 What falls back to the reference (never a wrong answer): NF4 (QLoRA's codebook path), 1-D blocks
@@ -36,6 +37,12 @@ _GOLDEN = 0x9E3779B9
 _ENC = {"fp8_e4m3": 0, "fp8_e5m2": 1, "fp6_e3m2": 0, "fp6_e2m3": 0, "int8": 2, "fp4_e2m1": 3, "int4": 4}
 _SCALE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2, "e4m3": 3}
 _G1D, _GROW, _GTENSOR, _GTILE = 0, 1, 2, 3
+
+
+# Read X^T views in place (tiles loaded along the contiguous axis and transposed in registers).
+# Off: on the H100 (Triton 3.6) that path measured far slower than torch's transpose copy followed
+# by the row-major kernel, so a non-K-contiguous input is copied first (one extra read + write).
+TRANSPOSED_READ = False
 
 
 def _interpret() -> bool:
@@ -120,6 +127,8 @@ def quantize_2d(
     dev = x2.device
     if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         x2 = x2.float()
+    if x2.stride(1) != 1 and not TRANSPOSED_READ:
+        x2 = x2.contiguous()
     enc = _ENC[fmt.name]
     packed = enc in (3, 4) and k % 2 == 0
     dcols = k // 2 if packed else k
