@@ -73,11 +73,13 @@ def bench_shape(shape: str, ours: list[str], out_dtype: torch.dtype) -> list[dic
         r8a.dequantize_lastdim() @ r8b.dequantize_lastdim().T)
     i8a, i8b = kq.quantize(a, OURS["int8_row"][0]), kq.quantize(b, OURS["int8_row"][1])
     add("cublas_int8 (int32 out, no scales)", lambda: torch._int_mm(i8a.data, i8b.data.t()), None)
-    for name in ours:
+    for variant in ours:  # "mxfp8" or "mxfp8@bf16" (forced compute path)
+        name, _, path = variant.partition("@")
         spec_a, spec_b = OURS[name]
         qa, qb = kq.quantize(a, spec_a, seed=1), kq.quantize(b, spec_b, seed=2)
         ref = qa.dequantize_lastdim() @ qb.dequantize_lastdim().T
-        add(f"triton_{name}", lambda qa=qa, qb=qb: scaled_gemm(qa, qb, out_dtype=out_dtype), ref)
+        add(f"triton_{variant}", lambda qa=qa, qb=qb, path=path or None: scaled_gemm(
+            qa, qb, out_dtype=out_dtype, path=path, bf16_exact=path == "bf16"), ref)
         del ref
     return rows
 

@@ -55,7 +55,18 @@ def _layer(variant: str, k: int, n: int) -> torch.nn.Module:
     return QuantLinear.from_linear(lin, recipe, backend="auto")
 
 
-def run_one(variant: str) -> list[dict]:
+def profile_step(step, n: int = 3, top: int = 12) -> str:
+    """The GPU kernels of `n` steps, most expensive first (what is in the way of a target)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
+
+
+def run_one(variant: str, prof: bool = False) -> list[dict]:
     from triton.testing import do_bench
 
     rows = []
@@ -77,6 +88,8 @@ def run_one(variant: str) -> list[dict]:
         t = float(do_bench(step, warmup=25, rep=100, grad_to_none=[x, w], return_mode="median"))
         rows.append(dict(variant=variant, shape=f"{k}->{n}", ms=t, rel_err=rel,
                          peak_GiB=torch.cuda.max_memory_allocated() / 2**30))
+        if prof and i == 0:
+            rows[-1]["profile"] = profile_step(step)
     return rows
 
 
@@ -84,11 +97,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default=DEFAULT)
     p.add_argument("--one", default="")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile (first shape)")
     p.add_argument("--timeout", type=int, default=240)
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.one:
-        for r in run_one(args.one):
+        for r in run_one(args.one, prof=args.profile == "1"):
             print("ROW " + json.dumps(r), flush=True)
         return
     import triton
@@ -96,8 +110,9 @@ def main() -> None:
     rows: list[dict] = []
     for v in args.variants.split(","):
         try:
-            res = subprocess.run([sys.executable, __file__, "--one", v], capture_output=True, text=True,
-                                 timeout=args.timeout)
+            prof = "1" if v in args.profile.split(",") else "0"
+            res = subprocess.run([sys.executable, __file__, "--one", v, "--profile", prof],
+                                 capture_output=True, text=True, timeout=args.timeout)
             got = [json.loads(ln[4:]) for ln in res.stdout.splitlines() if ln.startswith("ROW ")]
             if not got:
                 got = [dict(variant=v, error=(res.stderr or res.stdout)[-400:])]
@@ -118,6 +133,9 @@ def main() -> None:
         r["speedup_vs_bf16"] = sp
         print(f"{r['variant']:>26} {r['shape']:>12} {r['ms']:7.3f} {sp:7.2f} {r['rel_err']:8.1e} "
               f"{r['peak_GiB']:8.2f}")
+    for r in rows:
+        if "profile" in r:
+            print(f"\nprofile {r['variant']} {r['shape']} (3 steps)\n{r['profile']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

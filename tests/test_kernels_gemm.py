@@ -65,8 +65,8 @@ def test_matches_fp32_emulation(name, spec_a, spec_b, k):
     _assert_close(scaled_gemm(qa, qb), _reference(qa, qb))
 
 
-@pytest.mark.parametrize("split", [1, 4])
-def test_fused_quantize_operands_and_k_steps(split):
+@pytest.mark.parametrize("split,path", [(1, "fp8"), (4, "fp8"), (2, "bf16")])
+def test_fused_quantize_operands_and_k_steps(split, path):
     # Operands from the fused quantize kernel (group-major scale strides), mixed packed fp4 ×
     # unpacked fp8 (both read in the permuted K order), several scale groups per K step.
     from lowbit.kernels.quantize import quantize as fused_quantize
@@ -76,7 +76,7 @@ def test_fused_quantize_operands_and_k_steps(split):
     qa, qb = fused_quantize(a, MX4), fused_quantize(b, MX8)
     assert qa.scale.stride(0) == 1  # group-major
     cfg = {"BM": 16, "BN": 32, "SPLIT": split, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}
-    _assert_close(scaled_gemm(qa, qb, config=cfg), _reference(qa, qb))
+    _assert_close(scaled_gemm(qa, qb, config=cfg, path=path, bf16_exact=True), _reference(qa, qb))
 
 
 def test_ragged_k_bias_and_bf16_output():
@@ -96,6 +96,11 @@ def test_declines_what_it_cannot_do():
     assert "int and one float" in why_not(qi, qf)
     q32, q16 = _operands(8, 8, 64, MX4, NV)
     assert "groups along K differ" in why_not(q32, q16)
+    # 16-wide groups run on the bf16 path, exact only for power-of-two / E4M3 scales.
+    f16a, f16b = _operands(8, 8, 64, QuantSpec("fp8_e4m3", 16, "fp32"), QuantSpec("fp8_e4m3", 16, "fp32"))
+    assert "16-wide groups" in why_not(f16a, f16b)
+    with pytest.raises(ValueError, match="bf16_exact"):
+        scaled_gemm(*_operands(8, 8, 64, MX8, MX8), path="bf16")
     with pytest.raises(ValueError, match="does not support"):
         scaled_gemm(q32, q16)
 

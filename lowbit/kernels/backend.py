@@ -38,11 +38,13 @@ def triton_gemm_backend(a: Operand, b: Operand, gemm: GemmSpec) -> torch.Tensor 
     from lowbit.kernels.gemm import scaled_gemm, why_not
 
     qb = b.parts[0]
-    if any(why_not(qa, qb) is not None for qa in a.parts):
+    # Power-of-two (e8m0) and E4M3 group scales times the elements are exact in bf16.
+    exact = all(s is None or s.scale in ("e8m0", "e8m0_up", "e4m3") for s in (gemm.a, gemm.b))
+    if any(why_not(qa, qb, exact) is not None for qa in a.parts):
         return None
     if PREFER_CUBLAS_FP8 and a.is_cuda and _scaled_mm_ok(a, b, gemm):
         return _scaled_mm(a, b)
-    out = scaled_gemm(a.parts[0], qb)
+    out = scaled_gemm(a.parts[0], qb, bf16_exact=exact)
     for qa in a.parts[1:]:
-        out += scaled_gemm(qa, qb)
+        out += scaled_gemm(qa, qb, bf16_exact=exact)
     return out

@@ -46,8 +46,17 @@ def _smode(q: QTensor) -> tuple[int, int, int]:
     return 2, int(b[0]), int(b[1])
 
 
-def why_not(qa: QTensor, qb: QTensor) -> str | None:
-    """None when scaled_gemm handles the pair, else the reason (for messages and the backend)."""
+def _e4m3_scaled(qa: QTensor, qb: QTensor) -> bool:
+    # Group scales that are E4M3 (NVFP4: a tensor scale is present) make value × scale exact in bf16.
+    return all(q.tensor_scale is not None for q in (qa, qb) if _smode(q)[0] == 2)
+
+
+def why_not(qa: QTensor, qb: QTensor, bf16_exact: bool | None = None) -> str | None:
+    """None when scaled_gemm handles the pair, else the reason (for messages and the backend).
+
+    `bf16_exact`: the caller knows the group scales are powers of two or E4M3 (from the QuantSpec),
+    so values × scales are exact in bf16; None infers it (E4M3 only; e8m0 is not visible on a QTensor).
+    """
     ea, eb = _elem(qa), _elem(qb)
     if ea is None or eb is None:
         return f"element storage {qa.fmt.name}/{qb.fmt.name} (packed={qa.packed}/{qb.packed})"
@@ -64,6 +73,9 @@ def why_not(qa: QTensor, qb: QTensor) -> str | None:
         return f"scale group {g} along K (needs a power of two in 16..256)"
     if g == 16 and ea in (2, 3):
         return "int operands with 16-wide groups"
+    exact = _e4m3_scaled(qa, qb) if bf16_exact is None else bf16_exact
+    if g == 16 and not exact:
+        return "16-wide groups need power-of-two or E4M3 scales (they run on the bf16 path)"
     return None
 
 
@@ -83,6 +95,10 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
                 A_TS=qa.tensor_scale is not None, B_TS=qb.tensor_scale is not None, COMPUTE=compute,
                 DOT_BF16=not interpret)
 
+
+# Float path for group scales of 32+ along K (MX, 1x128 blockwise): "fp8" = fp8 MMA per group with
+# an fp32 rescale, "bf16" = scales folded into bf16 operands. Set from the H100 measurements.
+MX_PATH = "fp8"
 
 # Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);
 # tests switch it off to bound compile time, benchmarks keep it.
@@ -121,12 +137,17 @@ def scaled_gemm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     config: dict | None = None,
+    path: str | None = None,
+    bf16_exact: bool | None = None,
 ) -> torch.Tensor:
     """fp32/bf16 (M × N) = dequant(qa) · dequant(qb)^T (+ bias), fp32 accumulation on the Triton GEMM.
 
     `config` ({"BM", "BN", "SPLIT", "GROUP_M", "num_warps", "num_stages"}) skips autotuning.
+    `path` forces the float compute path of group-scaled operands: "fp8" (fp8 MMA per group,
+    rescaled in fp32) or "bf16" (scales folded into bf16 operands: only when that is exact, i.e.
+    power-of-two or E4M3 group scales, `bf16_exact`); None picks MX_PATH / bf16 for 16-wide groups.
     """
-    reason = why_not(qa, qb)
+    reason = why_not(qa, qb, bf16_exact)
     if reason is not None:
         raise ValueError(f"scaled_gemm does not support this pair: {reason}")
     from lowbit.kernels import _gemm_triton as kt
@@ -141,6 +162,14 @@ def scaled_gemm(
     ta = qa.tensor_scale.float().reshape(1) if qa.tensor_scale is not None else sa
     tb = qb.tensor_scale.float().reshape(1) if qb.tensor_scale is not None else sb
     plan = _plan(qa, qb, interpret)
+    exact = _e4m3_scaled(qa, qb) if bf16_exact is None else bf16_exact
+    if path == "bf16" and not exact:
+        raise ValueError("path='bf16' folds the group scales into bf16 operands, exact only for "
+                         "power-of-two or E4M3 scales: pass bf16_exact=True if they are")
+    grouped = 2 in (plan["A_SMODE"], plan["B_SMODE"])
+    chosen = path or (MX_PATH if exact else "fp8")
+    if plan["COMPUTE"] != 2 and grouped and plan["G"] >= 32:
+        plan["COMPUTE"] = 1 if chosen == "bf16" else 0
     args = (a, b, sa, sb, ta, tb, bias if bias is not None else sa, out, m, n, k, a.stride(0), b.stride(0),
             sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), out.stride(0), out.stride(1))
     if m == 0 or n == 0:
