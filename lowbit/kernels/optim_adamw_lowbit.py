@@ -28,7 +28,7 @@ from lowbit.optim.rounding import GOLDEN32, MASK32
 
 ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # Launch shapes (the benchmark may sweep them): blocks per program, warps, rows per tile.
-CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 4, "br1": 64, "warps1": 8,
+CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 1, "br1": 64, "warps1": 8,
           "block32": 1024, "warps32": 4}
 LUT_K: tl.constexpr = tl.constexpr(qmaps.LUT_MANT_BITS)
 LUT_BASE: tl.constexpr = tl.constexpr((127 + qmaps.LUT_MIN_EXP) << qmaps.LUT_MANT_BITS)
@@ -302,6 +302,7 @@ def _adamw4bit_rank1_multi(
     BR: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
 ):
     # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
+    # Table rows 7/8 hold the reciprocals of the new row/column maxima (not the maxima).
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
     seg = tl.load(prog_b + pid)
@@ -311,7 +312,7 @@ def _adamw4bit_rank1_multi(
     mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
     vq_ptr = _ptr(ptrs, 4, T, t, tl.uint8)
     row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
-    row_new, col_new = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
+    row_inv, col_inv = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
     comp_ptr = _ptr(ptrs, 9, T, t, tl.bfloat16)
     r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
     rmask = r < nrows
@@ -338,9 +339,10 @@ def _adamw4bit_rank1_multi(
     m_inv = _inv(m_abs)[:, None]
     # 1 / min(row, col) = max(1 / row, 1 / col) exactly (rounding is monotone); a zero scale means
     # the whole row or column of v is 0, which codes the same under any finite factor.
-    inv_row = _inv(tl.load(row_new + r, mask=rmask, other=0))[:, None]
-    inv_e = tl.maximum(inv_row, _inv(tl.load(col_new + ce))[None, :])
-    inv_o = tl.maximum(inv_row, _inv(tl.load(col_new + ce + 64))[None, :])
+    # The reciprocals of the new maxima were taken once per row/column between the passes.
+    inv_row = tl.load(row_inv + r, mask=rmask, other=1.0)[:, None]
+    inv_e = tl.maximum(inv_row, tl.load(col_inv + ce)[None, :])
+    inv_o = tl.maximum(inv_row, tl.load(col_inv + ce + 64)[None, :])
     mqe = _code16(_unit(me, m_inv), mmid)
     mqo = _code16(_unit(mo, m_inv), mmid)
     vqe = _code_linear16(_unit(ve, inv_e))
@@ -490,7 +492,12 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     _v_rowcol_max_multi[(plan["grid1"],)](
         ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], plan["nrows"], plan["ncols"], vtab,
         s["beta2"], s["omb2"], BR=c["br1"], PDT=pdt, num_warps=c["warps1"])
+    # 1 / max, with 0 → 1 (qmaps.safe_scale), for every row and column at once: pass 2 then needs
+    # no division per element for the second moment's scale.
+    inv = torch.ones_like(scratch) / torch.where(scratch > 0, scratch, torch.ones_like(scratch))
+    invs = list(torch.split(inv, sizes))
+    ptrs2 = table(ps, gs, mq, ma, vq, rows_old, cols_old, invs[0::2], invs[1::2], comps)
     _adamw4bit_rank1_multi[(plan["grid"],)](
-        ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], plan["nrows"], plan["ncols"], seeds,
+        ptrs2, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], plan["nrows"], plan["ncols"], seeds,
         mtab, mmid, vtab, *scal, BR=c["br4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"])
     torch._foreach_copy_(rows_old + cols_old, list(rows_new) + list(cols_new))
