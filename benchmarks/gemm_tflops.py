@@ -79,7 +79,7 @@ def bench_shape(shape: str, ours: list[str], out_dtype: torch.dtype) -> list[dic
         qa, qb = kq.quantize(a, spec_a, seed=1), kq.quantize(b, spec_b, seed=2)
         ref = qa.dequantize_lastdim() @ qb.dequantize_lastdim().T
         add(f"triton_{variant}", lambda qa=qa, qb=qb, path=path or None: scaled_gemm(
-            qa, qb, out_dtype=out_dtype, path=path, bf16_exact=path == "bf16"), ref)
+            qa, qb, out_dtype=out_dtype, path=path, bf16_exact=True if path == "bf16" else None), ref)
         del ref
     return rows
 

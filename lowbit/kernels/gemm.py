@@ -96,9 +96,11 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
                 DOT_BF16=not interpret)
 
 
-# Float path for group scales of 32+ along K (MX, 1x128 blockwise): "fp8" = fp8 MMA per group with
-# an fp32 rescale, "bf16" = scales folded into bf16 operands. Set from the H100 measurements.
-MX_PATH = "fp8"
+# Float path for power-of-two group scales of 32+ along K (MX): "fp8" = fp8 MMA per group with an
+# fp32 rescale, "bf16" = scales folded into bf16 operands (exact). H100, 8192x4096x4096 MXFP8:
+# fp8 path 190 TFLOP/s, bf16 path 327 (docs/BENCHMARKS.md). fp32 scales (1x128 blockwise) always
+# take the fp8 path (the bf16 fold would round).
+MX_PATH = "bf16"
 
 # Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);
 # tests switch it off to bound compile time, benchmarks keep it.
