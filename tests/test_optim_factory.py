@@ -163,3 +163,15 @@ def test_optimizers_import_and_step_without_triton():
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+@pytest.mark.parametrize("exp,name,bf16", [("optim_8bit_bf16", "adamw8bit", True),
+                                           ("optim_shampoo4bit_ddp", "shampoo4bit", False)])
+def test_exp_configs_compose(exp, name, bf16):
+    from conftest import compose
+
+    cfg = compose([f"+exp={exp}"])
+    assert getattr(cfg.optim.name, "value", cfg.optim.name) == name
+    assert wants_bf16_params(cfg.optim) is bf16
+    opt = build_optimizer(Tiny(), cfg.optim)
+    assert opt.param_groups[0]["base_lr"] == cfg.optim.lr

@@ -264,7 +264,7 @@ class Shampoo(torch.optim.Optimizer):
             if b["param"] in updates:
                 per_rank[b["owner"]].append(b)
         sizes = [sum(_numel(b) for b in bl) for bl in per_rank]
-        dev = next(iter(updates.values()))["dir"].device
+        dev = next((u["dir"].device for u in updates.values()), torch.device("cpu"))
         buf = torch.zeros(max(sizes), dtype=torch.float32, device=dev)
         offset = 0
         for b in per_rank[self.rank]:
