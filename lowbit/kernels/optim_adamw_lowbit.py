@@ -3,16 +3,20 @@
 One pass reads param, grad and the quantized moments and writes param and moments back: 16 B/param
 for fp32 params at 8 bits (fused fp32 AdamW moves 28). The 4-bit second moment of a matrix is
 rank-1 normalized by the row/column maxima of the *new* moment, known only after the update, so
-that step adds a first pass recomputing v and taking the maxima with atomics (+4.5 B/param). BF16
-parameters with fp32 states (no master copy) get their own single pass.
+that step adds a first pass recomputing v and taking the maxima with atomics (+4.5 B/param); the
+fused rank-1 path needs ncols % 128 == 0 (other matrices take the torch reference). BF16 parameters
+with fp32 states (no master copy) get their own single pass. Every kernel is multi-tensor: one
+launch covers all tensors of a state kind (see `fused_adamw_multi_`).
 
 Every fp32 operation mirrors lowbit/optim/adamw.py (`adamw_math`) and lowbit/optim/qmaps.py
 (`normalize`, nearest code) in the same order with IEEE division and square root, so under
 TRITON_INTERPRET=1 the kernels reproduce the reference bit for bit (on GPUs the compiler may fuse
-multiply-adds: last-ulp differences). Nearest codes come from the byte LUT of `qmaps.search_lut`
-(two gathers instead of an 8-step binary search). BF16 params are rounded in integer arithmetic
-(nearest-even, stochastic with the lowbias32 hash of (element index, seed), or Kahan-compensated),
-so the final cast is exact.
+multiply-adds: last-ulp differences). Nearest 8-bit codes come from the byte LUT of
+`qmaps.search_lut` (two gathers instead of an 8-step binary search); 4-bit codes from register
+compares (first moment) and arithmetic (second moment). BF16 params are rounded in integer
+arithmetic (nearest-even, stochastic with the lowbias32 hash of (element index, seed), or
+Kahan-compensated), so the final cast is exact. 4-bit codes use the split-half packing of
+`qmaps.pack_nibbles`, so every load and store is a contiguous run.
 """
 
 from __future__ import annotations
