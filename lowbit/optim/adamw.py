@@ -335,6 +335,12 @@ class LowBitAdamW(torch.optim.Optimizer):
         fp32 scales and moments into BF16 for BF16 parameters; restore their saved dtypes."""
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
+        if self.paged:  # torch moved the states to the parameters' device; paged ones live on the host
+            pin = torch.cuda.is_available()
+            for st in self.state.values():
+                for k, v in st.items():
+                    if torch.is_tensor(v) and k != "step":
+                        st[k] = v.cpu().pin_memory() if pin else v.cpu()
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (codes, scales, moments, compensation)."""
