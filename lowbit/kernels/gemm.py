@@ -99,7 +99,8 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
 # Float path for power-of-two group scales of 32+ along K (MX): "fp8" = fp8 MMA per group with an
 # fp32 rescale, "bf16" = scales folded into bf16 operands (exact). H100, 8192x4096x4096 MXFP8:
 # fp8 path 190 TFLOP/s, bf16 path 327 (docs/BENCHMARKS.md). fp32 scales (1x128 blockwise) always
-# take the fp8 path (the bf16 fold would round).
+# take the fp8 path (the bf16 fold would round). Exact except for blocks whose amax is below ~2^-118,
+# where value x 2^e underflows bf16's subnormals.
 MX_PATH = "bf16"
 
 # Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);
