@@ -5,8 +5,9 @@ produced along K and returns fp32 (or bf16) M × N, matching `qa.dequantize_last
 qb.dequantize_lastdim().T` within fp32-accumulation tolerance. Supported (see _gemm_triton.py):
     elements  fp8 e4m3/e5m2 (and fp6 stored as e4m3), packed fp4 e2m1, int8, packed int4
     scales    tensor / row (epilogue), 1-D groups along K or 2-D tiles (per K step), NVFP4 tensor
-              scales; both operands float or both int; group sizes along K must agree
-    shapes    any M, N, K (masked); packed operands need an even K (else they are stored unpacked)
+              scales; both operands float or both int; group sizes along K must agree; 16-wide
+              groups only with power-of-two/E4M3 scales (they run on the exact bf16 path)
+    shapes    any M, N, K (masked); odd-K fp4/int4 (stored one code a byte) is declined
 `why_not(qa, qb)` says why a pair is declined; `triton_gemm_backend` is the lowbit.quant.gemm
 backend ("triton"): it declines (returns None) what it cannot do, and the caller then emulates.
 FP8 tensorwise/rowwise pairs go to cuBLAS (torch._scaled_mm) when that applies: measured faster
