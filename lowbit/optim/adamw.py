@@ -27,7 +27,6 @@ import torch
 from lowbit.optim import qmaps
 from lowbit.optim.rounding import ROUNDING_MODES, step_seed, write_param_
 
-BLOCK = {8: 256, 4: 128}
 
 
 def f32(x: float) -> float:
