@@ -28,7 +28,6 @@ from lowbit.optim import qmaps
 from lowbit.optim.rounding import ROUNDING_MODES, step_seed, write_param_
 
 
-
 def f32(x: float) -> float:
     """Round a Python float to the nearest fp32, so torch and Triton see the same scalar."""
     return _F32.unpack(_F32.pack(x))[0]
