@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.optim import qmaps
 
@@ -115,3 +117,14 @@ def test_kernel_lut_search_equals_nearest_code(table_fn):
         x = x.abs()
     x = x.clamp(-1, 1)
     assert torch.equal(qmaps.lut_search(x, table), qmaps.nearest_code(x, mids).long())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1, 1, width=32, allow_subnormal=True), min_size=1, max_size=64))
+def test_lut_search_property(xs):
+    x = torch.tensor(xs, dtype=torch.float32)
+    for table in (qmaps.dynamic_map(8, True), qmaps.dynamic_map(4, True)):
+        assert torch.equal(qmaps.lut_search(x, table), qmaps.nearest_code(x, qmaps.midpoints(table)).long())
+    a = x.abs()
+    for table in (qmaps.dynamic_map(8, False), qmaps.linear_map_nozero(4)):
+        assert torch.equal(qmaps.lut_search(a, table), qmaps.nearest_code(a, qmaps.midpoints(table)).long())
