@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend and fused quantizer; no triton import)
 from lowbit.quant.gemm import Observer, Operand, derive_seed, gemm_operands, prepare_operand
 from lowbit.quant.recipes import GEMMS, OPERAND_NAMES, Recipe, get_recipe
 

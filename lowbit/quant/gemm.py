@@ -133,7 +133,7 @@ def _delayed_amax(t: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
 # None to decline (then the next choice is tried).
 GemmBackend = Callable[[Operand, Operand, GemmSpec], "torch.Tensor | None"]
 _BACKENDS: dict[str, GemmBackend] = {}
-BACKEND_CHOICES = ("auto", "emulate", "scaled_mm")
+BACKEND_CHOICES = ("auto", "emulate", "reference", "scaled_mm")  # reference = emulate
 
 
 def register_gemm_backend(name: str, fn: GemmBackend) -> None:
@@ -213,6 +213,8 @@ def gemm_operands(
     a: Operand, b: Operand, gemm: GemmSpec, seed: int = 0, backend: str = "auto"
 ) -> torch.Tensor:
     """fp32 A·B^T of two prepared operands (rows_a × rows_b)."""
+    if backend == "reference":
+        backend = "emulate"
     if backend not in _BACKENDS and backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown GEMM backend {backend!r}; valid choices: {', '.join(gemm_backends())}")
     if backend in _BACKENDS:

@@ -56,8 +56,12 @@ def compute_scale(
     check_scale_format(scale, fmt)
     amax = amax.float()
     bad = ~torch.isfinite(amax)
+    # Divide by tensors, not Python floats: on CUDA `t / float` multiplies by the rounded
+    # reciprocal, which differs from true division in the last bit for about half of the values
+    # (e.g. amax / 448), so GPU and CPU scales would disagree.
+    fmax = torch.full_like(amax, fmt.max)
     if scale == "fp32":
-        s = amax / fmt.max
+        s = amax / fmax
         s = torch.where(s == 0, torch.ones_like(s), s)
         return torch.where(bad, torch.full_like(s, float("nan")), s), None
     if scale in ("e8m0", "e8m0_up"):
@@ -65,15 +69,15 @@ def compute_scale(
         e = torch.where(amax == 0, torch.full_like(e, -127), e)
         e = torch.clamp(e, -127, 127)
         if scale == "e8m0_up":
-            e = torch.where(amax / exp2i(e) > fmt.max, e + 1, e).clamp(max=127)
+            e = torch.where(amax / exp2i(e) > fmax, e + 1, e).clamp(max=127)
         s = exp2i(e)
         return torch.where(bad, torch.full_like(s, float("nan")), s), None
     # e4m3 block scales under an fp32 tensor scale (NVFP4).
     t_amax = amax.amax() if tensor_amax is None else tensor_amax.float()
-    t = t_amax / (E4M3_MAX * fmt.max)
+    t = t_amax / torch.full_like(t_amax, E4M3_MAX * fmt.max)
     t = torch.where(t == 0, torch.ones_like(t), t)
     t = torch.where(torch.isfinite(t_amax), t, torch.full_like(t, float("nan")))  # no host sync
-    b = round_to_format((amax / fmt.max) / t, "fp8_e4m3", "nearest")
+    b = round_to_format((amax / fmax) / t, "fp8_e4m3", "nearest")
     return torch.where(bad, torch.full_like(b, float("nan")), b), t
 
 
