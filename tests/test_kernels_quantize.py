@@ -1,6 +1,7 @@
 """Fused Triton quantize kernel vs lowbit.quant.quantize, bit for bit, under the Triton interpreter."""
 
 import os
+import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
 
@@ -143,6 +144,15 @@ def test_unsupported_falls_back_to_reference():
         assert_same_qtensor(quantize(x, spec), kq.quantize(x, spec))
     with pytest.raises(ValueError, match="delayed scaling"):
         kq.quantize(x.to(DEV), QuantSpec("fp8_e4m3", 32, "e8m0"), amax=torch.tensor(1.0))
+
+
+def test_rejects_what_the_reference_rejects():
+    # A drop-in: the same calls fail with the same errors (a 0-d tensor has no quantized axis).
+    for bad in (torch.tensor(2.0), torch.ones(4, 32, dtype=torch.int32)):
+        with pytest.raises((ValueError, TypeError)) as ref_err:
+            quantize(bad, QuantSpec("fp8_e4m3"))
+        with pytest.raises(type(ref_err.value), match=re.escape(str(ref_err.value))):
+            kq.quantize(bad.to(DEV), QuantSpec("fp8_e4m3"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

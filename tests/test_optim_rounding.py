@@ -12,6 +12,12 @@ from lowbit.optim.rounding import (
     round_bf16_stochastic,
     write_param_,
 )
+from lowbit.quant.rounding import hash_bits
+
+
+def test_optimizer_hash_stream_is_the_quantizers():
+    # One lowbias32 stream for quantizers, optimizers and kernels: the same bits for the same seed.
+    assert torch.equal(random_bits(12345, 4096), hash_bits(12345, 4096))
 
 
 def test_lowbias32_matches_int_version():

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels._hash_triton import lowbias32
 from lowbit.quant.formats import ElementFormat
 
 _TWO23: tl.constexpr = tl.constexpr(8388608.0)
@@ -168,12 +169,7 @@ def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: 
         y = tl.where(zero, 0.0, y)
     u = y
     if SR:
-        h = (idx + seed_off).to(tl.uint32)  # lowbias32 of (index + seed * golden) mod 2^32
-        h = h ^ (h >> 16)
-        h = h * 0x7FEB352D
-        h = h ^ (h >> 15)
-        h = h * 0x846CA68B
-        h = h ^ (h >> 16)
+        h = lowbias32((idx + seed_off).to(tl.uint32))  # of (index + seed * golden) mod 2^32
         u = tl.reshape((h >> 8).to(tl.float32) * (1.0 / 16777216.0), [BR, NG, GG])
     if KIND_INT:
         q = _round_int(y, u, FMAX, SR)

@@ -30,10 +30,10 @@ import torch
 
 from lowbit.quant.formats import ElementFormat
 from lowbit.quant.qtensor import QTensor
-from lowbit.quant.quantize import QuantSpec, draw_seed
+from lowbit.quant.quantize import QuantSpec, check_quantize_args, draw_seed
 from lowbit.quant.quantize import quantize as reference_quantize
+from lowbit.quant.rounding import seed_offset
 
-_GOLDEN = 0x9E3779B9
 _ENC = {"fp8_e4m3": 0, "fp8_e5m2": 1, "fp6_e3m2": 0, "fp6_e2m3": 0, "int8": 2, "fp4_e2m1": 3, "int4": 4}
 _SCALE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2, "e4m3": 3}
 _G1D, _GROW, _GTENSOR, _GTILE = 0, 1, 2, 3
@@ -85,16 +85,11 @@ def quantize(
     amax: torch.Tensor | None = None,
 ) -> QTensor:
     """`lowbit.quant.quantize` on the Triton kernel (same arguments, same QTensor bit for bit)."""
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    check_quantize_args(x, spec, amax)
     if not supports(x, spec):
         return reference_quantize(x, spec, axis, seed=seed, generator=generator, amax=amax)
-    if amax is not None and spec.block != "tensor":
-        raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
     if spec.rounding == "stochastic" and seed is None:
         seed = draw_seed(generator)
-    if x.dim() == 0:
-        x = x.reshape(1)
     axis = axis % x.dim()
     xm = x.detach().movedim(axis, -1)
     if isinstance(spec.block, tuple) and xm.dim() != 2:
@@ -156,7 +151,7 @@ def quantize_2d(
     tscale = torch.empty((1,), dtype=torch.float32, device=dev) if spec.scale == "e4m3" else None
     launch(
         x2, data, scale, tscale, g_amax, t_amax, fmt, enc, packed, _SCALE[spec.scale], gmode, b,
-        spec.rounding == "stochastic", (int(seed) * _GOLDEN) & 0xFFFFFFFF,
+        spec.rounding == "stochastic", seed_offset(seed),
     )
     data = data.view(ddtype) if ddtype != torch.uint8 else data
     if gmode == _GROW:

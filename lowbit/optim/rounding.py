@@ -14,28 +14,22 @@ from __future__ import annotations
 
 import torch
 
-MASK32 = 0xFFFFFFFF
-GOLDEN32 = 0x9E3779B9
+from lowbit.quant.rounding import GOLDEN32, MASK32, hash_bits, lowbias32, lowbias32_int
 
-
-def lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """The 'lowbias32' integer hash on int64 tensors holding uint32 values; returns uint32 in int64."""
-    x = x & MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32  # int64 products may wrap; the low 32 bits stay correct
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-def lowbias32_int(x: int) -> int:
-    """The same hash on one Python int (used to derive per-step, per-tensor seeds)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
+# The hash and its seed mixing are lowbit.quant.rounding's (one definition for quantizers,
+# optimizers and kernels); re-exported here for the optimizer code and its kernels.
+__all__ = [
+    "GOLDEN32",
+    "MASK32",
+    "ROUNDING_MODES",
+    "lowbias32",
+    "lowbias32_int",
+    "random_bits",
+    "round_bf16_nearest",
+    "round_bf16_stochastic",
+    "step_seed",
+    "write_param_",
+]
 
 
 def step_seed(base_seed: int, step: int, tensor_index: int) -> int:
@@ -45,8 +39,7 @@ def step_seed(base_seed: int, step: int, tensor_index: int) -> int:
 
 def random_bits(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint32 values (in int64) for elements 0..numel-1: lowbias32(index + seed * golden)."""
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
-    return lowbias32(idx + ((seed * GOLDEN32) & MASK32))
+    return hash_bits(seed, numel, device)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,13 @@ exact for power-of-two scales) -> round_to_format(y) -> encode (qtensor.py). Sto
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from lowbit.quant.formats import ElementFormat, get_format
 from lowbit.quant.qtensor import QTensor, encode, expand_scale
-from lowbit.quant.rounding import ROUNDING_MODES, uniform_noise
+from lowbit.quant.rounding import check_rounding, uniform_noise
 from lowbit.quant.rounding import round_to_format as _round
 from lowbit.quant.scaling import check_scale_format, compute_scale
 
@@ -52,9 +53,7 @@ class QuantSpec:
         if not ok:
             raise ValueError(f"invalid block={self.block!r}; valid choices: {BLOCK_CHOICES}")
         check_scale_format(self.scale, fmt)
-        if self.rounding not in ROUNDING_MODES:
-            choices = ", ".join(ROUNDING_MODES)
-            raise ValueError(f"unknown rounding={self.rounding!r}; valid choices: {choices}")
+        check_rounding(self.rounding)
 
     @property
     def format(self) -> ElementFormat:
@@ -91,6 +90,19 @@ def _nan_amax(a: torch.Tensor) -> torch.Tensor:
     return a.float().amax(dim=-1)
 
 
+def check_quantize_args(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> None:
+    """The argument checks of `quantize`, shared with the fused kernel (lowbit.kernels.quantize)
+    so that both reject the same calls with the same errors."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"quantize needs a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("quantize needs a tensor with at least one dimension (the quantized axis)")
+    if amax is not None and spec.block != "tensor":
+        raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
+
+
 def quantize(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -106,17 +118,10 @@ def quantize(
     global torch generator when neither is given). `amax` overrides the tensor's own amax for
     block='tensor' (delayed scaling: the caller passes the max of its amax history).
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"quantize needs a floating-point tensor, got dtype {x.dtype}")
+    check_quantize_args(x, spec, amax)
     fmt = spec.format
-    if x.dim() == 0:
-        raise ValueError("quantize needs a tensor with at least one dimension (the quantized axis)")
     axis = axis % x.dim()
     xf = x.detach().float().movedim(axis, -1).contiguous()
-    if amax is not None and spec.block != "tensor":
-        raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
     g_amax = group_amax(xf, spec.block) if amax is None else amax.float().reshape(())
     tensor_amax = None
     if spec.scale == "e4m3":
@@ -142,6 +147,6 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**31 - 1, (), generator=generator))
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec, axis: int = -1, **kwargs) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, axis: int = -1, **kwargs: Any) -> torch.Tensor:
     """quantize(...).dequantize(): x as the low-precision GEMM sees it, in x's layout and dtype."""
     return quantize(x, spec, axis, **kwargs).dequantize()

@@ -43,20 +43,20 @@ import torch
 from lowbit.quant.formats import ElementFormat, device_table, get_format
 
 ROUNDING_MODES = ("nearest", "stochastic")
-_MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio: consecutive seeds land far apart in the index space
 _TWO23 = 8388608.0  # 2^23: adding it rounds an fp32 in [0, 2^22) to an integer, half to even
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without overflowing int64."""
     lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
 
 
 def lowbias32(x: torch.Tensor) -> torch.Tensor:
     """The lowbias32 integer hash of int64 values taken mod 2^32; returns int64 in [0, 2^32)."""
-    x = x & _MASK32
+    x = x & MASK32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -64,14 +64,30 @@ def lowbias32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def lowbias32_int(x: int) -> int:
+    """`lowbias32` on one Python int (host-side seed derivation; no tensor round trip)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def seed_offset(seed: int) -> int:
+    """seed * 0x9E3779B9 mod 2^32: what the hash adds to each element index (kernels get this int)."""
+    return (int(seed) * GOLDEN32) & MASK32
+
+
 def hash_bits(seed: int, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
     """32 random bits (int64 in [0, 2^32)) for each flat index 0..numel-1 under `seed`."""
-    offset = (int(seed) * _GOLDEN) & _MASK32
     idx = torch.arange(numel, dtype=torch.int64, device=device)
-    return lowbias32(idx + offset)
+    return lowbias32(idx + seed_offset(seed))
 
 
-def uniform_noise(seed: int, shape: torch.Size | tuple[int, ...], device=None) -> torch.Tensor:
+def uniform_noise(
+    seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None
+) -> torch.Tensor:
     """u in [0, 1) with 24 random bits, exact in fp32: (hash >> 8) * 2^-24, laid out row-major."""
     n = 1
     for s in shape:
@@ -93,7 +109,8 @@ def _round_half_even_nonneg(v: torch.Tensor) -> torch.Tensor:
     return (v + _TWO23) - _TWO23
 
 
-def _check_mode(mode: str) -> None:
+def check_rounding(mode: str) -> None:
+    """Raise ValueError naming `mode` and the valid rounding modes unless it is one of them."""
     if mode not in ROUNDING_MODES:
         raise ValueError(f"unknown rounding={mode!r}; valid choices: {', '.join(ROUNDING_MODES)}")
 
@@ -111,7 +128,7 @@ def round_to_format(
     hash of the row-major index). Returns fp32 values exactly on the grid.
     """
     fmt = get_format(fmt)
-    _check_mode(rounding)
+    check_rounding(rounding)
     y = y.float()
     if rounding == "stochastic" and noise is None:
         if seed is None:
@@ -124,7 +141,9 @@ def round_to_format(
     return _round_codebook(y, fmt, rounding, noise)
 
 
-def _round_float(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None):
+def _round_float(
+    y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None
+) -> torch.Tensor:
     a = torch.clamp(y.abs(), max=fmt.max)  # NaN stays NaN; +Inf saturates here
     e = ((a.view(torch.int32) >> 23) & 0xFF) - 127
     et = torch.clamp(e, fmt.emin, fmt.emax)
@@ -140,7 +159,9 @@ def _round_float(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torc
     return q
 
 
-def _round_int(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None):
+def _round_int(
+    y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None
+) -> torch.Tensor:
     v = torch.clamp(y, -fmt.max, fmt.max)
     if rounding == "nearest":
         return torch.copysign(_round_half_even_nonneg(v.abs()), v)
@@ -148,7 +169,9 @@ def _round_int(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.
     return fl + ((v - fl) > noise).to(torch.float32)
 
 
-def _round_codebook(y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None):
+def _round_codebook(
+    y: torch.Tensor, fmt: ElementFormat, rounding: str, noise: torch.Tensor | None
+) -> torch.Tensor:
     code = device_table(fmt.codebook, y.device)
     v = torch.clamp(y, -fmt.max, fmt.max)
     if rounding == "nearest":
