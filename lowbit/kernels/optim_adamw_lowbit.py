@@ -17,6 +17,9 @@ compares (first moment) and arithmetic (second moment). BF16 params are rounded 
 arithmetic (nearest-even, stochastic with the lowbias32 hash of (element index, seed), or
 Kahan-compensated), so the final cast is exact. 4-bit codes use the split-half packing of
 `qmaps.pack_nibbles`, so every load and store is a contiguous run.
+
+This module is the host side (which kernel steps a tensor, program tables, launches); the
+kernels themselves are in _optim_adamw_triton.py.
 """
 
 from __future__ import annotations
@@ -27,339 +30,20 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels._optim_adamw_triton import (
+    adamw4bit_flat_multi,
+    adamw4bit_rank1_multi,
+    adamw8bit_multi,
+    adamw32_multi,
+    v_rowcol_max_multi,
+)
 from lowbit.optim import qmaps
-from lowbit.optim.rounding import GOLDEN32, MASK32
+from lowbit.quant.rounding import seed_offset
 
 ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # Launch shapes (the benchmark may sweep them): blocks per program, warps, rows per tile.
 CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 1, "br1": 64, "warps1": 8,
           "block32": 1024, "warps32": 4}
-LUT_K: tl.constexpr = tl.constexpr(qmaps.LUT_MANT_BITS)
-LUT_BASE: tl.constexpr = tl.constexpr((127 + qmaps.LUT_MIN_EXP) << qmaps.LUT_MANT_BITS)
-LUT_N: tl.constexpr = tl.constexpr(qmaps.LUT_OCTAVES << qmaps.LUT_MANT_BITS)
-
-
-@triton.jit
-def _code(x, lut_ptr, pmid_ptr, Z: tl.constexpr):
-    # Index of the nearest map value = count of midpoints below x (see qmaps.search_lut).
-    a = tl.abs(x)
-    key = (a.to(tl.int32, bitcast=True) >> (23 - LUT_K)) - LUT_BASE
-    key = tl.minimum(tl.maximum(key, 0), LUT_N - 1)
-    lo = tl.load(lut_ptr + key).to(tl.int32)
-    mv = tl.load(pmid_ptr + lo)
-    if Z > 0:
-        neg = x < 0
-        cnt = lo + tl.where(neg, mv <= a, mv < a).to(tl.int32)
-        return tl.where(neg, Z - cnt, Z + cnt)
-    else:
-        return lo + (mv < a).to(tl.int32)
-
-
-@triton.jit
-def _code16(x, mid_ptr):
-    # 4-bit maps: count of the 15 midpoints below x by register compares (uniform scalar loads; no
-    # per-element gathers), equal to the reference's searchsorted.
-    code = tl.zeros(x.shape, tl.int32)
-    for k in tl.static_range(15):
-        code += (tl.load(mid_ptr + k) < x).to(tl.int32)
-    return code
-
-
-@triton.jit
-def _code_linear16(x):
-    # The zero-free linear map (j + 1) / 16 has midpoints (j + 1.5) / 16, so the count below x is
-    # ceil(16 x - 1.5) clamped to [0, 15]; 16 x - 1.5 is exact for x in [0, 1].
-    return tl.minimum(tl.maximum(tl.ceil(x * 16.0 - 1.5), 0.0), 15.0).to(tl.int32)
-
-
-@triton.jit
-def _inv(scale):
-    # 1 / scale with 0 → 1, like qmaps.safe_scale; one IEEE division per block, not per element.
-    return tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(scale > 0, scale, 1.0))
-
-
-@triton.jit
-def _unit(x, inv):
-    return tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
-
-
-@triton.jit
-def _hash(x):
-    x = x ^ (x >> 16)
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _round_bf16(x, offs, seed_mix, STOCHASTIC: tl.constexpr):
-    # fp32 → fp32 holding a BF16 value; the later cast to bf16 is then exact.
-    u = x.to(tl.uint32, bitcast=True)
-    if STOCHASTIC:
-        noise = _hash(offs.to(tl.uint32) + seed_mix.to(tl.uint32)) & 0xFFFF
-        r = (u + noise) & 0xFFFF0000
-    else:
-        r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    finite = tl.abs(x) < float("inf")
-    return tl.where(finite, r.to(tl.float32, bitcast=True), x)
-
-
-@triton.jit
-def _store_param(
-    p_ptr, comp_ptr, offs, mask, old, new, seed_mix, P_BF16: tl.constexpr, ROUNDING: tl.constexpr
-):
-    if P_BF16:
-        if ROUNDING == 2:
-            c = tl.load(comp_ptr + offs, mask=mask, other=0).to(tl.float32)
-            y = (new - old) + c
-            s = old + y
-            r = _round_bf16(s, offs, seed_mix, False)
-            tl.store(comp_ptr + offs, _round_bf16(s - r, offs, seed_mix, False).to(tl.bfloat16), mask=mask)
-        else:
-            r = _round_bf16(new, offs, seed_mix, ROUNDING == 1)
-        tl.store(p_ptr + offs, r.to(tl.bfloat16), mask=mask)
-    else:
-        tl.store(p_ptr + offs, new, mask=mask)
-
-
-@triton.jit
-def _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay):
-    m = m * beta1 + g * omb1
-    v = v * beta2 + (g * g) * omb2
-    denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps  # correctly rounded, like the reference's
-    new_p = p * decay - tl.div_rn(m, denom) * step_size
-    return new_p, m, v
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-tensor kernels: one launch covers every tensor of a kind. Program i works on tensor
-# prog_t[i] at block/row prog_a[i] (and column segment prog_b[i]); the tensors' addresses come from
-# an int64 table (one row per operand), like torch's multi_tensor_apply. A step of a 1B-parameter
-# model then costs a handful of launches instead of a few hundred, which dominated the step time.
-
-
-@triton.jit
-def _ptr(table, row: tl.constexpr, T, t, DT: tl.constexpr):
-    return tl.load(table + row * T + t).to(tl.pointer_type(DT))
-
-
-@triton.jit
-def _adamw32_multi(
-    ptrs, T, prog_t, prog_a, numels, seeds,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
-    BLOCK: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(prog_t + pid)
-    n = tl.load(numels + t)
-    seed_mix = tl.load(seeds + t)
-    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
-    m_ptr, v_ptr = _ptr(ptrs, 2, T, t, tl.float32), _ptr(ptrs, 3, T, t, tl.float32)
-    comp_ptr = _ptr(ptrs, 4, T, t, tl.bfloat16)
-    offs = tl.load(prog_a + pid) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0)
-    new_p, m, v = _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    _store_param(p_ptr, comp_ptr, offs, mask, p, new_p, seed_mix, P_BF16, ROUNDING)
-
-
-@triton.jit
-def _adamw8bit_multi(
-    ptrs, T, prog_t, prog_a, numels, seeds, mtab, mlut, mpmid, vtab, vlut, vpmid,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
-    BPP: tl.constexpr, MZ: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-):
-    # Both moments block-wise (256) with the dynamic map; program = BPP blocks of one tensor.
-    pid = tl.program_id(0)
-    t = tl.load(prog_t + pid)
-    n = tl.load(numels + t)
-    seed_mix = tl.load(seeds + t)
-    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
-    mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
-    vq_ptr, vabs_ptr = _ptr(ptrs, 4, T, t, tl.uint8), _ptr(ptrs, 5, T, t, tl.float32)
-    comp_ptr = _ptr(ptrs, 6, T, t, tl.bfloat16)
-    rows = tl.load(prog_a + pid) * BPP + tl.arange(0, BPP)
-    offs = rows[:, None] * 256 + tl.arange(0, 256)[None, :]
-    mask = offs < n
-    rmask = rows * 256 < n
-    p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(tl.float32)
-    mc = tl.load(mq_ptr + offs, mask=mask, other=0).to(tl.int32)
-    vc = tl.load(vq_ptr + offs, mask=mask, other=0).to(tl.int32)
-    m = tl.load(mtab + mc) * tl.load(mabs_ptr + rows, mask=rmask, other=0)[:, None]
-    v = tl.load(vtab + vc) * tl.load(vabs_ptr + rows, mask=rmask, other=0)[:, None]
-    new_p, m, v = _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-
-    m_abs = tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1)
-    v_abs = tl.max(tl.where(mask, v, 0.0), axis=1)
-    mq = _code(_unit(m, _inv(m_abs)[:, None]), mlut, mpmid, MZ)
-    vq = _code(_unit(v, _inv(v_abs)[:, None]), vlut, vpmid, 0)
-    tl.store(mq_ptr + offs, mq.to(tl.uint8), mask=mask)
-    tl.store(vq_ptr + offs, vq.to(tl.uint8), mask=mask)
-    tl.store(mabs_ptr + rows, m_abs, mask=rmask)
-    tl.store(vabs_ptr + rows, v_abs, mask=rmask)
-    _store_param(p_ptr, comp_ptr, offs, mask, p, new_p, seed_mix, P_BF16, ROUNDING)
-
-
-@triton.jit
-def _adamw4bit_flat_multi(
-    ptrs, T, prog_t, prog_a, numels, seeds, mtab, mmid, vtab,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
-    BPP: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-):
-    # Both moments block-wise (128), for 1-D tensors. Byte j of block b holds elements 128b + j
-    # (low nibble) and 128b + 64 + j (high nibble): see qmaps.pack_nibbles.
-    pid = tl.program_id(0)
-    t = tl.load(prog_t + pid)
-    n = tl.load(numels + t)
-    seed_mix = tl.load(seeds + t)
-    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
-    mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
-    vq_ptr, vabs_ptr = _ptr(ptrs, 4, T, t, tl.uint8), _ptr(ptrs, 5, T, t, tl.float32)
-    comp_ptr = _ptr(ptrs, 6, T, t, tl.bfloat16)
-    rows = tl.load(prog_a + pid) * BPP + tl.arange(0, BPP)
-    j = tl.arange(0, 64)[None, :]
-    boffs = rows[:, None] * 64 + j
-    even = rows[:, None] * 128 + j  # low nibbles: the first half of the block
-    odd = even + 64  # high nibbles: the second half
-    emask, omask = even < n, odd < n
-    rmask = rows * 128 < n
-    bmask = rmask[:, None] & (j >= 0)
-    mb = tl.load(mq_ptr + boffs, mask=bmask, other=0).to(tl.int32)
-    vb = tl.load(vq_ptr + boffs, mask=bmask, other=0).to(tl.int32)
-    ms = tl.load(mabs_ptr + rows, mask=rmask, other=0)[:, None]
-    vs = tl.load(vabs_ptr + rows, mask=rmask, other=0)[:, None]
-    pe = tl.load(p_ptr + even, mask=emask, other=0).to(tl.float32)
-    po = tl.load(p_ptr + odd, mask=omask, other=0).to(tl.float32)
-    ge = tl.load(g_ptr + even, mask=emask, other=0).to(tl.float32)
-    go = tl.load(g_ptr + odd, mask=omask, other=0).to(tl.float32)
-    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, tl.load(vtab + (vb & 0xF)) * vs,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, tl.load(vtab + (vb >> 4)) * vs,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    me, mo = tl.where(emask, me, 0.0), tl.where(omask, mo, 0.0)
-    ve, vo = tl.where(emask, ve, 0.0), tl.where(omask, vo, 0.0)
-    m_abs = tl.maximum(tl.max(tl.abs(me), axis=1), tl.max(tl.abs(mo), axis=1))
-    v_abs = tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1))
-    m_inv = _inv(m_abs)[:, None]
-    v_inv = _inv(v_abs)[:, None]
-    mqe = tl.where(emask, _code16(_unit(me, m_inv), mmid), 0)  # padding codes are 0
-    mqo = tl.where(omask, _code16(_unit(mo, m_inv), mmid), 0)
-    vqe = tl.where(emask, _code_linear16(_unit(ve, v_inv)), 0)
-    vqo = tl.where(omask, _code_linear16(_unit(vo, v_inv)), 0)
-    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=bmask)
-    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=bmask)
-    tl.store(mabs_ptr + rows, m_abs, mask=rmask)
-    tl.store(vabs_ptr + rows, v_abs, mask=rmask)
-    _store_param(p_ptr, comp_ptr, even, emask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
-    _store_param(p_ptr, comp_ptr, odd, omask, po, new_po, seed_mix, P_BF16, ROUNDING)
-
-
-@triton.jit
-def _rank1_tile(r, seg, nrows, ncols):
-    # Tile of BR rows × one 128-column segment (one packed block per row): columns seg·128 + j
-    # (low nibbles, "even") and seg·128 + 64 + j (high nibbles, "odd") for j < 64.
-    ce = seg * 128 + tl.arange(0, 64)
-    even = r[:, None] * ncols + ce[None, :]
-    mask = (r < nrows)[:, None] & (ce < ncols)[None, :]
-    return ce, even, mask
-
-
-@triton.jit
-def _v_rowcol_max_multi(
-    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, vtab, beta2, omb2,
-    BR: tl.constexpr, PDT: tl.constexpr,
-):
-    # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment.
-    pid = tl.program_id(0)
-    t = tl.load(prog_t + pid)
-    nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
-    g_ptr, vq_ptr = _ptr(ptrs, 1, T, t, PDT), _ptr(ptrs, 4, T, t, tl.uint8)
-    row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
-    row_new, col_new = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
-    r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
-    ce, even, mask = _rank1_tile(r, tl.load(prog_b + pid), nrows, ncols)
-    boffs = (r * (ncols // 128) + tl.load(prog_b + pid))[:, None] * 64 + tl.arange(0, 64)[None, :]
-    vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
-    row = tl.load(row_old + r, mask=r < nrows, other=0)[:, None]
-    se = tl.minimum(row, tl.load(col_old + ce)[None, :])
-    so = tl.minimum(row, tl.load(col_old + ce + 64)[None, :])
-    ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
-    go = tl.load(g_ptr + even + 64, mask=mask, other=0).to(tl.float32)
-    ve = tl.where(mask, (tl.load(vtab + (vb & 0xF)) * se) * beta2 + (ge * ge) * omb2, 0.0)
-    vo = tl.where(mask, (tl.load(vtab + (vb >> 4)) * so) * beta2 + (go * go) * omb2, 0.0)
-    tl.atomic_max(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), mask=r < nrows)
-    tl.atomic_max(col_new + ce, tl.max(ve, axis=0))
-    tl.atomic_max(col_new + ce + 64, tl.max(vo, axis=0))
-
-
-@triton.jit
-def _adamw4bit_rank1_multi(
-    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, seeds, mtab, mmid, vtab,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
-    BR: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-):
-    # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
-    # Table rows 7/8 hold the reciprocals of the new row/column maxima (not the maxima).
-    pid = tl.program_id(0)
-    t = tl.load(prog_t + pid)
-    seg = tl.load(prog_b + pid)
-    nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
-    seed_mix = tl.load(seeds + t)
-    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
-    mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
-    vq_ptr = _ptr(ptrs, 4, T, t, tl.uint8)
-    row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
-    row_inv, col_inv = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
-    comp_ptr = _ptr(ptrs, 9, T, t, tl.bfloat16)
-    r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
-    rmask = r < nrows
-    ce, even, mask = _rank1_tile(r, seg, nrows, ncols)
-    odd = even + 64
-    mblk = r * (ncols // 128) + seg
-    boffs = mblk[:, None] * 64 + tl.arange(0, 64)[None, :]
-    mb = tl.load(mq_ptr + boffs, mask=mask, other=0).to(tl.int32)
-    vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
-    ms = tl.load(mabs_ptr + mblk, mask=rmask, other=0)[:, None]
-    row = tl.load(row_old + r, mask=rmask, other=0)[:, None]
-    vse = tl.minimum(row, tl.load(col_old + ce)[None, :])
-    vso = tl.minimum(row, tl.load(col_old + ce + 64)[None, :])
-    pe = tl.load(p_ptr + even, mask=mask, other=0).to(tl.float32)
-    po = tl.load(p_ptr + odd, mask=mask, other=0).to(tl.float32)
-    ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
-    go = tl.load(g_ptr + odd, mask=mask, other=0).to(tl.float32)
-    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, tl.load(vtab + (vb & 0xF)) * vse,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, tl.load(vtab + (vb >> 4)) * vso,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    m_abs = tl.maximum(tl.max(tl.where(mask, tl.abs(me), 0.0), axis=1),
-                       tl.max(tl.where(mask, tl.abs(mo), 0.0), axis=1))
-    m_inv = _inv(m_abs)[:, None]
-    # 1 / min(row, col) = max(1 / row, 1 / col) exactly (rounding is monotone); a zero scale means
-    # the whole row or column of v is 0, which codes the same under any finite factor.
-    # The reciprocals of the new maxima were taken once per row/column between the passes.
-    inv_row = tl.load(row_inv + r, mask=rmask, other=1.0)[:, None]
-    inv_e = tl.maximum(inv_row, tl.load(col_inv + ce)[None, :])
-    inv_o = tl.maximum(inv_row, tl.load(col_inv + ce + 64)[None, :])
-    mqe = _code16(_unit(me, m_inv), mmid)
-    mqo = _code16(_unit(mo, m_inv), mmid)
-    vqe = _code_linear16(_unit(ve, inv_e))
-    vqo = _code_linear16(_unit(vo, inv_o))
-    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=mask)
-    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=mask)
-    tl.store(mabs_ptr + mblk, m_abs, mask=rmask)
-    _store_param(p_ptr, comp_ptr, even, mask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
-    _store_param(p_ptr, comp_ptr, odd, mask, po, new_po, seed_mix, P_BF16, ROUNDING)
-
-
-# ---------------------------------------------------------------------------------------------
-# Host side
 
 
 def kind_of(opt: Any, p: torch.Tensor) -> str | None:
@@ -450,7 +134,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     bf16 = ps[0].dtype == torch.bfloat16
     pdt = tl.bfloat16 if bf16 else tl.float32
     rounding = ROUNDING_CODE[opt.bf16_rounding] if bf16 else 0
-    seeds = _to_device([(it[3] * GOLDEN32) & MASK32 for it in items], dev)
+    seeds = _to_device([seed_offset(it[3]) for it in items], dev)
     plan = _plan(kind, ps)
     T = len(ps)
     comps = [st.get("kahan_comp", p) for p, st in zip(ps, sts)]
@@ -463,7 +147,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
 
     if kind == "32":
         ptrs = table(ps, gs, [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], comps)
-        _adamw32_multi[(plan["grid"],)](
+        adamw32_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, *scal,
             BLOCK=c["block32"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps32"])
         return
@@ -472,7 +156,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
         mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(8, True), dev)
         vtab, vlut, vpmid, _ = _maps(qmaps.dynamic_map(8, False), dev)
         ptrs = table(ps, gs, mq, ma, vq, [st["exp_avg_sq_absmax"] for st in sts], comps)
-        _adamw8bit_multi[(plan["grid"],)](
+        adamw8bit_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds,
             mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BPP=c["bpp8"], MZ=mz,
             PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps8"])
@@ -481,7 +165,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     vtab, _ = qmaps.table_on(qmaps.linear_map_nozero(4), dev)
     if kind == "4flat":
         ptrs = table(ps, gs, mq, ma, vq, [st["exp_avg_sq_absmax"] for st in sts], comps)
-        _adamw4bit_flat_multi[(plan["grid"],)](
+        adamw4bit_flat_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mtab, mmid, vtab, *scal,
             BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"])
         return
@@ -493,7 +177,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     news = list(torch.split(scratch, sizes))
     rows_new, cols_new = news[0::2], news[1::2]
     ptrs = table(ps, gs, mq, ma, vq, rows_old, cols_old, rows_new, cols_new, comps)
-    _v_rowcol_max_multi[(plan["grid1"],)](
+    v_rowcol_max_multi[(plan["grid1"],)](
         ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], plan["nrows"], plan["ncols"], vtab,
         s["beta2"], s["omb2"], BR=c["br1"], PDT=pdt, num_warps=c["warps1"])
     # 1 / max, with 0 → 1 (qmaps.safe_scale), for every row and column at once: pass 2 then needs
@@ -501,7 +185,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     inv = torch.ones_like(scratch) / torch.where(scratch > 0, scratch, torch.ones_like(scratch))
     invs = list(torch.split(inv, sizes))
     ptrs2 = table(ps, gs, mq, ma, vq, rows_old, cols_old, invs[0::2], invs[1::2], comps)
-    _adamw4bit_rank1_multi[(plan["grid"],)](
+    adamw4bit_rank1_multi[(plan["grid"],)](
         ptrs2, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], plan["nrows"], plan["ncols"], seeds,
         mtab, mmid, vtab, *scal, BR=c["br4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps4"])
     torch._foreach_copy_(rows_old + cols_old, list(rows_new) + list(cols_new))
