@@ -19,6 +19,20 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eps=0.0), "eps=0.0.*> 0"),
+        (dict(weight_decay=-1.0), "weight_decay=-1.0.*>= 0"),
+        (dict(bf16_rounding="up"), "bf16_rounding='up'.*nearest, stochastic, kahan"),
+        (dict(eigvec_block=3), "eigvec_block=3.*valid: an even integer >= 2"),
+    ],
+)
+def test_bad_hyperparameters_name_value_and_valid_range(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Shampoo([torch.nn.Parameter(torch.zeros(4, 4))], **kwargs)
+
+
 def _orth_error(u):
     return (u.T @ u - torch.eye(u.shape[1])).norm().item()
 

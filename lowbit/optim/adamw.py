@@ -52,6 +52,23 @@ def adam_scalars(lr: float, beta1: float, beta2: float, eps: float, wd: float, s
     }
 
 
+def check_adamw_hparams(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, bf16_rounding: str
+) -> None:
+    """Raise ValueError naming the first bad AdamW hyperparameter and its valid range (shared by
+    LowBitAdamW and Shampoo, whose grafted step is AdamW's). `not x >= 0` also rejects NaN."""
+    if bf16_rounding not in ROUNDING_MODES:
+        raise ValueError(f"bf16_rounding={bf16_rounding!r}; valid choices: {', '.join(ROUNDING_MODES)}")
+    if not lr >= 0:
+        raise ValueError(f"lr={lr}; must be >= 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas={tuple(betas)}; must be two numbers, each in [0, 1)")
+    if not eps > 0:
+        raise ValueError(f"eps={eps}; must be > 0")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay={weight_decay}; must be >= 0")
+
+
 def adamw_math(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, s: dict
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,16 +132,7 @@ class LowBitAdamW(torch.optim.Optimizer):
     ) -> None:
         if state_bits not in (32, 8, 4):
             raise ValueError(f"state_bits={state_bits}; valid choices: 32, 8, 4")
-        if bf16_rounding not in ROUNDING_MODES:
-            raise ValueError(f"bf16_rounding={bf16_rounding!r}; valid choices: {ROUNDING_MODES}")
-        if not lr >= 0:
-            raise ValueError(f"lr={lr}; must be >= 0")
-        if not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas={betas}; each must be in [0, 1)")
-        if not eps > 0:
-            raise ValueError(f"eps={eps}; must be > 0")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay={weight_decay}; must be >= 0")
+        check_adamw_hparams(lr, betas, eps, weight_decay, bf16_rounding)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed)
         super().__init__(params, defaults)
         self.state_bits = state_bits

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from lowbit.optim import qmaps
-from lowbit.optim.adamw import adam_scalars, restore_state_dtypes, state_bytes
-from lowbit.optim.rounding import ROUNDING_MODES, step_seed, write_param_
+from lowbit.optim.adamw import adam_scalars, check_adamw_hparams, restore_state_dtypes, state_bytes
+from lowbit.optim.rounding import step_seed, write_param_
 
 
 def bjorck_orthonormalize(u: torch.Tensor, iters: int) -> torch.Tensor:
@@ -82,20 +82,19 @@ class Shampoo(torch.optim.Optimizer):
     ) -> None:
         if bits not in (32, 8, 4):
             raise ValueError(f"bits={bits}; valid choices: 32, 8, 4")
-        if bf16_rounding not in ROUNDING_MODES:
-            raise ValueError(f"bf16_rounding={bf16_rounding!r}; valid choices: {ROUNDING_MODES}")
-        for key, val, ok in [
-            ("max_preconditioner_dim", max_preconditioner_dim, max_preconditioner_dim >= 2),
-            ("stats_every", stats_every, stats_every >= 1),
-            ("inverse_every", inverse_every, inverse_every >= 1),
-            ("shampoo_beta", shampoo_beta, 0 < shampoo_beta <= 1),
-            ("matrix_eps", matrix_eps, matrix_eps > 0),
-            ("eigvec_block", eigvec_block, eigvec_block >= 2 and eigvec_block % 2 == 0),
-            ("lr", lr, lr >= 0),
-            ("betas", betas, all(0 <= b < 1 for b in betas)),
+        check_adamw_hparams(lr, betas, eps, weight_decay, bf16_rounding)
+        dim, blk = max_preconditioner_dim, eigvec_block
+        for key, val, ok, valid in [
+            ("max_preconditioner_dim", dim, dim >= 2, "an integer >= 2"),
+            ("stats_every", stats_every, stats_every >= 1, "an integer >= 1"),
+            ("inverse_every", inverse_every, inverse_every >= 1, "an integer >= 1"),
+            ("shampoo_beta", shampoo_beta, 0 < shampoo_beta <= 1, "in (0, 1]"),
+            ("matrix_eps", matrix_eps, matrix_eps > 0, "> 0"),
+            ("bjorck_iters", bjorck_iters, bjorck_iters >= 0, "an integer >= 0"),
+            ("eigvec_block", blk, blk >= 2 and blk % 2 == 0, "an even integer >= 2"),
         ]:
             if not ok:
-                raise ValueError(f"{key}={val!r} is out of range")
+                raise ValueError(f"{key}={val!r} is out of range; valid: {valid}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed)
         super().__init__(params, defaults)
         self.bits, self.max_dim, self.block = bits, max_preconditioner_dim, eigvec_block
