@@ -80,6 +80,7 @@ def test_apply_quant_config_overrides():
         (QuantConfig(recipe="mxfp5"), "mxfp5.*valid choices.*mxfp4"),
         (QuantConfig(recipe="mxfp4", hadamard=["bwd"]), "bwd.*valid choices.*fprop, dgrad, wgrad"),
         (QuantConfig(recipe="mxfp4", backend="cutlass"), "cutlass.*valid choices.*emulate"),
+        (QuantConfig(recipe="mxfp4", hadamard_block=24), "hadamard_block=24.*power of two"),
     ],
 )
 def test_config_errors_name_value_and_choices(cfg, match):

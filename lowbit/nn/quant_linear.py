@@ -21,6 +21,9 @@ off inside), and the output takes the autocast dtype, as nn.Linear's would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +59,7 @@ class QuantLinear(nn.Linear):
         self.register_buffer("amax_history", torch.zeros(6, max(n_hist, 1), device=device), persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, **kwargs) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, **kwargs: Any) -> QuantLinear:
         """A QuantLinear sharing `linear`'s weight and bias Parameters (no copy)."""
         w = linear.weight
         q = cls(
@@ -99,7 +102,9 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend}"
 
 
-def _quant_linear_eager(x, weight, bias, layer):
+def _quant_linear_eager(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
+) -> torch.Tensor:
     # Inside Function.forward grad mode is always off, so decide here whether wgrad will run
     # (not under torch.no_grad / eval, not for a frozen weight).
     need_wgrad = torch.is_grad_enabled() and weight.requires_grad
@@ -109,7 +114,7 @@ def _quant_linear_eager(x, weight, bias, layer):
 _compile_safe_fn = None
 
 
-def _compile_safe():
+def _compile_safe() -> Callable[..., torch.Tensor]:
     """_quant_linear_eager wrapped in torch.compiler.disable, built on first use.
 
     torch.compile (train.compile=true) graph-breaks around the quantized GEMMs and runs them

@@ -103,7 +103,7 @@ def prepare_operand(
     parts = [q]
     if gemm.bit_split and role == 1:
         residual = t - q.dequantize_lastdim()
-        parts.append(quantize(residual, spec, -1, seed=derive_seed(seed, 3)))
+        parts.append(quant(residual, spec, -1, seed=derive_seed(seed, 3)))
     return Operand(parts)
 
 

@@ -58,7 +58,7 @@ def encode(values: torch.Tensor, fmt: ElementFormat) -> tuple[torch.Tensor, bool
     else:  # fp4_e2m1: 2|v| is an integer in {0,1,2,3,4,6,8,12}; a 13-entry table maps it to the code
         lut = _fp4_code_lut(v.device)
         codes = lut[(v.abs() * 2).to(torch.int64)] | (torch.signbit(v).to(torch.uint8) << 3)
-    if codes.shape[-1] % 2 == 0 and codes.dim() > 0:
+    if codes.dim() > 0 and codes.shape[-1] % 2 == 0:  # (a 0-d tensor has no last dim to pack)
         return pack_nibbles(codes), True
     return codes, False
 

@@ -89,6 +89,9 @@ class Recipe:
         for names in (hadamard, stochastic_rounding):
             if names is not None:
                 _check_gemm_names(names)
+        if hadamard_block < 0 or hadamard_block & (hadamard_block - 1):
+            # Checked here, not at the first GEMM: a config typo should fail before training starts.
+            raise ValueError(f"hadamard_block={hadamard_block}; valid: 0 (the recipe's) or a power of two")
         for g in GEMMS:
             spec = getattr(out, g)
             if not spec.quantized:
