@@ -1,8 +1,8 @@
 """Triton kernels: fused quantize, block-scaled GEMM, low-bit optimizer steps.
 
 Each op dispatches to Triton on CUDA and to the lowbit.quant reference elsewhere. Importing this
-package registers, with lowbit.quant.gemm, the "triton" GEMM backend and (where that seam exists)
-the fused quantize for CUDA operands. Nothing imports Triton until a kernel runs, so lowbit
+package registers, with lowbit.quant.gemm, the "triton" GEMM backend and the fused quantize for
+CUDA operands. Nothing imports Triton until a kernel runs, so lowbit
 imports without Triton installed.
 """
 
@@ -16,9 +16,7 @@ def register() -> None:
     from lowbit.kernels.quantize import quantize
 
     qgemm.register_gemm_backend("triton", triton_gemm_backend)
-    register_quantize = getattr(qgemm, "register_quantize_backend", None)
-    if register_quantize is not None:  # the quantize seam (lowbit.quant owns it)
-        register_quantize(quantize, "cuda")
+    qgemm.register_quantize_backend(quantize, "cuda")
 
 
 register()

@@ -23,8 +23,6 @@ the join measured 4-5x slower on the H100).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
@@ -195,7 +193,3 @@ def _prune(configs, named_args, **kwargs):
 _KEY = ["M", "N", "K", "A_ELEM", "B_ELEM", "A_SMODE", "B_SMODE", "COMPUTE", "G"]
 scaled_gemm_tuned = triton.autotune(configs=_configs(), key=_KEY,
                                     prune_configs_by={"early_config_prune": _prune})(_scaled_gemm_kernel)
-
-
-def interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -6,13 +6,12 @@ scaling.py (`compute_scale`) operation for operation; see lowbit/kernels/quantiz
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from lowbit.kernels._hash_triton import lowbias32
+from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
 
 _TWO23: tl.constexpr = tl.constexpr(8388608.0)
@@ -276,10 +275,6 @@ def _quantize_kernel(
             tl.store(ts_ptr + tl.zeros([1], tl.int32), t)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -314,6 +309,6 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), seed_off,
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
-        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not _interpret(),
+        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(),
         num_warps=4 if br * bc <= 4096 else 8,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels.quantize import interpret, triton_available
 from lowbit.quant.gemm import Operand, _scaled_mm, _scaled_mm_ok
 from lowbit.quant.recipes import GemmSpec
 
@@ -23,11 +24,9 @@ PREFER_CUBLAS_FP8 = True
 
 
 def _runnable(a: Operand) -> bool:
-    from lowbit.kernels.quantize import _interpret, triton_available
-
     if not triton_available():
         return False
-    return a.is_cuda or (ALLOW_INTERPRETER_ON_CPU and _interpret())
+    return a.is_cuda or (ALLOW_INTERPRETER_ON_CPU and interpret())
 
 
 def triton_gemm_backend(a: Operand, b: Operand, gemm: GemmSpec) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels.quantize import interpret as _interpret
 from lowbit.quant.qtensor import QTensor
 
 
@@ -156,7 +157,7 @@ def scaled_gemm(
         raise ValueError(f"scaled_gemm does not support this pair: {reason}")
     from lowbit.kernels import _gemm_triton as kt
 
-    interpret = kt.interpret()
+    interpret = _interpret()
     m, k = qa.shape
     n = qb.shape[0]
     a, b = _data2d(qa), _data2d(qb)

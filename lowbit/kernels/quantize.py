@@ -45,11 +45,13 @@ _G1D, _GROW, _GTENSOR, _GTILE = 0, 1, 2, 3
 TRANSPOSED_READ = False
 
 
-def _interpret() -> bool:
+def interpret() -> bool:
+    """True when TRITON_INTERPRET=1: kernels then run on CPU tensors through the interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_available() -> bool:
+    """Whether triton imports (lowbit itself imports and runs without it)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -63,7 +65,7 @@ def _pow2(n: int) -> bool:
 
 def supports(x: torch.Tensor, spec: QuantSpec) -> bool:
     """True when the Triton kernel handles this call (else `quantize` runs the reference)."""
-    if not triton_available() or not (x.is_cuda or (_interpret() and x.device.type == "cpu")):
+    if not triton_available() or not (x.is_cuda or (interpret() and x.device.type == "cpu")):
         return False
     if spec.fmt not in _ENC or not x.is_floating_point() or x.numel() == 0:
         return False

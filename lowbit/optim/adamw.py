@@ -372,11 +372,9 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from lowbit.kernels.quantize import triton_available  # lazy: lowbit.optim does not need kernels
+
+    return triton_available()
 
 
 class AdamW8bit(LowBitAdamW):
