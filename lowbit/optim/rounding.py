@@ -93,7 +93,8 @@ def write_param_(
     elif rounding == "stochastic":
         p.copy_(round_bf16_stochastic(new_value, seed))
     elif rounding == "kahan":
-        assert comp is not None and old_value is not None
+        if comp is None or old_value is None:
+            raise ValueError("rounding='kahan' needs the BF16 compensation buffer `comp` and `old_value`")
         # y = step + carried error; s = p + y is rounded; the part rounding dropped is carried on.
         y = (new_value - old_value) + comp.float()
         s = old_value + y
@@ -101,4 +102,4 @@ def write_param_(
         comp.copy_(round_bf16_nearest(s - rounded))
         p.copy_(rounded)
     else:
-        raise ValueError(f"rounding={rounding!r}; valid choices: {ROUNDING_MODES}")
+        raise ValueError(f"rounding={rounding!r}; valid choices: {', '.join(ROUNDING_MODES)}")
