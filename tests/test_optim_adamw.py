@@ -146,6 +146,18 @@ def test_bad_hyperparameters_are_clear_errors(kwargs):
         LowBitAdamW([_param((4,))], **kwargs)
 
 
+def test_fused_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    pytest.importorskip("triton")
+    # Import the kernels first: Triton fixes interpreter vs compiled mode when a kernel is defined.
+    import lowbit.kernels.optim_adamw_lowbit  # noqa: F401
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p = _param((64, 256))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="fused=True.*CUDA.*cpu"):
+        LowBitAdamW([p], state_bits=8, fused=True, min_quant_numel=1).step()
+
+
 def test_paged_states_stay_on_host_and_give_the_same_step():
     results = []
     for paged in (False, True):

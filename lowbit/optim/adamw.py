@@ -242,8 +242,16 @@ class LowBitAdamW(torch.optim.Optimizer):
         if not want:
             return None
         from lowbit.kernels import optim_adamw_lowbit as k
+        from lowbit.kernels.quantize import interpret
 
-        return k.kind_of(self, p)
+        kind = k.kind_of(self, p)
+        if kind is not None and not p.is_cuda and not interpret():
+            # Caught here: Triton's own error for a CPU tensor ("0 active drivers") names neither.
+            raise ValueError(
+                f"fused=True runs Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1); got a "
+                f"parameter on {p.device}. Use fused=None (fused where possible) or fused=False."
+            )
+        return kind
 
     def _use_fused(self, p: torch.Tensor) -> bool:
         return self._fused_kind(p) is not None
