@@ -30,6 +30,7 @@ def _runnable(a: Operand) -> bool:
 
 
 def triton_gemm_backend(a: Operand, b: Operand, gemm: GemmSpec) -> torch.Tensor | None:
+    """fp32 A·B^T of two prepared operands on the Triton GEMM (or cuBLAS for fp8), None to decline."""
     if a.hp is not None or b.hp is not None or gemm.leverage_sampling or len(b.parts) != 1:
         return None
     if not _runnable(a):

@@ -190,4 +190,5 @@ def scaled_gemm(
 
 
 def triton_cdiv(a: int, b: int) -> int:
+    """ceil(a / b), as triton.cdiv, without importing triton on the host path."""
     return -(-a // b)

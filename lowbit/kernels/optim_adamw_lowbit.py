@@ -61,6 +61,7 @@ def kind_of(opt: Any, p: torch.Tensor) -> str | None:
 
 
 def supports(opt: Any, p: torch.Tensor) -> bool:
+    """Whether a fused kernel steps `p` under `opt`'s settings (else the torch reference does)."""
     return kind_of(opt, p) is not None
 
 

@@ -34,6 +34,12 @@ from lowbit.quant.recipes import GEMMS, OPERAND_NAMES, Recipe, get_recipe
 
 
 class QuantLinear(nn.Linear):
+    """nn.Linear whose fprop, dgrad and wgrad GEMMs are quantized as `recipe` says (module docstring).
+
+    `backend` picks the GEMM implementation (lowbit.quant.gemm: auto, emulate, scaled_mm or a
+    registered kernel backend); `seed` seeds the layer's own generator of per-call seeds.
+    """
+
     def __init__(
         self,
         in_features: int,
@@ -76,6 +82,7 @@ class QuantLinear(nn.Linear):
         return q
 
     def next_seed(self) -> int:
+        """One GEMM call's seed (Hadamard signs, stochastic rounding) from the layer's generator."""
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
         # Data-parallel ranks draw the same sequence; mixing in the rank keeps their rounding noise
         # independent, so averaging gradients across ranks also averages the SR noise down.
@@ -83,11 +90,13 @@ class QuantLinear(nn.Linear):
         return derive_seed(seed, 1000 + rank) if rank else seed
 
     def history(self, gemm: str, role: int) -> torch.Tensor | None:
+        """The amax-history row of `gemm`'s operand `role` (1 = A, 2 = B); None without delayed scaling."""
         if self.recipe.amax_history <= 0:
             return None
         return self.amax_history[GEMMS.index(gemm) * 2 + role - 1]
 
     def observe(self, gemm: str, role: int) -> Observer | None:
+        """The telemetry hook for one operand, naming it `<gemm>_<operand>`; None when telemetry is off."""
         if self.observer is None:
             return None
         obs, name = self.observer, f"{gemm}_{OPERAND_NAMES[gemm][role - 1]}"

@@ -362,6 +362,8 @@ class LowBitAdamW(torch.optim.Optimizer):
 
 
 def restore_state_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Undo torch's cast of floating state to the parameter dtype: saved fp32 moments and scales
+    of BF16 parameters come back as fp32 (the dtypes they were saved with)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     for idx, saved in state_dict["state"].items():
         p = params[idx]
@@ -371,6 +373,7 @@ def restore_state_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held in all tensors of `opt`'s state."""
     total = 0
     for st in opt.state.values():
         for val in st.values():

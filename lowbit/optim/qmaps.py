@@ -116,6 +116,7 @@ def quantize_blockwise(
 def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int, shape: torch.Size
 ) -> torch.Tensor:
+    """Inverse of `quantize_blockwise`: map value of each code times its block's absmax, as `shape`."""
     vals, _ = table_on(table, codes.device)
     n = codes.numel()
     scale = absmax.repeat_interleave(block)[:n]
@@ -139,6 +140,7 @@ def quantize_rank1(x2d: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor
 def dequantize_rank1(
     codes: torch.Tensor, row: torch.Tensor, col: torch.Tensor, table: torch.Tensor
 ) -> torch.Tensor:
+    """Inverse of `quantize_rank1`: a (rows × cols) matrix, map value times min(row max, col max)."""
     vals, _ = table_on(table, codes.device)
     return vals[codes.long()].view(row.numel(), col.numel()) * rank1_scale(row, col)
 
@@ -156,6 +158,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles` (split-half layout, not lowbit.quant.qtensor's interleaved one)."""
     b = packed.view(-1, 64)
     return torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)[:n]
 

@@ -41,6 +41,7 @@ def bjorck_orthonormalize(u: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 def quantize_eigvecs(u: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvector matrix -> (codes, block absmax) on the linear-square map; 4-bit codes packed."""
     codes, absmax = qmaps.quantize_blockwise(u, qmaps.linear_square_map(bits), block)
     return (qmaps.pack_nibbles(codes) if bits == 4 else codes), absmax
 
@@ -48,6 +49,7 @@ def quantize_eigvecs(u: torch.Tensor, bits: int, block: int) -> tuple[torch.Tens
 def dequantize_eigvecs(
     codes: torch.Tensor, absmax: torch.Tensor, bits: int, block: int, d: int
 ) -> torch.Tensor:
+    """Inverse of `quantize_eigvecs`: the d × d matrix (not yet re-orthogonalized)."""
     if bits == 4:
         codes = qmaps.unpack_nibbles(codes, d * d)
     return qmaps.dequantize_blockwise(codes, absmax, qmaps.linear_square_map(bits), block, torch.Size((d, d)))

@@ -106,6 +106,7 @@ def device_table(values: tuple[float, ...], device: torch.device | str) -> torch
 
 
 def get_format(name: str | ElementFormat) -> ElementFormat:
+    """The format named `name` (an ElementFormat passes through); the error lists the valid names."""
     if isinstance(name, ElementFormat):
         return name
     try:

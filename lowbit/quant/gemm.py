@@ -142,6 +142,7 @@ def register_gemm_backend(name: str, fn: GemmBackend) -> None:
 
 
 def gemm_backends() -> list[str]:
+    """Every valid `backend=` value: the built-in choices and the registered backends."""
     return [*BACKEND_CHOICES, *_BACKENDS]
 
 

@@ -38,6 +38,7 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: (..., K/2) bytes -> (..., K) uint8 codes."""
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 

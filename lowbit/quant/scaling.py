@@ -31,6 +31,7 @@ E4M3_MAX = 448.0
 
 
 def check_scale_format(scale: str, fmt: ElementFormat) -> None:
+    """Raise ValueError unless `scale` is a scale format that `fmt` can use (names both)."""
     if scale not in SCALE_FORMATS:
         raise ValueError(f"unknown scale={scale!r}; valid choices: {', '.join(SCALE_FORMATS)}")
     if scale.startswith("e8m0") and fmt.kind != "float":
@@ -90,6 +91,7 @@ def encode_e8m0(scale: torch.Tensor) -> torch.Tensor:
 
 
 def decode_e8m0(code: torch.Tensor) -> torch.Tensor:
+    """Inverse of `encode_e8m0`: fp32 2^(code - 127), NaN for code 255."""
     c = code.to(torch.int32)
     s = exp2i(c - 127)
     return torch.where(c == 255, torch.full_like(s, float("nan")), s)
