@@ -143,6 +143,29 @@ def test_backend_declines_cpu_and_leverage_sampling():
         kb.ALLOW_INTERPRETER_ON_CPU = False
 
 
+def test_auto_emulates_fp8_where_cublas_fp8_fails(monkeypatch):
+    # A GPU without fp8 tensor cores: torch._scaled_mm raises. The Triton backend must decline
+    # rather than raise, so that backend="auto" warns and emulates as it does without lowbit.kernels.
+    from lowbit.quant import gemm as qgemm
+    from lowbit.quant.recipes import get_recipe
+
+    def no_fp8(*args, **kwargs):
+        raise RuntimeError("fp8 GEMMs need compute capability 8.9")
+
+    spec = get_recipe("fp8_tensorwise").fprop
+    x, w = torch.randn(32, 64), torch.randn(16, 64)
+    a, b = qgemm.prepare_operand(x, spec.a, spec, 0, 1), qgemm.prepare_operand(w, spec.b, spec, 0, 2)
+    monkeypatch.setattr(qgemm.Operand, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(kb, "_runnable", lambda a: True)
+    monkeypatch.setattr(kb, "_scaled_mm", no_fp8)
+    monkeypatch.setattr(qgemm, "_scaled_mm", no_fp8)
+    monkeypatch.setattr(qgemm, "_warned", set())
+    assert kb.triton_gemm_backend(a, b, spec) is None
+    with pytest.warns(UserWarning, match="emulating"):
+        out = qgemm.gemm_operands(a, b, spec, backend="auto")
+    torch.testing.assert_close(out, a.dequantize() @ b.dequantize().T)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name,spec_a,spec_b,k", PAIRS, ids=[p[0] for p in PAIRS])
 def test_gpu_large(name, spec_a, spec_b, k, monkeypatch):

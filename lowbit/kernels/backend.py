@@ -43,7 +43,12 @@ def triton_gemm_backend(a: Operand, b: Operand, gemm: GemmSpec) -> torch.Tensor 
     if any(why_not(qa, qb, exact) is not None for qa in a.parts):
         return None
     if PREFER_CUBLAS_FP8 and a.is_cuda and _scaled_mm_ok(a, b, gemm):
-        return _scaled_mm(a, b)
+        try:
+            return _scaled_mm(a, b)
+        except RuntimeError:
+            # A GPU without fp8 tensor cores (e.g. A100): decline, so that backend="auto" reaches
+            # lowbit.quant.gemm's own cuBLAS attempt, which warns once and emulates.
+            return None
     out = scaled_gemm(a.parts[0], qb, bf16_exact=exact)
     for qa in a.parts[1:]:
         out += scaled_gemm(qa, qb, bf16_exact=exact)
