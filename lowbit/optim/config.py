@@ -76,7 +76,7 @@ def _enum(cls: type[Enum], value: Any, key: str) -> Enum:
         return cls(value.value if isinstance(value, Enum) else value)
     except ValueError:
         raise ValueError(
-            f"optim.{key}={value!r} is not valid; choices: {[m.value for m in cls]}"
+            f"optim.{key}={value!r} is not valid; valid choices: {', '.join(m.value for m in cls)}"
         ) from None
 
 
