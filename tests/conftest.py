@@ -58,3 +58,13 @@ def small_run(tmp_path):
         return run(compose([*SMALL, f"out_dir={tmp_path}", *extra]))
 
     return _run
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test with one intra-op thread: on tiny tensors (and small LAPACK calls) extra OpenMP
+    threads only add barrier waits, which stall for up to a second per op on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

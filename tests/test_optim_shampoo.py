@@ -9,14 +9,8 @@ import torch.multiprocessing as mp
 
 from lowbit.optim.shampoo import Shampoo, bjorck_orthonormalize, dequantize_eigvecs, quantize_eigvecs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Multithreaded LAPACK eigh on small matrices spins for ~1 s per call on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra OpenMP threads only add barrier waits (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize(
@@ -63,8 +57,9 @@ def test_32bit_inverse_fourth_root():
     torch.testing.assert_close(st["blk0.L"], L)
     eps = 1e-3 * torch.linalg.eigvalsh(L).max()
     PL = st["Pblk0.L"]
-    torch.testing.assert_close(torch.linalg.matrix_power(PL, 4) @ (L + eps * torch.eye(12)), torch.eye(12),
-                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        torch.linalg.matrix_power(PL, 4) @ (L + eps * torch.eye(12)), torch.eye(12), atol=2e-3, rtol=0
+    )
 
 
 def test_blocks_cover_large_dims():
@@ -145,8 +140,15 @@ def _worker(rank, world, port, bits, out):
         _train(opt, params, 4)
         owned = [b["id"] for b in opt.blocks if b["owner"] == rank]
         keys = {k for st in opt.state.values() for k in st if k.startswith("blk")}
-        torch.save({"params": [p.detach() for p in params], "owned": owned, "keys": sorted(keys),
-                    "per_rank": opt.per_rank_state}, f"{out}/rank{rank}.pt")
+        torch.save(
+            {
+                "params": [p.detach() for p in params],
+                "owned": owned,
+                "keys": sorted(keys),
+                "per_rank": opt.per_rank_state,
+            },
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -162,8 +164,9 @@ def test_ddp_shampoo_shards_blocks_and_matches_single_process(tmp_path, bits):
     mp.spawn(_worker, args=(2, port, bits, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     params = _params(0)
-    single = Shampoo(params, lr=1e-2, bits=bits, max_preconditioner_dim=24, inverse_every=2,
-                     distributed=False)
+    single = Shampoo(
+        params, lr=1e-2, bits=bits, max_preconditioner_dim=24, inverse_every=2, distributed=False
+    )
     _train(single, params, 4)
     for r in ranks:
         assert r["per_rank"]

@@ -5,14 +5,8 @@ import torch
 
 from lowbit.quant import FORMATS, QuantSpec, hash_bits, lowbias32, quantize, round_to_format, uniform_noise
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors: extra OpenMP threads only add barrier waits, which stall badly on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra OpenMP threads only add barrier waits (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _lowbias32_python(x: int) -> int:
