@@ -194,3 +194,12 @@ def test_cuda_reference_is_bitwise_cpu_reference(spec):
     assert torch.equal(as_bits(gpu.data).cpu(), as_bits(cpu.data))
     assert torch.equal(gpu.scale.cpu(), cpu.scale)
     assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+
+
+def test_non_integer_tile_sizes_are_rejected_not_truncated():
+    for block in ((16.5, 16), [16, 16.0], (128, 1.9), 32.5):
+        with pytest.raises(ValueError, match="invalid block=") as info:
+            QuantSpec("fp8_e4m3", block)
+        assert repr(block) in str(info.value)
+    assert QuantSpec("fp8_e4m3", [16, 16]).block == (16, 16)
+    assert QuantSpec("fp8_e4m3", (np.int64(16), 16)).block == (16, 16)

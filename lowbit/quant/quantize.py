@@ -18,6 +18,7 @@ exact for power-of-two scales) -> round_to_format(y) -> encode (qtensor.py). Sto
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,12 @@ class QuantSpec:
         fmt = get_format(self.fmt)
         block = self.block
         if isinstance(block, list | tuple):
+            for b in block:
+                if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+                    raise ValueError(
+                        f"invalid block={self.block!r}: tile size {b!r} is not an integer; "
+                        f"valid choices: {BLOCK_CHOICES}"
+                    )
             block = tuple(int(b) for b in block)
             object.__setattr__(self, "block", block)
         ok = (
