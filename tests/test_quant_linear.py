@@ -242,3 +242,14 @@ def test_cuda_matches_cpu_emulation():
             res.append([t.cpu() for t in _run(layer, x.to(dev), gy.to(dev))])
         for a, b in zip(*res):
             assert _rel(a, b.double()) < 1e-5
+
+
+def test_with_overrides_takes_a_bare_gemm_name_as_one_element_list():
+    r = RECIPES["mxfp8"]
+    assert r.with_overrides(hadamard="wgrad") == r.with_overrides(hadamard=["wgrad"])
+    assert r.with_overrides(hadamard="wgrad").wgrad.hadamard == 32
+    assert r.with_overrides(hadamard="wgrad").fprop.hadamard == 0
+    sr = r.with_overrides(stochastic_rounding="dgrad")
+    assert sr == r.with_overrides(stochastic_rounding=["dgrad"])
+    with pytest.raises(ValueError, match=r"'wgard'.*fprop, dgrad, wgrad"):
+        r.with_overrides(hadamard="wgard")

@@ -74,11 +74,12 @@ class Recipe:
 
     def with_overrides(
         self,
-        hadamard: list[str] | None = None,
-        stochastic_rounding: list[str] | None = None,
+        hadamard: list[str] | str | None = None,
+        stochastic_rounding: list[str] | str | None = None,
         hadamard_block: int = 0,
     ) -> Recipe:
-        """Ablations: `hadamard` / `stochastic_rounding` list exactly the GEMMs that get them.
+        """Ablations: `hadamard` / `stochastic_rounding` list exactly the GEMMs that get them
+        (a single name such as "wgrad" is taken as a one-element list).
 
         None keeps the recipe's choice; [] turns it off everywhere. A GEMM that gains a Hadamard
         uses `hadamard_block` (or its operands' 1-D block, or 32); `hadamard_block` > 0 also
@@ -86,6 +87,11 @@ class Recipe:
         gradient in dgrad/wgrad) stochastically.
         """
         out = self
+        # A bare string is one GEMM name, not a sequence of one-letter names.
+        if isinstance(hadamard, str):
+            hadamard = [hadamard]
+        if isinstance(stochastic_rounding, str):
+            stochastic_rounding = [stochastic_rounding]
         for names in (hadamard, stochastic_rounding):
             if names is not None:
                 _check_gemm_names(names)
