@@ -111,7 +111,8 @@ class QuantTelemetry:
         return out
 
     def summary(self, worst: int = 3) -> str:
-        """One line: the lowest-SQNR layer operands of the last sampled step."""
+        """One line: mean SQNR over the finite operands of the last sampled step, how many were
+        non-finite (NaN/Inf values), and the lowest-SQNR layer operands (non-finite ones first)."""
         if not self._last:
             return "quant: no telemetry sampled"
         ranked = sorted(self._last.items(), key=lambda kv: _sort_key(kv[1].sqnr_db()))
@@ -119,8 +120,15 @@ class QuantTelemetry:
         for (layer, operand), a in ranked[:worst]:
             clip, zero = 100 * a.clipped / max(a.numel, 1), 100 * a.flushed / max(a.nonzero, 1)
             parts.append(f"{layer}/{operand} {a.sqnr_db():.1f}dB (clip {clip:.2f}%, zero {zero:.1f}%)")
-        mean = sum(min(a.sqnr_db(), 200.0) for a in self._last.values()) / len(self._last)
-        return f"quant: mean SQNR {mean:.1f}dB over {len(self._last)} operands; worst: " + "; ".join(parts)
+        # NaN SQNR = an operand with NaN/Inf values: left out of the mean (one would make it NaN) and
+        # counted instead. An exact operand (inf dB) counts as 200 dB.
+        ok = [min(v, 200.0) for v in (a.sqnr_db() for a in self._last.values()) if not math.isnan(v)]
+        bad = len(self._last) - len(ok)
+        mean = f"{sum(ok) / len(ok):.1f}dB" if ok else "n/a"
+        return (
+            f"quant: mean SQNR {mean} over {len(ok)} operands ({bad} non-finite, excluded); worst: "
+            + "; ".join(parts)
+        )
 
 
 def _sort_key(v: float) -> float:
