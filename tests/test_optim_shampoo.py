@@ -178,3 +178,46 @@ def test_ddp_shampoo_shards_blocks_and_matches_single_process(tmp_path, bits):
     assert set(ranks[0]["owned"]) | set(ranks[1]["owned"]) == {b["id"] for b in single.blocks}
     for r in ranks:
         assert {k.split(".")[0] for k in r["keys"]} == {f"blk{i}" for i in r["owned"]}
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_add_param_group_plans_blocks_like_init(bits):
+    """Matrices of a group added later get preconditioner blocks: the same plan and bit-identical
+    steps as passing every group to __init__ (before, they silently took the AdamW direction)."""
+    a, b = _params(0), _params(0)
+    kw = dict(bits=bits, max_preconditioner_dim=32, inverse_every=2, distributed=False)
+    opt_a = Shampoo([{"params": a[:2]}, {"params": a[2:], "lr": 5e-3}], **kw)
+    opt_b = Shampoo(b[:2], **kw)
+    n_before = len(opt_b.blocks)
+    opt_b.add_param_group({"params": b[2:], "lr": 5e-3})
+    assert len(opt_b.blocks) > n_before
+    assert opt_b.blocks == opt_a.blocks
+    _train(opt_a, a, 4)
+    _train(opt_b, b, 4)
+    for pa, pb in zip(a, b, strict=True):
+        assert torch.equal(pa, pb)
+    assert opt_b.preconditioner_bytes() == opt_a.preconditioner_bytes()
+    assert any(k.startswith("Pblk") for k in opt_b.state[b[2]])
+
+
+def test_add_param_group_after_steps_keeps_existing_blocks():
+    ps = _params(1)
+    opt = Shampoo(ps[:1], max_preconditioner_dim=32, distributed=False)
+    _train(opt, ps[:1], 2)
+    before = [dict(b) for b in opt.blocks]
+    keys = set(opt.state[ps[0]])
+    opt.add_param_group({"params": ps[1:]})
+    assert opt.blocks[: len(before)] == before
+    assert [b["id"] for b in opt.blocks] == list(range(len(opt.blocks)))
+    assert {b["param"] for b in opt.blocks} == {0, 2, 3}  # the matrices, not the vector
+    _train(opt, ps, 2)
+    assert keys <= set(opt.state[ps[0]])
+    assert any(k.startswith("Pblk") for k in opt.state[ps[3]])
+
+
+def test_sparse_gradient_is_a_clear_error():
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = Shampoo([p], distributed=False)
+    p.grad = torch.randn(8, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="Shampoo does not support sparse gradients"):
+        opt.step()

@@ -110,13 +110,27 @@ class Shampoo(torch.optim.Optimizer):
         self.per_rank_state = self.world > 1
         self.blocks = self._plan_blocks()
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group as torch does, and plan preconditioner blocks for its matrices (appended to
+        the plan: existing blocks keep their ids and owners, so their state stays valid)."""
+        super().add_param_group(param_group)
+        if hasattr(self, "blocks"):  # not during __init__, which plans all groups at once
+            self.blocks = self._plan_blocks(self.blocks)
+
     # ----------------------------------------------------------------- block plan
-    def _plan_blocks(self) -> list[dict]:
-        """Every matrix block (param index, rows, cols) and its owning rank, the same on all ranks."""
-        blocks = []
+    def _plan_blocks(self, planned: list[dict] | None = None) -> list[dict]:
+        """Every matrix block (param index, rows, cols) and its owning rank, the same on all ranks.
+
+        `planned`: an existing plan to extend with the parameters it does not cover yet (those of
+        groups added later); its blocks keep their ids and owners, new ones go to the least-loaded ranks.
+        """
+        planned = planned or []
+        done = {b["param"] for b in planned}
+        start = len(planned)
+        blocks = list(planned)
         params = [p for g in self.param_groups for p in g["params"]]
         for pi, p in enumerate(params):
-            if p.dim() < 2:
+            if p.dim() < 2 or pi in done:
                 continue
             rows, cols = p.shape[0], p.numel() // p.shape[0]
             for r0 in range(0, rows, self.max_dim):
@@ -124,7 +138,9 @@ class Shampoo(torch.optim.Optimizer):
                     r1, c1 = min(r0 + self.max_dim, rows), min(c0 + self.max_dim, cols)
                     blocks.append({"param": pi, "rows": (r0, r1), "cols": (c0, c1), "id": len(blocks)})
         load = [0.0] * self.world
-        for b in sorted(blocks, key=lambda b: (-self._cost(b), b["id"])):
+        for b in planned:
+            load[b["owner"]] += self._cost(b)
+        for b in sorted(blocks[start:], key=lambda b: (-self._cost(b), b["id"])):
             owner = min(range(self.world), key=lambda r: (load[r], r))
             b["owner"] = owner
             load[owner] += self._cost(b)
@@ -201,6 +217,8 @@ class Shampoo(torch.optim.Optimizer):
         for pi, (p, group) in enumerate(params):
             if p.grad is None:
                 continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Shampoo does not support sparse gradients")
             st = self.state[p]
             if "step" not in st:
                 st["step"] = 0
