@@ -88,8 +88,10 @@ def test_checkpoint_of_another_model_is_rejected(small_run, tmp_path):
     small_run(["train.steps=2", "run_name=m"])
     ckpt = complete_checkpoints(tmp_path / "m" / "checkpoints")[-1][1]
     shutil.copytree(ckpt, tmp_path / "copy")
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="model.n_layers: saved 2, now 3.*run_name="):
         small_run(["train.steps=4", "run_name=m3", "model.n_layers=3", f"resume={tmp_path / 'copy'}"])
+    with pytest.raises(CheckpointError, match="model.dim: saved 64, now 96"):
+        small_run(["train.steps=4", "run_name=m", "model.dim=96"])  # resume=auto in the same run
 
 
 def test_nan_loss_stops_without_checkpoint(small_run, tmp_path):

@@ -55,6 +55,21 @@ def _module_generators(model: torch.nn.Module) -> dict[str, torch.Generator]:
     }
 
 
+def _check_same_model(path: Path, cfg_dict: dict) -> None:
+    """Refuse to resume a checkpoint of a differently shaped model, naming what differs."""
+    saved = ckpt.load_torch(path / "trainer.pt").get("config", {}).get("model")
+    if saved is None:
+        return
+    diff = [
+        f"model.{k}: saved {saved[k]!r}, now {v!r}" for k, v in cfg_dict["model"].items() if saved.get(k) != v
+    ]
+    if diff:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written for another model ({'; '.join(diff)}). "
+            "Pass the same model settings to continue it, or start a new run with run_name=<new name>."
+        )
+
+
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -150,6 +165,7 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     resume_from = ckpt.resolve_resume(rc.resume, ckpt_root)
     if resume_from is not None:
         ckpt.verify(resume_from)  # fail before any work if the checkpoint is damaged
+        _check_same_model(resume_from, cfg_dict)
 
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
