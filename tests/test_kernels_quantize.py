@@ -22,7 +22,7 @@ def _bytes(q) -> torch.Tensor:
     return q.data.view(torch.uint8) if q.data.element_size() == 1 else q.data
 
 
-def assert_same_qtensor(ref, got) -> None:
+def check_same_qtensor(ref, got) -> None:
     """Equal storage bytes and scales; a NaN may differ only in its sign bit (CPU vs GPU NaNs)."""
     assert got.packed == ref.packed and got.block == ref.block and got.shape == ref.shape
     assert got.axis == ref.axis and got.dtype == ref.dtype and got.fmt == ref.fmt
@@ -81,7 +81,7 @@ def test_matches_reference_bitwise(fmt, block, scale, rounding):
     ref = quantize(x, spec, seed=123)
     got = kq.quantize(x.to(DEV), spec, seed=123)
     assert kq.supports(x.to(DEV), spec)
-    assert_same_qtensor(ref, got)
+    check_same_qtensor(ref, got)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_matches_reference_bitwise(fmt, block, scale, rounding):
 )
 def test_ragged_shapes(shape, spec):
     x = _x(shape, seed=7)
-    assert_same_qtensor(quantize(x, spec, seed=9), kq.quantize(x.to(DEV), spec, seed=9))
+    check_same_qtensor(quantize(x, spec, seed=9), kq.quantize(x.to(DEV), spec, seed=9))
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -108,8 +108,8 @@ def test_bf16_input_strided_transpose_and_axis(in_place, monkeypatch):
     spec = QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic")
     xt = x.to(DEV).t()
     assert not xt.is_contiguous()
-    assert_same_qtensor(quantize(x.t(), spec, seed=5), kq.quantize(xt, spec, seed=5))
-    assert_same_qtensor(quantize(x, spec, axis=0, seed=5), kq.quantize(x.to(DEV), spec, axis=0, seed=5))
+    check_same_qtensor(quantize(x.t(), spec, seed=5), kq.quantize(xt, spec, seed=5))
+    check_same_qtensor(quantize(x, spec, axis=0, seed=5), kq.quantize(x.to(DEV), spec, axis=0, seed=5))
 
 
 def test_special_values_and_delayed_amax():
@@ -121,11 +121,11 @@ def test_special_values_and_delayed_amax():
     x[4, 0] = 1e-40  # fp32 subnormal
     for spec in [QuantSpec("fp8_e4m3", 32, "e8m0"), QuantSpec("fp8_e5m2", 32, "fp32"),
                  QuantSpec("fp4_e2m1", 16, "e4m3"), QuantSpec("int8", "row")]:
-        assert_same_qtensor(quantize(x, spec), kq.quantize(x.to(DEV), spec))
+        check_same_qtensor(quantize(x, spec), kq.quantize(x.to(DEV), spec))
     y = _x((8, 64), seed=5)
     spec = QuantSpec("fp8_e4m3")
     amax = torch.tensor(3.0)
-    assert_same_qtensor(quantize(y, spec, amax=amax), kq.quantize(y.to(DEV), spec, amax=amax.to(DEV)))
+    check_same_qtensor(quantize(y, spec, amax=amax), kq.quantize(y.to(DEV), spec, amax=amax.to(DEV)))
 
 
 def test_stochastic_seed_changes_bits_and_generator_is_reproducible():
@@ -134,14 +134,14 @@ def test_stochastic_seed_changes_bits_and_generator_is_reproducible():
     a, b = kq.quantize(x.to(DEV), spec, seed=1), kq.quantize(x.to(DEV), spec, seed=2)
     assert not torch.equal(a.data, b.data)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert_same_qtensor(quantize(x, spec, generator=g1), kq.quantize(x.to(DEV), spec, generator=g2))
+    check_same_qtensor(quantize(x, spec, generator=g1), kq.quantize(x.to(DEV), spec, generator=g2))
 
 
 def test_unsupported_falls_back_to_reference():
     x = _x((4, 48), seed=8)
     for spec in [QuantSpec("nf4", 64, "fp32"), QuantSpec("fp8_e4m3", 24, "fp32")]:
         assert not kq.supports(x, spec)
-        assert_same_qtensor(quantize(x, spec), kq.quantize(x, spec))
+        check_same_qtensor(quantize(x, spec), kq.quantize(x, spec))
     with pytest.raises(ValueError, match="delayed scaling"):
         kq.quantize(x.to(DEV), QuantSpec("fp8_e4m3", 32, "e8m0"), amax=torch.tensor(1.0))
 
@@ -163,6 +163,6 @@ def test_gpu_large_matches_reference(fmt, block, scale):
     spec = QuantSpec(fmt, block, scale, "stochastic")
     x = _x((1024, 4096 + 64), seed=11, dtype=torch.bfloat16)
     xc = x.cuda()
-    assert_same_qtensor(quantize(x, spec, seed=77), kq.quantize(xc, spec, seed=77))
-    assert_same_qtensor(quantize(x.t(), spec.with_rounding("nearest")),
+    check_same_qtensor(quantize(x, spec, seed=77), kq.quantize(xc, spec, seed=77))
+    check_same_qtensor(quantize(x.t(), spec.with_rounding("nearest")),
                         kq.quantize(xc.t(), spec.with_rounding("nearest")))
