@@ -139,8 +139,10 @@ def test_sr_on_lowbit_states_with_bf16_params():
     assert w.float().mean().item() == pytest.approx(1 - 0.01, abs=0.002)
 
 
-@pytest.mark.parametrize("kwargs", [dict(state_bits=16), dict(bf16_rounding="up"), dict(lr=-1.0),
-                                    dict(betas=(0.9, 1.0)), dict(eps=0.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(state_bits=16), dict(bf16_rounding="up"), dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=0.0)],
+)
 def test_bad_hyperparameters_are_clear_errors(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         LowBitAdamW([_param((4,))], **kwargs)
@@ -171,3 +173,92 @@ def test_paged_states_stay_on_host_and_give_the_same_step():
     assert torch.equal(p0, p1)
     assert all(v.device.type == "cpu" for v in s1.values() if torch.is_tensor(v))
     assert all(torch.equal(s0[k], s1[k]) for k in s0 if torch.is_tensor(s0[k]))
+
+
+def _paged_run(params_fn, paged, steps=3, **kw):
+    params = params_fn()
+    opt = LowBitAdamW(params, lr=1e-2, paged=paged, **kw)
+    for i in range(steps):
+        g = torch.Generator().manual_seed(i)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(state_bits=8),
+        dict(state_bits=4),
+        dict(state_bits=4, rank1=False),
+        dict(state_bits=32),
+        dict(state_bits=8, bf16_rounding="kahan"),
+    ],
+)
+def test_paged_with_cpu_params_is_bitwise_unpaged(kw):
+    """Paging applies to CUDA parameters only: with CPU parameters paged=True is paged=False exactly
+    (parameters and every state tensor, also across a state_dict round trip)."""
+
+    def params():
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if kw.get("bf16_rounding") == "kahan" else torch.float32
+        return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(64, 128), (64,), (8, 8)]]
+
+    (ps0, o0), (ps1, o1) = (
+        _paged_run(params, False, min_quant_numel=256, **kw),
+        _paged_run(params, True, min_quant_numel=256, **kw),
+    )
+    for a, b in zip(ps0, ps1, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ps0, ps1, strict=True):
+        s0, s1 = o0.state[a], o1.state[b]
+        assert s0.keys() == s1.keys()
+        for k in s0:
+            if torch.is_tensor(s0[k]):
+                assert s1[k].device == b.device and s1[k].dtype == s0[k].dtype
+                assert torch.equal(s0[k], s1[k])
+    o1.load_state_dict(o0.state_dict())
+    for a, b in zip(ps0, ps1, strict=True):
+        for k, v in o0.state[a].items():
+            if torch.is_tensor(v):
+                assert o1.state[b][k].device == b.device and torch.equal(o1.state[b][k], v)
+
+
+def test_paged_leaves_states_of_non_cuda_params_on_their_device():
+    """Only CUDA parameters' states are paged to the host: a parameter elsewhere (here 'meta', which
+    cannot be copied to the host) keeps ordinary states on its own device."""
+    p = torch.nn.Parameter(torch.empty(64, 128, device="meta"))
+    opt = LowBitAdamW([p], lr=1e-2, state_bits=8, min_quant_numel=1, paged=True)
+    p.grad = torch.empty(64, 128, device="meta")
+    opt.step()
+    st = opt.state[p]
+    assert st["step"] == 1
+    assert all(v.device.type == "meta" for v in st.values() if torch.is_tensor(v))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paged_mixed_cpu_and_cuda_params():
+    """Paged mode with CPU and CUDA parameters: the CUDA parameter's states live in pinned host
+    memory, the CPU parameter's stay ordinary CPU tensors; both step exactly as unpaged."""
+
+    def params():
+        torch.manual_seed(0)
+        return [
+            torch.nn.Parameter(torch.randn(64, 128)),
+            torch.nn.Parameter(torch.randn(64, 128, device="cuda")),
+            torch.nn.Parameter(torch.randn(32)),
+        ]
+
+    (ps0, o0), (ps1, o1) = (
+        _paged_run(params, False, state_bits=8, min_quant_numel=256, fused=False),
+        _paged_run(params, True, state_bits=8, min_quant_numel=256, fused=False),
+    )
+    for a, b in zip(ps0, ps1, strict=True):
+        assert torch.equal(a, b)
+        for k, v in o0.state[a].items():
+            if torch.is_tensor(v):
+                w = o1.state[b][k]
+                assert torch.equal(v.cpu(), w.cpu())
+                assert w.device.type == "cpu"
+                assert w.is_pinned() == b.is_cuda

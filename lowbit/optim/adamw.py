@@ -8,8 +8,9 @@
   tensors (norms, biases) are the most sensitive to quantization error.
 - BF16 parameters are updated without an fp32 master copy: `bf16_rounding` = nearest, stochastic
   (hash stream seeded per step and tensor) or kahan (BF16 compensation buffer, +2 B/param).
-- `paged=True` keeps the states in pinned host memory, streamed to the GPU tensor by tensor with
-  the next tensor's copy overlapping the current step (for QLoRA-sized jobs).
+- `paged=True` keeps the states of CUDA parameters in pinned host memory, streamed to the GPU tensor
+  by tensor with the next tensor's copy overlapping the current step (for QLoRA-sized jobs); CPU
+  parameters keep ordinary states.
 
 The torch code here is the reference; on CUDA (or with `fused=True`) the 8/4-bit steps run the fused
 Triton kernels of lowbit/kernels/optim_adamw_lowbit.py, which perform the same fp32 operations.
@@ -176,11 +177,14 @@ class LowBitAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq_absmax"] = torch.zeros(-(-n // 128), dtype=torch.float32, device=dev)
         if p.dtype == torch.bfloat16 and self.bf16_rounding == "kahan":
             state["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=dev)
-        if self.paged:
-            pin = torch.cuda.is_available()
+        if self._is_paged(p):
             for k, v in state.items():
                 if torch.is_tensor(v):
-                    state[k] = v.cpu().pin_memory() if pin else v.cpu()
+                    state[k] = v.cpu().pin_memory()
+
+    def _is_paged(self, p: torch.Tensor) -> bool:
+        """Paging applies to CUDA parameters only: the states of any other keep the parameter's device."""
+        return self.paged and p.is_cuda
 
     @staticmethod
     def _zero_code(bits: int, signed: bool) -> int:
@@ -278,10 +282,13 @@ class LowBitAdamW(torch.optim.Optimizer):
                 st["step"] += 1
                 s = adam_scalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], st["step"])
                 work.append((p, st, s, step_seed(group["seed"], st["step"], index)))
-        if self.paged and any(p.is_cuda for p, *_ in work):
-            self._paged_update(work)
-        else:
-            self._update(work)
+        paged: dict[torch.device, list[tuple]] = {}
+        for w in work:
+            if self._is_paged(w[0]):
+                paged.setdefault(w[0].device, []).append(w)
+        for items in paged.values():
+            self._paged_update(items)
+        self._update([w for w in work if not self._is_paged(w[0])])
         return loss
 
     def _update(self, work: list[tuple]) -> None:
@@ -316,7 +323,7 @@ class LowBitAdamW(torch.optim.Optimizer):
     def _paged_update(self, work: list[tuple]) -> None:
         """Paged states: they live in pinned host memory; each tensor's states are copied to the GPU
         on a side stream while the previous tensor is stepped, then written back asynchronously."""
-        dev = next(p.device for p, *_ in work if p.is_cuda)
+        dev = work[0][0].device  # all on this CUDA device (step pages only CUDA parameters)
         side = torch.cuda.Stream(dev)
         main = torch.cuda.current_stream(dev)
         side.wait_stream(main)
@@ -349,12 +356,12 @@ class LowBitAdamW(torch.optim.Optimizer):
         fp32 scales and moments into BF16 for BF16 parameters; restore their saved dtypes."""
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
-        if self.paged:  # torch moved the states to the parameters' device; paged ones live on the host
-            pin = torch.cuda.is_available()
-            for st in self.state.values():
+        # torch moved the states to the parameters' device; paged ones (of CUDA parameters) live on the host
+        for p, st in self.state.items():
+            if self._is_paged(p):
                 for k, v in st.items():
                     if torch.is_tensor(v) and k != "step":
-                        st[k] = v.cpu().pin_memory() if pin else v.cpu()
+                        st[k] = v.cpu().pin_memory()
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (codes, scales, moments, compensation)."""
