@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,3 +71,31 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def launch(nproc: int, overrides: list[str], timeout: int = 600) -> dict:
+    """Run train.py (SMALL + overrides) under torchrun with `nproc` CPU processes, or plainly when
+    nproc is 1 and no dist= is given; return the run's summary.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    if nproc == 1 and not any(o.startswith("dist=") for o in overrides):
+        cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, *overrides]
+    else:
+        with socket.socket() as sock:  # an explicit free port: torchrun's --master_port=0 can hang
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            str(ROOT / "train.py"),
+            *SMALL,
+            *overrides,
+        ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("out_dir="))
+    run_name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_name="))
+    return json.loads(Path(out_dir, run_name, "summary.json").read_text())

@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import ROOT, SMALL
+from conftest import launch
 
 pytestmark = pytest.mark.slow
 
 
-def _launch(nproc: int, overrides: list[str], timeout: int = 600) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--standalone",
-        str(ROOT / "train.py"),
-        *SMALL,
-        *overrides,
-    ]
-    if nproc == 1 and not any(o.startswith("dist=") for o in overrides):
-        cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("out_dir="))
-    run_name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_name="))
-    return json.loads(Path(out_dir, run_name, "summary.json").read_text())
-
-
 def test_ddp_two_ranks_match_one_rank_with_same_global_batch(tmp_path):
     common = ["train.steps=6", f"out_dir={tmp_path}"]
-    one = _launch(1, [*common, "run_name=one", "train.micro_batch_size=8"])
-    two = _launch(2, [*common, "run_name=two", "dist=ddp", "train.micro_batch_size=4"])
+    one = launch(1, [*common, "run_name=one", "train.micro_batch_size=8"])
+    two = launch(2, [*common, "run_name=two", "dist=ddp", "train.micro_batch_size=4"])
     assert two["world"] == 2 and one["world"] == 1
     for (s1, l1), (s2, l2) in zip(one["train_losses"], two["train_losses"]):
         assert s1 == s2
@@ -48,10 +21,10 @@ def test_ddp_two_ranks_match_one_rank_with_same_global_batch(tmp_path):
 
 def test_deepspeed_zero2_trains_and_resumes(tmp_path):
     common = [f"out_dir={tmp_path}", "dist=deepspeed", "dist.zero_stage=2", "train.micro_batch_size=4"]
-    full = _launch(2, [*common, "run_name=full", "train.steps=8", "checkpoint.every=0"])
-    _launch(2, [*common, "run_name=split", "train.steps=8", "train.stop_after=4"])
+    full = launch(2, [*common, "run_name=full", "train.steps=8", "checkpoint.every=0"])
+    launch(2, [*common, "run_name=split", "train.steps=8", "train.stop_after=4"])
     assert (tmp_path / "split" / "checkpoints" / "step_00000004" / "deepspeed").is_dir()
-    resumed = _launch(2, [*common, "run_name=split", "train.steps=8"])
+    resumed = launch(2, [*common, "run_name=split", "train.steps=8"])
     assert resumed["step"] == 8 and resumed["dist"] == "deepspeed"
     losses = [v for _, v in full["train_losses"]]
     assert losses[-1] < losses[0]
