@@ -200,3 +200,36 @@ def _layer_grads_gpu(recipe, backend, x):
     y = layer(xx)
     y.backward(torch.ones_like(y))
     return y.detach(), xx.grad, layer.weight.grad
+
+
+def test_declines_float_pairs_below_compute_capability_8_9():
+    """Pre-Ada GPUs (A100 is 8.0) have no fp8 tensor cores: float pairs (fp8, fp6-as-e4m3 and fp4,
+    decoded to e4m3) are declined instead of reaching Triton's fp8 types; int pairs still run."""
+    from lowbit.kernels.gemm import capability_reason
+
+    f8a, f8b = _operands(8, 8, 64, MX8, MX8)
+    f4a, f4b = _operands(8, 8, 64, MX4, MX4)
+    e5, e4 = _operands(8, 8, 64, QuantSpec("fp8_e5m2"), QuantSpec("fp8_e4m3"))
+    ia, ib = _operands(8, 8, 64, QuantSpec("int8", "row"), QuantSpec("int8", "row"))
+    for qa, qb in [(f8a, f8b), (f4a, f4b), (e5, e4)]:
+        for cap in [(7, 5), (8, 0), (8, 6), (8, 7)]:
+            reason = why_not(qa, qb, capability=cap)
+            assert reason is not None and "compute capability >= 8.9" in reason, (cap, reason)
+            assert f"{cap[0]}.{cap[1]}" in reason
+        for cap in [(8, 9), (9, 0), (10, 0), (12, 0)]:
+            assert why_not(qa, qb, capability=cap) is None
+        if not qa.data.is_cuda:
+            assert why_not(qa, qb) is None  # CPU operands (interpreter): not checked
+    for cap in [(7, 5), (8, 0), (9, 0)]:
+        assert why_not(ia, ib, capability=cap) is None
+    # Other reasons come first; the pure decision on element kinds (fp8 e4m3 0, fp4 1, int8 2, int4 3).
+    assert "int and one float" in why_not(ia, f8b, capability=(8, 0))
+    assert capability_reason(0, 4, (8, 0)) is not None and capability_reason(1, 1, (8, 9)) is None
+    assert capability_reason(2, 3, (8, 0)) is None and capability_reason(0, 0, None) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capability_taken_from_the_cuda_device():
+    qa, qb = _operands(8, 8, 64, MX8, MX8)
+    cap = torch.cuda.get_device_capability(qa.data.device)
+    assert (why_not(qa, qb) is None) == (cap >= (8, 9))

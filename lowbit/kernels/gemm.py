@@ -53,17 +53,47 @@ def _e4m3_scaled(qa: QTensor, qb: QTensor) -> bool:
     return all(q.tensor_scale is not None for q in (qa, qb) if _smode(q)[0] == 2)
 
 
-def why_not(qa: QTensor, qb: QTensor, bf16_exact: bool | None = None) -> str | None:
+# fp8 tensor-core instructions (and Triton's fp8 types) need compute capability 8.9 (Ada, Hopper).
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def capability_reason(ea: int, eb: int, capability: tuple[int, int] | None) -> str | None:
+    """Why a pair of element kinds (`_elem`) cannot run on a GPU of `capability`, else None.
+
+    Float pairs (fp8; fp6 stored as e4m3; packed fp4, which the kernel decodes to e4m3) use Triton's
+    fp8 types, which need compute capability >= 8.9; int pairs run anywhere. None: not checked (CPU).
+    """
+    if capability is None or ea in (2, 3) or eb in (2, 3):
+        return None
+    if tuple(capability) < FP8_MIN_CAPABILITY:
+        need = ".".join(map(str, FP8_MIN_CAPABILITY))
+        return f"fp8 operands need compute capability >= {need}; this GPU has {capability[0]}.{capability[1]}"
+    return None
+
+
+def why_not(
+    qa: QTensor,
+    qb: QTensor,
+    bf16_exact: bool | None = None,
+    capability: tuple[int, int] | None = None,
+) -> str | None:
     """None when scaled_gemm handles the pair, else the reason (for messages and the backend).
 
     `bf16_exact`: the caller knows the group scales are powers of two or E4M3 (from the QuantSpec),
     so values × scales are exact in bf16; None infers it (E4M3 only; e8m0 is not visible on a QTensor).
+    `capability`: the GPU's compute capability (major, minor) to check float (fp8) pairs against;
+    None takes it from the operands' device when they are CUDA tensors (CPU: not checked).
     """
     ea, eb = _elem(qa), _elem(qb)
     if ea is None or eb is None:
         return f"element storage {qa.fmt.name}/{qb.fmt.name} (packed={qa.packed}/{qb.packed})"
     if (ea in (2, 3)) != (eb in (2, 3)):
         return "one int and one float operand"
+    if capability is None and qa.data.is_cuda:
+        capability = torch.cuda.get_device_capability(qa.data.device)
+    reason = capability_reason(ea, eb, capability)
+    if reason is not None:
+        return reason
     if len(qa.shape) != 2 or len(qb.shape) != 2 or qa.shape[1] != qb.shape[1]:
         return f"shapes {tuple(qa.shape)} and {tuple(qb.shape)} are not (M, K) and (N, K)"
     ma, _, ga = _smode(qa)
@@ -93,9 +123,19 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
     else:
         compute = 0
     # G is the K granularity of a step (BK = G * SPLIT); without group scales any 32 will do.
-    return dict(A_ELEM=ea, B_ELEM=eb, A_SMODE=ma, B_SMODE=mb, A_RD=rda, B_RD=rdb, G=g or 32,
-                A_TS=qa.tensor_scale is not None, B_TS=qb.tensor_scale is not None, COMPUTE=compute,
-                DOT_BF16=not interpret)
+    return dict(
+        A_ELEM=ea,
+        B_ELEM=eb,
+        A_SMODE=ma,
+        B_SMODE=mb,
+        A_RD=rda,
+        B_RD=rdb,
+        G=g or 32,
+        A_TS=qa.tensor_scale is not None,
+        B_TS=qb.tensor_scale is not None,
+        COMPUTE=compute,
+        DOT_BF16=not interpret,
+    )
 
 
 # Float path for power-of-two group scales of 32+ along K (MX): "fp8" = fp8 MMA per group with an
@@ -169,14 +209,35 @@ def scaled_gemm(
     plan = _plan(qa, qb, interpret)
     exact = _e4m3_scaled(qa, qb) if bf16_exact is None else bf16_exact
     if path == "bf16" and not exact:
-        raise ValueError("path='bf16' folds the group scales into bf16 operands, exact only for "
-                         "power-of-two or E4M3 scales: pass bf16_exact=True if they are")
+        raise ValueError(
+            "path='bf16' folds the group scales into bf16 operands, exact only for "
+            "power-of-two or E4M3 scales: pass bf16_exact=True if they are"
+        )
     grouped = 2 in (plan["A_SMODE"], plan["B_SMODE"])
     chosen = path or (MX_PATH if exact else "fp8")
     if plan["COMPUTE"] != 2 and grouped and plan["G"] >= 32:
         plan["COMPUTE"] = 1 if chosen == "bf16" else 0
-    args = (a, b, sa, sb, ta, tb, bias if bias is not None else sa, out, m, n, k, a.stride(0), b.stride(0),
-            sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), out.stride(0), out.stride(1))
+    args = (
+        a,
+        b,
+        sa,
+        sb,
+        ta,
+        tb,
+        bias if bias is not None else sa,
+        out,
+        m,
+        n,
+        k,
+        a.stride(0),
+        b.stride(0),
+        sa.stride(0),
+        sa.stride(1),
+        sb.stride(0),
+        sb.stride(1),
+        out.stride(0),
+        out.stride(1),
+    )
     if m == 0 or n == 0:
         return out
     if interpret or config is not None or not AUTOTUNE:
