@@ -149,6 +149,10 @@ def _worker(rank, world, port, bits, out):
             },
             f"{out}/rank{rank}.pt",
         )
+        # Both ranks reach this point before either tears its gloo pairs down: destroying the group
+        # while the peer still talks to it crashed a worker once ("terminate called without an
+        # active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
