@@ -153,7 +153,9 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
 
     ctx = init_distributed(rc.dist, tc.device)
     try:
-        return _run(rc, cfg_dict, ctx)
+        summary = _run(rc, cfg_dict, ctx)
+        barrier(ctx)  # no rank tears the process group down while a peer still uses it
+        return summary
     finally:
         shutdown(ctx)
 
