@@ -88,24 +88,26 @@ def test_mxfp4_backward_is_unbiased():
     layer = QuantLinear(K, N, bias=False, recipe="mxfp4", seed=5)
     with torch.no_grad():
         layer.weight.copy_(w)
-    dws = []
-    for _ in range(150):
-        layer.weight.grad = None
-        _run(layer, x, gy)
-        dws.append(layer.weight.grad)
+    dws = _sampled_wgrads(layer, x, gy)
     ref = gy.double().t() @ x.double()
     single = _rel(dws[0], ref)
     assert _rel(torch.stack(dws).mean(0), ref) < single / 5
 
 
-def test_int4_hq_leverage_sampling_is_unbiased():
-    x, w, gy = _data(4)
-    layer = QuantLinear(K, N, bias=False, recipe="int4_hq", seed=6)
+def _sampled_wgrads(layer: QuantLinear, x: torch.Tensor, gy: torch.Tensor, n: int = 150) -> list:
+    """dW of `n` backward passes; each draws fresh Hadamard signs / SR noise / samples."""
     dws = []
-    for _ in range(150):
+    for _ in range(n):
         layer.weight.grad = None
         _run(layer, x, gy)
         dws.append(layer.weight.grad)
+    return dws
+
+
+def test_int4_hq_leverage_sampling_is_unbiased():
+    x, w, gy = _data(4)
+    layer = QuantLinear(K, N, bias=False, recipe="int4_hq", seed=6)
+    dws = _sampled_wgrads(layer, x, gy)
     ref = gy.double().t() @ x.double()
     assert _rel(torch.stack(dws).mean(0), ref) < 0.15 < _rel(dws[0], ref)
 
