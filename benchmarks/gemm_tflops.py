@@ -71,6 +71,12 @@ def bench_shape(shape: str, ours: list[str], out_dtype: torch.dtype) -> list[dic
     add("cublas_fp8_row", lambda: torch._scaled_mm(r8a.data, r8b.data.t(), scale_a=sra, scale_b=srb,
                                                    out_dtype=torch.bfloat16),
         r8a.dequantize_lastdim() @ r8b.dequantize_lastdim().T)
+    # cuBLAS blockwise (DeepSeek-V3 1x128 activations x 128x128 weights), as QuantLinear calls it.
+    from lowbit.quant.gemm import Operand, _blockwise_mm
+
+    ba, bb = kq.quantize(a, OURS["fp8_blockwise"][0]), kq.quantize(b, OURS["fp8_blockwise"][1])
+    add("cublas_fp8_blockwise", lambda: _blockwise_mm(ba, bb, False),
+        Operand([ba]).dequantize() @ Operand([bb]).dequantize().T)
     i8a, i8b = kq.quantize(a, OURS["int8_row"][0]), kq.quantize(b, OURS["int8_row"][1])
     add("cublas_int8 (int32 out, no scales)", lambda: torch._int_mm(i8a.data, i8b.data.t()), None)
     for variant in ours:  # "mxfp8" or "mxfp8@bf16" (forced compute path)

@@ -4,10 +4,11 @@ Variants (each in its own Python process, so dynamo's recompile limit and alloca
 never spoil another):
     bf16, bf16_compile           nn.Linear in bf16, eager / torch.compile
     torchao_tensorwise|rowwise   torchao.float8 convert_to_float8_training + torch.compile
-    lowbit_<recipe>              QuantLinear(recipe, backend="auto"): Triton GEMMs (and cuBLAS for
-                                 fp8 tensor/rowwise), quantization by the eager lowbit.quant code
-    lowbit_<recipe>+kq           the same with lowbit.quant.gemm's `quantize` replaced by the fused
-                                 Triton quantize (the quantize seam proposed to the numerics owner)
+    lowbit_<recipe>              QuantLinear(recipe, backend="auto") as training runs it: cuBLAS
+                                 for fp8 tensorwise/rowwise/blockwise, else the Triton GEMM; the
+                                 fused quantize and pair quantize (X and X^T in one pass)
+    lowbit_<recipe>+ref          the same GEMMs with the eager lowbit.quant reference quantizers
+                                 (the fused seams unregistered), for comparison
 Time = median of triton.testing.do_bench over `y = layer(x); y.backward(dy)` (x, weight grads reset
 each call). rel_err = ||y - x·W^T|| / ||x·W^T|| against fp32 on the first shape.
 
@@ -25,8 +26,8 @@ import time
 import torch
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-DEFAULT = ("bf16,bf16_compile,torchao_tensorwise,torchao_rowwise,lowbit_fp8_tensorwise,"
-           "lowbit_fp8_tensorwise+kq,lowbit_mxfp8+kq,lowbit_mxfp4+kq,lowbit_nvfp4+kq,lowbit_int4_hq+kq")
+DEFAULT = ("bf16,torchao_tensorwise,torchao_rowwise,lowbit_fp8_tensorwise,lowbit_fp8_delayed,"
+           "lowbit_fp8_rowwise,lowbit_fp8_blockwise,lowbit_mxfp8,lowbit_mxfp4,lowbit_nvfp4,lowbit_int4_hq")
 
 
 def _layer(variant: str, k: int, n: int) -> torch.nn.Module:
@@ -40,18 +41,14 @@ def _layer(variant: str, k: int, n: int) -> torch.nn.Module:
         cfg = Float8LinearConfig.from_recipe_name(variant.split("_", 1)[1])
         model = convert_to_float8_training(torch.nn.Sequential(lin), config=cfg)
         return torch.compile(model)
-    import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend)
+    import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend and fused quantizers)
     import lowbit.quant.gemm as qg
-    from lowbit.kernels.quantize import quantize as fused_quantize
     from lowbit.nn.quant_linear import QuantLinear
 
-    recipe = variant.removeprefix("lowbit_").removesuffix("+kq")
-    seam = getattr(qg, "_QUANTIZERS", None)
-    if variant.endswith("+kq"):
-        if seam is None:  # no quantize seam in lowbit.quant yet: patch the name prepare_operand calls
-            qg.quantize = fused_quantize
-    elif seam is not None:
-        seam.clear()  # the eager reference quantize, for comparison
+    recipe = variant.removeprefix("lowbit_").removesuffix("+ref")
+    if variant.endswith("+ref"):
+        qg._QUANTIZERS.clear()
+        qg._PAIR_QUANTIZERS.clear()
     return QuantLinear.from_linear(lin, recipe, backend="auto")
 
 

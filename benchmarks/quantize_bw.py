@@ -18,6 +18,7 @@ import time
 import torch
 
 from lowbit.kernels import quantize as kq
+from lowbit.kernels.pair_quantize import quantize_pair, tensor_amax, why_not_pair
 from lowbit.quant import QuantSpec, quantize
 
 SPECS = {
@@ -62,12 +63,36 @@ def _same(a, b) -> bool:
     return bool(torch.equal(da, db)) and bool(same_scale)
 
 
+def _pair_rows(x, shape: str, name: str, spec, copy_bw: float, tiles: str) -> list[dict]:
+    # X and X^T quantized from one read (tensor scaling includes its amax pass); bytes = the input
+    # once + both outputs, as `transposed` counts one output.
+    from lowbit.kernels import pair_quantize as pq
+
+    out = []
+    ref = quantize(x.cpu(), spec, seed=1), quantize(x.cpu().t(), spec, seed=2)
+    for tile in tiles.split(","):
+        pq.PAIR_TILE = int(tile)
+        q, q_t, _ = quantize_pair(x, spec, spec, seed=1, seed_t=2)
+        ok = _same(ref[0], _to_cpu(q)) and _same(ref[1], _to_cpu(q_t))
+        t = _bench(lambda: quantize_pair(x, spec, spec, seed=1, seed_t=2))
+        nbytes = x.numel() * 2 + _nbytes(q) + _nbytes(q_t)
+        row = dict(shape=shape, spec=f"{name} pair t{tile}", transposed=True, ms=t, GBps=nbytes / t / 1e6,
+                   copy_GBps=copy_bw, frac_of_copy=nbytes / t / 1e6 / copy_bw, bitexact=ok)
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    pq.PAIR_TILE = 64
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="8192x4096,8192x14336")
     p.add_argument("--specs", default=",".join(SPECS))
     p.add_argument("--transposed", action="store_true", help="also quantize X^T (strided read)")
     p.add_argument("--reference", action="store_true", help="also time the eager torch reference")
+    p.add_argument("--pair", action="store_true",
+                   help="also time the pair quantizer (X and X^T from one read) where it applies")
+    p.add_argument("--tiles", default="64", help="pair tile sides to try (pair_quantize.PAIR_TILE)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     import triton
@@ -79,6 +104,12 @@ def main() -> None:
         dst = torch.empty_like(x)
         t_copy = _bench(lambda dst=dst, x=x: dst.copy_(x))
         copy_bw = 2 * x.numel() * 2 / t_copy / 1e6  # GB/s
+        t_amax = _bench(lambda x=x: tensor_amax(x))
+        row = dict(shape=shape, spec="amax", transposed=False, ms=t_amax, GBps=x.numel() * 2 / t_amax / 1e6,
+                   copy_GBps=copy_bw, bitexact=tensor_amax(x).item() == x.float().abs().max().item())
+        row["frac_of_copy"] = row["GBps"] / copy_bw
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         for name in args.specs.split(","):
             spec = SPECS[name]
             for trans in ([False, True] if args.transposed else [False]):
@@ -97,6 +128,8 @@ def main() -> None:
                     row["ref_ms"], row["ref_frac_of_copy"] = t_ref, nbytes / t_ref / 1e6 / copy_bw
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            if args.pair and why_not_pair(x, spec, spec) is None:
+                rows += _pair_rows(x, shape, name, spec, copy_bw, args.tiles)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     print(f"\n{meta}\n{'shape':>11} {'spec':>13} {'T':>1} {'ms':>7} {'GB/s':>6} {'copy':>6} {'frac':>5} "

@@ -5,6 +5,7 @@ stdlib corpus, with checkpoints off. Prints a markdown table and writes JSON.
 
     python benchmarks/train_throughput.py --models 125m,1b --compile off,on --steps 40 \
         --extra quant=bf16 --out results/throughput.json
+    python benchmarks/train_throughput.py --models 1b --compile on --recipes bf16,fp8_tensorwise,mxfp8
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_variant(model: str, compile_: bool, args, out_dir: Path) -> dict:
-    name = f"{model}-{'compile' if compile_ else 'eager'}"
+def run_variant(model: str, compile_: bool, args, out_dir: Path, recipe: str = "") -> dict:
+    name = f"{model}-{'compile' if compile_ else 'eager'}" + (f"-{recipe}" if recipe else "")
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -40,6 +41,7 @@ def run_variant(model: str, compile_: bool, args, out_dir: Path) -> dict:
         f"out_dir={out_dir}",
         f"run_name={name}",
         "resume=none",
+        *([f"quant={recipe}"] if recipe else []),
         *args.extra,
     ]
     t0 = time.time()
@@ -57,6 +59,7 @@ def run_variant(model: str, compile_: bool, args, out_dir: Path) -> dict:
         "peak_mem_gib": s["peak_mem_bytes"] / 2**30,
         "final_train_loss": s["final_train_loss"],
         "wall_s": time.time() - t0,
+        "recipe": recipe or None,
         "extra": args.extra,
     }
 
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--recipes", default="", help="comma list of quant recipes (one variant each)")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every variant")
     ap.add_argument("--out", type=Path, default=Path("throughput.json"))
     args = ap.parse_args()
@@ -79,19 +83,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             for c in args.compile.split(","):
-                row = run_variant(model, c == "on", args, Path(tmp))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for recipe in args.recipes.split(","):
+                    row = run_variant(model, c == "on", args, Path(tmp), recipe)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "argv": sys.argv, "env": _env()}, indent=1))
-    print("\n| variant | params | tokens/s | MFU | peak memory |\n|---|---|---|---|---|")
+    base = {(r["model"], r["compile"]): r["tokens_per_s"] for r in rows if r.get("recipe") in (None, "bf16")}
+    print("\n| variant | params | tokens/s | × bf16 | MFU | peak memory |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | failed: {r['error'][-200:]!r} | | | |")
+            print(f"| {r['variant']} | failed: {r['error'][-200:]!r} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        b = base.get((r["model"], r["compile"]))
+        ratio = f"{r['tokens_per_s'] / b:.2f}×" if b else "–"
         print(
-            f"| {r['variant']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {mfu} | "
+            f"| {r['variant']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']:,.0f} | {ratio} | {mfu} | "
             f"{r['peak_mem_gib']:.1f} GiB |"
         )
 

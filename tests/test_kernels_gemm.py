@@ -144,8 +144,9 @@ def test_backend_declines_cpu_and_leverage_sampling():
 
 
 def test_auto_emulates_fp8_where_cublas_fp8_fails(monkeypatch):
-    # A GPU without fp8 tensor cores: torch._scaled_mm raises. The Triton backend must decline
-    # rather than raise, so that backend="auto" warns and emulates as it does without lowbit.kernels.
+    # A GPU without fp8 tensor cores (A100): torch._scaled_mm raises and the Triton GEMM declines
+    # fp8 (compute capability 8.0), so backend="auto" warns once and emulates.
+    from lowbit.kernels import gemm as kg
     from lowbit.quant import gemm as qgemm
     from lowbit.quant.recipes import get_recipe
 
@@ -157,9 +158,10 @@ def test_auto_emulates_fp8_where_cublas_fp8_fails(monkeypatch):
     a, b = qgemm.prepare_operand(x, spec.a, spec, 0, 1), qgemm.prepare_operand(w, spec.b, spec, 0, 2)
     monkeypatch.setattr(qgemm.Operand, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(kb, "_runnable", lambda a: True)
-    monkeypatch.setattr(kb, "_scaled_mm", no_fp8)
     monkeypatch.setattr(qgemm, "_scaled_mm", no_fp8)
     monkeypatch.setattr(qgemm, "_warned", set())
+    why_not = kg.why_not
+    monkeypatch.setattr(kg, "why_not", lambda qa, qb, exact=None: why_not(qa, qb, exact, (8, 0)))
     assert kb.triton_gemm_backend(a, b, spec) is None
     with pytest.warns(UserWarning, match="emulating"):
         out = qgemm.gemm_operands(a, b, spec, backend="auto")

@@ -128,8 +128,9 @@ def test_saves_quantized_activation_only():
     layer = QuantLinear(K, N, bias=False, recipe="mxfp4")
     y = layer(x)
     saved = y.grad_fn.x_wgrad
-    assert len(y.grad_fn.saved_tensors) == 1  # the weight; X is kept only in quantized form
+    assert len(y.grad_fn.saved_tensors) == 0  # X and W are kept only in quantized form
     assert saved.parts[0].data.dtype == torch.uint8
+    assert y.grad_fn.w_dgrad.parts[0].data.dtype == torch.uint8  # W^T for dgrad: fp4 codes
     assert saved.nbytes() <= x.numel() // 2 + x.numel() // 32 * 4  # fp4 codes + one scale per 32
     layer_fp8 = QuantLinear(K, N, bias=False, recipe="fp8_tensorwise")
     assert layer_fp8(x).grad_fn.x_wgrad.parts[0].data.dtype == torch.float8_e4m3fn

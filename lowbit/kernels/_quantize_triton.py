@@ -101,7 +101,12 @@ def _encode(q, ENC: tl.constexpr, HW_FP8: tl.constexpr):
         else:  # the interpreter's fp8 cast rounds wrongly: assemble the bits
             return _fp8_bits(q, 3, 7, False)
     elif ENC == 1:
-        return _fp8_bits(q, 2, 15, True)
+        if HW_FP8:  # exact value: the cast cannot round; Inf is set apart (a satfinite cast clamps it)
+            hw = q.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+            inf = 0x7C | (((q.to(tl.int32, bitcast=True) >> 31) & 1) << 7)
+            return tl.where(tl.abs(q) == _INF, inf, hw)
+        else:
+            return _fp8_bits(q, 2, 15, True)
     else:
         v = tl.where(q != q, 0.0, q)  # formats without NaN store 0 (the scale is NaN)
         if ENC == 3:

@@ -11,11 +11,11 @@ Hopper has no FP4 cast, so fp8 bytes and fp4/int4 nibbles are assembled from int
 
 Granularities (the QuantSpec `block`): 1-D blocks along K (power of two, 2..256), "row" (one
 program loops over K twice; the second read mostly hits L2), "tensor" (amax from one
-`torch.aminmax` pass, or the delayed-scaling override; no host sync) and 2-D tiles (powers of
-two). The input may be any strided 2-D view. An X^T view (the wgrad operand) can be read in place
-(TRANSPOSED_READ: the "transposed copy in the same pass"), but that path measured slow on the
-H100, so by default such views are made contiguous first. Ragged shapes are masked; padding
-never enters an amax (zeros, as in the reference).
+read on the amax kernel of pair_quantize.py, or the delayed-scaling override; no host sync) and
+2-D tiles (powers of two). The input may be any strided 2-D view. An X^T view can be read in
+place (TRANSPOSED_READ), but that measured slow on the H100, so by default such views are made
+contiguous first; QuantLinear gets X^T from pair_quantize.py instead (X and X^T in one pass).
+Ragged shapes are masked; padding never enters an amax (zeros, as in the reference).
 
 What falls back to the reference (never a wrong answer): NF4 (QLoRA's codebook path), 1-D blocks
 that are not a power of two, N-D inputs whose axis is not last (they are moved first), tensors on
@@ -108,9 +108,10 @@ def quantize(
 
 
 def _tensor_amax(x2: torch.Tensor) -> torch.Tensor:
-    # One read (aminmax), NaN propagates; Inf gives Inf, as the reference's amax does.
-    mn, mx = torch.aminmax(x2)
-    return torch.maximum(mx.float(), -mn.float()).reshape(1)
+    # One read on the Triton amax kernel; NaN propagates and Inf gives Inf, as the reference's amax.
+    from lowbit.kernels.pair_quantize import tensor_amax
+
+    return tensor_amax(x2)
 
 
 def quantize_2d(

@@ -3,11 +3,11 @@
 forward  Y  = X·W^T      (recipe.fprop)
 backward dX = dY·W       (recipe.dgrad)
          dW = dY^T·X     (recipe.wgrad)
-All three go through lowbit.quant.gemm (emulation on any device, torch._scaled_mm for fp8
-tensorwise/rowwise on CUDA, or a registered kernel backend). For backward, the layer saves the
-*quantized* wgrad operand X^T (prepared during the forward pass from the full-precision X), so the
-activation memory held between forward and backward shrinks with the format; the weight is a
-Parameter that is kept anyway.
+All three go through lowbit.quant.gemm (emulation on any device, cuBLAS fp8 for tensorwise,
+rowwise and blockwise scaling on CUDA, or a registered kernel backend). For backward, the layer
+keeps the *quantized* wgrad operand X^T and dgrad operand W^T (both prepared during the forward
+pass, in the same pass that quantizes X and W where lowbit.kernels' pair quantizer applies), so
+the activation memory held between forward and backward shrinks with the format.
 
 Randomness (Hadamard signs, stochastic rounding, leverage sampling) takes one seed per GEMM call
 from the layer's own torch.Generator (`layer.generator`), seeded by `seed` and mixed with the
@@ -15,8 +15,9 @@ data-parallel rank: runs repeat exactly, and the trainer's checkpoints save and 
 generators, so a resumed run draws the same noise as an uninterrupted one. Delayed-scaling amax
 histories are not checkpointed (a non-persistent buffer, so state dicts match across recipes).
 
-Under autocast the GEMMs still compute in fp32 from the quantized values (autocast is switched
-off inside), and the output takes the autocast dtype, as nn.Linear's would.
+Under autocast the GEMMs still compute from the quantized values with fp32 accumulation
+(autocast is switched off inside), and the output takes the autocast dtype, as nn.Linear's would;
+cuBLAS and the Triton GEMM write that dtype (and add the bias) in their epilogue.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend and fused quantizer; no triton import)
-from lowbit.quant.gemm import Observer, Operand, derive_seed, gemm_operands, prepare_operand
+from lowbit.quant.gemm import (
+    AmaxHistory,
+    Observer,
+    OperandPlan,
+    derive_seed,
+    gemm_operands,
+    prepare_operand_pair,
+)
 from lowbit.quant.recipes import GEMMS, OPERAND_NAMES, Recipe, get_recipe
 
 
@@ -63,6 +71,9 @@ class QuantLinear(nn.Linear):
         # Delayed scaling: amax history per (GEMM, operand), rows in GEMMS × (A, B) order.
         n_hist = self.recipe.amax_history
         self.register_buffer("amax_history", torch.zeros(6, max(n_hist, 1), device=device), persistent=False)
+        # Which history rows hold data, kept on the host: scaling picks history vs own amax without
+        # reading the GPU (lowbit.quant.gemm.AmaxHistory).
+        self.amax_recorded = [False] * 6
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, **kwargs: Any) -> QuantLinear:
@@ -89,11 +100,16 @@ class QuantLinear(nn.Linear):
         rank = _rank()
         return derive_seed(seed, 1000 + rank) if rank else seed
 
-    def history(self, gemm: str, role: int) -> torch.Tensor | None:
-        """The amax-history row of `gemm`'s operand `role` (1 = A, 2 = B); None without delayed scaling."""
+    def history(self, gemm: str, role: int) -> AmaxHistory | None:
+        """The amax history of `gemm`'s operand `role` (1 = A, 2 = B); None without delayed scaling."""
         if self.recipe.amax_history <= 0:
             return None
-        return self.amax_history[GEMMS.index(gemm) * 2 + role - 1]
+        i = GEMMS.index(gemm) * 2 + role - 1
+
+        def mark() -> None:
+            self.amax_recorded[i] = True
+
+        return AmaxHistory(self.amax_history[i], self.amax_recorded[i], mark)
 
     def observe(self, gemm: str, role: int) -> Observer | None:
         """The telemetry hook for one operand, naming it `<gemm>_<operand>`; None when telemetry is off."""
@@ -143,16 +159,17 @@ def _rank() -> int:
     return 0
 
 
-def _prep(layer: QuantLinear, gemm: str, t: torch.Tensor, role: int, seed: int) -> Operand:
+def _plan(layer: QuantLinear, gemm: str, role: int, seed: int, wanted: bool = True) -> OperandPlan | None:
+    """How `gemm`'s operand `role` is prepared (None when that GEMM will not run)."""
+    if not wanted:
+        return None
     spec = getattr(layer.recipe, gemm)
-    operand_spec = spec.a if role == 1 else spec.b
-    return prepare_operand(
-        t,
-        operand_spec,
+    return OperandPlan(
+        spec.a if role == 1 else spec.b,
         spec,
         seed,
         role,
-        amax_history=layer.history(gemm, role),
+        history=layer.history(gemm, role),
         observe=layer.observe(gemm, role),
     )
 
@@ -165,44 +182,52 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class _QuantLinearFn(torch.autograd.Function):
+    # Each of X, W and dY is needed along both of its axes (X for fprop and X^T for wgrad, W for
+    # fprop and W^T for dgrad, dY for dgrad and dY^T for wgrad): prepare_operand_pair makes both
+    # from one read where a fused pair quantizer exists. X^T and W^T are made during forward and
+    # kept quantized for backward; the full-precision X is not saved.
     @staticmethod
     def forward(ctx, x, weight, bias, layer: QuantLinear, need_wgrad: bool):  # type: ignore[override]
         out_dtype = _output_dtype(x)
         recipe = layer.recipe
         seeds = [layer.next_seed() for _ in GEMMS]
+        need_dgrad = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            a = _prep(layer, "fprop", x2, 1, seeds[0])
-            b = _prep(layer, "fprop", weight, 2, seeds[0])
-            y = gemm_operands(a, b, recipe.fprop, seeds[0], layer.backend)
-            if bias is not None:
-                y = y + bias.float()
-            # The wgrad operand X^T (in × tokens), quantized now from the full-precision X.
-            x_wgrad = _prep(layer, "wgrad", x2.t(), 2, seeds[2]) if need_wgrad else None
-        ctx.layer, ctx.seeds, ctx.x_wgrad = layer, seeds, x_wgrad
+            a, x_wgrad = prepare_operand_pair(
+                x2, _plan(layer, "fprop", 1, seeds[0]), _plan(layer, "wgrad", 2, seeds[2], need_wgrad)
+            )
+            b, w_dgrad = prepare_operand_pair(
+                weight, _plan(layer, "fprop", 2, seeds[0]), _plan(layer, "dgrad", 2, seeds[1], need_dgrad)
+            )
+            y = gemm_operands(a, b, recipe.fprop, seeds[0], layer.backend, out_dtype=out_dtype, bias=bias)
+        ctx.layer, ctx.seeds, ctx.x_wgrad, ctx.w_dgrad = layer, seeds, x_wgrad, w_dgrad
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
-        ctx.save_for_backward(weight)
-        return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
+        ctx.w_shape, ctx.w_dtype = weight.shape, weight.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
         layer: QuantLinear = ctx.layer
         recipe = layer.recipe
         seeds = ctx.seeds
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.x_wgrad is not None
         dx = dw = db = None
         with torch.autocast(grad_out.device.type, enabled=False):
-            g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()
-            if ctx.needs_input_grad[0]:
-                a = _prep(layer, "dgrad", g2, 1, seeds[1])
-                b = _prep(layer, "dgrad", weight.t(), 2, seeds[1])
-                dx = gemm_operands(a, b, recipe.dgrad, seeds[1], layer.backend)
-                dx = dx[:, : weight.shape[1]].to(ctx.x_dtype).reshape(ctx.x_shape)
-            if ctx.needs_input_grad[1]:
-                a = _prep(layer, "wgrad", g2.t(), 1, seeds[2])
-                dw = gemm_operands(a, ctx.x_wgrad, recipe.wgrad, seeds[2], layer.backend)
-                dw = dw.to(weight.dtype)
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            a, a_t = prepare_operand_pair(
+                g2, _plan(layer, "dgrad", 1, seeds[1], need_dx), _plan(layer, "wgrad", 1, seeds[2], need_dw)
+            )
+            if need_dx:
+                dx = gemm_operands(
+                    a, ctx.w_dgrad, recipe.dgrad, seeds[1], layer.backend, out_dtype=ctx.x_dtype
+                )
+                dx = dx[:, : ctx.w_shape[1]].reshape(ctx.x_shape)
+            if need_dw:
+                dw = gemm_operands(
+                    a_t, ctx.x_wgrad, recipe.wgrad, seeds[2], layer.backend, out_dtype=ctx.w_dtype
+                )
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = g2.sum(0).to(weight.dtype)
-        ctx.x_wgrad = None
+                db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
+        ctx.x_wgrad = ctx.w_dgrad = None
         return dx, dw, db, None, None

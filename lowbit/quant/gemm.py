@@ -5,6 +5,9 @@ quantizes X^T for wgrad during the forward pass and saves that for backward):
     prepare_operand(t, spec, gemm, seed, role)  pad K and rotate (Hadamard), quantize (QuantSpec),
                                                 bit-split (int4_hq) -> Operand
     gemm_operands(a, b, gemm, seed, backend)    the product of two prepared operands (fp32)
+    prepare_operand_pair(t, plan, plan_t)       t and t^T for two GEMMs (X for fprop and X^T for
+                                                wgrad, ...): one fused pass where a pair
+                                                quantizer is registered for the device
 quantized_gemm(a, b, gemm, seed) does both.
 
 Quantize seam: register_quantize_backend(fn) swaps in a fused quantize kernel (same signature and
@@ -13,9 +16,13 @@ bits as quantize()) for operands on one device type (CUDA).
 GEMM backends (the seam where faster GEMM kernels plug in):
     emulate    dequantize to fp32 and matmul in fp32: exact products of the quantized values with
                fp32 accumulation; runs anywhere, the reference every kernel is tested against.
-    scaled_mm  torch._scaled_mm for fp8 operands with per-tensor or per-row scales (no Hadamard).
-    auto       a registered backend that accepts the GEMM (register_gemm_backend; the Triton
-               block-scaled GEMM goes here), else scaled_mm where it applies on CUDA, else emulate.
+    scaled_mm  cuBLAS through torch: fp8 operands with per-tensor or per-row scales, or 1x128 /
+               128x128 blockwise scales (DeepSeek-V3 layout; dims multiples of 128), no Hadamard.
+    auto       on CUDA, scaled_mm where it applies (measured fastest, docs/BENCHMARKS.md), else a
+               registered backend that accepts the GEMM (register_gemm_backend; the Triton
+               block-scaled GEMM goes here), else emulate.
+The product comes back in `out_dtype` (fp32 by default) with `bias` added: cuBLAS writes BF16 and
+adds the bias in its epilogue, so a BF16 layer never materializes an fp32 output.
 
 Seeds: one per GEMM call. The Hadamard signs use `seed` itself (both operands must agree), operand
 A's stochastic rounding uses derive_seed(seed, 1), B's derive_seed(seed, 2), the residual term of a
@@ -70,6 +77,43 @@ class Operand:
         return sum(p.nbytes() for p in self.parts)
 
 
+class AmaxHistory:
+    """Delayed scaling state of one operand (TE DelayedScaling): its last amaxes, newest first.
+
+    `row` is a device buffer (a view into the owner's history); `recorded` is kept on the host, so
+    choosing between the history and the tensor's own amax never syncs: the first call (nothing
+    recorded) scales by the tensor's own amax, later calls by the history's max, and every call
+    records the tensor's own amax. `on_record` tells the owner that this row now holds data.
+    """
+
+    def __init__(self, row: torch.Tensor, recorded: bool, on_record: Callable[[], None] | None = None):
+        self.row, self.recorded, self.on_record = row, recorded, on_record
+
+    def scale_amax(self, current: torch.Tensor | None) -> torch.Tensor | None:
+        """The amax to scale by: the history's max once recorded, else `current` (None: not known yet)."""
+        return self.row.max() if self.recorded else current
+
+    def record(self, current: torch.Tensor) -> None:
+        self.row.copy_(torch.roll(self.row, 1))
+        self.row[0] = current.reshape(())
+        self.recorded = True
+        if self.on_record is not None:
+            self.on_record()
+
+
+@dataclass
+class OperandPlan:
+    """How one GEMM operand is prepared (the arguments of prepare_operand after the tensor)."""
+
+    spec: QuantSpec | None
+    gemm: GemmSpec
+    seed: int
+    role: int  # 1 = A (left), 2 = B (right)
+    history: AmaxHistory | None = None
+    observe: Observer | None = None
+    name: str = ""
+
+
 def prepare_operand(
     t: torch.Tensor,
     spec: QuantSpec | None,
@@ -77,39 +121,107 @@ def prepare_operand(
     seed: int,
     role: int,
     *,
-    amax_history: torch.Tensor | None = None,
+    amax_history: AmaxHistory | None = None,
     observe: Observer | None = None,
     name: str = "",
 ) -> Operand:
     """Rotate/quantize one operand `t` (rows × K). role 1 = A (left), 2 = B (right)."""
     if t.dim() != 2:
         raise ValueError(f"GEMM operands are matrices (rows × K), got shape {tuple(t.shape)}")
-    t = t.float()
     if gemm.hadamard:
+        t = t.float()
         pad = (-t.shape[1]) % gemm.hadamard
         if pad:
             t = torch.nn.functional.pad(t, (0, pad))
         signs = random_signs(gemm.hadamard, seed, t.device) if gemm.random_signs else None
         t = hadamard_rotate(t, gemm.hadamard, signs)
     if spec is None:
-        return Operand(hp=t)
+        return Operand(hp=t.float())
+    # The quantizers read BF16 as well as fp32 (and round from the same fp32 values), so a BF16
+    # operand is not first copied to fp32.
     amax = None
     if amax_history is not None and spec.block == "tensor":
-        amax = _delayed_amax(t, amax_history)
+        current = t.detach().abs().amax().float()
+        amax = amax_history.scale_amax(current)
+        amax_history.record(current)
     quant = _QUANTIZERS.get(t.device.type, quantize)
     q = quant(t, spec, -1, seed=derive_seed(seed, role), amax=amax)
     if observe is not None:
-        observe(name, t, q)
+        observe(name, t.float(), q)
     parts = [q]
     if gemm.bit_split and role == 1:
-        residual = t - q.dequantize_lastdim()
+        residual = t.float() - q.dequantize_lastdim()
         parts.append(quant(residual, spec, -1, seed=derive_seed(seed, 3)))
     return Operand(parts)
+
+
+def _plan_args(plan: OperandPlan) -> dict:
+    return dict(amax_history=plan.history, observe=plan.observe, name=plan.name)
+
+
+def _pair_fusable(plan: OperandPlan, plan_t: OperandPlan) -> bool:
+    # The pair quantizer does rounding and scaling only: no rotation, bit split or telemetry.
+    for p in (plan, plan_t):
+        if p.spec is None or p.gemm.hadamard or (p.gemm.bit_split and p.role == 1) or p.observe:
+            return False
+    return (plan.history is None) == (plan_t.history is None)
+
+
+def prepare_operand_pair(
+    t: torch.Tensor, plan: OperandPlan | None, plan_t: OperandPlan | None
+) -> tuple[Operand | None, Operand | None]:
+    """(`t` prepared as `plan` says, `t^T` prepared as `plan_t` says); None for a None plan.
+
+    Equal to two prepare_operand calls; where a pair quantizer is registered for t's device and
+    both plans are plain quantizations, one pass reads t and writes both (lowbit.kernels). With
+    delayed scaling both histories see the same tensor, so `plan`'s history scales both and both
+    record t's amax.
+    """
+    out = _fused_pair(t, plan, plan_t) if plan is not None and plan_t is not None else None
+    if out is not None:
+        return out
+    op = op_t = None
+    if plan is not None:
+        op = prepare_operand(t, plan.spec, plan.gemm, plan.seed, plan.role, **_plan_args(plan))
+    if plan_t is not None:
+        p = plan_t
+        op_t = prepare_operand(t.t(), p.spec, p.gemm, p.seed, p.role, **_plan_args(p))
+    return op, op_t
+
+
+def _fused_pair(t: torch.Tensor, plan: OperandPlan, plan_t: OperandPlan) -> tuple[Operand, Operand] | None:
+    pair = _PAIR_QUANTIZERS.get(t.device.type)
+    if pair is None or t.dim() != 2 or not _pair_fusable(plan, plan_t):
+        return None
+    history = plan.history if plan.spec.block == "tensor" else None
+    amax = history.scale_amax(None) if history is not None else None
+    current = None
+    if history is not None and amax is None:  # first call: the tensor's own amax, then record it
+        amax = current = t.detach().abs().amax().float()
+    out = pair(
+        t,
+        plan.spec,
+        plan_t.spec,
+        seed=derive_seed(plan.seed, plan.role),
+        seed_t=derive_seed(plan_t.seed, plan_t.role),
+        amax=amax,
+        record=history is not None and current is None,
+    )
+    if out is None:  # the registered quantizer declined this pair (nothing recorded yet)
+        return None
+    q, q_t, own = out
+    if history is not None:
+        current = own if current is None else current
+        for h in (plan.history, plan_t.history):
+            h.record(current)
+    return Operand([q]), Operand([q_t])
 
 
 # A fused quantize kernel with quantize()'s signature and bit-identical results (lowbit.kernels)
 # registers here per device type; other devices use the reference.
 _QUANTIZERS: dict[str, Callable[..., QTensor]] = {}
+# pair(t, spec, spec_t, seed=, seed_t=, amax=, record=) -> (q, q_t, own amax if record) or None.
+_PAIR_QUANTIZERS: dict[str, Callable[..., tuple[QTensor, QTensor, torch.Tensor | None] | None]] = {}
 
 
 def register_quantize_backend(fn: Callable[..., QTensor], device_type: str = "cuda") -> None:
@@ -117,21 +229,20 @@ def register_quantize_backend(fn: Callable[..., QTensor], device_type: str = "cu
     _QUANTIZERS[device_type] = fn
 
 
-def _delayed_amax(t: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """The scale amax from the history (TE DelayedScaling); records this call's amax afterwards."""
-    current = t.abs().amax()
-    past = history.max()
-    amax = torch.where(past > 0, past, current)
-    history.copy_(torch.roll(history, 1))
-    history[0] = current
-    return amax
+def register_pair_quantize_backend(fn: Callable[..., object], device_type: str = "cuda") -> None:
+    """Use `fn` to quantize an operand and its transpose in one pass on `device_type` (see
+    prepare_operand_pair); it returns None for pairs it does not handle."""
+    _PAIR_QUANTIZERS[device_type] = fn
 
 
 # --- backends ----------------------------------------------------------------------------------
 
-# A backend gets the prepared operands and the GemmSpec and returns fp32 (rows_a × rows_b), or
-# None to decline (then the next choice is tried).
-GemmBackend = Callable[[Operand, Operand, GemmSpec], "torch.Tensor | None"]
+# A backend gets the prepared operands, the GemmSpec, the output dtype and an optional bias and
+# returns A·B^T (+ bias) (rows_a × rows_b; any float dtype, cast after), or None to decline (then
+# the next choice is tried).
+GemmBackend = Callable[
+    [Operand, Operand, GemmSpec, torch.dtype, "torch.Tensor | None"], "torch.Tensor | None"
+]
 _BACKENDS: dict[str, GemmBackend] = {}
 BACKEND_CHOICES = ("auto", "emulate", "reference", "scaled_mm")  # reference = emulate
 
@@ -179,59 +290,127 @@ def _leverage_sampled(a: Operand, bh: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
-def _scaled_mm_ok(a: Operand, b: Operand, gemm: GemmSpec) -> bool:
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _cublas_kind(a: Operand, b: Operand, gemm: GemmSpec) -> str | None:
+    """'tensor', 'row' or 'blockwise' when cuBLAS (torch) runs this fp8 pair, else None."""
     if gemm.hadamard or gemm.bit_split or gemm.leverage_sampling or a.hp is not None or b.hp is not None:
-        return False
+        return None
     qa, qb = a.parts[0], b.parts[0]
-    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-    if qa.data.dtype not in fp8 or qb.data.dtype not in fp8:
-        return False
+    if qa.data.dtype not in _FP8 or qb.data.dtype not in _FP8:
+        return None
     if qa.data.dtype == qb.data.dtype == torch.float8_e5m2:
-        return False
-    if qa.block != qb.block or qa.block not in ("tensor", "row"):
-        return False
+        return None
     m, k = qa.shape
     n = qb.shape[0]
-    return m % 16 == 0 and k % 16 == 0 and n % 16 == 0
+    if qa.block == qb.block and qa.block in ("tensor", "row"):
+        return qa.block if m % 16 == 0 and k % 16 == 0 and n % 16 == 0 else None
+    # DeepSeek-V3 blockwise: 1x128 groups (fp32 scales) against 1x128 groups or 128x128 tiles.
+    fp32_scales = qa.tensor_scale is None and qb.tensor_scale is None and _fp32_scaled(gemm)
+    if qa.block == 128 and qb.block in (128, (128, 128)) and fp32_scales:
+        if m % 128 == 0 and n % 128 == 0 and k % 128 == 0 and _HAS_BLOCKWISE:
+            return "blockwise"
+    return None
 
 
-def _scaled_mm(a: Operand, b: Operand) -> torch.Tensor:
+def _fp32_scaled(gemm: GemmSpec) -> bool:
+    return all(s is not None and s.scale == "fp32" for s in (gemm.a, gemm.b))
+
+
+_HAS_BLOCKWISE = hasattr(torch.nn.functional, "scaled_mm") and hasattr(torch.nn.functional, "ScalingType")
+
+
+def _scaled_mm_ok(a: Operand, b: Operand, gemm: GemmSpec) -> bool:
+    return _cublas_kind(a, b, gemm) is not None
+
+
+def _scaled_mm(
+    a: Operand,
+    b: Operand,
+    gemm: GemmSpec | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     qa, qb = a.parts[0], b.parts[0]
-    if qa.block == "tensor":
+    kind = "tensor" if qa.block == "tensor" else "row" if qa.block == "row" else "blockwise"
+    fast = bool(gemm is not None and gemm.fast_accum)
+    if kind == "blockwise":
+        out = _blockwise_mm(qa, qb, fast)
+    elif kind == "tensor":
         sa, sb = qa.scale.reshape(()).float(), qb.scale.reshape(()).float()
-        out_dtype = torch.float32
+        fused_bias = bias is not None and bias.dtype == out_dtype and out_dtype == torch.bfloat16
+        out = torch._scaled_mm(
+            qa.data, qb.data.t(), scale_a=sa, scale_b=sb, bias=bias if fused_bias else None,
+            out_dtype=out_dtype, use_fast_accum=fast,
+        )
+        if fused_bias:
+            return out
     else:  # per-row scales: cuBLAS wants (M, 1) and (1, N) and a bf16 output
         sa, sb = qa.scale.reshape(-1, 1).float(), qb.scale.reshape(1, -1).float()
-        out_dtype = torch.bfloat16
-    out = torch._scaled_mm(qa.data, qb.data.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
-    return out.float()
+        out = torch._scaled_mm(
+            qa.data, qb.data.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast
+        )
+    return _finish(out, out_dtype, bias)
+
+
+def _blockwise_mm(qa: QTensor, qb: QTensor, fast: bool) -> torch.Tensor:
+    # cuBLAS wants 1x128 scales as (rows, K/128) with the rows contiguous (the group-major layout
+    # lowbit.kernels writes; a copy otherwise) and 128x128 tile scales as (L4, N/128), stride (1, L4),
+    # L4 = K/128 rounded up to 4. Dims are multiples of 128 (checked by _cublas_kind).
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    def rows_major(sc: torch.Tensor) -> torch.Tensor:
+        return sc.float().t().contiguous().t()
+
+    sa = rows_major(qa.scale)
+    if qb.block == 128:
+        sb, rb = rows_major(qb.scale), ScalingType.BlockWise1x128
+    else:
+        nb, kb = qb.scale.shape
+        l4 = -(-kb // 4) * 4
+        padded = torch.zeros((nb, l4), dtype=torch.float32, device=qb.scale.device)
+        padded[:, :kb] = qb.scale.float()
+        sb, rb = padded.t(), ScalingType.BlockWise128x128
+    return scaled_mm(
+        qa.data, qb.data.t(), sa, ScalingType.BlockWise1x128, sb, rb,
+        output_dtype=torch.bfloat16, use_fast_accum=fast,
+    )
+
+
+def _finish(out: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(out_dtype)
 
 
 _warned: set[str] = set()
 
 
 def gemm_operands(
-    a: Operand, b: Operand, gemm: GemmSpec, seed: int = 0, backend: str = "auto"
+    a: Operand,
+    b: Operand,
+    gemm: GemmSpec,
+    seed: int = 0,
+    backend: str = "auto",
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 A·B^T of two prepared operands (rows_a × rows_b)."""
+    """A·B^T (+ bias) of two prepared operands (rows_a × rows_b), in `out_dtype`."""
     if backend == "reference":
         backend = "emulate"
     if backend not in _BACKENDS and backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown GEMM backend {backend!r}; valid choices: {', '.join(gemm_backends())}")
     if backend in _BACKENDS:
-        out = _BACKENDS[backend](a, b, gemm)
+        out = _BACKENDS[backend](a, b, gemm, out_dtype, bias)
         if out is None:
             raise ValueError(f"GEMM backend {backend!r} does not support {gemm}")
-        return out
-    if backend == "auto":
-        for fn in _BACKENDS.values():
-            out = fn(a, b, gemm)
-            if out is not None:
-                return out
+        return out.to(out_dtype)
     use_scaled = backend == "scaled_mm" or (backend == "auto" and a.is_cuda)
     if use_scaled and _scaled_mm_ok(a, b, gemm):
         try:
-            return _scaled_mm(a, b)
+            return _scaled_mm(a, b, gemm, out_dtype, bias)
         except RuntimeError as e:  # e.g. a GPU without fp8 tensor cores
             if backend == "scaled_mm":
                 raise
@@ -239,8 +418,13 @@ def gemm_operands(
                 _warned.add("scaled_mm")
                 warnings.warn(f"torch._scaled_mm failed ({e}); emulating fp8 GEMMs instead", stacklevel=2)
     elif backend == "scaled_mm":
-        raise ValueError(f"backend='scaled_mm' needs fp8 tensorwise/rowwise operands, got {gemm}")
-    return _emulate(a, b, gemm, seed)
+        raise ValueError(f"backend='scaled_mm' needs fp8 tensorwise/rowwise/blockwise operands, got {gemm}")
+    if backend == "auto":
+        for fn in _BACKENDS.values():
+            out = fn(a, b, gemm, out_dtype, bias)
+            if out is not None:
+                return out.to(out_dtype)
+    return _finish(_emulate(a, b, gemm, seed), out_dtype, bias)
 
 
 def quantized_gemm(

@@ -7,7 +7,8 @@ K last in both operands, so every spec below quantizes along its GEMM's reductio
     wgrad  dW = dY^T· X        A = dY^T (out × tokens)  B = X^T (in × tokens)
 
 Facts the recipes encode (from the papers and projects named; our own code):
-    fp8_tensorwise  per-tensor current scaling; E4M3 forward, E5M2 gradients (TE / torchao).
+    fp8_tensorwise  per-tensor current scaling; E4M3 forward, E5M2 gradients; cuBLAS fast
+                    accumulation in the forward GEMM only (TE / torchao defaults).
     fp8_delayed     the same with scales from a 16-step amax history (TE DelayedScaling).
     fp8_rowwise     one scale per row along K, E4M3 everywhere (torchao "rowwise").
     fp8_blockwise   1×128 blocks for activations/gradients, 128×128 tiles for weights, E4M3
@@ -46,6 +47,10 @@ class GemmSpec:
     random_signs: bool = True  # random ±1 diagonal, redrawn every call (else a fixed Hadamard)
     bit_split: bool = False  # A = hi + lo: two terms in A's format (the second is the residual)
     leverage_sampling: bool = False  # keep half of the K-terms of A·B^T ∝ norms, reweighted 1/p
+    # cuBLAS fp8 "fast accumulation" (no periodic promotion of the tensor-core sums to fp32): what
+    # TransformerEngine and torchao use for the forward GEMM; gradients keep full fp32 accumulation.
+    # Only cuBLAS reads it; every other backend accumulates in fp32.
+    fast_accum: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -141,7 +146,7 @@ def _same(spec: QuantSpec, **kw) -> GemmSpec:
 
 def _build() -> dict[str, Recipe]:
     e4, e5 = QuantSpec("fp8_e4m3"), QuantSpec("fp8_e5m2")
-    tensorwise = dict(fprop=GemmSpec(e4, e4), dgrad=GemmSpec(e5, e4), wgrad=GemmSpec(e5, e4))
+    tensorwise = dict(fprop=GemmSpec(e4, e4, fast_accum=True), dgrad=GemmSpec(e5, e4), wgrad=GemmSpec(e5, e4))
     row = QuantSpec("fp8_e4m3", "row")
     b128, t128 = QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", (128, 128))
     mx8 = QuantSpec("fp8_e4m3", 32, "e8m0")
@@ -154,7 +159,7 @@ def _build() -> dict[str, Recipe]:
         Recipe("bf16"),
         Recipe("fp8_tensorwise", **tensorwise),
         Recipe("fp8_delayed", **tensorwise, amax_history=16),
-        Recipe("fp8_rowwise", _same(row), _same(row), _same(row)),
+        Recipe("fp8_rowwise", _same(row, fast_accum=True), _same(row), _same(row)),
         Recipe("fp8_blockwise", GemmSpec(b128, t128), GemmSpec(b128, t128), _same(b128)),
         Recipe("mxfp8", _same(mx8), _same(mx8), _same(mx8)),
         Recipe("mxfp4", _same(mx4), _same(mx4_sr, hadamard=32), _same(mx4_sr, hadamard=32)),

@@ -1,0 +1,127 @@
+"""Triton side of the pair quantizer and of the tensor amax (imported lazily, like every Triton
+module here). The per-element steps are those of the fused quantize kernel (_quantize_triton.py),
+reused, so the pair's outputs are bit for bit what that kernel and the reference produce.
+
+One program loads one [BR, BC] tile of X and writes it twice: quantized along the columns (X, the
+fprop/dgrad operand) and, transposed in registers, quantized along the rows (X^T, the wgrad or
+dgrad operand), so the transpose costs no extra pass over memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels._quantize_triton import _abs_bits, _load_tile, _quant_tile, _scales
+from lowbit.kernels.quantize import interpret
+from lowbit.quant.formats import ElementFormat
+
+
+@triton.jit
+def _amax_kernel(x_ptr, out_ptr, R, C, sxr, sxc, BR: tl.constexpr, BC: tl.constexpr, ITERS: tl.constexpr):
+    # Each program reduces ITERS row-blocks of one column-block to one integer max, then one atomic.
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BC + tl.arange(0, BC)
+    acc = tl.zeros([BR, BC], tl.int32)
+    for i in range(ITERS):
+        rows = (pid_r * ITERS + i) * BR + tl.arange(0, BR)
+        acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)))
+    tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
+          BR: tl.constexpr, BC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+          EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, KIND_INT: tl.constexpr,
+          ENC: tl.constexpr, SMODE: tl.constexpr, SR: tl.constexpr, HW_FP8: tl.constexpr):
+    # Codes of one [BR, BC] tile (rows of length C in the whole matrix) quantized along its columns.
+    # G > 0: 1-D groups of G along the columns; G == 0: one tensor amax from ga_ptr; G == -1: the
+    # whole tile is one group (2-D tile scaling). Scales go to s_ptr with strides (ssr, ssc).
+    rows = r0 + tl.arange(0, BR)
+    cols = c0 + tl.arange(0, BC)
+    idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    if G > 0:
+        NG: tl.constexpr = BC // G
+        amax = tl.max(tl.reshape(_abs_bits(x), [BR, NG, G]), axis=2).to(tl.float32, bitcast=True)
+        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        gcols = c0 // G + tl.arange(0, NG)
+        gm = (rows[:, None] < R) & (gcols[None, :] < (C + G - 1) // G)
+        tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
+        codes = _quant_tile(x, tl.reshape(eff, [BR, NG, 1]), idx, seed_off, BR, NG, G, KIND_INT,
+                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
+    else:
+        if G == 0:
+            amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
+        else:
+            a = tl.max(tl.max(_abs_bits(x), axis=1), axis=0).to(tl.float32, bitcast=True)
+            amax = a + tl.zeros([1, 1], tl.float32)
+        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        if G == -1:
+            tl.store(s_ptr + (r0 // BR) * ssr + (c0 // BC) * ssc + tl.zeros([1, 1], tl.int32), s)
+        elif (r0 == 0) & (c0 == 0):
+            tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+        codes = _quant_tile(x, tl.reshape(eff, [1, 1, 1]), idx, seed_off, BR, 1, BC, KIND_INT,
+                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
+    return codes
+
+
+@triton.jit
+def _pair_kernel(
+    x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, ga_ptr, rec_ptr, R, C, sxr, sxc,
+    ssr, ssc, sstr, sstc, seed_a, seed_b,
+    MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+    HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
+    GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
+    SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    HW_FP8: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)
+    if RECORD:  # delayed scaling: this tensor's own amax, for the history
+        tl.atomic_max(rec_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+    codes = _side(x, pid_r * BR, pid_c * BC, R, C, ga_ptr, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
+                  MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8)
+    m = (rows[:, None] < R) & (cols[None, :] < C)
+    tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+    if SAME_CODES:  # one tensor (or tile) scale and nearest rounding: X^T's codes are X's, transposed
+        codes_t = tl.trans(codes)
+    else:
+        codes_t = _side(tl.trans(x), pid_c * BC, pid_r * BR, C, R, ga_ptr, st_ptr, sstr, sstc, seed_b,
+                        GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8)
+    mt = (cols[:, None] < C) & (rows[None, :] < R)
+    tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
+
+
+def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor) -> None:
+    """Integer max of |x| bits over the whole matrix into out_bits (int32, 1 element, zeroed)."""
+    r, c = x2.shape
+    bc = min(256, triton.next_power_of_2(c))
+    br = max(1, min(triton.next_power_of_2(r), 8192 // bc))
+    iters = max(1, min(8, triton.cdiv(r, br * 264)))  # ~2 waves of programs on 132 SMs
+    grid = (triton.cdiv(r, br * iters), triton.cdiv(c, bc))
+    _amax_kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), BR=br, BC=bc, ITERS=iters,
+                       num_warps=8 if br * bc >= 8192 else 4)
+
+
+def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scale: torch.Tensor,
+                scale_t: torch.Tensor, g_amax: torch.Tensor | None, rec_bits: torch.Tensor | None,
+                fmt: ElementFormat, enc: int, smode: int, ga: int, gb: int, sr_a: bool, sr_b: bool,
+                same_codes: bool, tile: tuple[int, int], seed_a: int, seed_b: int) -> None:
+    r, c = x2.shape
+    br, bc = tile
+    grid = (triton.cdiv(r, br), triton.cdiv(c, bc))
+    dummy = scale
+    _pair_kernel[grid](
+        x2, data, data_t, scale, scale_t, g_amax if g_amax is not None else dummy,
+        rec_bits if rec_bits is not None else dummy, r, c, x2.stride(0), x2.stride(1),
+        scale.stride(0), scale.stride(1), scale_t.stride(0), scale_t.stride(1), seed_a, seed_b,
+        MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
+        KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
+        SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=not interpret(),
+        num_warps=8 if br * bc >= 16384 else 4,
+    )

@@ -1,0 +1,156 @@
+"""A matrix and its transpose quantized in one pass, and the tensor amax in one pass.
+
+A linear layer needs each of X, W and dY twice, once along each axis: X along `in` for fprop and
+X^T along `tokens` for wgrad, W along `in` for fprop and W^T along `out` for dgrad, dY along
+`out` for dgrad and dY^T along `tokens` for wgrad. `quantize_pair(x, spec, spec_t)` reads x once
+and writes both, each bit for bit what lowbit.quant.quantize gives:
+
+    q, q_t, _ = quantize_pair(x, spec, spec_t, seed=s, seed_t=s_t, amax=a)
+    q   == quantize(x,     spec,   seed=s,   amax=a)
+    q_t == quantize(x.t(), spec_t, seed=s_t, amax=a)
+
+Supported pairs (`why_not_pair` names what is not): fp8 e4m3/e5m2 or int8 elements, the same
+format and scale format on both sides (fp32, e8m0, e8m0_up); blocks "tensor" on both sides (one
+amax), 1-D groups along each side's K (powers of two up to 128: the tile holds whole groups both
+ways), or a 2-D tile on both sides that is the transpose of the other. With one tensor or tile
+scale and nearest rounding the codes of x^T are those of x transposed and are not recomputed.
+
+Tensor scaling needs the amax before any element is rounded: `tensor_amax` is one read of x
+(integer max of the |x| bits in registers, one atomic per program; NaN sorts above Inf, so it
+propagates as in the reference). Delayed scaling passes the history's amax instead and asks for
+`record=True`: the pass then also returns x's own amax (for the history) without another read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.quantize import interpret, triton_available
+from lowbit.quant.qtensor import QTensor
+from lowbit.quant.quantize import QuantSpec
+from lowbit.quant.rounding import seed_offset
+
+_ENC = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
+_DTYPE = {0: torch.float8_e4m3fn, 1: torch.float8_e5m2, 2: torch.int8}
+_SMODE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2}
+# Tile side for tensor and 1-D group scaling (groups wider than this widen the tile).
+PAIR_TILE = 64
+
+
+def _runnable(x: torch.Tensor) -> bool:
+    return triton_available() and (x.is_cuda or (interpret() and x.device.type == "cpu"))
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def why_not_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec) -> str | None:
+    """None when quantize_pair handles (x, spec, spec_t); else the reason."""
+    if not _runnable(x):
+        return "needs a CUDA tensor (or the Triton interpreter on CPU)"
+    if x.dim() != 2 or not x.is_floating_point() or x.numel() == 0:
+        return f"needs a non-empty floating-point matrix, got {tuple(x.shape)} {x.dtype}"
+    if spec.fmt != spec_t.fmt or spec.scale != spec_t.scale:
+        return f"formats differ ({spec.fmt}/{spec.scale} vs {spec_t.fmt}/{spec_t.scale})"
+    if spec.fmt not in _ENC or spec.scale not in _SMODE:
+        return f"{spec.fmt} with {spec.scale} scales is not supported (fp8/int8 with fp32/e8m0 scales)"
+    a, b = spec.block, spec_t.block
+    if (a == "tensor") != (b == "tensor"):
+        return "tensor scaling needs block='tensor' on both sides"
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        if not (isinstance(a, tuple) and isinstance(b, tuple) and b == a[::-1]):
+            return f"2-D tiles must be transposes of each other, got {a} and {b}"
+        if not all(_pow2(v) and v <= 128 for v in a):
+            return f"2-D tile {a} (needs powers of two up to 128)"
+        return None
+    for blk in (a, b):
+        if blk == "row" or (isinstance(blk, int) and not (_pow2(blk) and 2 <= blk <= 128)):
+            return f"block {blk!r} (needs 'tensor', a power-of-two group up to 128, or a 2-D tile)"
+    return None
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 1-element fp32 tensor, one read of x (NaN if x holds a NaN, as the reference)."""
+    from lowbit.kernels._pair_quantize_triton import launch_amax
+
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    bits = torch.zeros(1, dtype=torch.int32, device=x.device)
+    launch_amax(x2, bits)
+    return bits.view(torch.float32)
+
+
+def quantize_pair(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    spec_t: QuantSpec,
+    *,
+    seed: int = 0,
+    seed_t: int = 0,
+    amax: torch.Tensor | None = None,
+    record: bool = False,
+    tile: tuple[int, int] | None = None,
+) -> tuple[QTensor, QTensor, torch.Tensor | None]:
+    """(x quantized along its columns, x^T along its columns, x's own amax if `record`)."""
+    from lowbit.kernels._pair_quantize_triton import launch_pair
+
+    reason = why_not_pair(x, spec, spec_t)
+    if reason is not None:
+        raise ValueError(f"quantize_pair: {reason}")
+    if amax is not None and spec.block != "tensor":
+        raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        x = x.float()
+    x = x.detach()
+    r, c = x.shape
+    dev = x.device
+    fmt, enc = spec.format, _ENC[spec.fmt]
+    a, b = spec.block, spec_t.block
+    if isinstance(a, tuple):
+        ga = gb = -1
+        br, bc = a
+    else:
+        ga = a if isinstance(a, int) else 0
+        gb = b if isinstance(b, int) else 0
+        br, bc = tile or (max(PAIR_TILE, gb), max(PAIR_TILE, ga))
+        if ga > bc or gb > br or bc % max(ga, 1) or br % max(gb, 1):
+            raise ValueError(f"tile {(br, bc)} does not hold whole groups {ga} × {gb}")
+    g_amax = None
+    if a == "tensor":
+        g_amax = amax.float().reshape(1).to(dev) if amax is not None else tensor_amax(x)
+    rec = torch.zeros(1, dtype=torch.int32, device=dev) if record else None
+    # Group scales stored group-major (as lowbit.kernels.quantize does): the GEMMs read one K-group's
+    # scales for a tile of rows contiguously; cuBLAS's 1x128 layout is the same.
+    if ga > 0:
+        scale = torch.empty((-(-c // ga), r), dtype=torch.float32, device=dev).t()
+        scale_t = torch.empty((-(-r // gb), c), dtype=torch.float32, device=dev).t()
+    elif ga == 0:
+        scale = torch.empty((1, 1), dtype=torch.float32, device=dev)
+        scale_t = scale  # one scale for both (side B may skip its store when its codes are A's)
+    else:
+        scale = torch.empty((-(-c // bc), -(-r // br)), dtype=torch.float32, device=dev).t()
+        scale_t = scale.t()
+    data = torch.empty((r, c), dtype=torch.uint8, device=dev)
+    data_t = torch.empty((c, r), dtype=torch.uint8, device=dev)
+    nearest = spec.rounding == "nearest" and spec_t.rounding == "nearest"
+    launch_pair(
+        x, data, data_t, scale, scale_t, g_amax, rec, fmt, enc, _SMODE[spec.scale], ga, gb,
+        spec.rounding == "stochastic", spec_t.rounding == "stochastic", nearest and ga <= 0,
+        (br, bc), seed_offset(seed), seed_offset(seed_t),
+    )
+    dt = _DTYPE[enc]
+    if ga == 0:
+        scale = scale.reshape(())
+        scale_t = scale
+    q = QTensor(data.view(dt), scale, fmt, a, torch.Size((r, c)), 1, x.dtype, False, None)
+    q_t = QTensor(data_t.view(dt), scale_t, fmt, b, torch.Size((c, r)), 1, x.dtype, False, None)
+    return q, q_t, (rec.view(torch.float32) if rec is not None else None)
+
+
+def quantize_pair_or_none(
+    x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, **kwargs
+) -> tuple[QTensor, QTensor, torch.Tensor | None] | None:
+    """quantize_pair, or None where `why_not_pair` declines (the lowbit.quant.gemm pair seam)."""
+    if why_not_pair(x, spec, spec_t) is not None:
+        return None
+    return quantize_pair(x, spec, spec_t, **kwargs)

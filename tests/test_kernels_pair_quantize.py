@@ -1,0 +1,174 @@
+"""The pair quantizer (X and X^T in one pass) and the tensor amax kernel against lowbit.quant.
+
+On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1); the same
+tests run on CUDA when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels.pair_quantize import quantize_pair, tensor_amax, why_not_pair
+from lowbit.nn import QuantLinear
+from lowbit.quant import gemm as qgemm
+from lowbit.quant.quantize import QuantSpec, quantize
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+PAIRS = {
+    "fp8_tensor": (QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3")),
+    "e5m2_tensor": (QuantSpec("fp8_e5m2"), QuantSpec("fp8_e5m2")),
+    "e5m2_tensor_sr": (QuantSpec("fp8_e5m2", rounding="stochastic"), QuantSpec("fp8_e5m2")),
+    "fp8_1x128": (QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128)),
+    "fp8_tile128": (QuantSpec("fp8_e4m3", (128, 128)), QuantSpec("fp8_e4m3", (128, 128))),
+    "mxfp8": (QuantSpec("fp8_e4m3", 32, "e8m0"), QuantSpec("fp8_e4m3", 32, "e8m0")),
+    "mxfp8_up_sr": (
+        QuantSpec("fp8_e4m3", 32, "e8m0_up", "stochastic"),
+        QuantSpec("fp8_e4m3", 32, "e8m0_up", "stochastic"),
+    ),
+    "int8_64_32sr": (QuantSpec("int8", 64), QuantSpec("int8", 32, rounding="stochastic")),
+    "fp8_tile_16x32": (QuantSpec("fp8_e4m3", (16, 32)), QuantSpec("fp8_e4m3", (32, 16))),
+}
+
+
+def _same_qtensor(q, ref) -> None:
+    assert q.data.shape == ref.data.shape and q.data.dtype == ref.data.dtype
+    assert torch.equal(q.data.view(torch.uint8), ref.data.view(torch.uint8).to(q.data.device))
+    assert q.scale.shape == ref.scale.shape
+    ref_scale = ref.scale.float().to(q.scale.device)
+    torch.testing.assert_close(q.scale.float(), ref_scale, rtol=0, atol=0, equal_nan=True)
+    assert (q.block, q.fmt.name, tuple(q.shape)) == (ref.block, ref.fmt.name, tuple(ref.shape))
+
+
+def _matrix(r: int, c: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(r, c, generator=g) * torch.logspace(-3, 2, c)  # columns of very different size
+    x[min(1, r - 1), min(2, c - 1)] = 0.0
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("shape", [(200, 136), (64, 256), (3, 40)], ids=str)
+def test_pair_equals_two_reference_calls(name, shape):
+    spec, spec_t = PAIRS[name]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _matrix(*shape, dtype)
+        q, q_t, own = quantize_pair(x, spec, spec_t, seed=11, seed_t=22)
+        assert own is None
+        _same_qtensor(q, quantize(x.cpu(), spec, seed=11))
+        _same_qtensor(q_t, quantize(x.cpu().t(), spec_t, seed=22))
+
+
+def test_pair_nan_inf_and_delayed_amax():
+    spec = QuantSpec("fp8_e5m2")
+    x = _matrix(70, 90, torch.float32)
+    x[5, 7] = float("inf")
+    q, q_t, _ = quantize_pair(x, spec, spec)
+    _same_qtensor(q, quantize(x.cpu(), spec))
+    assert torch.isnan(q.scale) and torch.isnan(q_t.scale)
+    x[5, 7] = float("nan")
+    mx = QuantSpec("fp8_e4m3", 32, "e8m0")
+    q, q_t, _ = quantize_pair(x, mx, mx)
+    _same_qtensor(q, quantize(x.cpu(), mx))
+    _same_qtensor(q_t, quantize(x.cpu().t(), mx))
+    # Delayed scaling: an amax override smaller than the data saturates; `record` returns the own amax.
+    y = _matrix(50, 66, torch.bfloat16)
+    amax = torch.tensor([0.5])
+    q, q_t, own = quantize_pair(y, spec, spec, amax=amax, record=True)
+    _same_qtensor(q, quantize(y.cpu(), spec, amax=amax))
+    _same_qtensor(q_t, quantize(y.cpu().t(), spec, amax=amax))
+    assert own.item() == y.float().abs().max().item()
+
+
+def test_tensor_amax_matches_reference():
+    for shape in [(1, 1), (333, 77), (64, 4096)]:
+        x = _matrix(*shape, torch.bfloat16, seed=3)
+        assert tensor_amax(x).item() == x.float().abs().max().item()
+    x = _matrix(40, 50, torch.float32)
+    x[3, 3] = -float("inf")
+    assert tensor_amax(x).item() == float("inf")
+    x[4, 4] = float("nan")
+    assert torch.isnan(tensor_amax(x)).all()
+    assert tensor_amax(x.t()).isnan().all()  # strided views are read in place
+
+
+def test_why_not_pair_names_the_problem():
+    x = torch.randn(64, 64, device=DEV)
+    e4, e5 = QuantSpec("fp8_e4m3"), QuantSpec("fp8_e5m2")
+    assert "formats differ" in why_not_pair(x, e4, e5)
+    assert "both sides" in why_not_pair(x, e4, QuantSpec("fp8_e4m3", 32))
+    assert "transposes" in why_not_pair(x, QuantSpec("fp8_e4m3", (16, 32)), QuantSpec("fp8_e4m3", (16, 32)))
+    assert "row" in why_not_pair(x, QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", "row"))
+    assert "fp4_e2m1" in why_not_pair(x, QuantSpec("fp4_e2m1", 32, "e8m0"), QuantSpec("fp4_e2m1", 32, "e8m0"))
+    assert why_not_pair(x, e5, e5) is None
+    with pytest.raises(ValueError, match="formats differ"):
+        quantize_pair(x, e4, e5)
+
+
+def _layer_run(recipe: str, fused: bool, monkeypatch, steps: int = 1):
+    from lowbit.kernels.pair_quantize import quantize_pair_or_none
+
+    with monkeypatch.context() as m:
+        m.setitem(qgemm._PAIR_QUANTIZERS, DEV, quantize_pair_or_none)
+        if not fused:
+            m.delitem(qgemm._PAIR_QUANTIZERS, DEV)
+        torch.manual_seed(0)
+        layer = QuantLinear(128, 64, bias=True, recipe=recipe, seed=5).to(DEV)
+        outs = []
+        for step in range(steps):
+            x = (torch.randn(96, 128) * (1 + step)).to(DEV).requires_grad_(True)
+            y = layer(x)
+            y.backward(torch.randn_like(y))
+            outs += [y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
+            layer.weight.grad = layer.bias.grad = None
+        return outs, layer.amax_history.clone()
+
+
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed", "mxfp8", "fp8_blockwise"])
+def test_quant_linear_with_pair_quantizer_is_bitwise_the_same(recipe, monkeypatch):
+    # The fused pair path changes where the operands are made, never their bits.
+    got, hist = _layer_run(recipe, True, monkeypatch, steps=3)
+    ref, ref_hist = _layer_run(recipe, False, monkeypatch, steps=3)
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)
+    assert torch.equal(hist, ref_hist)
+
+
+def test_delayed_scaling_first_call_own_amax_then_history(monkeypatch):
+    from lowbit.kernels.pair_quantize import quantize_pair_or_none
+
+    monkeypatch.setitem(qgemm._PAIR_QUANTIZERS, DEV, quantize_pair_or_none)
+    layer = QuantLinear(64, 32, bias=False, recipe="fp8_delayed").to(DEV)
+    x = torch.randn(16, 64, device=DEV)
+    with torch.no_grad():
+        layer(x)
+        assert layer.amax_recorded[:2] == [True, True]  # fprop X and W recorded, nothing else yet
+        assert layer.amax_recorded[2:] == [False] * 4
+        y_big = layer(100 * x)  # scaled by the history (amax of x): saturates at 448 · scale
+    sx = layer.amax_history[0, 1] / 448  # the scale of X used by the second call
+    assert layer.amax_history[0, 0].item() == pytest.approx(100 * x.abs().max().item(), rel=1e-6)
+    xq = torch.clamp(100 * x / sx, -448, 448) * sx
+    assert (y_big.abs().max() / (xq @ layer.weight.t()).abs().max()).item() == pytest.approx(1, rel=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed", "fp8_blockwise", "mxfp8"])
+def test_gpu_quant_linear_auto_matches_emulation(recipe):
+    # cuBLAS (tensorwise with fast accumulation in fprop, blockwise 1x128/128x128) and the Triton
+    # GEMM against the fp32 emulation of the same quantized operands, bf16 autocast as in training.
+    torch.manual_seed(0)
+    x = torch.randn(512, 1024, device="cuda")
+    grads = []
+    for backend in ("auto", "emulate"):
+        layer = QuantLinear(1024, 768, bias=False, recipe=recipe, backend=backend, seed=3).cuda()
+        torch.manual_seed(1)
+        layer.reset_parameters()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.float().pow(2).sum().backward()
+        grads.append((y.float(), xi.grad, layer.weight.grad))
+    for g, r in zip(*grads):
+        err = (g.float() - r.float()).norm() / r.float().norm()
+        assert err < 2e-2, (recipe, err.item())
