@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._quantize_triton import _abs_bits, _load_tile, _quant_tile, _scales
+from lowbit.kernels._quantize_triton import _abs_bits, _load_tile, _quant_tile, _scales, as_i32
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
 
@@ -67,7 +67,7 @@ def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
     return codes
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_a", "seed_b"])
 def _pair_kernel(
     x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, ga_ptr, rec_ptr, R, C, sxr, sxc,
     ssr, ssc, sstr, sstc, seed_a, seed_b,
@@ -119,7 +119,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     _pair_kernel[grid](
         x2, data, data_t, scale, scale_t, g_amax if g_amax is not None else dummy,
         rec_bits if rec_bits is not None else dummy, r, c, x2.stride(0), x2.stride(1),
-        scale.stride(0), scale.stride(1), scale_t.stride(0), scale_t.stride(1), seed_a, seed_b,
+        scale.stride(0), scale.stride(1), scale_t.stride(0), scale_t.stride(1),
+        as_i32(seed_a), as_i32(seed_b),
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=not interpret(),

@@ -215,7 +215,7 @@ def _store_codes(d_ptr, codes, rows, cols, c0, R, K, sdr, BR: tl.constexpr, BC: 
         tl.store(d_ptr + rows[:, None].to(tl.int64) * sdr + cols[None, :], codes.to(tl.uint8), m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_off"])
 def _quantize_kernel(
     x_ptr, d_ptr, s_ptr, ts_ptr, ga_ptr, ta_ptr, R, K, sxr, sxk, sdr, ssr, ssc, seed_off,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
@@ -280,6 +280,14 @@ def _quantize_kernel(
             tl.store(ts_ptr + tl.zeros([1], tl.int32), t)
 
 
+def as_i32(seed_off: int) -> int:
+    """A uint32 seed offset as the int32 with the same bits. Triton types a Python int argument
+    by its value (i32 below 2^31, i64 above) and specializes on it, so a raw offset would compile
+    new kernel variants as seeds change; as i32 (with do_not_specialize) one variant serves all.
+    The kernel adds it to an int64 index and truncates to uint32: the same bits mod 2^32."""
+    return seed_off - (1 << 32) if seed_off >= 1 << 31 else seed_off
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -311,7 +319,7 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     _quantize_kernel[grid](
         x2, data, scale, tscale if tscale is not None else dummy,
         g_amax if g_amax is not None else dummy, t_amax if t_amax is not None else dummy,
-        r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), seed_off,
+        r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), as_i32(seed_off),
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(),
