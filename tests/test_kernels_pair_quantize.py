@@ -20,8 +20,8 @@ PAIRS = {
     "fp8_tensor": (QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3")),
     "e5m2_tensor": (QuantSpec("fp8_e5m2"), QuantSpec("fp8_e5m2")),
     "e5m2_tensor_sr": (QuantSpec("fp8_e5m2", rounding="stochastic"), QuantSpec("fp8_e5m2")),
-    "fp8_1x128": (QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128)),
-    "fp8_tile128": (QuantSpec("fp8_e4m3", (128, 128)), QuantSpec("fp8_e4m3", (128, 128))),
+    "fp8_1x64": (QuantSpec("fp8_e4m3", 64), QuantSpec("fp8_e4m3", 64)),
+    "fp8_tile64": (QuantSpec("fp8_e4m3", (64, 64)), QuantSpec("fp8_e4m3", (64, 64))),
     "mxfp8": (QuantSpec("fp8_e4m3", 32, "e8m0"), QuantSpec("fp8_e4m3", 32, "e8m0")),
     "mxfp8_up_sr": (
         QuantSpec("fp8_e4m3", 32, "e8m0_up", "stochastic"),
@@ -101,6 +101,7 @@ def test_why_not_pair_names_the_problem():
     assert "transposes" in why_not_pair(x, QuantSpec("fp8_e4m3", (16, 32)), QuantSpec("fp8_e4m3", (16, 32)))
     assert "row" in why_not_pair(x, QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", "row"))
     assert "fp4_e2m1" in why_not_pair(x, QuantSpec("fp4_e2m1", 32, "e8m0"), QuantSpec("fp4_e2m1", 32, "e8m0"))
+    assert "up to 64" in why_not_pair(x, QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128))
     assert why_not_pair(x, e5, e5) is None
     with pytest.raises(ValueError, match="formats differ"):
         quantize_pair(x, e4, e5)

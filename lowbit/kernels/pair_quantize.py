@@ -11,8 +11,8 @@ and writes both, each bit for bit what lowbit.quant.quantize gives:
 
 Supported pairs (`why_not_pair` names what is not): fp8 e4m3/e5m2 or int8 elements, the same
 format and scale format on both sides (fp32, e8m0, e8m0_up); blocks "tensor" on both sides (one
-amax), 1-D groups along each side's K (powers of two up to 128: the tile holds whole groups both
-ways), or a 2-D tile on both sides that is the transpose of the other. With one tensor or tile
+amax), 1-D groups along each side's K (powers of two up to MAX_GROUP = 64: the tile holds whole
+groups both ways), or a 2-D tile on both sides that is the transpose of the other. With one tensor or tile
 scale and nearest rounding the codes of x^T are those of x transposed and are not recomputed.
 
 Tensor scaling needs the amax before any element is rounded: `tensor_amax` is one read of x
@@ -35,6 +35,10 @@ _DTYPE = {0: torch.float8_e4m3fn, 1: torch.float8_e5m2, 2: torch.int8}
 _SMODE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2}
 # Tile side for tensor and 1-D group scaling (groups wider than this widen the tile).
 PAIR_TILE = 64
+# Widest group (and 2-D tile side) taken. A 128 x 128 tile, which 1x128 groups along both axes
+# need, spilled registers on the H100 (fp8_blockwise layer 47 ms instead of ~3 ms; Triton 3.6):
+# such pairs go to two calls of the single quantize kernel instead.
+MAX_GROUP = 64
 
 
 def _runnable(x: torch.Tensor) -> bool:
@@ -61,12 +65,12 @@ def why_not_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec) -> str | N
     if isinstance(a, tuple) or isinstance(b, tuple):
         if not (isinstance(a, tuple) and isinstance(b, tuple) and b == a[::-1]):
             return f"2-D tiles must be transposes of each other, got {a} and {b}"
-        if not all(_pow2(v) and v <= 128 for v in a):
-            return f"2-D tile {a} (needs powers of two up to 128)"
+        if not all(_pow2(v) and v <= MAX_GROUP for v in a):
+            return f"2-D tile {a} (needs powers of two up to {MAX_GROUP})"
         return None
     for blk in (a, b):
-        if blk == "row" or (isinstance(blk, int) and not (_pow2(blk) and 2 <= blk <= 128)):
-            return f"block {blk!r} (needs 'tensor', a power-of-two group up to 128, or a 2-D tile)"
+        if blk == "row" or (isinstance(blk, int) and not (_pow2(blk) and 2 <= blk <= MAX_GROUP)):
+            return f"block {blk!r} (needs 'tensor', a power-of-two group up to {MAX_GROUP}, or a 2-D tile)"
     return None
 
 
