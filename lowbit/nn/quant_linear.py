@@ -94,11 +94,15 @@ class QuantLinear(nn.Linear):
 
     def next_seed(self) -> int:
         """One GEMM call's seed (Hadamard signs, stochastic rounding) from the layer's generator."""
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+        return self.next_seeds(1)[0]
+
+    def next_seeds(self, n: int) -> list[int]:
+        """n GEMM calls' seeds from one draw of the layer's generator (the same as n next_seed calls)."""
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=self.generator).tolist()
         # Data-parallel ranks draw the same sequence; mixing in the rank keeps their rounding noise
         # independent, so averaging gradients across ranks also averages the SR noise down.
         rank = _rank()
-        return derive_seed(seed, 1000 + rank) if rank else seed
+        return [derive_seed(s, 1000 + rank) for s in seeds] if rank else seeds
 
     def history(self, gemm: str, role: int) -> AmaxHistory | None:
         """The amax history of `gemm`'s operand `role` (1 = A, 2 = B); None without delayed scaling."""
@@ -190,7 +194,7 @@ class _QuantLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer: QuantLinear, need_wgrad: bool):  # type: ignore[override]
         out_dtype = _output_dtype(x)
         recipe = layer.recipe
-        seeds = [layer.next_seed() for _ in GEMMS]
+        seeds = layer.next_seeds(len(GEMMS))
         need_dgrad = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
