@@ -89,7 +89,11 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "argv": sys.argv, "env": _env()}, indent=1))
-    base = {(r["model"], r["compile"]): r["tokens_per_s"] for r in rows if r.get("recipe") in (None, "bf16")}
+    base = {
+        (r["model"], r["compile"]): r["tokens_per_s"]
+        for r in rows
+        if "error" not in r and r.get("recipe") in (None, "bf16")
+    }
     print("\n| variant | params | tokens/s | × bf16 | MFU | peak memory |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
