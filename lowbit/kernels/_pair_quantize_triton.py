@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._quantize_triton import _abs_bits, _load_tile, _quant_tile, _scales, as_i32
+from lowbit.kernels._quantize_triton import (
+    _abs_bits,
+    _encode,
+    _load_tile,
+    _quant_tile,
+    _quant_values,
+    _scales,
+    as_i32,
+)
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
 
@@ -84,12 +92,24 @@ def _pair_kernel(
     x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)
     if RECORD:  # delayed scaling: this tensor's own amax, for the history
         tl.atomic_max(rec_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
-    codes = _side(x, pid_r * BR, pid_c * BC, R, C, ga_ptr, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
-                  MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8)
+    if SAME_CODES:
+        # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
+        # values are transposed and then encoded (transposing the codes made by the hardware e4m3
+        # cast came out wrong on the H100, Triton 3.6).
+        amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
+        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        if (pid_r == 0) & (pid_c == 0):
+            tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+        q = tl.reshape(_quant_values(x, tl.reshape(eff, [1, 1, 1]), rows, seed_a, BR, 1, BC, KIND_INT,
+                                     MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE), [BR, BC])
+        codes = _encode(q, ENC, HW_FP8)
+    else:
+        codes = _side(x, pid_r * BR, pid_c * BC, R, C, ga_ptr, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
+                      MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8)
     m = (rows[:, None] < R) & (cols[None, :] < C)
     tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    if SAME_CODES:  # one tensor (or tile) scale and nearest rounding: X^T's codes are X's, transposed
-        codes_t = tl.trans(codes)
+    if SAME_CODES:
+        codes_t = _encode(tl.trans(q), ENC, HW_FP8)
     else:
         codes_t = _side(tl.trans(x), pid_c * BC, pid_r * BR, C, R, ga_ptr, st_ptr, sstr, sstc, seed_b,
                         GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8)

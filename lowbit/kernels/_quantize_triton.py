@@ -164,6 +164,16 @@ def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: 
                 SMODE: tl.constexpr, HW_FP8: tl.constexpr):
     # x: [BR, NG*GG] fp32, eff3: divisor (reciprocal for e8m0) broadcastable to [BR, NG, GG]
     # -> codes [BR, NG*GG] int32.
+    q = _quant_values(x, eff3, idx, seed_off, BR, NG, GG, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                      SR, SMODE)
+    return tl.reshape(_encode(q, ENC, HW_FP8), [BR, NG * GG])
+
+
+@triton.jit
+def _quant_values(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: tl.constexpr,
+                  KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                  FMAX: tl.constexpr, HAS_INF: tl.constexpr, SR: tl.constexpr, SMODE: tl.constexpr):
+    # The rounded grid values (fp32, [BR, NG, GG]) that _quant_tile encodes.
     x3 = tl.reshape(x, [BR, NG, GG])
     if SMODE == 1 or SMODE == 2:
         y = x3 * eff3
@@ -179,7 +189,7 @@ def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: 
         q = _round_int(y, u, FMAX, SR)
     else:
         q = _round_float(y, u, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR)
-    return tl.reshape(_encode(q, ENC, HW_FP8), [BR, NG * GG])
+    return q
 
 
 @triton.jit

@@ -14,8 +14,8 @@ below says why): fp8 e4m3/e5m2 or int8 elements, the same
 format and scale format on both sides (fp32, e8m0, e8m0_up); blocks "tensor" on both sides (one
 amax), 1-D groups along each side's K (powers of two up to MAX_GROUP = 64: the tile holds whole
 groups both ways), or a 2-D tile on both sides that is the transpose of the other. With one tensor or tile
-scale and nearest rounding the codes of x^T are those of x transposed (SHARE_CODES, off on CUDA
-for now: see there).
+scale and nearest rounding x^T's grid values are x's transposed and are rounded once
+(SHARE_CODES).
 
 Tensor scaling needs the amax before any element is rounded: `tensor_amax` is one read of x
 (integer max of the |x| bits in registers, one atomic per program; NaN sorts above Inf, so it
@@ -24,6 +24,8 @@ propagates as in the reference). Delayed scaling passes the history's amax inste
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -35,11 +37,11 @@ from lowbit.quant.rounding import seed_offset
 _ENC = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
 _DTYPE = {0: torch.float8_e4m3fn, 1: torch.float8_e5m2, 2: torch.int8}
 _SMODE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2}
-# With one scale and nearest rounding X^T's codes are X's transposed (tl.trans of the int codes).
-# Off: on the H100 (Triton 3.6) that transpose of codes made by the hardware e4m3 cast came out
-# wrong (rows of X in X^T; the interpreter and the e5m2 path were right), so X^T is quantized
-# again from the transposed input, which the GPU tests showed bit-exact.
-SHARE_CODES = False
+# With one scale and nearest rounding X^T's values are X's transposed: the kernel rounds once and
+# encodes the transposed grid values. (Transposing the *codes* instead came out wrong on the H100
+# after the hardware e4m3 cast: rows of X in X^T.) False: X^T is rounded again from the transposed
+# input, the path the GPU tests showed bit-exact first. LOWBIT_PAIR_SHARE=0/1 overrides.
+SHARE_CODES = os.environ.get("LOWBIT_PAIR_SHARE", "1") == "1"
 # Tile side for tensor and 1-D group scaling (groups wider than this widen the tile).
 PAIR_TILE = 64
 # Widest group (and 2-D tile side) taken. A 128 x 128 tile, which 1x128 groups along both axes
@@ -165,7 +167,7 @@ def _quantize_pair(
     nearest = spec.rounding == "nearest" and spec_t.rounding == "nearest"
     launch_pair(
         x, data, data_t, scale, scale_t, g_amax, rec, fmt, enc, _SMODE[spec.scale], ga, gb,
-        spec.rounding == "stochastic", spec_t.rounding == "stochastic", nearest and ga <= 0 and SHARE_CODES,
+        spec.rounding == "stochastic", spec_t.rounding == "stochastic", nearest and ga == 0 and SHARE_CODES,
         (br, bc), seed_offset(seed), seed_offset(seed_t),
     )
     dt = _DTYPE[enc]
