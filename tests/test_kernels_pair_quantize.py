@@ -63,6 +63,16 @@ def test_pair_equals_two_reference_calls(name, shape):
         _same_qtensor(q_t, quantize(x.cpu().t(), spec_t, seed=22))
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="SHARE_CODES is wrong on the H100 (pair_quantize.py)")
+def test_shared_codes_path_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(pq, "SHARE_CODES", True)
+    for spec in (QuantSpec("fp8_e4m3"), QuantSpec("fp8_e5m2"), QuantSpec("int8")):
+        x = _matrix(72, 136, torch.bfloat16)
+        q, q_t, _ = quantize_pair(x, spec, spec)
+        _same_qtensor(q, quantize(x.cpu(), spec))
+        _same_qtensor(q_t, quantize(x.cpu().t(), spec))
+
+
 def test_pair_nan_inf_and_delayed_amax():
     spec = QuantSpec("fp8_e5m2")
     x = _matrix(70, 90, torch.float32)
