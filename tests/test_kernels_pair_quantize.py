@@ -133,6 +133,8 @@ def _layer_run(recipe: str, fused: bool, monkeypatch, steps: int = 1):
             m.delitem(qgemm._PAIR_QUANTIZERS, DEV)
         torch.manual_seed(0)
         layer = QuantLinear(128, 64, bias=True, recipe=recipe, seed=5).to(DEV)
+        with torch.no_grad():  # an eval call first: only the forward histories record it
+            layer((torch.randn(96, 128) * 5).to(DEV))
         outs = []
         for step in range(steps):
             x = (torch.randn(96, 128) * (1 + step)).to(DEV).requires_grad_(True)

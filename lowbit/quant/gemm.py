@@ -124,8 +124,12 @@ def prepare_operand(
     amax_history: AmaxHistory | None = None,
     observe: Observer | None = None,
     name: str = "",
+    amax: torch.Tensor | None = None,
 ) -> Operand:
-    """Rotate/quantize one operand `t` (rows × K). role 1 = A (left), 2 = B (right)."""
+    """Rotate/quantize one operand `t` (rows × K). role 1 = A (left), 2 = B (right).
+
+    Tensor scaling takes its amax from `amax_history` (delayed scaling, and records t's), else
+    from `amax` when given (a caller that shares one delayed amax between two operands)."""
     if t.dim() != 2:
         raise ValueError(f"GEMM operands are matrices (rows × K), got shape {tuple(t.shape)}")
     if gemm.hadamard:
@@ -139,7 +143,8 @@ def prepare_operand(
         return Operand(hp=t.float())
     # The quantizers read BF16 as well as fp32 (and round from the same fp32 values), so a BF16
     # operand is not first copied to fp32.
-    amax = None
+    if spec.block != "tensor":
+        amax = None
     if amax_history is not None and spec.block == "tensor":
         current = t.detach().abs().amax().float()
         amax = amax_history.scale_amax(current)
@@ -160,11 +165,14 @@ def _plan_args(plan: OperandPlan) -> dict:
 
 
 def _pair_fusable(plan: OperandPlan, plan_t: OperandPlan) -> bool:
-    # The pair quantizer does rounding and scaling only: no rotation, bit split or telemetry.
+    # The pair quantizer does rounding and scaling only: no rotation, bit split or telemetry; one
+    # amax for both sides (none, or one shared delayed-scaling choice).
     for p in (plan, plan_t):
         if p.spec is None or p.gemm.hadamard or (p.gemm.bit_split and p.role == 1) or p.observe:
             return False
-    return (plan.history is None) == (plan_t.history is None)
+    if plan.history is None and plan_t.history is None:
+        return True
+    return _shared_tensor_history(plan, plan_t)
 
 
 def prepare_operand_pair(
@@ -172,28 +180,50 @@ def prepare_operand_pair(
 ) -> tuple[Operand | None, Operand | None]:
     """(`t` prepared as `plan` says, `t^T` prepared as `plan_t` says); None for a None plan.
 
-    Equal to two prepare_operand calls; where a pair quantizer is registered for t's device and
-    both plans are plain quantizations, one pass reads t and writes both (lowbit.kernels). With
-    delayed scaling both histories see the same tensor, so `plan`'s history scales both and both
-    record t's amax.
+    Where a pair quantizer is registered for t's device and both plans are plain quantizations,
+    one pass reads t and writes both (lowbit.kernels); otherwise two prepare_operand calls, with
+    the same bits. Delayed scaling of both: the two histories see the same tensor, so `plan`'s
+    history picks the one amax both are scaled by, and both record t's amax.
     """
-    out = _fused_pair(t, plan, plan_t) if plan is not None and plan_t is not None else None
+    both = plan is not None and plan_t is not None
+    out = _fused_pair(t, plan, plan_t) if both else None
     if out is not None:
         return out
-    op = op_t = None
-    if plan is not None:
-        op = prepare_operand(t, plan.spec, plan.gemm, plan.seed, plan.role, **_plan_args(plan))
-    if plan_t is not None:
-        p = plan_t
-        op_t = prepare_operand(t.t(), p.spec, p.gemm, p.seed, p.role, **_plan_args(p))
+    shared = both and _shared_tensor_history(plan, plan_t)
+    amax = None
+    if shared:
+        current = t.detach().abs().amax().float()
+        amax = plan.history.scale_amax(current)
+
+    def prep(p: OperandPlan, x: torch.Tensor) -> Operand:
+        args = _plan_args(p)
+        if shared:  # the one amax chosen above; the histories record below
+            args.update(amax_history=None, amax=amax)
+        return prepare_operand(x, p.spec, p.gemm, p.seed, p.role, **args)
+
+    op = prep(plan, t) if plan is not None else None
+    op_t = prep(plan_t, t.t()) if plan_t is not None else None
+    if shared:
+        plan.history.record(current)
+        plan_t.history.record(current)
     return op, op_t
+
+
+def _shared_tensor_history(plan: OperandPlan, plan_t: OperandPlan) -> bool:
+    return (
+        plan.history is not None
+        and plan_t.history is not None
+        and plan.spec is not None
+        and plan_t.spec is not None
+        and plan.spec.block == plan_t.spec.block == "tensor"
+    )
 
 
 def _fused_pair(t: torch.Tensor, plan: OperandPlan, plan_t: OperandPlan) -> tuple[Operand, Operand] | None:
     pair = _PAIR_QUANTIZERS.get(t.device.type)
     if pair is None or t.dim() != 2 or not _pair_fusable(plan, plan_t):
         return None
-    history = plan.history if plan.spec.block == "tensor" else None
+    history = plan.history
     amax = history.scale_amax(None) if history is not None else None
     current = None
     if history is not None and amax is None:  # first call: the tensor's own amax, then record it
