@@ -33,7 +33,7 @@ PAIRS = {
 }
 
 
-def _same_qtensor(q, ref) -> None:
+def check_same_qtensor(q, ref) -> None:
     assert q.data.shape == ref.data.shape and q.data.dtype == ref.data.dtype
     assert torch.equal(q.data.view(torch.uint8), ref.data.view(torch.uint8).to(q.data.device))
     assert q.scale.shape == ref.scale.shape
@@ -59,8 +59,8 @@ def test_pair_equals_two_reference_calls(name, shape):
         x = _matrix(*shape, dtype)
         q, q_t, own = quantize_pair(x, spec, spec_t, seed=11, seed_t=22)
         assert own is None
-        _same_qtensor(q, quantize(x.cpu(), spec, seed=11))
-        _same_qtensor(q_t, quantize(x.cpu().t(), spec_t, seed=22))
+        check_same_qtensor(q, quantize(x.cpu(), spec, seed=11))
+        check_same_qtensor(q_t, quantize(x.cpu().t(), spec_t, seed=22))
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="SHARE_CODES is wrong on the H100 (pair_quantize.py)")
@@ -69,8 +69,8 @@ def test_shared_codes_path_in_the_interpreter(monkeypatch):
     for spec in (QuantSpec("fp8_e4m3"), QuantSpec("fp8_e5m2"), QuantSpec("int8")):
         x = _matrix(72, 136, torch.bfloat16)
         q, q_t, _ = quantize_pair(x, spec, spec)
-        _same_qtensor(q, quantize(x.cpu(), spec))
-        _same_qtensor(q_t, quantize(x.cpu().t(), spec))
+        check_same_qtensor(q, quantize(x.cpu(), spec))
+        check_same_qtensor(q_t, quantize(x.cpu().t(), spec))
 
 
 def test_pair_nan_inf_and_delayed_amax():
@@ -78,20 +78,20 @@ def test_pair_nan_inf_and_delayed_amax():
     x = _matrix(70, 90, torch.float32)
     x[5, 7] = float("inf")
     q, q_t, _ = quantize_pair(x, spec, spec)
-    _same_qtensor(q, quantize(x.cpu(), spec))
+    check_same_qtensor(q, quantize(x.cpu(), spec))
     assert torch.isnan(q.scale) and torch.isnan(q_t.scale)
     x[5, 7] = float("nan")
     mx = QuantSpec("fp8_e4m3", 32, "e8m0")
     if DEV == "cpu" or pq.GROUPS_ON_CUDA:
         q, q_t, _ = quantize_pair(x, mx, mx)
-        _same_qtensor(q, quantize(x.cpu(), mx))
-        _same_qtensor(q_t, quantize(x.cpu().t(), mx))
+        check_same_qtensor(q, quantize(x.cpu(), mx))
+        check_same_qtensor(q_t, quantize(x.cpu().t(), mx))
     # Delayed scaling: an amax override smaller than the data saturates; `record` returns the own amax.
     y = _matrix(50, 66, torch.bfloat16)
     amax = torch.tensor([0.5])
     q, q_t, own = quantize_pair(y, spec, spec, amax=amax, record=True)
-    _same_qtensor(q, quantize(y.cpu(), spec, amax=amax))
-    _same_qtensor(q_t, quantize(y.cpu().t(), spec, amax=amax))
+    check_same_qtensor(q, quantize(y.cpu(), spec, amax=amax))
+    check_same_qtensor(q_t, quantize(y.cpu().t(), spec, amax=amax))
     assert own.item() == y.float().abs().max().item()
 
 
