@@ -146,6 +146,11 @@ def test_no_wgrad_operand_without_grad():
     assert y.grad_fn.x_wgrad is None
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is None
+    layer.weight.requires_grad_(True)  # an input that needs no gradient: no W^T for dgrad
+    y = layer(torch.randn(M, K))
+    assert y.grad_fn.w_dgrad is None and y.grad_fn.x_wgrad is not None
+    y.sum().backward()
+    assert layer.weight.grad is not None
 
 
 def test_reproducible_with_seed():

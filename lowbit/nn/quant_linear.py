@@ -134,10 +134,12 @@ class QuantLinear(nn.Linear):
 def _quant_linear_eager(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
 ) -> torch.Tensor:
-    # Inside Function.forward grad mode is always off, so decide here whether wgrad will run
-    # (not under torch.no_grad / eval, not for a frozen weight).
-    need_wgrad = torch.is_grad_enabled() and weight.requires_grad
-    return _QuantLinearFn.apply(x, weight, bias, layer, need_wgrad)
+    # Inside Function.forward grad mode is always off, so decide here which backward GEMMs will
+    # run (none under torch.no_grad / eval; no wgrad for a frozen weight, no dgrad for an input
+    # that needs no gradient): their operands X^T and W^T are made in forward only if so.
+    grad = torch.is_grad_enabled()
+    need_wgrad, need_dgrad = grad and weight.requires_grad, grad and x.requires_grad
+    return _QuantLinearFn.apply(x, weight, bias, layer, need_wgrad, need_dgrad)
 
 
 _compile_safe_fn = None
@@ -191,11 +193,10 @@ class _QuantLinearFn(torch.autograd.Function):
     # from one read where a fused pair quantizer exists. X^T and W^T are made during forward and
     # kept quantized for backward; the full-precision X is not saved.
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: QuantLinear, need_wgrad: bool):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, layer: QuantLinear, need_wgrad: bool, need_dgrad: bool):  # type: ignore[override]
         out_dtype = _output_dtype(x)
         recipe = layer.recipe
         seeds = layer.next_seeds(len(GEMMS))
-        need_dgrad = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             a, x_wgrad = prepare_operand_pair(
@@ -215,7 +216,8 @@ class _QuantLinearFn(torch.autograd.Function):
         layer: QuantLinear = ctx.layer
         recipe = layer.recipe
         seeds = ctx.seeds
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.x_wgrad is not None
+        need_dx = ctx.needs_input_grad[0] and ctx.w_dgrad is not None
+        need_dw = ctx.needs_input_grad[1] and ctx.x_wgrad is not None
         dx = dw = db = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
@@ -234,4 +236,4 @@ class _QuantLinearFn(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
         ctx.x_wgrad = ctx.w_dgrad = None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
