@@ -164,8 +164,9 @@ def _quantize_pair(
     else:
         scale = torch.empty((-(-c // bc), -(-r // br)), dtype=torch.float32, device=dev).t()
         scale_t = scale.t()
-    both = torch.empty(2 * r * c, dtype=torch.uint8, device=dev)  # one allocation for X and X^T
-    data, data_t = both[: r * c].view(r, c), both[r * c :].view(c, r)
+    # Two allocations, not one: QuantLinear frees X's codes after fprop but keeps X^T's for wgrad.
+    data = torch.empty((r, c), dtype=torch.uint8, device=dev)
+    data_t = torch.empty((c, r), dtype=torch.uint8, device=dev)
     nearest = spec.rounding == "nearest" and spec_t.rounding == "nearest"
     launch_pair(
         x, data, data_t, scale, scale_t, g_amax, rec, fmt, enc, _SMODE[spec.scale], ga, gb,
@@ -182,12 +183,16 @@ def _quantize_pair(
 
 
 def quantize_pair_or_none(
-    x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, **kwargs
+    x: torch.Tensor,
+    spec: QuantSpec,
+    spec_t: QuantSpec,
+    *,
+    seed: int = 0,
+    seed_t: int = 0,
+    amax: torch.Tensor | None = None,
+    record: bool = False,
 ) -> tuple[QTensor, QTensor, torch.Tensor | None] | None:
     """quantize_pair, or None where `why_not_pair` declines (the lowbit.quant.gemm pair seam)."""
     if why_not_pair(x, spec, spec_t) is not None:
         return None
-    return _quantize_pair(
-        x, spec, spec_t, kwargs.get("seed", 0), kwargs.get("seed_t", 0), kwargs.get("amax"),
-        kwargs.get("record", False), None,
-    )
+    return _quantize_pair(x, spec, spec_t, seed, seed_t, amax, record, None)
