@@ -79,11 +79,17 @@ def check_fused_against_reference() -> dict:
     return out
 
 
+# Launch shapes to sweep (lowbit.kernels.optim_adamw_lowbit.CONFIG keys). 4-bit: pass 2 shapes
+# (rows per tile, warps) with pass 1 at its default, then pass 1 shapes (rows per program, rows per
+# iteration, 128-column segments, warps) with pass 2 at its default, so each pass's effect shows.
 SWEEPS = {
     "lowbit_adamw8bit": [{"bpp8": b, "warps8": w} for b, w in [(1, 2), (1, 4), (2, 4)]],
-    "lowbit_adamw4bit": [{"br4": b, "warps4": w, "br1": b1, "warps1": w1}
-                         for b, w, b1, w1 in [(1, 1, 64, 8), (2, 2, 64, 8), (1, 1, 16, 2), (1, 1, 128, 8),
-                                              (1, 1, 8, 1), (1, 2, 32, 4)]],
+    "lowbit_adamw4bit": [{"br4": b, "warps4r": w} for b, w in [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2),
+                                                                (4, 4), (8, 2), (8, 4)]]
+                        + [{"rb1": rb, "br1": br, "s1": s1, "warps1": w}
+                           for rb, br, s1, w in [(64, 8, 2, 4), (256, 8, 2, 4), (512, 8, 2, 4),
+                                                 (128, 4, 2, 2), (128, 16, 2, 4), (128, 8, 4, 4),
+                                                 (128, 8, 1, 2), (128, 16, 4, 8), (256, 4, 4, 4)]],
 }
 
 
@@ -142,8 +148,9 @@ def bench(names: list[str], shapes, rep_ms: int, sweeps: dict | None = None) -> 
                "first_step_s": first}
         if hasattr(opt, "state_bytes"):
             row["state_tensor_bytes_per_param"] = opt.state_bytes() / n_params
-        if name in sweeps:
+        if name.startswith("lowbit_"):
             row["kernels_ms_per_step"] = kernel_times(opt.step)
+        if name in sweeps:
             from lowbit.kernels import optim_adamw_lowbit as k
 
             saved = dict(k.CONFIG)
@@ -152,7 +159,8 @@ def bench(names: list[str], shapes, rep_ms: int, sweeps: dict | None = None) -> 
                 k.CONFIG.update(cfg)
                 opt.step()
                 t = triton.testing.do_bench(opt.step, warmup=50, rep=200, return_mode="median")
-                row["sweep"].append({**cfg, "step_ms": t})
+                row["sweep"].append({**cfg, "step_ms": t, "kernels_ms": kernel_times(opt.step, 2)})
+                print(row["sweep"][-1], flush=True)
                 k.CONFIG.update(saved)
         rows.append(row)
         print(rows[-1], flush=True)

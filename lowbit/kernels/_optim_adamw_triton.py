@@ -269,41 +269,92 @@ def _rank1_tile(r, seg, nrows, ncols):
 
 @triton.jit
 def v_rowcol_max_multi(
-    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, vtab, beta2, omb2,
-    BR: tl.constexpr, PDT: tl.constexpr,
+    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, new_ptr, vtab, beta2, omb2,
+    RB: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, PDT: tl.constexpr,
 ):
-    # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment.
+    # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment, into the
+    # zeroed flat buffer new_ptr (tensor t: its rows at flat_off[t], then its columns). A program
+    # covers RB rows × S 128-column segments, BR rows per iteration, and keeps the column maxima in
+    # registers: one column atomic per RB rows and one row atomic per S segments (a 1-segment tile
+    # per program issued an atomic per 64 elements, which bounded this pass).
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
     nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
+    segs = ncols // 128
     g_ptr, vq_ptr = _ptr(ptrs, 1, T, t, PDT), _ptr(ptrs, 4, T, t, tl.uint8)
     row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
-    row_new, col_new = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
-    r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
-    ce, even, mask = _rank1_tile(r, tl.load(prog_b + pid), nrows, ncols)
-    boffs = (r * (ncols // 128) + tl.load(prog_b + pid))[:, None] * 64 + tl.arange(0, 64)[None, :]
-    vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
-    row = tl.load(row_old + r, mask=r < nrows, other=0)[:, None]
-    se = tl.minimum(row, tl.load(col_old + ce)[None, :])
-    so = tl.minimum(row, tl.load(col_old + ce + 64)[None, :])
-    ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
-    go = tl.load(g_ptr + even + 64, mask=mask, other=0).to(tl.float32)
-    ve = tl.where(mask, (tl.load(vtab + (vb & 0xF)) * se) * beta2 + (ge * ge) * omb2, 0.0)
-    vo = tl.where(mask, (tl.load(vtab + (vb >> 4)) * so) * beta2 + (go * go) * omb2, 0.0)
-    tl.atomic_max(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), mask=r < nrows)
-    tl.atomic_max(col_new + ce, tl.max(ve, axis=0))
-    tl.atomic_max(col_new + ce + 64, tl.max(vo, axis=0))
+    row_new = new_ptr + tl.load(flat_off + t)
+    col_new = row_new + nrows
+    k = tl.arange(0, S * 64)
+    j = k % 64
+    seg = tl.load(prog_b + pid) * S + k // 64
+    ce = seg * 128 + j  # even columns (low nibbles); odd ones are ce + 64
+    cmask = seg < segs
+    col_e = tl.load(col_old + ce, mask=cmask, other=0)
+    col_o = tl.load(col_old + ce + 64, mask=cmask, other=0)
+    acc_e = tl.zeros([S * 64], tl.float32)
+    acc_o = tl.zeros([S * 64], tl.float32)
+    r0 = tl.load(prog_a + pid) * RB
+    for i in range(0, RB, BR):
+        r = r0 + i + tl.arange(0, BR)
+        rmask = r < nrows
+        mask = rmask[:, None] & cmask[None, :]
+        even = r[:, None] * ncols + ce[None, :]
+        boffs = (r[:, None] * segs + seg[None, :]) * 64 + j[None, :]
+        vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
+        row = tl.load(row_old + r, mask=rmask, other=0)[:, None]
+        se = tl.minimum(row, col_e[None, :])
+        so = tl.minimum(row, col_o[None, :])
+        ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
+        go = tl.load(g_ptr + even + 64, mask=mask, other=0).to(tl.float32)
+        # Same expression as _adam's v (and the reference's), so the maxima are of pass 2's v.
+        ve = tl.where(mask, (tl.load(vtab + (vb & 0xF)) * se) * beta2 + (ge * ge) * omb2, 0.0)
+        vo = tl.where(mask, (tl.load(vtab + (vb >> 4)) * so) * beta2 + (go * go) * omb2, 0.0)
+        tl.atomic_max(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), mask=rmask)
+        acc_e = tl.maximum(acc_e, tl.max(ve, axis=0))
+        acc_o = tl.maximum(acc_o, tl.max(vo, axis=0))
+    tl.atomic_max(col_new + ce, acc_e, mask=cmask)
+    tl.atomic_max(col_new + ce + 64, acc_o, mask=cmask)
+
+
+@triton.jit
+def rank1_swap_multi(
+    ptrs, T, prog_t, prog_a, nrows_ptr, ncols_ptr, flat_off, new_ptr, old_ptr, inv_ptr,
+    BLOCK: tl.constexpr,
+):
+    # Between the passes, for every row and column maximum at once: the state takes the new
+    # maximum (so no copy is needed after pass 2), the old one moves to old_ptr (pass 2 dequantizes
+    # v with it) and inv_ptr gets 1 / new with 0 → 1 (qmaps.safe_scale): pass 2 then multiplies.
+    pid = tl.program_id(0)
+    t = tl.load(prog_t + pid)
+    nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
+    row_st, col_st = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
+    i = tl.load(prog_a + pid) * BLOCK + tl.arange(0, BLOCK)
+    flat = tl.load(flat_off + t) + i
+    is_row = i < nrows
+    rm = is_row
+    cm = (i >= nrows) & (i < nrows + ncols)
+    mask = rm | cm
+    old = tl.where(is_row, tl.load(row_st + i, mask=rm, other=0),
+                   tl.load(col_st + (i - nrows), mask=cm, other=0))
+    new = tl.load(new_ptr + flat, mask=mask, other=0)
+    tl.store(row_st + i, new, mask=rm)
+    tl.store(col_st + (i - nrows), new, mask=cm)
+    tl.store(old_ptr + flat, old, mask=mask)
+    tl.store(inv_ptr + flat, _inv(new), mask=mask)
 
 
 @triton.jit
 def adamw4bit_rank1_multi(
-    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, seeds, mseeds, mtab, mmid, vtab,
+    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, old_ptr, inv_ptr, seeds, mseeds,
+    mtab, mmid, vtab,
     beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
     BR: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
     M_SR: tl.constexpr, ND: tl.constexpr,
 ):
     # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
-    # Table rows 7/8 hold the reciprocals of the new row/column maxima (not the maxima).
+    # The old row/column maxima (for dequantizing v) and the reciprocals of the new ones come from
+    # the flat buffers that rank1_swap_multi filled (tensor t at flat_off[t]: rows, then columns).
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
     seg = tl.load(prog_b + pid)
@@ -312,9 +363,10 @@ def adamw4bit_rank1_multi(
     p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
     mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
     vq_ptr = _ptr(ptrs, 4, T, t, tl.uint8)
-    row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
-    row_inv, col_inv = _ptr(ptrs, 7, T, t, tl.float32), _ptr(ptrs, 8, T, t, tl.float32)
-    comp_ptr = _ptr(ptrs, 9, T, t, tl.bfloat16)
+    base = tl.load(flat_off + t)
+    row_old, col_old = old_ptr + base, old_ptr + base + nrows
+    row_inv, col_inv = inv_ptr + base, inv_ptr + base + nrows
+    comp_ptr = _ptr(ptrs, 7, T, t, tl.bfloat16)
     r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
     rmask = r < nrows
     ce, even, mask = _rank1_tile(r, seg, nrows, ncols)

@@ -36,16 +36,22 @@ from lowbit.kernels._optim_adamw_triton import (
     adamw4bit_rank1_multi,
     adamw8bit_multi,
     adamw32_multi,
+    rank1_swap_multi,
     v_rowcol_max_multi,
 )
 from lowbit.optim import qmaps
 from lowbit.optim.adamw import moment_seed
+from lowbit.optim.rounding import step_seed
 from lowbit.quant.rounding import seed_offset
 
 ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
-# Launch shapes (the benchmark may sweep them): blocks per program, warps, rows per tile.
-CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 1, "br1": 64, "warps1": 8,
-          "block32": 1024, "warps32": 4}
+# Launch shapes (the benchmark may sweep them). 8-bit and 4-bit flat: blocks per program, warps.
+# 4-bit rank-1 pass 2: rows per tile (br4) and warps (warps4r); a [br4, 64] tile per nibble half
+# fills a warp with one 16-byte vector per thread at br4 = 2 per warp. Pass 1: rows per program
+# (rb1), rows per iteration (br1), 128-column segments (s1), warps (warps1).
+CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "warps4r": 1,
+          "rb1": 128, "br1": 8, "s1": 2, "warps1": 4, "block32": 1024, "warps32": 4}
+SWAP_BLOCK = 1024
 
 
 def kind_of(opt: Any, p: torch.Tensor) -> str | None:
@@ -75,61 +81,135 @@ def _maps(table: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def _to_device(values: list, dev: torch.device) -> torch.Tensor:
-    """int64 table → device without a sync: a pageable host→device copy would wait for the GPU to
-    drain, serializing the host's work for the next launch behind the current kernels."""
+    """int64 table → device without a sync (a pageable host→device copy would wait for the GPU to
+    drain). Used only when a table changes (new tensor addresses), not per step: see `_upload`."""
     host = torch.tensor(values, dtype=torch.int64, pin_memory=dev.type == "cuda")
     return host.to(dev, non_blocking=True)
+
+
+class _Staging:
+    """Per-step uploads (the seeds) through pinned host buffers reused round-robin. A fresh pinned
+    tensor per upload lets torch's host allocator grow (cudaHostAlloc) whenever the host runs ahead
+    of the GPU, since blocks whose copies are still queued cannot be reused; waiting on a slot's
+    event instead bounds the host to SLOTS uploads ahead of the GPU, with no allocation."""
+
+    SLOTS = 8
+
+    def __init__(self) -> None:
+        self.slots: list[tuple[torch.Tensor, Any]] = []
+        self.i = 0
+
+    def upload(self, values: list[int], dev: torch.device) -> torch.Tensor:
+        if dev.type != "cuda":
+            return torch.tensor(values, dtype=torch.int64, device=dev)
+        k = self.i % self.SLOTS
+        self.i += 1
+        n = len(values)
+        if k >= len(self.slots) or self.slots[k][0].numel() < n:
+            buf, ev = torch.empty(max(n, 1024), dtype=torch.int64, pin_memory=True), None
+            if k < len(self.slots):
+                self.slots[k] = (buf, ev)
+            else:
+                self.slots.append((buf, ev))
+        buf, ev = self.slots[k]
+        if ev is not None:
+            ev.synchronize()  # the copy that last read this slot is done
+        buf[:n] = torch.tensor(values, dtype=torch.int64)
+        out = torch.empty(n, dtype=torch.int64, device=dev)
+        out.copy_(buf[:n], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.slots[k] = (buf, ev)
+        return out
+
+
+_STAGING = _Staging()
+
+
+def _progs(counts: list[tuple[int, int]], dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """(tensor, a, b) int32 per program, for tensors with (A_t, B_t) programs: a-major, b-minor, so
+    that neighbouring programs walk along a row's segments (contiguous memory). Built with torch
+    ops: a 1B-parameter model has millions of programs, too many for Python lists."""
+    na = torch.tensor([a for a, _ in counts], dtype=torch.int64)
+    nb = torch.tensor([b for _, b in counts], dtype=torch.int64)
+    per = na * nb
+    t = torch.repeat_interleave(torch.arange(len(counts)), per)
+    local = torch.arange(int(per.sum())) - (torch.cumsum(per, 0) - per)[t]
+    return tuple(x.to(torch.int32).to(dev) for x in (t, local // nb[t], local % nb[t]))
 
 
 _PLANS: dict[tuple, dict] = {}
 
 
 def _plan(kind: str, ps: list[torch.Tensor]) -> dict:
-    """Program tables for a list of tensors (cached: shapes and launch config don't change)."""
+    """Program tables and (4-bit rank-1) flat scratch buffers for a list of tensors: they depend
+    only on shapes, device and launch config, so they are built once and cached."""
     c = CONFIG
-    key = (kind, tuple((p.data_ptr(), tuple(p.shape)) for p in ps), tuple(sorted(c.items())))
+    dev = ps[0].device
+    key = (kind, str(dev), tuple(tuple(p.shape) for p in ps), tuple(sorted(c.items())))
     if key in _PLANS:
         return _PLANS[key]
-    dev = ps[0].device
-    pt, pa, pb, p1t, p1a, p1b = [], [], [], [], [], []
-    for t, p in enumerate(ps):
-        n = p.numel()
-        if kind == "32":
-            k = triton.cdiv(n, c["block32"])
-            pt += [t] * k
-            pa += range(k)
-        elif kind in ("8", "4flat"):
-            k = triton.cdiv(triton.cdiv(n, 256 if kind == "8" else 128), c["bpp8" if kind == "8" else "bpp4"])
-            pt += [t] * k
-            pa += range(k)
-        else:
-            rows, segs = p.shape[0], (n // p.shape[0]) // 128
-            for a in range(triton.cdiv(rows, c["br4"])):
-                pt += [t] * segs
-                pa += [a] * segs
-                pb += range(segs)
-            for a in range(triton.cdiv(rows, c["br1"])):
-                p1t += [t] * segs
-                p1a += [a] * segs
-                p1b += range(segs)
 
     def i32(x: list) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int32).to(dev)
 
-    plan = {"prog_t": i32(pt), "prog_a": i32(pa), "prog_b": i32(pb or [0]), "grid": len(pt),
-            "numels": torch.tensor([p.numel() for p in ps], dtype=torch.int64).to(dev)}
+    ns = [p.numel() for p in ps]
+    if kind == "32":
+        counts = [(triton.cdiv(n, c["block32"]), 1) for n in ns]
+    elif kind in ("8", "4flat"):
+        block, bpp = (256, c["bpp8"]) if kind == "8" else (128, c["bpp4"])
+        counts = [(triton.cdiv(triton.cdiv(n, block), bpp), 1) for n in ns]
+    else:
+        shapes = [(p.shape[0], n // p.shape[0]) for p, n in zip(ps, ns)]
+        counts = [(triton.cdiv(r, c["br4"]), cols // 128) for r, cols in shapes]
+    pt, pa, pb = _progs(counts, dev)
+    plan = {"prog_t": pt, "prog_a": pa, "prog_b": pb, "grid": pt.numel(),
+            "numels": torch.tensor(ns, dtype=torch.int64).to(dev),
+            "zeros": torch.zeros(len(ps), dtype=torch.int64, device=dev)}  # seeds when unused
     if kind == "4rank1":
-        plan.update(p1_t=i32(p1t), p1_a=i32(p1a), p1_b=i32(p1b), grid1=len(p1t),
-                    nrows=i32([p.shape[0] for p in ps]), ncols=i32([p.numel() // p.shape[0] for p in ps]))
+        p1 = _progs([(triton.cdiv(r, c["rb1"]), triton.cdiv(cols // 128, c["s1"])) for r, cols in shapes],
+                    dev)
+        sw = _progs([(triton.cdiv(r + cols, SWAP_BLOCK), 1) for r, cols in shapes], dev)
+        sizes = [r + cols for r, cols in shapes]
+        offs = [sum(sizes[:i]) for i in range(len(sizes))]
+        total = sum(sizes)
+        plan.update(p1_t=p1[0], p1_a=p1[1], p1_b=p1[2], grid1=p1[0].numel(),
+                    sw_t=sw[0], sw_a=sw[1], grid_sw=sw[0].numel(), flat_off=i32(offs),
+                    nrows=i32([r for r, _ in shapes]), ncols=i32([cols for _, cols in shapes]),
+                    # new maxima (pass 1), old maxima and reciprocals of the new (pass 2)
+                    new=torch.empty(total, dtype=torch.float32, device=dev),
+                    old=torch.empty(total, dtype=torch.float32, device=dev),
+                    inv=torch.empty(total, dtype=torch.float32, device=dev))
     if len(_PLANS) > 64:
         _PLANS.clear()
     _PLANS[key] = plan
     return plan
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _ptr_table(cols: tuple[list[torch.Tensor], ...], dev: torch.device) -> torch.Tensor:
+    """Device int64 table of the operands' addresses (one row per operand), cached by the addresses
+    themselves: rebuilt (one pinned copy) only when a tensor moved, e.g. a fresh gradient buffer."""
+    key = (str(dev), tuple(x.data_ptr() for col in cols for x in col))
+    tab = _TABLES.get(key)
+    if tab is None:
+        if len(_TABLES) > 32:
+            _TABLES.clear()
+        T = len(cols[0])
+        flat = list(key[1])
+        tab = _TABLES[key] = _to_device([flat[i * T:(i + 1) * T] for i in range(len(cols))], dev)
+    return tab
+
+
 def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None:
-    """One fused step of LowBitAdamW for `items` = [(param, grad, state, seed)] of one kind, sharing
-    dtype and the per-step scalars `s`, in a few launches."""
+    """One fused step of LowBitAdamW for `items` = [(param, grad, state, seed_args)] of one kind,
+    sharing dtype and the per-step scalars `s`, in a few launches. `seed_args` are the arguments
+    of `rounding.step_seed`, evaluated only when a kernel reads the seeds (stochastic rounding).
+
+    Nothing here waits for the GPU or allocates pinned memory per step: program tables, scratch
+    buffers and address tables are cached, and seeds go through reused pinned buffers."""
     ps = [it[0] for it in items]
     gs = [it[1].to(ps[0].dtype).contiguous() for it in items]
     sts = [it[2] for it in items]
@@ -137,28 +217,37 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     bf16 = ps[0].dtype == torch.bfloat16
     pdt = tl.bfloat16 if bf16 else tl.float32
     rounding = ROUNDING_CODE[opt.bf16_rounding] if bf16 else 0
-    seeds = _to_device([seed_offset(it[3]) for it in items], dev)
     plan = _plan(kind, ps)
     T = len(ps)
+    # First-moment codes: stochastic rounding with its own stream (adamw.moment_seed), or nearest.
+    m_sr = kind in ("4flat", "4rank1") and getattr(opt, "m_rounding", "nearest") == "stochastic"
+    seeds = mseeds = plan["zeros"]
+    if rounding == 1 or m_sr:  # the only readers of the seeds
+        tensor_seeds = [step_seed(*it[3]) for it in items]
+        vals = [seed_offset(x) for x in tensor_seeds]
+        if m_sr:
+            vals += [seed_offset(moment_seed(x)) for x in tensor_seeds]
+        up = _STAGING.upload(vals, dev)
+        seeds, mseeds = up[:T], (up[T:] if m_sr else up[:T])
     comps = [st.get("kahan_comp", p) for p, st in zip(ps, sts)]
     names = ("beta1", "omb1", "beta2", "omb2", "step_size", "inv_bc2_sqrt", "eps", "decay")
     scal = tuple(s[k] for k in names)
     c = CONFIG
 
-    def table(*cols: list[torch.Tensor]) -> torch.Tensor:
-        return _to_device([[x.data_ptr() for x in col] for col in cols], dev)
+    def col(k: str) -> list[torch.Tensor]:
+        return [st[k] for st in sts]
 
     if kind == "32":
-        ptrs = table(ps, gs, [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts], comps)
+        ptrs = _ptr_table((ps, gs, col("exp_avg"), col("exp_avg_sq"), comps), dev)
         adamw32_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, *scal,
             BLOCK=c["block32"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps32"])
         return
-    mq, ma, vq = ([st[k] for st in sts] for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes"))
+    mq, ma, vq = col("exp_avg_codes"), col("exp_avg_absmax"), col("exp_avg_sq_codes")
     if kind == "8":
         mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(8, True), dev)
         vtab, vlut, vpmid, _ = _maps(qmaps.dynamic_map(8, False), dev)
-        ptrs = table(ps, gs, mq, ma, vq, [st["exp_avg_sq_absmax"] for st in sts], comps)
+        ptrs = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
         adamw8bit_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds,
             mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BPP=c["bpp8"], MZ=mz,
@@ -166,34 +255,25 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
         return
     mtab, mmid = qmaps.table_on(qmaps.dynamic_map(4, True), dev)
     vtab, _ = qmaps.table_on(qmaps.linear_map_nozero(4), dev)
-    # First-moment codes: stochastic rounding with its own stream (adamw.moment_seed), or nearest.
-    m_sr = getattr(opt, "m_rounding", "nearest") == "stochastic"
-    mseeds = _to_device([seed_offset(moment_seed(it[3])) for it in items], dev) if m_sr else seeds
     nd = qmaps.distinct_count(qmaps.dynamic_map(4, True))
     if kind == "4flat":
-        ptrs = table(ps, gs, mq, ma, vq, [st["exp_avg_sq_absmax"] for st in sts], comps)
+        ptrs = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
         adamw4bit_flat_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mseeds, mtab, mmid, vtab, *scal,
             BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, M_SR=m_sr, ND=nd, num_warps=c["warps4"])
         return
-    rows_old = [st["exp_avg_sq_row"] for st in sts]
-    cols_old = [st["exp_avg_sq_col"] for st in sts]
-    # New maxima for every tensor in one zeroed buffer; copied into the states after pass 2.
-    sizes = [x.numel() for pair in zip(rows_old, cols_old) for x in pair]
-    scratch = torch.zeros(sum(sizes), dtype=torch.float32, device=dev)
-    news = list(torch.split(scratch, sizes))
-    rows_new, cols_new = news[0::2], news[1::2]
-    ptrs = table(ps, gs, mq, ma, vq, rows_old, cols_old, rows_new, cols_new, comps)
+    # Rank-1 second moment: pass 1 (new row/column maxima into plan["new"]), the swap (state ←
+    # new maxima, plan["old"] ← old ones, plan["inv"] ← reciprocals), pass 2 (everything else).
+    ptrs = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_row"), col("exp_avg_sq_col"), comps), dev)
+    shape_args = (plan["nrows"], plan["ncols"], plan["flat_off"])
+    plan["new"].zero_()
     v_rowcol_max_multi[(plan["grid1"],)](
-        ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], plan["nrows"], plan["ncols"], vtab,
-        s["beta2"], s["omb2"], BR=c["br1"], PDT=pdt, num_warps=c["warps1"])
-    # 1 / max, with 0 → 1 (qmaps.safe_scale), for every row and column at once: pass 2 then needs
-    # no division per element for the second moment's scale.
-    inv = torch.ones_like(scratch) / torch.where(scratch > 0, scratch, torch.ones_like(scratch))
-    invs = list(torch.split(inv, sizes))
-    ptrs2 = table(ps, gs, mq, ma, vq, rows_old, cols_old, invs[0::2], invs[1::2], comps)
+        ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], *shape_args, plan["new"], vtab,
+        s["beta2"], s["omb2"], RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, num_warps=c["warps1"])
+    rank1_swap_multi[(plan["grid_sw"],)](
+        ptrs, T, plan["sw_t"], plan["sw_a"], *shape_args, plan["new"], plan["old"], plan["inv"],
+        BLOCK=SWAP_BLOCK, num_warps=4)
     adamw4bit_rank1_multi[(plan["grid"],)](
-        ptrs2, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], plan["nrows"], plan["ncols"], seeds,
-        mseeds, mtab, mmid, vtab, *scal, BR=c["br4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding,
-        M_SR=m_sr, ND=nd, num_warps=c["warps4"])
-    torch._foreach_copy_(rows_old + cols_old, list(rows_new) + list(cols_new))
+        ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], *shape_args, plan["old"], plan["inv"],
+        seeds, mseeds, mtab, mmid, vtab, *scal, BR=c["br4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding,
+        M_SR=m_sr, ND=nd, num_warps=c["warps4r"])

@@ -26,6 +26,7 @@ Triton kernels of lowbit/kernels/optim_adamw_lowbit.py, which perform the same f
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterable
@@ -112,6 +113,13 @@ def foreach_adamw_(
     torch._foreach_mul_(upd, s["step_size"])
     torch._foreach_mul_(params, s["decay"])
     torch._foreach_sub_(params, upd)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scalar_items(lr: float, beta1: float, beta2: float, eps: float, wd: float, step: int) -> tuple:
+    """`adam_scalars` as a hashable tuple of items, computed once per (hyperparameters, step) rather
+    than per tensor: it also keys the batching of tensors into multi-tensor launches."""
+    return tuple(adam_scalars(lr, beta1, beta2, eps, wd, step).items())
 
 
 M_ROUNDING_MODES = ("stochastic", "nearest")
@@ -265,16 +273,16 @@ class LowBitAdamW(torch.optim.Optimizer):
         st["exp_avg_sq_codes"].copy_(qmaps.pack_nibbles(c))
 
     # ----------------------------------------------------------------- step
-    def _fused_kind(self, p: torch.Tensor) -> str | None:
-        """The fused kernel kind for `p` ("32", "8", "4flat", "4rank1"), or None for torch ops."""
-        want = (p.is_cuda and _triton_available()) if self.fused is None else self.fused
+    def _fused_kind(self, p: torch.Tensor, want: bool | None = None) -> str | None:
+        """The fused kernel kind for `p` ("32", "8", "4flat", "4rank1"), or None for torch ops.
+        `want`: whether fused kernels are wanted for `p` (its device's answer, when the caller
+        already has it: the check below costs an import and an environment lookup)."""
+        if want is None:
+            want = (p.is_cuda and _triton_available()) if self.fused is None else self.fused
         if not want:
             return None
-        from lowbit.kernels import optim_adamw_lowbit as k
-        from lowbit.kernels.quantize import interpret
-
-        kind = k.kind_of(self, p)
-        if kind is not None and not p.is_cuda and not interpret():
+        kind = _kernels().kind_of(self, p)
+        if kind is not None and not p.is_cuda and not _interpret():
             # Caught here: Triton's own error for a CPU tensor ("0 active drivers") names neither.
             raise ValueError(
                 f"fused=True runs Triton kernels, which need CUDA tensors (or TRITON_INTERPRET=1); got a "
@@ -291,10 +299,14 @@ class LowBitAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Work items (param, state, scalars as a tuple of items, seed args). This loop runs over
+        # every parameter each step, so it only does per-tensor bookkeeping: the scalars are
+        # computed once per (group, step) and the seeds only where a rounding stream reads them.
         work = []
         index = 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            hp = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
@@ -305,8 +317,7 @@ class LowBitAdamW(torch.optim.Optimizer):
                 if not st:
                     self._init_state(p, st)
                 st["step"] += 1
-                s = adam_scalars(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], st["step"])
-                work.append((p, st, s, step_seed(group["seed"], st["step"], index)))
+                work.append((p, st, _scalar_items(*hp, st["step"]), (group["seed"], st["step"], index)))
         paged: dict[torch.device, list[tuple]] = {}
         for w in work:
             if self._is_paged(w[0]):
@@ -317,31 +328,34 @@ class LowBitAdamW(torch.optim.Optimizer):
         return loss
 
     def _update(self, work: list[tuple]) -> None:
-        """Apply the step to (param, state, scalars, seed) items: fused kernels batched per kind,
-        small fp32 CUDA tensors with multi-tensor ops, the rest with the torch reference."""
+        """Apply the step to (param, state, scalar items, seed args) items: fused kernels batched
+        per kind, small fp32 CUDA tensors with multi-tensor ops, the rest with the torch reference."""
         batches: dict[tuple, tuple[list, list, list, list]] = {}
         fused: dict[tuple, list] = {}
-        for p, st, s, seed in work:
-            kind = self._fused_kind(p)
+        wants: dict[torch.device, bool] = {}  # fused wanted, per device (asked once per step)
+        for p, st, s_items, seed_args in work:
+            dev = p.device
+            want = wants.get(dev)
+            if want is None:
+                want = wants[dev] = (p.is_cuda and _triton_available()) if self.fused is None else self.fused
+            kind = self._fused_kind(p, want) if want else None
             if kind is not None:
-                key = (kind, p.dtype, p.device, tuple(s.items()))
-                fused.setdefault(key, []).append((p, p.grad, st, seed))
+                fused.setdefault((kind, p.dtype, dev, s_items), []).append((p, p.grad, st, seed_args))
                 continue
             if p.is_cuda and p.dtype == torch.float32 and "exp_avg" in st:
-                batch = batches.setdefault(tuple(s.items()), ([], [], [], []))
+                batch = batches.setdefault(s_items, ([], [], [], []))
                 for lst, t in zip(batch, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])):
                     lst.append(t)
                 continue
+            s = dict(s_items)
+            seed = step_seed(*seed_args)
             m, v = self._load_moments(p, st)
             old = p.detach().float()
             new_p, m, v = adamw_math(old, p.grad.float(), m, v, s)
             self._store_moments(p, st, m, v, seed)
             write_param_(p, new_p, self.bf16_rounding, seed, st.get("kahan_comp"), old)
-        if fused:
-            from lowbit.kernels import optim_adamw_lowbit as k
-
-            for (kind, _, _, scalars), items in fused.items():
-                k.fused_adamw_multi_(self, kind, items, dict(scalars))
+        for (kind, _, _, scalars), items in fused.items():
+            _kernels().fused_adamw_multi_(self, kind, items, dict(scalars))
         for scalars, (ps, gs, ms, vs) in batches.items():
             foreach_adamw_(ps, [g.float() for g in gs], ms, vs, dict(scalars))
 
@@ -412,6 +426,20 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
             if torch.is_tensor(val):
                 total += val.numel() * val.element_size()
     return total
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The fused-kernel module, imported on first use (lowbit.optim runs without Triton)."""
+    from lowbit.kernels import optim_adamw_lowbit
+
+    return optim_adamw_lowbit
+
+
+def _interpret() -> bool:
+    from lowbit.kernels.quantize import interpret
+
+    return interpret()
 
 
 def _triton_available() -> bool:
