@@ -45,6 +45,40 @@ def _code16(x, mid_ptr):
 
 
 @triton.jit
+def _mids_sym(mid_ptr):
+    # The 7 positive midpoints of the symmetric 4-bit first-moment map (see _code16_sym), loaded
+    # once per program: inside a loop that stores, the compiler would reload them every iteration.
+    return (tl.load(mid_ptr + 7), tl.load(mid_ptr + 8), tl.load(mid_ptr + 9), tl.load(mid_ptr + 10),
+            tl.load(mid_ptr + 11), tl.load(mid_ptr + 12), tl.load(mid_ptr + 13))
+
+
+@triton.jit
+def _code16_sym(x, mids):
+    # Nearest code of x in [-1, 1] for a map whose 15 midpoints are ±mp_0..6 and 1 (the host checks
+    # this: qmaps.dynamic_map(4, True)): #{mid < x} = 7 + #{mp < |x|} for x >= 0 and 7 - #{mp <= |x|}
+    # for x < 0, where mp <= a ⟺ mp < nextup(a) (bits + 1). 7 compares instead of _code16's 15,
+    # same result (equal to the reference's searchsorted).
+    a = tl.abs(x)
+    neg = x < 0
+    b = (a.to(tl.int32, bitcast=True) + neg.to(tl.int32)).to(tl.float32, bitcast=True)
+    c = (mids[0] < b).to(tl.int32)
+    c += (mids[1] < b).to(tl.int32)
+    c += (mids[2] < b).to(tl.int32)
+    c += (mids[3] < b).to(tl.int32)
+    c += (mids[4] < b).to(tl.int32)
+    c += (mids[5] < b).to(tl.int32)
+    c += (mids[6] < b).to(tl.int32)
+    return tl.where(neg, 7 - c, 7 + c)
+
+
+@triton.jit
+def _v16(code):
+    # Value of the zero-free linear 4-bit map (qmaps.linear_map_nozero(4)): (code + 1) / 16, exact in
+    # fp32 and equal to the table entry, without a per-element gather.
+    return (code + 1).to(tl.float32) * 0.0625
+
+
+@triton.jit
 def _code16_sr(x, tab_ptr, offs, seed_mix, ND: tl.constexpr):
     # First moment, stochastic rounding (qmaps.stochastic_code): lo = index of the largest of the ND
     # distinct map values <= x (count of values 1..ND-1 <= x), hi = lo + 1 (clamped); round up when
@@ -60,11 +94,11 @@ def _code16_sr(x, tab_ptr, offs, seed_mix, ND: tl.constexpr):
 
 
 @triton.jit
-def _code_m(x, mtab, mmid, offs, mseed_mix, M_SR: tl.constexpr, ND: tl.constexpr):
+def _code_m(x, mtab, mids, offs, mseed_mix, M_SR: tl.constexpr, ND: tl.constexpr):
     if M_SR:
         return _code16_sr(x, mtab, offs, mseed_mix, ND)
     else:
-        return _code16(x, mmid)
+        return _code16_sym(x, mids)
 
 
 @triton.jit
@@ -203,7 +237,7 @@ def adamw8bit_multi(
 
 @triton.jit
 def adamw4bit_flat_multi(
-    ptrs, T, prog_t, prog_a, numels, seeds, mseeds, mtab, mmid, vtab,
+    ptrs, T, prog_t, prog_a, numels, seeds, mseeds, mtab, mmid,
     beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
     BPP: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
     M_SR: tl.constexpr, ND: tl.constexpr,
@@ -234,9 +268,9 @@ def adamw4bit_flat_multi(
     po = tl.load(p_ptr + odd, mask=omask, other=0).to(tl.float32)
     ge = tl.load(g_ptr + even, mask=emask, other=0).to(tl.float32)
     go = tl.load(g_ptr + odd, mask=omask, other=0).to(tl.float32)
-    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, tl.load(vtab + (vb & 0xF)) * vs,
+    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, _v16(vb & 0xF) * vs,
                            beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, tl.load(vtab + (vb >> 4)) * vs,
+    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, _v16(vb >> 4) * vs,
                            beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
     me, mo = tl.where(emask, me, 0.0), tl.where(omask, mo, 0.0)
     ve, vo = tl.where(emask, ve, 0.0), tl.where(omask, vo, 0.0)
@@ -245,8 +279,9 @@ def adamw4bit_flat_multi(
     m_inv = _inv(m_abs)[:, None]
     v_inv = _inv(v_abs)[:, None]
     mseed_mix = tl.load(mseeds + t)
-    mqe = tl.where(emask, _code_m(_unit(me, m_inv), mtab, mmid, even, mseed_mix, M_SR, ND), 0)  # padding: 0
-    mqo = tl.where(omask, _code_m(_unit(mo, m_inv), mtab, mmid, odd, mseed_mix, M_SR, ND), 0)
+    mids = _mids_sym(mmid)
+    mqe = tl.where(emask, _code_m(_unit(me, m_inv), mtab, mids, even, mseed_mix, M_SR, ND), 0)  # padding: 0
+    mqo = tl.where(omask, _code_m(_unit(mo, m_inv), mtab, mids, odd, mseed_mix, M_SR, ND), 0)
     vqe = tl.where(emask, _code_linear16_up(_unit(ve, v_inv)), 0)
     vqo = tl.where(omask, _code_linear16_up(_unit(vo, v_inv)), 0)
     tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=bmask)
@@ -258,30 +293,33 @@ def adamw4bit_flat_multi(
 
 
 @triton.jit
-def _rank1_tile(r, seg, nrows, ncols):
-    # Tile of BR rows × one 128-column segment (one packed block per row): columns seg·128 + j
-    # (low nibbles, "even") and seg·128 + 64 + j (high nibbles, "odd") for j < 64.
-    ce = seg * 128 + tl.arange(0, 64)
-    even = r[:, None] * ncols + ce[None, :]
-    mask = (r < nrows)[:, None] & (ce < ncols)[None, :]
-    return ce, even, mask
+def _ptr_al(table, row: tl.constexpr, T, t, DT: tl.constexpr, ALIGN: tl.constexpr):
+    # _ptr for an operand whose address the host checked to be a multiple of 16 bytes (ALIGN): with
+    # the hint on the loaded address the compiler can emit 16-byte vector loads and stores (it
+    # cannot see the alignment of an address read from the table).
+    # (The hint must sit on the pointer itself: on the loaded integer it does not carry through
+    # the cast.)
+    p = tl.load(table + row * T + t).to(tl.pointer_type(DT))
+    if ALIGN:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
 def v_rowcol_max_multi(
-    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, new_ptr, vtab, beta2, omb2,
-    RB: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, PDT: tl.constexpr,
+    ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, new_ptr, beta2, omb2,
+    RB: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, PDT: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment, into the
     # zeroed flat buffer new_ptr (tensor t: its rows at flat_off[t], then its columns). A program
-    # covers RB rows × S 128-column segments, BR rows per iteration, and keeps the column maxima in
-    # registers: one column atomic per RB rows and one row atomic per S segments (a 1-segment tile
-    # per program issued an atomic per 64 elements, which bounded this pass).
+    # covers RB rows × S 128-column segments, BR rows per iteration, and keeps elementwise column
+    # maxima in registers (reduced across rows once, at the end): one column atomic per RB rows and
+    # one row atomic per S segments (a 1-segment tile per program issued an atomic per 64 elements).
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
-    nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
+    nrows, ncols = tl.load(nrows_ptr + t), tl.multiple_of(tl.load(ncols_ptr + t), 128)
     segs = ncols // 128
-    g_ptr, vq_ptr = _ptr(ptrs, 1, T, t, PDT), _ptr(ptrs, 4, T, t, tl.uint8)
+    g_ptr, vq_ptr = _ptr_al(ptrs, 1, T, t, PDT, ALIGN), _ptr_al(ptrs, 4, T, t, tl.uint8, ALIGN)
     row_old, col_old = _ptr(ptrs, 5, T, t, tl.float32), _ptr(ptrs, 6, T, t, tl.float32)
     row_new = new_ptr + tl.load(flat_off + t)
     col_new = row_new + nrows
@@ -290,10 +328,10 @@ def v_rowcol_max_multi(
     seg = tl.load(prog_b + pid) * S + k // 64
     ce = seg * 128 + j  # even columns (low nibbles); odd ones are ce + 64
     cmask = seg < segs
-    col_e = tl.load(col_old + ce, mask=cmask, other=0)
-    col_o = tl.load(col_old + ce + 64, mask=cmask, other=0)
-    acc_e = tl.zeros([S * 64], tl.float32)
-    acc_o = tl.zeros([S * 64], tl.float32)
+    col_e = tl.load(col_old + ce, mask=cmask, other=0)[None, :]
+    col_o = tl.load(col_old + ce + 64, mask=cmask, other=0)[None, :]
+    acc_e = tl.zeros([BR, S * 64], tl.float32)
+    acc_o = tl.zeros([BR, S * 64], tl.float32)
     r0 = tl.load(prog_a + pid) * RB
     for i in range(0, RB, BR):
         r = r0 + i + tl.arange(0, BR)
@@ -303,18 +341,18 @@ def v_rowcol_max_multi(
         boffs = (r[:, None] * segs + seg[None, :]) * 64 + j[None, :]
         vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
         row = tl.load(row_old + r, mask=rmask, other=0)[:, None]
-        se = tl.minimum(row, col_e[None, :])
-        so = tl.minimum(row, col_o[None, :])
+        se = tl.minimum(row, col_e)
+        so = tl.minimum(row, col_o)
         ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
         go = tl.load(g_ptr + even + 64, mask=mask, other=0).to(tl.float32)
         # Same expression as _adam's v (and the reference's), so the maxima are of pass 2's v.
-        ve = tl.where(mask, (tl.load(vtab + (vb & 0xF)) * se) * beta2 + (ge * ge) * omb2, 0.0)
-        vo = tl.where(mask, (tl.load(vtab + (vb >> 4)) * so) * beta2 + (go * go) * omb2, 0.0)
+        ve = tl.where(mask, (_v16(vb & 0xF) * se) * beta2 + (ge * ge) * omb2, 0.0)
+        vo = tl.where(mask, (_v16(vb >> 4) * so) * beta2 + (go * go) * omb2, 0.0)
         tl.atomic_max(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), mask=rmask)
-        acc_e = tl.maximum(acc_e, tl.max(ve, axis=0))
-        acc_o = tl.maximum(acc_o, tl.max(vo, axis=0))
-    tl.atomic_max(col_new + ce, acc_e, mask=cmask)
-    tl.atomic_max(col_new + ce + 64, acc_o, mask=cmask)
+        acc_e = tl.maximum(acc_e, ve)
+        acc_o = tl.maximum(acc_o, vo)
+    tl.atomic_max(col_new + ce, tl.max(acc_e, axis=0), mask=cmask)
+    tl.atomic_max(col_new + ce + 64, tl.max(acc_o, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -347,62 +385,71 @@ def rank1_swap_multi(
 @triton.jit
 def adamw4bit_rank1_multi(
     ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, old_ptr, inv_ptr, seeds, mseeds,
-    mtab, mmid, vtab,
-    beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
-    BR: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-    M_SR: tl.constexpr, ND: tl.constexpr,
+    mtab, mmid, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
+    BR: tl.constexpr, L: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
+    M_SR: tl.constexpr, ND: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
-    # The old row/column maxima (for dequantizing v) and the reciprocals of the new ones come from
-    # the flat buffers that rank1_swap_multi filled (tensor t at flat_off[t]: rows, then columns).
+    # A program covers BR rows × L consecutive 128-column segments, one segment per iteration: the
+    # prologue (table lookups, row scales, midpoints), a chain of dependent loads, is paid once per
+    # L tiles. The old row/column maxima (for dequantizing v) and the reciprocals of the new ones
+    # come from the flat buffers rank1_swap_multi filled (tensor t at flat_off[t]: rows, columns).
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
-    seg = tl.load(prog_b + pid)
-    nrows, ncols = tl.load(nrows_ptr + t), tl.load(ncols_ptr + t)
+    nrows, ncols = tl.load(nrows_ptr + t), tl.multiple_of(tl.load(ncols_ptr + t), 128)
+    segs = ncols // 128
     seed_mix = tl.load(seeds + t)
-    p_ptr, g_ptr = _ptr(ptrs, 0, T, t, PDT), _ptr(ptrs, 1, T, t, PDT)
-    mq_ptr, mabs_ptr = _ptr(ptrs, 2, T, t, tl.uint8), _ptr(ptrs, 3, T, t, tl.float32)
-    vq_ptr = _ptr(ptrs, 4, T, t, tl.uint8)
+    mseed_mix = tl.load(mseeds + t)
+    p_ptr, g_ptr = _ptr_al(ptrs, 0, T, t, PDT, ALIGN), _ptr_al(ptrs, 1, T, t, PDT, ALIGN)
+    mq_ptr = _ptr_al(ptrs, 2, T, t, tl.uint8, ALIGN)
+    mabs_ptr = _ptr(ptrs, 3, T, t, tl.float32)
+    vq_ptr = _ptr_al(ptrs, 4, T, t, tl.uint8, ALIGN)
+    comp_ptr = _ptr_al(ptrs, 7, T, t, tl.bfloat16, ALIGN)
     base = tl.load(flat_off + t)
-    row_old, col_old = old_ptr + base, old_ptr + base + nrows
-    row_inv, col_inv = inv_ptr + base, inv_ptr + base + nrows
-    comp_ptr = _ptr(ptrs, 7, T, t, tl.bfloat16)
+    col_old, col_inv = old_ptr + base + nrows, inv_ptr + base + nrows
+    mids = _mids_sym(mmid)
     r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
     rmask = r < nrows
-    ce, even, mask = _rank1_tile(r, seg, nrows, ncols)
-    odd = even + 64
-    mblk = r * (ncols // 128) + seg
-    boffs = mblk[:, None] * 64 + tl.arange(0, 64)[None, :]
-    mb = tl.load(mq_ptr + boffs, mask=mask, other=0).to(tl.int32)
-    vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
-    ms = tl.load(mabs_ptr + mblk, mask=rmask, other=0)[:, None]
-    row = tl.load(row_old + r, mask=rmask, other=0)[:, None]
-    vse = tl.minimum(row, tl.load(col_old + ce)[None, :])
-    vso = tl.minimum(row, tl.load(col_old + ce + 64)[None, :])
-    pe = tl.load(p_ptr + even, mask=mask, other=0).to(tl.float32)
-    po = tl.load(p_ptr + odd, mask=mask, other=0).to(tl.float32)
-    ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
-    go = tl.load(g_ptr + odd, mask=mask, other=0).to(tl.float32)
-    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, tl.load(vtab + (vb & 0xF)) * vse,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, tl.load(vtab + (vb >> 4)) * vso,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    m_abs = tl.maximum(tl.max(tl.where(mask, tl.abs(me), 0.0), axis=1),
-                       tl.max(tl.where(mask, tl.abs(mo), 0.0), axis=1))
-    m_inv = _inv(m_abs)[:, None]
-    # 1 / min(row, col) = max(1 / row, 1 / col) exactly (rounding is monotone); a zero scale means
-    # the whole row or column of v is 0, which codes the same under any finite factor.
-    # The reciprocals of the new maxima were taken once per row/column between the passes.
-    inv_row = tl.load(row_inv + r, mask=rmask, other=1.0)[:, None]
-    inv_e = tl.maximum(inv_row, tl.load(col_inv + ce)[None, :])
-    inv_o = tl.maximum(inv_row, tl.load(col_inv + ce + 64)[None, :])
-    mseed_mix = tl.load(mseeds + t)
-    mqe = _code_m(_unit(me, m_inv), mtab, mmid, even, mseed_mix, M_SR, ND)
-    mqo = _code_m(_unit(mo, m_inv), mtab, mmid, odd, mseed_mix, M_SR, ND)
-    vqe = _code_linear16_up(_unit(ve, inv_e))
-    vqo = _code_linear16_up(_unit(vo, inv_o))
-    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=mask)
-    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=mask)
-    tl.store(mabs_ptr + mblk, m_abs, mask=rmask)
-    _store_param(p_ptr, comp_ptr, even, mask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
-    _store_param(p_ptr, comp_ptr, odd, mask, po, new_po, seed_mix, P_BF16, ROUNDING)
+    row = tl.load(old_ptr + base + r, mask=rmask, other=0)[:, None]
+    inv_row = tl.load(inv_ptr + base + r, mask=rmask, other=1.0)[:, None]
+    j = tl.arange(0, 64)
+    for i in range(L):
+        seg = tl.load(prog_b + pid) * L + i
+        ce = seg * 128 + j
+        # Rows of this tile that exist, none when the segment is past the row's end (as a row
+        # bound: a [BR, 1] mask keeps the 16-byte vectors along the columns).
+        bmask = r < nrows * (seg < segs).to(tl.int32)
+        mask = bmask[:, None]
+        even = r[:, None] * ncols + ce[None, :]
+        odd = even + 64
+        mblk = r * segs + seg
+        boffs = mblk[:, None] * 64 + j[None, :]
+        mb = tl.load(mq_ptr + boffs, mask=mask, other=0).to(tl.int32)
+        vb = tl.load(vq_ptr + boffs, mask=mask, other=0).to(tl.int32)
+        ms = tl.load(mabs_ptr + mblk, mask=bmask, other=0)[:, None]
+        vse = tl.minimum(row, tl.load(col_old + ce, mask=ce < ncols, other=0)[None, :])
+        vso = tl.minimum(row, tl.load(col_old + ce + 64, mask=ce < ncols, other=0)[None, :])
+        pe = tl.load(p_ptr + even, mask=mask, other=0).to(tl.float32)
+        po = tl.load(p_ptr + odd, mask=mask, other=0).to(tl.float32)
+        ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
+        go = tl.load(g_ptr + odd, mask=mask, other=0).to(tl.float32)
+        new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, _v16(vb & 0xF) * vse,
+                               beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+        new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, _v16(vb >> 4) * vso,
+                               beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+        m_abs = tl.maximum(tl.max(tl.where(mask, tl.abs(me), 0.0), axis=1),
+                           tl.max(tl.where(mask, tl.abs(mo), 0.0), axis=1))
+        m_inv = _inv(m_abs)[:, None]
+        # 1 / min(row, col) = max(1 / row, 1 / col) exactly (rounding is monotone); a zero scale
+        # means the whole row or column of v is 0, which codes the same under any finite factor.
+        inv_e = tl.maximum(inv_row, tl.load(col_inv + ce, mask=ce < ncols, other=1.0)[None, :])
+        inv_o = tl.maximum(inv_row, tl.load(col_inv + ce + 64, mask=ce < ncols, other=1.0)[None, :])
+        mqe = _code_m(_unit(me, m_inv), mtab, mids, even, mseed_mix, M_SR, ND)
+        mqo = _code_m(_unit(mo, m_inv), mtab, mids, odd, mseed_mix, M_SR, ND)
+        vqe = _code_linear16_up(_unit(ve, inv_e))
+        vqo = _code_linear16_up(_unit(vo, inv_o))
+        tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=mask)
+        tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=mask)
+        tl.store(mabs_ptr + mblk, m_abs, mask=bmask)
+        _store_param(p_ptr, comp_ptr, even, mask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
+        _store_param(p_ptr, comp_ptr, odd, mask, po, new_po, seed_mix, P_BF16, ROUNDING)

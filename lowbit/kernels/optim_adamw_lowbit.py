@@ -25,6 +25,7 @@ kernels themselves are in _optim_adamw_triton.py.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -46,11 +47,12 @@ from lowbit.quant.rounding import seed_offset
 
 ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # Launch shapes (the benchmark may sweep them). 8-bit and 4-bit flat: blocks per program, warps.
-# 4-bit rank-1 pass 2: rows per tile (br4) and warps (warps4r); a [br4, 64] tile per nibble half
-# fills a warp with one 16-byte vector per thread at br4 = 2 per warp. Pass 1: rows per program
-# (rb1), rows per iteration (br1), 128-column segments (s1), warps (warps1).
-CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "warps4r": 1,
-          "rb1": 128, "br1": 8, "s1": 2, "warps1": 4, "block32": 1024, "warps32": 4}
+# 4-bit rank-1 pass 2: rows per tile (br4), segments per program (l4), warps (warps4r); with 16-byte
+# vectors a [br4, 64] tile per nibble half fills a warp at br4 = 2 per warp. Pass 1: rows per
+# program (rb1), rows per iteration (br1), 128-column segments (s1), warps (warps1). "align": use
+# 16-byte vector hints when every address allows (0 turns them off, for comparison).
+CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 4, "warps4r": 1,
+          "rb1": 128, "br1": 4, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1}
 SWAP_BLOCK = 1024
 
 
@@ -161,7 +163,7 @@ def _plan(kind: str, ps: list[torch.Tensor]) -> dict:
         counts = [(triton.cdiv(triton.cdiv(n, block), bpp), 1) for n in ns]
     else:
         shapes = [(p.shape[0], n // p.shape[0]) for p, n in zip(ps, ns)]
-        counts = [(triton.cdiv(r, c["br4"]), cols // 128) for r, cols in shapes]
+        counts = [(triton.cdiv(r, c["br4"]), triton.cdiv(cols // 128, c["l4"])) for r, cols in shapes]
     pt, pa, pb = _progs(counts, dev)
     plan = {"prog_t": pt, "prog_a": pa, "prog_b": pb, "grid": pt.numel(),
             "numels": torch.tensor(ns, dtype=torch.int64).to(dev),
@@ -186,21 +188,32 @@ def _plan(kind: str, ps: list[torch.Tensor]) -> dict:
     return plan
 
 
-_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, bool]] = {}
 
 
-def _ptr_table(cols: tuple[list[torch.Tensor], ...], dev: torch.device) -> torch.Tensor:
-    """Device int64 table of the operands' addresses (one row per operand), cached by the addresses
+def _ptr_table(cols: tuple[list[torch.Tensor], ...], dev: torch.device) -> tuple[torch.Tensor, bool]:
+    """Device int64 table of the operands' addresses (one row per operand), and whether all of them
+    are multiples of 16 bytes (then the kernels may use vector loads). Cached by the addresses
     themselves: rebuilt (one pinned copy) only when a tensor moved, e.g. a fresh gradient buffer."""
     key = (str(dev), tuple(x.data_ptr() for col in cols for x in col))
-    tab = _TABLES.get(key)
-    if tab is None:
+    hit = _TABLES.get(key)
+    if hit is None:
         if len(_TABLES) > 32:
             _TABLES.clear()
         T = len(cols[0])
         flat = list(key[1])
-        tab = _TABLES[key] = _to_device([flat[i * T:(i + 1) * T] for i in range(len(cols))], dev)
-    return tab
+        tab = _to_device([flat[i * T:(i + 1) * T] for i in range(len(cols))], dev)
+        hit = _TABLES[key] = (tab, all(a % 16 == 0 for a in flat))
+    return hit
+
+
+@functools.cache
+def _check_m_map_symmetric() -> None:
+    """The kernels code the 4-bit first moment with 7 compares (_code16_sym), which needs its
+    midpoints to be ±7 values and a last one >= 1: true of qmaps.dynamic_map(4, True)."""
+    mid = qmaps.midpoints(qmaps.dynamic_map(4, True)).tolist()
+    if not (len(mid) == 15 and mid[14] >= 1.0 and all(mid[7 + k] == -mid[6 - k] > 0 for k in range(7))):
+        raise AssertionError("4-bit first-moment map is not symmetric; _code16_sym does not apply")
 
 
 def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None:
@@ -238,7 +251,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
         return [st[k] for st in sts]
 
     if kind == "32":
-        ptrs = _ptr_table((ps, gs, col("exp_avg"), col("exp_avg_sq"), comps), dev)
+        ptrs, _ = _ptr_table((ps, gs, col("exp_avg"), col("exp_avg_sq"), comps), dev)
         adamw32_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, *scal,
             BLOCK=c["block32"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps32"])
@@ -247,33 +260,34 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     if kind == "8":
         mtab, mlut, mpmid, mz = _maps(qmaps.dynamic_map(8, True), dev)
         vtab, vlut, vpmid, _ = _maps(qmaps.dynamic_map(8, False), dev)
-        ptrs = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
+        ptrs, _ = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
         adamw8bit_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds,
             mtab, mlut, mpmid, vtab, vlut, vpmid, *scal, BPP=c["bpp8"], MZ=mz,
             PDT=pdt, P_BF16=bf16, ROUNDING=rounding, num_warps=c["warps8"])
         return
+    _check_m_map_symmetric()
     mtab, mmid = qmaps.table_on(qmaps.dynamic_map(4, True), dev)
-    vtab, _ = qmaps.table_on(qmaps.linear_map_nozero(4), dev)
     nd = qmaps.distinct_count(qmaps.dynamic_map(4, True))
     if kind == "4flat":
-        ptrs = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
+        ptrs, _ = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
         adamw4bit_flat_multi[(plan["grid"],)](
-            ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mseeds, mtab, mmid, vtab, *scal,
+            ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mseeds, mtab, mmid, *scal,
             BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, M_SR=m_sr, ND=nd, num_warps=c["warps4"])
         return
     # Rank-1 second moment: pass 1 (new row/column maxima into plan["new"]), the swap (state ←
     # new maxima, plan["old"] ← old ones, plan["inv"] ← reciprocals), pass 2 (everything else).
-    ptrs = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_row"), col("exp_avg_sq_col"), comps), dev)
+    ptrs, aligned = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_row"), col("exp_avg_sq_col"), comps), dev)
+    align = aligned and bool(c["align"])
     shape_args = (plan["nrows"], plan["ncols"], plan["flat_off"])
     plan["new"].zero_()
     v_rowcol_max_multi[(plan["grid1"],)](
-        ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], *shape_args, plan["new"], vtab,
-        s["beta2"], s["omb2"], RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, num_warps=c["warps1"])
+        ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], *shape_args, plan["new"], s["beta2"], s["omb2"],
+        RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, ALIGN=align, num_warps=c["warps1"])
     rank1_swap_multi[(plan["grid_sw"],)](
         ptrs, T, plan["sw_t"], plan["sw_a"], *shape_args, plan["new"], plan["old"], plan["inv"],
         BLOCK=SWAP_BLOCK, num_warps=4)
     adamw4bit_rank1_multi[(plan["grid"],)](
         ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], *shape_args, plan["old"], plan["inv"],
-        seeds, mseeds, mtab, mmid, vtab, *scal, BR=c["br4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding,
-        M_SR=m_sr, ND=nd, num_warps=c["warps4r"])
+        seeds, mseeds, mtab, mmid, *scal, BR=c["br4"], L=c["l4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding,
+        M_SR=m_sr, ND=nd, ALIGN=align, num_warps=c["warps4r"])
