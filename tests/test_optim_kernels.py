@@ -16,7 +16,18 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CPU-interpreter tests: need a machine without CUDA and TRITON_INTERPRET=1",
                 allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lowbit.kernels._optim_adamw_triton import _code16_sym, _mids_sym  # noqa: E402
 from lowbit.optim.adamw import LowBitAdamW  # noqa: E402
+
+
+@triton.jit
+def _sym_codes(x_ptr, mid_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + offs, _code16_sym(x, _mids_sym(mid_ptr)), mask=offs < n)
 
 
 def _run(shape, bits, dtype, rounding, fused, steps=3, m_rounding="stochastic"):
@@ -124,3 +135,18 @@ def test_rank1_launch_shapes_match_reference(monkeypatch, cfg):
         for key, val in st_ref.items():
             assert torch.equal(val, st_fused[key]) if torch.is_tensor(val) else val == st_fused[key], key
         assert torch.equal(p_ref, p_fused)
+
+
+def test_symmetric_first_moment_code_matches_searchsorted():
+    """_code16_sym (7 compares) against the reference's searchsorted over all 15 midpoints, on the
+    midpoints themselves, their fp32 neighbours, ±0 and ±1: where ties and signs matter."""
+    from lowbit.optim import qmaps
+
+    mid = qmaps.midpoints(qmaps.dynamic_map(4, True))
+    inner = mid[:14]
+    up, down = torch.nextafter(inner, torch.tensor(2.0)), torch.nextafter(inner, torch.tensor(-2.0))
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])
+    x = torch.cat([inner, up, down, edges, torch.linspace(-1, 1, 101)])
+    out = torch.empty(x.numel(), dtype=torch.int32)
+    _sym_codes[(1,)](x, mid, out, x.numel(), BLOCK=256)
+    assert torch.equal(out.long(), qmaps.nearest_code(x, mid).long())
