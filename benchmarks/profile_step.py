@@ -100,7 +100,7 @@ def main() -> None:
     gpu = sum(by_cat.values())
     res = dict(model=args.model, recipe=args.recipe, micro=args.micro, seq_len=args.seq_len, mode=args.mode,
                wall_ms=wall, gpu_ms=gpu, by_category_ms=dict(by_cat),
-               top_kernels_ms=dict(sorted(top.items(), key=lambda kv: -kv[1])[:12]),
+               top_kernels_ms=dict(sorted(top.items(), key=lambda kv: -kv[1])[:30]),
                device=torch.cuda.get_device_name(), torch=torch.__version__)
     print(f"{args.model} {args.recipe} micro {args.micro}: wall {wall:.1f} ms/step, GPU {gpu:.1f} ms/step")
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):

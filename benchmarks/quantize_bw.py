@@ -80,6 +80,13 @@ def _pair_rows(x, shape: str, name: str, spec, copy_bw: float, tiles: str) -> li
                    copy_GBps=copy_bw, frac_of_copy=nbytes / t / 1e6 / copy_bw, bitexact=ok)
         out.append(row)
         print(json.dumps(row), flush=True)
+        if spec.block == "tensor":  # the pair pass alone, its amax given (as the traced layer does)
+            amax = tensor_amax(x)
+            t = _bench(lambda a=amax: quantize_pair(x, spec, spec, seed=1, seed_t=2, amax=a))
+            row = dict(row, spec=f"{name} pair t{tile} amax given", ms=t, GBps=nbytes / t / 1e6,
+                       frac_of_copy=nbytes / t / 1e6 / copy_bw)
+            out.append(row)
+            print(json.dumps(row), flush=True)
     pq.PAIR_TILE = 64
     return out
 

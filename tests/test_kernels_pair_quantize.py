@@ -94,6 +94,22 @@ def test_pair_nan_inf_and_delayed_amax():
     assert own.item() == y.float().abs().max().item()
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_pair_saturates_and_keeps_specials_under_a_small_amax(fmt):
+    # An amax below the data's (delayed scaling) pushes values past the format's max, into the
+    # range the GPU's saturating cast must round as the reference does; ±Inf, NaN, ±0 and values
+    # that land in the subnormals are mixed in.
+    spec = QuantSpec(fmt)
+    x = _matrix(96, 130, torch.float32, seed=5)
+    x[0, :8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-30, -3e-4, 7.0])
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        amax = torch.tensor([2.0])
+        q, q_t, _ = quantize_pair(xd, spec, spec, amax=amax)
+        check_same_qtensor(q, quantize(xd.cpu(), spec, amax=amax))
+        check_same_qtensor(q_t, quantize(xd.cpu().t(), spec, amax=amax))
+
+
 def test_tensor_amax_matches_reference():
     for shape in [(1, 1), (333, 77), (64, 4096)]:
         x = _matrix(*shape, torch.bfloat16, seed=3)

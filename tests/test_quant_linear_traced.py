@@ -95,9 +95,11 @@ def test_untraced_recipes_still_run_under_compile():
 
 def test_whole_model_compiles_as_one_graph():
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(K, K), nn.GELU(), nn.Linear(K, N))
+    # ReLU, not GELU: Inductor's GELU may differ from ATen's in the last bit on some CPUs (run 24),
+    # and this test is about the quantized layers.
+    model = nn.Sequential(nn.Linear(K, K), nn.ReLU(), nn.Linear(K, N))
     convert_model(model, "fp8_tensorwise")
-    ref = nn.Sequential(nn.Linear(K, K), nn.GELU(), nn.Linear(K, N))
+    ref = nn.Sequential(nn.Linear(K, K), nn.ReLU(), nn.Linear(K, N))
     convert_model(ref, "fp8_tensorwise")
     ref.load_state_dict(model.state_dict())
     x = torch.randn(32, K)

@@ -19,6 +19,7 @@ from lowbit.kernels._quantize_triton import (
     _load_tile,
     _quant_tile,
     _quant_values,
+    _scaled,
     _scales,
     as_i32,
 )
@@ -83,7 +84,7 @@ def _pair_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    HW_FP8: tl.constexpr,
+    HW_FP8: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -92,7 +93,16 @@ def _pair_kernel(
     x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)
     if RECORD:  # delayed scaling: this tensor's own amax, for the history
         tl.atomic_max(rec_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
-    if SAME_CODES:
+    if FAST:
+        # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
+        # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
+        # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
+        amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
+        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        if (pid_r == 0) & (pid_c == 0):
+            tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+        codes = _encode(_scaled(x, eff, SMODE), ENC, True)
+    elif SAME_CODES:
         # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
         # values are transposed and then encoded (transposing the codes made by the hardware e4m3
         # cast came out wrong on the H100, Triton 3.6).
@@ -108,7 +118,9 @@ def _pair_kernel(
                       MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8)
     m = (rows[:, None] < R) & (cols[None, :] < C)
     tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    if SAME_CODES:
+    if FAST:
+        codes_t = _encode(_scaled(tl.trans(x), eff, SMODE), ENC, True)
+    elif SAME_CODES:
         # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
         # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
         codes_t = _encode(tl.trans(q), ENC, False)
@@ -138,6 +150,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     br, bc = tile
     grid = (triton.cdiv(r, br), triton.cdiv(c, bc))
     dummy = scale
+    hw = not interpret()
+    fast = hw and enc in (0, 1) and ga == 0 and gb == 0 and not (sr_a or sr_b or same_codes)
     _pair_kernel[grid](
         x2, data, data_t, scale, scale_t, g_amax if g_amax is not None else dummy,
         rec_bits if rec_bits is not None else dummy, r, c, x2.stride(0), x2.stride(1),
@@ -145,6 +159,6 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         as_i32(seed_a), as_i32(seed_b),
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
-        SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=not interpret(),
+        SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast,
         num_warps=8 if br * bc >= 16384 else 4,
     )

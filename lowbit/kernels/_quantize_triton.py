@@ -96,12 +96,12 @@ def _fp8_bits(q, EM: tl.constexpr, EB: tl.constexpr, HAS_INF: tl.constexpr):
 def _encode(q, ENC: tl.constexpr, HW_FP8: tl.constexpr):
     # Storage code (int32 in [0, 255]) of grid values q; see lowbit/quant/qtensor.py `encode`.
     if ENC == 0:
-        if HW_FP8:  # q is exactly representable, so the hardware cast is exact (one instruction)
+        if HW_FP8:  # the GPU cast rounds to nearest even and saturates (exact for grid values)
             return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
         else:  # the interpreter's fp8 cast rounds wrongly: assemble the bits
             return _fp8_bits(q, 3, 7, False)
     elif ENC == 1:
-        if HW_FP8:  # exact value: the cast cannot round; Inf is set apart (a satfinite cast clamps it)
+        if HW_FP8:  # as above; Inf is set apart (the satfinite cast clamps it)
             hw = q.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
             inf = 0x7C | (((q.to(tl.int32, bitcast=True) >> 31) & 1) << 7)
             return tl.where(tl.abs(q) == _INF, inf, hw)
@@ -164,9 +164,29 @@ def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: 
                 SMODE: tl.constexpr, HW_FP8: tl.constexpr):
     # x: [BR, NG*GG] fp32, eff3: divisor (reciprocal for e8m0) broadcastable to [BR, NG, GG]
     # -> codes [BR, NG*GG] int32.
+    if HW_FP8 and ((ENC == 0 and MBITS == 3 and EMIN == -6 and EMAX == 8) or ENC == 1) and not SR:
+        # fp8 e4m3/e5m2 elements (not the fp6 formats, which ENC 0 also stores as e4m3 bytes).
+        # On the GPU the fp8 cast itself rounds as _round_float does (RNE, subnormals included,
+        # `satfinite` saturation to the largest finite value; _encode keeps Inf for e5m2), so the
+        # explicit rounding is skipped: it made the kernels ALU-bound (pair quantizer 0.63 -> 0.90
+        # of a copy on the H100, run 22 of docs/BENCHMARKS.md). GPU tests check it bit for bit.
+        y = _scaled(tl.reshape(x, [BR, NG, GG]), eff3, SMODE)
+        return tl.reshape(_encode(y, ENC, True), [BR, NG * GG])
     q = _quant_values(x, eff3, idx, seed_off, BR, NG, GG, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                       SR, SMODE)
     return tl.reshape(_encode(q, ENC, HW_FP8), [BR, NG * GG])
+
+
+@triton.jit
+def _scaled(x3, eff3, SMODE: tl.constexpr):
+    # x divided by its scale: a multiply by the exact reciprocal for e8m0, else an IEEE division.
+    if SMODE == 1 or SMODE == 2:
+        y = x3 * eff3
+    else:
+        zero = eff3 == 0  # an e4m3 block scale underflowed: the block is zero
+        y = tl.div_rn(x3, tl.where(zero, 1.0, eff3))
+        y = tl.where(zero, 0.0, y)
+    return y
 
 
 @triton.jit
@@ -174,13 +194,7 @@ def _quant_values(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG
                   KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
                   FMAX: tl.constexpr, HAS_INF: tl.constexpr, SR: tl.constexpr, SMODE: tl.constexpr):
     # The rounded grid values (fp32, [BR, NG, GG]) that _quant_tile encodes.
-    x3 = tl.reshape(x, [BR, NG, GG])
-    if SMODE == 1 or SMODE == 2:
-        y = x3 * eff3
-    else:
-        zero = eff3 == 0  # an e4m3 block scale underflowed: the block is zero
-        y = tl.div_rn(x3, tl.where(zero, 1.0, eff3))
-        y = tl.where(zero, 0.0, y)
+    y = _scaled(tl.reshape(x, [BR, NG, GG]), eff3, SMODE)
     u = y
     if SR:
         h = lowbias32((idx + seed_off).to(tl.uint32))  # of (index + seed * golden) mod 2^32

@@ -62,12 +62,15 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        # The norm stays on the device: reading it here would wait for the GPU every step, and the
+        # host could not queue the next step's kernels meanwhile (an fp8 1b step lost ~20% to
+        # that, run 25 of docs/BENCHMARKS.md). The loop reads it at log time.
+        return norm.detach()
 
     def save(self, tmp: Path, trainer_state: dict[str, Any]) -> None:
         if self.ctx.is_main:
@@ -135,7 +138,7 @@ class DeepSpeedEngine:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
         self.engine.step()  # a no-op except at the accumulation boundary
 
-    def step(self) -> float:
+    def step(self) -> float | torch.Tensor:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

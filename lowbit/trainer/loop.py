@@ -109,7 +109,7 @@ def train_loop(
             metrics = {
                 "train/loss": last,
                 "train/lr": lr,
-                "train/grad_norm": grad_norm,
+                "train/grad_norm": float(grad_norm),
                 "perf/tokens_per_s": tok_s,
                 "train/epoch": batches.epoch_of(state.step),
             }
