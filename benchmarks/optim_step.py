@@ -54,9 +54,14 @@ def make_optimizer(name: str, params: list[torch.Tensor]) -> torch.optim.Optimiz
     raise ValueError(name)
 
 
-def check_fused_against_reference() -> dict:
-    """Fused Triton steps vs the torch reference on the GPU: fraction of differing codes/params."""
+def check_fused_against_reference(config: dict | None = None) -> dict:
+    """Fused Triton steps vs the torch reference on the GPU: fraction of differing codes/params
+    (with the launch CONFIG updated by `config` for the fused runs)."""
+    from lowbit.kernels import optim_adamw_lowbit as k
     from lowbit.optim.adamw import LowBitAdamW
+
+    saved = dict(k.CONFIG)
+    k.CONFIG.update(config or {})
 
     out = {}
     # 4-bit matrices need ncols % 128 == 0 for the fused rank-1 kernel (others take the reference).
@@ -79,7 +84,11 @@ def check_fused_against_reference() -> dict:
             "param_max_abs_diff": (p0 - p1).abs().max().item(),
             "param_frac_differing": (p0 != p1).float().mean().item(),
             "codes_frac_differing": (s0["exp_avg_codes"] != s1["exp_avg_codes"]).float().mean().item(),
+            "v_codes_frac_differing": (s0["exp_avg_sq_codes"] != s1["exp_avg_sq_codes"]).float().mean()
+            .item(),
         }
+    k.CONFIG.clear()
+    k.CONFIG.update(saved)
     return out
 
 
@@ -88,12 +97,9 @@ def check_fused_against_reference() -> dict:
 # iteration, 128-column segments, warps) with pass 2 at its default, so each pass's effect shows.
 SWEEPS = {
     "lowbit_adamw8bit": [{"bpp8": b, "warps8": w} for b, w in [(1, 2), (1, 4), (2, 4)]],
-    "lowbit_adamw4bit": [{"br4": b, "l4": n, "warps4r": w, "align": a} for b, n, w, a in [
-        (2, 1, 1, 1), (2, 2, 1, 1), (2, 4, 1, 1), (2, 8, 1, 1), (4, 4, 2, 1), (4, 4, 1, 1), (8, 4, 4, 1),
-        (8, 4, 2, 1), (2, 4, 1, 0), (1, 4, 1, 1)]]
-    + [{"rb1": rb, "br1": br, "s1": s1, "warps1": w} for rb, br, s1, w in [
-        (128, 4, 2, 2), (256, 4, 2, 2), (128, 8, 2, 4), (128, 2, 2, 1), (128, 4, 4, 4), (256, 8, 2, 2),
-        (128, 4, 1, 1), (64, 4, 2, 2)]],
+    "lowbit_adamw4bit": [{"fma4": 0}, {"br4": 1, "warps4r": 1}, {"maxnreg4": 64}, {"br4": 4, "warps4r": 2},
+                         {"br4": 4, "warps4r": 2, "maxnreg4": 64}, {"br4": 8, "warps4r": 4, "maxnreg4": 56},
+                         {"l4": 2}, {"rb1": 128, "br1": 4, "s1": 2, "warps1": 2}],
 }
 
 
@@ -195,7 +201,9 @@ def main() -> None:
             "python": platform.python_version(), "n_params": n_params, "n_tensors": len(shapes),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     print(meta, flush=True)
-    check = check_fused_against_reference()
+    check = {"default": check_fused_against_reference(),
+             # the 4-bit kernels without multiply-add fusion: the reference's roundings exactly
+             "fma4=0": check_fused_against_reference({"fma4": 0})}
     print("fused vs reference:", check, flush=True)
     rows = bench(args.optims.split(","), shapes, args.rep_ms, SWEEPS if args.sweep else None)
     print(f"\n{'optimizer':28s} {'step ms':>9s} {'vs fused':>9s} {'host ms':>8s} {'state B/param':>14s}")

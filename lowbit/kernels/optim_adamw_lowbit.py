@@ -47,12 +47,16 @@ from lowbit.quant.rounding import seed_offset
 
 ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # Launch shapes (the benchmark may sweep them). 8-bit and 4-bit flat: blocks per program, warps.
-# 4-bit rank-1 pass 2: rows per tile (br4), segments per program (l4), warps (warps4r); with 16-byte
-# vectors a [br4, 64] tile per nibble half fills a warp at br4 = 2 per warp. Pass 1: rows per
-# program (rb1), rows per iteration (br1), 128-column segments (s1), warps (warps1). "align": use
-# 16-byte vector hints when every address allows (0 turns them off, for comparison).
-CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 4, "warps4r": 1,
-          "rb1": 128, "br1": 4, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1}
+# 4-bit rank-1 pass 2: rows per tile (br4), segments per program (l4), warps (warps4r), register cap
+# (maxnreg4, 0: none); with 16-byte vectors a [br4, 64] tile per nibble half fills a warp at br4 = 2
+# per warp. Pass 1: rows per program (rb1), rows per iteration (br1), 128-column segments (s1), warps
+# (warps1). "align": 16-byte vector hints when every address allows (0 turns them off, to compare).
+# "fma4": let the compiler fuse multiply-adds in the 4-bit kernels (faster; 0 gives the reference's
+# separately rounded products and sums, bit for bit on the GPU too). Measured on the H100
+# (docs/BENCHMARKS.md, "Optimizer step"): one 2-row tile per 1-warp program was the fastest pass 2,
+# looping over segments slower; pass 1 shapes differ by a few percent.
+CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 1, "warps4r": 1, "maxnreg4": 0,
+          "rb1": 256, "br1": 8, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1, "fma4": 1}
 SWAP_BLOCK = 1024
 
 
@@ -269,11 +273,13 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     _check_m_map_symmetric()
     mtab, mmid = qmaps.table_on(qmaps.dynamic_map(4, True), dev)
     nd = qmaps.distinct_count(qmaps.dynamic_map(4, True))
+    fma = bool(c["fma4"])
     if kind == "4flat":
         ptrs, _ = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
         adamw4bit_flat_multi[(plan["grid"],)](
             ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mseeds, mtab, mmid, *scal,
-            BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, M_SR=m_sr, ND=nd, num_warps=c["warps4"])
+            BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, M_SR=m_sr, ND=nd, num_warps=c["warps4"],
+            enable_fp_fusion=fma)
         return
     # Rank-1 second moment: pass 1 (new row/column maxima into plan["new"]), the swap (state ←
     # new maxima, plan["old"] ← old ones, plan["inv"] ← reciprocals), pass 2 (everything else).
@@ -283,11 +289,13 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     plan["new"].zero_()
     v_rowcol_max_multi[(plan["grid1"],)](
         ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], *shape_args, plan["new"], s["beta2"], s["omb2"],
-        RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, ALIGN=align, num_warps=c["warps1"])
+        RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, ALIGN=align, num_warps=c["warps1"],
+        enable_fp_fusion=fma)
     rank1_swap_multi[(plan["grid_sw"],)](
         ptrs, T, plan["sw_t"], plan["sw_a"], *shape_args, plan["new"], plan["old"], plan["inv"],
         BLOCK=SWAP_BLOCK, num_warps=4)
     adamw4bit_rank1_multi[(plan["grid"],)](
         ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], *shape_args, plan["old"], plan["inv"],
         seeds, mseeds, mtab, mmid, *scal, BR=c["br4"], L=c["l4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding,
-        M_SR=m_sr, ND=nd, ALIGN=align, num_warps=c["warps4r"])
+        M_SR=m_sr, ND=nd, ALIGN=align, num_warps=c["warps4r"], enable_fp_fusion=fma,
+        **({"maxnreg": c["maxnreg4"]} if c["maxnreg4"] else {}))
