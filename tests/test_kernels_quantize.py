@@ -128,6 +128,18 @@ def test_special_values_and_delayed_amax():
     check_same_qtensor(quantize(y, spec, amax=amax), kq.quantize(y.to(DEV), spec, amax=amax.to(DEV)))
 
 
+def test_group_scales_of_tiny_groups_divide_exactly():
+    # Rows of very different size (1e-42 .. 1e3), including fp32 subnormals: scales whose
+    # reciprocal overflows, for any faster division that goes through one (run 27 tried a
+    # per-group reciprocal with an fma correction; it was exact but slower on the H100).
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(12, 64, generator=g) * torch.logspace(-42, 3, 12)[:, None]
+    for spec in [QuantSpec("fp8_e4m3", 32, "fp32"), QuantSpec("fp8_e4m3", "row"),
+                 QuantSpec("int8", "row"), QuantSpec("fp4_e2m1", 16, "e4m3"),
+                 QuantSpec("fp8_e5m2", 16, "fp32", "stochastic")]:
+        check_same_qtensor(quantize(x, spec, seed=3), kq.quantize(x.to(DEV), spec, seed=3))
+
+
 def test_stochastic_seed_changes_bits_and_generator_is_reproducible():
     x = _x((16, 64), seed=6, outliers=False)
     spec = QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic")
