@@ -21,6 +21,7 @@ PAIRS = {
     "fp8_tensor": (QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3")),
     "e5m2_tensor": (QuantSpec("fp8_e5m2"), QuantSpec("fp8_e5m2")),
     "e5m2_tensor_sr": (QuantSpec("fp8_e5m2", rounding="stochastic"), QuantSpec("fp8_e5m2")),
+    "fp8_tensor_e8m0": (QuantSpec("fp8_e4m3", "tensor", "e8m0"), QuantSpec("fp8_e4m3", "tensor", "e8m0")),
     "fp8_1x64": (QuantSpec("fp8_e4m3", 64), QuantSpec("fp8_e4m3", 64)),
     "fp8_tile64": (QuantSpec("fp8_e4m3", (64, 64)), QuantSpec("fp8_e4m3", (64, 64))),
     "mxfp8": (QuantSpec("fp8_e4m3", 32, "e8m0"), QuantSpec("fp8_e4m3", 32, "e8m0")),
