@@ -52,10 +52,11 @@ ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # per warp. Pass 1: rows per program (rb1), rows per iteration (br1), 128-column segments (s1), warps
 # (warps1). "align": 16-byte vector hints when every address allows (0 turns them off, to compare).
 # "fma4": let the compiler fuse multiply-adds in the 4-bit kernels (faster; 0 gives the reference's
-# separately rounded products and sums, bit for bit on the GPU too). Measured on the H100
-# (docs/BENCHMARKS.md, "Optimizer step"): one 2-row tile per 1-warp program was the fastest pass 2,
-# looping over segments slower; pass 1 shapes differ by a few percent.
-CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 1, "warps4r": 1, "maxnreg4": 0,
+# separately rounded products and sums, bit for bit on the GPU too; 2% slower). Measured on the
+# H100 (docs/BENCHMARKS.md, "Optimizer step"): one 2-row tile per 1-warp program was the fastest
+# pass 2 and capping it at 64 registers (72 uncapped, no spills) faster still, as more programs fit
+# per SM; looping over segments was slower; pass 1 shapes differ by a few percent.
+CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 1, "warps4r": 1, "maxnreg4": 64,
           "rb1": 256, "br1": 8, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1, "fma4": 1}
 SWAP_BLOCK = 1024
 
