@@ -3,15 +3,17 @@
 One pass reads param, grad and the quantized moments and writes param and moments back: 16 B/param
 for fp32 params at 8 bits (fused fp32 AdamW moves 28). The 4-bit second moment of a matrix is
 rank-1 normalized by the row/column maxima of the *new* moment, known only after the update, so
-that step adds a first pass recomputing v and taking the maxima with atomics (+4.5 B/param); the
-fused rank-1 path needs ncols % 128 == 0 (other matrices take the torch reference). BF16 parameters
+that step adds a first pass recomputing v and taking the maxima with atomics (+4.5 B/param) and a
+tiny kernel between the passes (state ← new maxima, reciprocals for pass 2); the fused rank-1 path
+needs ncols % 128 == 0 (other matrices take the torch reference). BF16 parameters
 with fp32 states (no master copy) get their own single pass. Every kernel is multi-tensor: one
 launch covers all tensors of a state kind (see `fused_adamw_multi_`).
 
 Every fp32 operation mirrors lowbit/optim/adamw.py (`adamw_math`) and lowbit/optim/qmaps.py
 (`normalize`, nearest code) in the same order with IEEE division and square root, so under
-TRITON_INTERPRET=1 the kernels reproduce the reference bit for bit (on GPUs the compiler may fuse
-multiply-adds: last-ulp differences). Nearest 8-bit codes come from the byte LUT of
+TRITON_INTERPRET=1 the kernels reproduce the reference bit for bit (on GPUs the compiler fuses
+multiply-adds: last-ulp differences, which can flip a code; CONFIG["fma4"] = 0 turns that off for
+the 4-bit kernels, which are then bit-identical on the GPU too). Nearest 8-bit codes come from the byte LUT of
 `qmaps.search_lut` (two gathers instead of an 8-step binary search); 4-bit codes from register
 compares (first moment: stochastic rounding like `qmaps.stochastic_code`, with the same hash
 bits, or nearest) and arithmetic (second moment, rounded up like `qmaps.up_code`). BF16 params
@@ -150,7 +152,8 @@ _PLANS: dict[tuple, dict] = {}
 
 def _plan(kind: str, ps: list[torch.Tensor]) -> dict:
     """Program tables and (4-bit rank-1) flat scratch buffers for a list of tensors: they depend
-    only on shapes, device and launch config, so they are built once and cached."""
+    only on shapes, device and launch config, so they are built once and cached (and shared by
+    optimizers with the same shapes: each step uses the buffers in stream order)."""
     c = CONFIG
     dev = ps[0].device
     key = (kind, str(dev), tuple(tuple(p.shape) for p in ps), tuple(sorted(c.items())))
