@@ -56,6 +56,9 @@ def test_pair_equals_two_reference_calls(name, shape):
     spec, spec_t = PAIRS[name]
     if DEV == "cuda" and spec.block != "tensor" and not pq.GROUPS_ON_CUDA:
         pytest.skip("group/tile pairs are off on CUDA (pair_quantize.GROUPS_ON_CUDA)")
+    if DEV == "cuda" and spec.block == "tensor" and spec.scale != "fp32":
+        assert why_not_pair(_matrix(*shape, torch.float32), spec, spec_t) is not None
+        pytest.skip("tensor-scaled pairs with e8m0 scales are off on CUDA (a Triton 3.6 miscompile)")
     for dtype in (torch.float32, torch.bfloat16):
         x = _matrix(*shape, dtype)
         q, q_t, own = quantize_pair(x, spec, spec_t, seed=11, seed_t=22)

@@ -44,7 +44,8 @@ def _amax_kernel(x_ptr, out_ptr, R, C, sxr, sxc, BR: tl.constexpr, BC: tl.conste
 def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
           BR: tl.constexpr, BC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
           EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, KIND_INT: tl.constexpr,
-          ENC: tl.constexpr, SMODE: tl.constexpr, SR: tl.constexpr, HW_FP8: tl.constexpr):
+          ENC: tl.constexpr, SMODE: tl.constexpr, SR: tl.constexpr, HW_FP8: tl.constexpr,
+          TRANSPOSED: tl.constexpr):
     # Codes of one [BR, BC] tile (rows of length C in the whole matrix) quantized along its columns.
     # G > 0: 1-D groups of G along the columns; G == 0: one tensor amax from ga_ptr; G == -1: the
     # whole tile is one group (2-D tile scaling). Scales go to s_ptr with strides (ssr, ssc).
@@ -59,7 +60,7 @@ def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
         gm = (rows[:, None] < R) & (gcols[None, :] < (C + G - 1) // G)
         tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
         codes = _quant_tile(x, tl.reshape(eff, [BR, NG, 1]), idx, seed_off, BR, NG, G, KIND_INT,
-                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
+                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, TRANSPOSED)
     else:
         if G == 0:
             amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
@@ -72,7 +73,7 @@ def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
         elif (r0 == 0) & (c0 == 0):
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         codes = _quant_tile(x, tl.reshape(eff, [1, 1, 1]), idx, seed_off, BR, 1, BC, KIND_INT,
-                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
+                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, TRANSPOSED)
     return codes
 
 
@@ -115,7 +116,7 @@ def _pair_kernel(
         codes = _encode(q, ENC, HW_FP8)
     else:
         codes = _side(x, pid_r * BR, pid_c * BC, R, C, ga_ptr, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
-                      MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8)
+                      MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False)
     m = (rows[:, None] < R) & (cols[None, :] < C)
     tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
     if FAST:
@@ -126,7 +127,8 @@ def _pair_kernel(
         codes_t = _encode(tl.trans(q), ENC, False)
     else:
         codes_t = _side(tl.trans(x), pid_c * BC, pid_r * BR, C, R, ga_ptr, st_ptr, sstr, sstc, seed_b,
-                        GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8)
+                        GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
+                        True)
     mt = (cols[:, None] < C) & (rows[None, :] < R)
     tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
@@ -151,7 +153,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     grid = (triton.cdiv(r, br), triton.cdiv(c, bc))
     dummy = scale
     hw = not interpret()
-    fast = hw and enc in (0, 1) and ga == 0 and gb == 0 and not (sr_a or sr_b or same_codes)
+    # fp32 tensor scale only: see _quant_tile on casting a transposed tile with an e8m0 scale.
+    fast = hw and enc in (0, 1) and smode == 0 and ga == 0 and gb == 0 and not (sr_a or sr_b or same_codes)
     _pair_kernel[grid](
         x2, data, data_t, scale, scale_t, g_amax if g_amax is not None else dummy,
         rec_bits if rec_bits is not None else dummy, r, c, x2.stride(0), x2.stride(1),
