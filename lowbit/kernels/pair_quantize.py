@@ -26,7 +26,6 @@ propagates as in the reference). Delayed scaling passes the history's amax inste
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
@@ -118,11 +117,26 @@ def quantize_pair(
     tile: tuple[int, int] | None = None,
 ) -> tuple[QTensor, QTensor, torch.Tensor | None]:
     """(x quantized along its columns, x^T along its columns, x's own amax if `record`)."""
-    from lowbit.kernels._pair_quantize_triton import launch_pair
-
     reason = why_not_pair(x, spec, spec_t)
     if reason is not None:
         raise ValueError(f"quantize_pair: {reason}")
+    return _quantize_supported_pair(x, spec, spec_t, seed, seed_t, amax, record, tile)
+
+
+def _quantize_supported_pair(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    spec_t: QuantSpec,
+    seed: int,
+    seed_t: int,
+    amax: torch.Tensor | None,
+    record: bool,
+    tile: tuple[int, int] | None,
+) -> tuple[QTensor, QTensor, torch.Tensor | None]:
+    # quantize_pair once why_not_pair has said yes (the GEMM seam checks first, and the check is
+    # a sizeable part of the host time of a pair on a small layer).
+    from lowbit.kernels._pair_quantize_triton import launch_pair
+
     if amax is not None and spec.block != "tensor":
         raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -175,10 +189,18 @@ def quantize_pair(
 
 
 def quantize_pair_or_none(
-    x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, **kwargs: Any
+    x: torch.Tensor,
+    spec: QuantSpec,
+    spec_t: QuantSpec,
+    *,
+    seed: int = 0,
+    seed_t: int = 0,
+    amax: torch.Tensor | None = None,
+    record: bool = False,
+    tile: tuple[int, int] | None = None,
 ) -> tuple[QTensor, QTensor, torch.Tensor | None] | None:
-    """quantize_pair(x, spec, spec_t, **kwargs), or None where `why_not_pair` declines (the
+    """quantize_pair(x, spec, spec_t, ...), or None where `why_not_pair` declines (the
     lowbit.quant.gemm pair seam)."""
     if why_not_pair(x, spec, spec_t) is not None:
         return None
-    return quantize_pair(x, spec, spec_t, **kwargs)
+    return _quantize_supported_pair(x, spec, spec_t, seed, seed_t, amax, record, tile)

@@ -17,6 +17,7 @@ As in eager mode only the quantized X^T and W^T are saved for backward.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,6 +108,13 @@ _OP = "lowbit::quantize_operand_pair"
 _op_registered = False
 
 
+@functools.cache
+def _plan(fmt: str, block: str, want: bool) -> OperandPlan | None:
+    # The op's operand plans, built once per format: they hold no state (no history, observer or
+    # seed), and building them (QuantSpec validation) is host time on every call.
+    return OperandPlan(QuantSpec(fmt, block), GemmSpec(), 0, 1) if want else None
+
+
 def _register_op() -> None:
     """Register `lowbit::quantize_operand_pair` once (lazily: `import lowbit.nn` stays light)."""
     global _op_registered
@@ -124,10 +132,7 @@ def _register_op() -> None:
         want: bool,
         want_t: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        plans = [
-            OperandPlan(QuantSpec(f, b), GemmSpec(), 0, 1) if w else None
-            for f, b, w in ((fmt, block, want), (fmt_t, block_t, want_t))
-        ]
+        plans = (_plan(fmt, block, want), _plan(fmt_t, block_t, want_t))
         out: list[torch.Tensor] = []
         for op in prepare_operand_pair(x, *plans, amax=amax):
             if op is None:  # a side not asked for: empty placeholders (custom ops return tensors)
