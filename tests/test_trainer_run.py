@@ -115,3 +115,25 @@ def test_kill_and_resume_is_bitwise_for_quantized_training(small_run):
     split = small_run([*extra, "run_name=qsplit"])
     assert split["train_losses"] == full["train_losses"]
     assert split["final_val_loss"] == full["final_val_loss"]
+
+
+def test_engine_step_leaves_the_grad_norm_on_the_device():
+    # Reading the norm in step() (float(norm)) would wait for the GPU every step, so the host could
+    # not queue the next step meanwhile; the loop reads it at log time instead. The returned norm
+    # is the norm of the gradients before clipping, as clip_grad_norm_ reports it.
+    import torch
+
+    from lowbit.trainer.config import DistBackend
+    from lowbit.trainer.distributed import DistContext
+    from lowbit.trainer.engines import TorchEngine
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), DistBackend.none)
+    engine = TorchEngine(model, opt, ctx, grad_accum=1, grad_clip=1.0, compile_model=False)
+    model(torch.ones(2, 4)).square().sum().backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    norm = engine.step()
+    assert isinstance(norm, torch.Tensor) and norm.device.type == "cpu"
+    torch.testing.assert_close(norm, expected)
+    assert all(p.grad is None for p in model.parameters())
