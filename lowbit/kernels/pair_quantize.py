@@ -26,6 +26,7 @@ propagates as in the reference). Delayed scaling passes the history's amax inste
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -120,18 +121,21 @@ def quantize_pair(
     reason = why_not_pair(x, spec, spec_t)
     if reason is not None:
         raise ValueError(f"quantize_pair: {reason}")
-    return _quantize_supported_pair(x, spec, spec_t, seed, seed_t, amax, record, tile)
+    return _quantize_supported_pair(
+        x, spec, spec_t, seed=seed, seed_t=seed_t, amax=amax, record=record, tile=tile
+    )
 
 
 def _quantize_supported_pair(
     x: torch.Tensor,
     spec: QuantSpec,
     spec_t: QuantSpec,
-    seed: int,
-    seed_t: int,
-    amax: torch.Tensor | None,
-    record: bool,
-    tile: tuple[int, int] | None,
+    *,
+    seed: int = 0,
+    seed_t: int = 0,
+    amax: torch.Tensor | None = None,
+    record: bool = False,
+    tile: tuple[int, int] | None = None,
 ) -> tuple[QTensor, QTensor, torch.Tensor | None]:
     # quantize_pair once why_not_pair has said yes (the GEMM seam checks first, and the check is
     # a sizeable part of the host time of a pair on a small layer).
@@ -189,18 +193,10 @@ def _quantize_supported_pair(
 
 
 def quantize_pair_or_none(
-    x: torch.Tensor,
-    spec: QuantSpec,
-    spec_t: QuantSpec,
-    *,
-    seed: int = 0,
-    seed_t: int = 0,
-    amax: torch.Tensor | None = None,
-    record: bool = False,
-    tile: tuple[int, int] | None = None,
+    x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, **kwargs: Any
 ) -> tuple[QTensor, QTensor, torch.Tensor | None] | None:
-    """quantize_pair(x, spec, spec_t, ...), or None where `why_not_pair` declines (the
+    """quantize_pair(x, spec, spec_t, **kwargs), or None where `why_not_pair` declines (the
     lowbit.quant.gemm pair seam)."""
     if why_not_pair(x, spec, spec_t) is not None:
         return None
-    return _quantize_supported_pair(x, spec, spec_t, seed, seed_t, amax, record, tile)
+    return _quantize_supported_pair(x, spec, spec_t, **kwargs)
