@@ -92,14 +92,16 @@ def check_fused_against_reference(config: dict | None = None) -> dict:
     return out
 
 
-# Launch shapes to sweep (lowbit.kernels.optim_adamw_lowbit.CONFIG keys). 4-bit: pass 2 shapes
-# (rows per tile, warps) with pass 1 at its default, then pass 1 shapes (rows per program, rows per
-# iteration, 128-column segments, warps) with pass 2 at its default, so each pass's effect shows.
+# Launch shapes and code variants to sweep (lowbit.kernels.optim_adamw_lowbit.CONFIG keys), each
+# against the defaults. 4-bit: the former code (no code table, fenced float atomics, IEEE sqrt and
+# division with per-element branches), each new piece turned off alone, then pass 1 shapes (rows
+# per program, rows per iteration, 128-column segments, warps) and pass 2 variants.
 SWEEPS = {
-    "lowbit_adamw8bit": [{"bpp8": b, "warps8": w} for b, w in [(1, 2), (1, 4), (2, 4)]],
-    "lowbit_adamw4bit": [{"fma4": 0}, {"br4": 1, "warps4r": 1}, {"maxnreg4": 64}, {"br4": 4, "warps4r": 2},
-                         {"br4": 4, "warps4r": 2, "maxnreg4": 64}, {"br4": 8, "warps4r": 4, "maxnreg4": 56},
-                         {"l4": 2}, {"rb1": 128, "br1": 4, "s1": 2, "warps1": 2}],
+    "lowbit_adamw8bit": [{"bpp8": b, "warps8": w} for b, w in [(1, 2), (1, 4)]],
+    "lowbit_adamw4bit": [{"mlut4": 0, "fast4": 0, "relax1": 0}, {"mlut4": 0}, {"fast4": 0}, {"relax1": 0},
+                         {"evict4": 1}, {"fma4": 0}, {"br1": 4}, {"warps1": 4}, {"br1": 4, "warps1": 4},
+                         {"rb1": 128, "br1": 4, "warps1": 4}, {"fast4": 0, "evict4": 1, "warps1": 4},
+                         {"l4": 2}],
 }
 
 

@@ -71,6 +71,29 @@ def _code16_sym(x, mids):
     return tl.where(neg, 7 - c, 7 + c)
 
 
+# First-moment code by one table gather (_code16_lut): the key is the top 10 bits of a nonnegative
+# fp32 (exponent and first mantissa bit), clamped to [M_LUT_BASE, M_LUT_BASE + M_LUT_N - 1]; the
+# host builds the table (optim_adamw_lowbit.m_code_lut) and checks that each key's interval holds
+# at most one midpoint.
+M_LUT_BASE: tl.constexpr = tl.constexpr(238)  # 2**-8 = 0.0039: below the smallest midpoint, 0.005
+M_LUT_N: tl.constexpr = tl.constexpr(17)  # up to [1, 1.5): b <= nextup(1)
+
+
+@triton.jit
+def _code16_lut(x, lut_ptr):
+    # _code16_sym's count #{mp < b} (b = |x|, or its next float for x < 0) as lo + (mp < b), where
+    # the int64 entry of b's key holds lo = #{mp below the key's interval} (high word) and the bits
+    # of the one midpoint inside it (low word; +inf if none). Nonnegative floats compare as their
+    # bits, so the compare is on integers. About 10 instructions instead of 7 float compares' ~22.
+    a = tl.abs(x)
+    neg = x < 0
+    b = a.to(tl.int32, bitcast=True) + neg.to(tl.int32)
+    key = tl.minimum(tl.maximum(b >> 22, M_LUT_BASE), M_LUT_BASE + M_LUT_N - 1) - M_LUT_BASE
+    e = tl.load(lut_ptr + key)
+    c = (e >> 32).to(tl.int32) + (b > e.to(tl.int32)).to(tl.int32)
+    return tl.where(neg, 7 - c, 7 + c)
+
+
 @triton.jit
 def _v16(code):
     # Value of the zero-free linear 4-bit map (qmaps.linear_map_nozero(4)): (code + 1) / 16, exact in
@@ -94,9 +117,11 @@ def _code16_sr(x, tab_ptr, offs, seed_mix, ND: tl.constexpr):
 
 
 @triton.jit
-def _code_m(x, mtab, mids, offs, mseed_mix, M_SR: tl.constexpr, ND: tl.constexpr):
+def _code_m(x, mtab, mids, mlut, offs, mseed_mix, M_SR: tl.constexpr, ND: tl.constexpr, MLUT: tl.constexpr):
     if M_SR:
         return _code16_sr(x, mtab, offs, mseed_mix, ND)
+    elif MLUT:
+        return _code16_lut(x, mlut)
     else:
         return _code16_sym(x, mids)
 
@@ -106,7 +131,8 @@ def _code_linear16_up(x):
     # Second moment, rounded up (qmaps.up_code): the code of the smallest value (j + 1) / 16 >= x is
     # the count of map values below x, #{j : j + 1 < 16 x} = ceil(16 x - 1) clamped to [0, 15].
     # 16 x is exact; 16 x - 1 is exact for 16 x >= 1, and below that any result in [-1, 0] gives 0.
-    return tl.minimum(tl.maximum(tl.ceil(x * 16.0 - 1.0), 0.0), 15.0).to(tl.int32)
+    # x comes from _unit (<= 1), so the count is at most 15 without a clamp.
+    return tl.maximum(tl.ceil(x * 16.0 - 1.0), 0.0).to(tl.int32)
 
 
 @triton.jit
@@ -157,6 +183,66 @@ def _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, de
     v = v * beta2 + (g * g) * omb2
     denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps  # correctly rounded, like the reference's
     new_p = p * decay - tl.div_rn(m, denom) * step_size
+    return new_p, m, v
+
+
+# Correctly rounded sqrt and division without the per-element slow-path branches. These are the
+# fast paths that sqrt.rn.f32 and div.rn.f32 compile to on sm_80/sm_90 (MUFU.RSQ / MUFU.RCP, then
+# the same fused multiply-adds), valid, i.e. equal to the IEEE result, when the operands are in the
+# range checked by the caller (sqrt: x in [2**-101, max]; division: |a| and b in [2**-60, 2**64),
+# well inside the fast range, where no intermediate overflows or underflows). The compiled IEEE ops
+# test that range per element and branch (4-5 instructions each, and the branches serialize the
+# elements); _adam_fast's callers test a whole tile once and recompute it with the IEEE ops when
+# anything is out of range. ASM = 0 (the interpreter) uses the IEEE ops themselves.
+_SQRT_FAST_PTX: tl.constexpr = tl.constexpr("""{
+.reg .f32 r, s, h, e;
+rsqrt.approx.ftz.f32 r, $1;
+mul.ftz.f32 s, $1, r;
+mul.ftz.f32 h, r, 0f3F000000;
+neg.f32 e, s;
+fma.rn.f32 e, e, s, $1;
+fma.rn.f32 $0, e, h, s;
+}""")
+_DIV_FAST_PTX: tl.constexpr = tl.constexpr("""{
+.reg .f32 r, t, q, e, nb;
+rcp.approx.ftz.f32 r, $2;
+neg.f32 nb, $2;
+fma.rn.f32 t, nb, r, 0f3F800000;
+fma.rn.f32 r, r, t, r;
+fma.rn.f32 q, $1, r, 0f00000000;
+fma.rn.f32 e, nb, q, $1;
+fma.rn.f32 $0, r, e, q;
+}""")
+FAST_V_MIN: tl.constexpr = tl.constexpr(2.0**-100)  # v >= this: sqrt's fast range (and a normal result)
+FAST_V_MAX: tl.constexpr = tl.constexpr(2.0**100)  # row maxima <= this: denominators < 2**64
+FAST_M_MIN: tl.constexpr = tl.constexpr(2.0**-60)
+FAST_M_MAX: tl.constexpr = tl.constexpr(2.0**64)
+
+
+@triton.jit
+def _sqrt_fast(x, ASM: tl.constexpr):
+    if ASM:
+        return tl.inline_asm_elementwise(_SQRT_FAST_PTX, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div_fast(a, b, ASM: tl.constexpr):
+    if ASM:
+        return tl.inline_asm_elementwise(_DIV_FAST_PTX, "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _adam_fast(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, ASM: tl.constexpr):
+    # _adam with the fast sqrt and division: equal to it where the caller's range test passes.
+    m = m * beta1 + g * omb1
+    v = v * beta2 + (g * g) * omb2
+    denom = _sqrt_fast(v, ASM) * inv_bc2_sqrt + eps
+    new_p = p * decay - _div_fast(m, denom, ASM) * step_size
     return new_p, m, v
 
 
@@ -237,10 +323,10 @@ def adamw8bit_multi(
 
 @triton.jit
 def adamw4bit_flat_multi(
-    ptrs, T, prog_t, prog_a, numels, seeds, mseeds, mtab, mmid,
+    ptrs, T, prog_t, prog_a, numels, seeds, mseeds, mtab, mmid, mlut,
     beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
     BPP: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-    M_SR: tl.constexpr, ND: tl.constexpr,
+    M_SR: tl.constexpr, ND: tl.constexpr, MLUT: tl.constexpr,
 ):
     # Both moments block-wise (128), for 1-D tensors. Byte j of block b holds elements 128b + j
     # (low nibble) and 128b + 64 + j (high nibble): see qmaps.pack_nibbles.
@@ -280,8 +366,9 @@ def adamw4bit_flat_multi(
     v_inv = _inv(v_abs)[:, None]
     mseed_mix = tl.load(mseeds + t)
     mids = _mids_sym(mmid)
-    mqe = tl.where(emask, _code_m(_unit(me, m_inv), mtab, mids, even, mseed_mix, M_SR, ND), 0)  # padding: 0
-    mqo = tl.where(omask, _code_m(_unit(mo, m_inv), mtab, mids, odd, mseed_mix, M_SR, ND), 0)
+    # padding: code 0
+    mqe = tl.where(emask, _code_m(_unit(me, m_inv), mtab, mids, mlut, even, mseed_mix, M_SR, ND, MLUT), 0)
+    mqo = tl.where(omask, _code_m(_unit(mo, m_inv), mtab, mids, mlut, odd, mseed_mix, M_SR, ND, MLUT), 0)
     vqe = tl.where(emask, _code_linear16_up(_unit(ve, v_inv)), 0)
     vqo = tl.where(omask, _code_linear16_up(_unit(vo, v_inv)), 0)
     tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=bmask)
@@ -306,9 +393,22 @@ def _ptr_al(table, row: tl.constexpr, T, t, DT: tl.constexpr, ALIGN: tl.constexp
 
 
 @triton.jit
+def _amax_nonneg(ptr, val, mask, RELAXED: tl.constexpr):
+    # atomic max of nonnegative fp32 values (v): their bits order as int32, so one relaxed integer
+    # max (a fire-and-forget reduction) does; tl.atomic_max on floats emits a compare-and-branch
+    # between two atomics, each fenced (acq_rel). The kernel boundary orders the results anyway.
+    if RELAXED:
+        tl.atomic_max(ptr.to(tl.pointer_type(tl.int32)), val.to(tl.int32, bitcast=True), mask=mask,
+                      sem="relaxed")
+    else:
+        tl.atomic_max(ptr, val, mask=mask)
+
+
+@triton.jit
 def v_rowcol_max_multi(
     ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, new_ptr, beta2, omb2,
     RB: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, PDT: tl.constexpr, ALIGN: tl.constexpr,
+    RELAXED: tl.constexpr,
 ):
     # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment, into the
     # zeroed flat buffer new_ptr (tensor t: its rows at flat_off[t], then its columns). A program
@@ -348,11 +448,11 @@ def v_rowcol_max_multi(
         # Same expression as _adam's v (and the reference's), so the maxima are of pass 2's v.
         ve = tl.where(mask, (_v16(vb & 0xF) * se) * beta2 + (ge * ge) * omb2, 0.0)
         vo = tl.where(mask, (_v16(vb >> 4) * so) * beta2 + (go * go) * omb2, 0.0)
-        tl.atomic_max(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), mask=rmask)
+        _amax_nonneg(row_new + r, tl.maximum(tl.max(ve, axis=1), tl.max(vo, axis=1)), rmask, RELAXED)
         acc_e = tl.maximum(acc_e, ve)
         acc_o = tl.maximum(acc_o, vo)
-    tl.atomic_max(col_new + ce, tl.max(acc_e, axis=0), mask=cmask)
-    tl.atomic_max(col_new + ce + 64, tl.max(acc_o, axis=0), mask=cmask)
+    _amax_nonneg(col_new + ce, tl.max(acc_e, axis=0), cmask, RELAXED)
+    _amax_nonneg(col_new + ce + 64, tl.max(acc_o, axis=0), cmask, RELAXED)
 
 
 @triton.jit
@@ -385,15 +485,19 @@ def rank1_swap_multi(
 @triton.jit
 def adamw4bit_rank1_multi(
     ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, old_ptr, inv_ptr, seeds, mseeds,
-    mtab, mmid, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
+    mtab, mmid, mlut, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
     BR: tl.constexpr, L: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
-    M_SR: tl.constexpr, ND: tl.constexpr, ALIGN: tl.constexpr,
+    M_SR: tl.constexpr, ND: tl.constexpr, ALIGN: tl.constexpr, MLUT: tl.constexpr, FAST: tl.constexpr,
+    ASM: tl.constexpr, EVICT: tl.constexpr,
 ):
     # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
     # A program covers BR rows × L consecutive 128-column segments, one segment per iteration: the
     # prologue (table lookups, row scales, midpoints), a chain of dependent loads, is paid once per
     # L tiles. The old row/column maxima (for dequantizing v) and the reciprocals of the new ones
     # come from the flat buffers rank1_swap_multi filled (tensor t at flat_off[t]: rows, columns).
+    # FAST: square roots and divisions by _adam_fast, the tile recomputed with the IEEE ops when any
+    # operand is outside their fast range (see _sqrt_fast). EVICT: the eviction policy of the loads of
+    # parameters and gradients ("" or "evict_first": they are streamed once).
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
     nrows, ncols = tl.load(nrows_ptr + t), tl.multiple_of(tl.load(ncols_ptr + t), 128)
@@ -411,7 +515,8 @@ def adamw4bit_rank1_multi(
     r = tl.load(prog_a + pid) * BR + tl.arange(0, BR)
     rmask = r < nrows
     row = tl.load(old_ptr + base + r, mask=rmask, other=0)[:, None]
-    inv_row = tl.load(inv_ptr + base + r, mask=rmask, other=1.0)[:, None]
+    inv_row1 = tl.load(inv_ptr + base + r, mask=rmask, other=1.0)
+    inv_row = inv_row1[:, None]
     j = tl.arange(0, 64)
     for i in range(L):
         seg = tl.load(prog_b + pid) * L + i
@@ -429,23 +534,42 @@ def adamw4bit_rank1_multi(
         ms = tl.load(mabs_ptr + mblk, mask=bmask, other=0)[:, None]
         vse = tl.minimum(row, tl.load(col_old + ce, mask=ce < ncols, other=0)[None, :])
         vso = tl.minimum(row, tl.load(col_old + ce + 64, mask=ce < ncols, other=0)[None, :])
-        pe = tl.load(p_ptr + even, mask=mask, other=0).to(tl.float32)
-        po = tl.load(p_ptr + odd, mask=mask, other=0).to(tl.float32)
-        ge = tl.load(g_ptr + even, mask=mask, other=0).to(tl.float32)
-        go = tl.load(g_ptr + odd, mask=mask, other=0).to(tl.float32)
-        new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, _v16(vb & 0xF) * vse,
-                               beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-        new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, _v16(vb >> 4) * vso,
-                               beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+        pe = tl.load(p_ptr + even, mask=mask, other=0, eviction_policy=EVICT).to(tl.float32)
+        po = tl.load(p_ptr + odd, mask=mask, other=0, eviction_policy=EVICT).to(tl.float32)
+        ge = tl.load(g_ptr + even, mask=mask, other=0, eviction_policy=EVICT).to(tl.float32)
+        go = tl.load(g_ptr + odd, mask=mask, other=0, eviction_policy=EVICT).to(tl.float32)
+        m_e, v_e = tl.load(mtab + (mb & 0xF)) * ms, _v16(vb & 0xF) * vse
+        m_o, v_o = tl.load(mtab + (mb >> 4)) * ms, _v16(vb >> 4) * vso
+        if FAST:
+            new_pe, me, ve = _adam_fast(pe, ge, m_e, v_e, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt,
+                                        eps, decay, ASM)
+            new_po, mo, vo = _adam_fast(po, go, m_o, v_o, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt,
+                                        eps, decay, ASM)
+        else:
+            new_pe, me, ve = _adam(pe, ge, m_e, v_e, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
+                                   decay)
+            new_po, mo, vo = _adam(po, go, m_o, v_o, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
+                                   decay)
         m_abs = tl.maximum(tl.max(tl.where(mask, tl.abs(me), 0.0), axis=1),
                            tl.max(tl.where(mask, tl.abs(mo), 0.0), axis=1))
+        if FAST:
+            # The fast ops' range (see _sqrt_fast), per row of the tile: v >= 2**-100, v <= the new
+            # row maximum <= 2**100 (so sqrt(v) * inv_bc2_sqrt + eps < 2**64: the host checks
+            # inv_bc2_sqrt and eps), 2**-60 <= |m| < 2**64. Otherwise redo the tile's updates.
+            vmin = tl.min(tl.minimum(ve, vo), axis=1)
+            mmin = tl.min(tl.minimum(tl.abs(me), tl.abs(mo)), axis=1)
+            bad = bmask & ((vmin < FAST_V_MIN) | (inv_row1 < 1.0 / FAST_V_MAX) | (mmin < FAST_M_MIN)
+                           | (m_abs >= FAST_M_MAX))
+            if tl.max(bad.to(tl.int32), axis=0) > 0:
+                new_pe = pe * decay - tl.div_rn(me, tl.sqrt_rn(ve) * inv_bc2_sqrt + eps) * step_size
+                new_po = po * decay - tl.div_rn(mo, tl.sqrt_rn(vo) * inv_bc2_sqrt + eps) * step_size
         m_inv = _inv(m_abs)[:, None]
         # 1 / min(row, col) = max(1 / row, 1 / col) exactly (rounding is monotone); a zero scale
         # means the whole row or column of v is 0, which codes the same under any finite factor.
         inv_e = tl.maximum(inv_row, tl.load(col_inv + ce, mask=ce < ncols, other=1.0)[None, :])
         inv_o = tl.maximum(inv_row, tl.load(col_inv + ce + 64, mask=ce < ncols, other=1.0)[None, :])
-        mqe = _code_m(_unit(me, m_inv), mtab, mids, even, mseed_mix, M_SR, ND)
-        mqo = _code_m(_unit(mo, m_inv), mtab, mids, odd, mseed_mix, M_SR, ND)
+        mqe = _code_m(_unit(me, m_inv), mtab, mids, mlut, even, mseed_mix, M_SR, ND, MLUT)
+        mqo = _code_m(_unit(mo, m_inv), mtab, mids, mlut, odd, mseed_mix, M_SR, ND, MLUT)
         vqe = _code_linear16_up(_unit(ve, inv_e))
         vqo = _code_linear16_up(_unit(vo, inv_o))
         tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=mask)

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._optim_adamw_triton import (
+    M_LUT_BASE,
+    M_LUT_N,
     adamw4bit_flat_multi,
     adamw4bit_rank1_multi,
     adamw8bit_multi,
@@ -58,8 +60,14 @@ ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # H100 (docs/BENCHMARKS.md, "Optimizer step"): one 2-row tile per 1-warp program was the fastest
 # pass 2 and capping it at 64 registers (72 uncapped, no spills) faster still, as more programs fit
 # per SM; looping over segments was slower; pass 1 shapes differ by a few percent.
+# Pass 2 instruction count (it is bound by instruction issue more than by memory): "mlut4" codes the
+# first moment by one table gather (_code16_lut) instead of 7 compares; "fast4" takes square roots
+# and divisions by their fast paths with one range test per tile (_adam_fast; bit-identical results);
+# "evict4" loads parameters and gradients with evict_first. "relax1": pass 1's maxima by relaxed
+# integer atomics (_amax_nonneg) instead of fenced float ones. Each 0 restores the former code.
 CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 1, "warps4r": 1, "maxnreg4": 64,
-          "rb1": 256, "br1": 8, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1, "fma4": 1}
+          "rb1": 256, "br1": 8, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1, "fma4": 1,
+          "mlut4": 1, "fast4": 1, "evict4": 0, "relax1": 1}
 SWAP_BLOCK = 1024
 
 
@@ -224,6 +232,48 @@ def _check_m_map_symmetric() -> None:
         raise AssertionError("4-bit first-moment map is not symmetric; _code16_sym does not apply")
 
 
+@functools.cache
+def _m_code_lut_host() -> torch.Tensor:
+    """int64 table of _code16_lut: entry k covers the nonnegative floats whose bits >> 22 equal
+    M_LUT_BASE + k, holds (count of positive first-moment midpoints below that interval) << 32 | bits
+    of the one midpoint inside it (+inf when none). Checked: at most one midpoint per interval, none
+    below the first one, none from the last one on (inputs are at most nextafter(1, 2))."""
+    mid = qmaps.midpoints(qmaps.dynamic_map(4, True))[7:14]  # the 7 positive midpoints, mp_0..6
+    bits = [int(b) for b in mid.view(torch.int32).tolist()]
+    base, n = int(M_LUT_BASE), int(M_LUT_N)
+    if any((b >> 22) < base for b in bits) or any((b >> 22) >= base + n - 1 for b in bits):
+        raise AssertionError("4-bit first-moment midpoints outside the code table's keys")
+    table = []
+    for k in range(n):
+        inside = [b for b in bits if (b >> 22) == base + k]
+        if len(inside) > 1:
+            raise AssertionError("two first-moment midpoints share a key of the code table")
+        lo = sum(1 for b in bits if (b >> 22) < base + k)
+        table.append((lo << 32) | (inside[0] if inside else 0x7F800000))
+    return torch.tensor(table, dtype=torch.int64)
+
+
+def m_code_lut(dev: torch.device) -> torch.Tensor:
+    return _m_code_lut_on(str(dev))
+
+
+@functools.cache
+def _m_code_lut_on(dev: str) -> torch.Tensor:
+    return _m_code_lut_host().to(dev)
+
+
+def fast_ok(s: dict) -> bool:
+    """Whether _adam_fast's tile test covers the denominators: eps in [2**-60, 16] and
+    inv_bc2_sqrt <= 2**10 (then sqrt(v) * inv_bc2_sqrt + eps lies in [2**-60, 2**61) for v <= 2**100)."""
+    return 2.0**-60 <= s["eps"] <= 16.0 and 0.0 <= s["inv_bc2_sqrt"] <= 2.0**10
+
+
+def _interpreting() -> bool:
+    from lowbit.kernels.quantize import interpret
+
+    return interpret()
+
+
 def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None:
     """One fused step of LowBitAdamW for `items` = [(param, grad, state, seed_args)] of one kind,
     sharing dtype and the per-step scalars `s`, in a few launches. `seed_args` are the arguments
@@ -278,12 +328,13 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     mtab, mmid = qmaps.table_on(qmaps.dynamic_map(4, True), dev)
     nd = qmaps.distinct_count(qmaps.dynamic_map(4, True))
     fma = bool(c["fma4"])
+    mlut, use_lut = m_code_lut(dev), bool(c["mlut4"])
     if kind == "4flat":
         ptrs, _ = _ptr_table((ps, gs, mq, ma, vq, col("exp_avg_sq_absmax"), comps), dev)
         adamw4bit_flat_multi[(plan["grid"],)](
-            ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mseeds, mtab, mmid, *scal,
-            BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, M_SR=m_sr, ND=nd, num_warps=c["warps4"],
-            enable_fp_fusion=fma)
+            ptrs, T, plan["prog_t"], plan["prog_a"], plan["numels"], seeds, mseeds, mtab, mmid, mlut, *scal,
+            BPP=c["bpp4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding, M_SR=m_sr, ND=nd, MLUT=use_lut,
+            num_warps=c["warps4"], enable_fp_fusion=fma)
         return
     # Rank-1 second moment: pass 1 (new row/column maxima into plan["new"]), the swap (state ←
     # new maxima, plan["old"] ← old ones, plan["inv"] ← reciprocals), pass 2 (everything else).
@@ -293,13 +344,15 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     plan["new"].zero_()
     v_rowcol_max_multi[(plan["grid1"],)](
         ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], *shape_args, plan["new"], s["beta2"], s["omb2"],
-        RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, ALIGN=align, num_warps=c["warps1"],
-        enable_fp_fusion=fma)
+        RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, ALIGN=align, RELAXED=bool(c["relax1"]),
+        num_warps=c["warps1"], enable_fp_fusion=fma)
     rank1_swap_multi[(plan["grid_sw"],)](
         ptrs, T, plan["sw_t"], plan["sw_a"], *shape_args, plan["new"], plan["old"], plan["inv"],
         BLOCK=SWAP_BLOCK, num_warps=4)
     adamw4bit_rank1_multi[(plan["grid"],)](
         ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], *shape_args, plan["old"], plan["inv"],
-        seeds, mseeds, mtab, mmid, *scal, BR=c["br4"], L=c["l4"], PDT=pdt, P_BF16=bf16, ROUNDING=rounding,
-        M_SR=m_sr, ND=nd, ALIGN=align, num_warps=c["warps4r"], enable_fp_fusion=fma,
+        seeds, mseeds, mtab, mmid, mlut, *scal, BR=c["br4"], L=c["l4"], PDT=pdt, P_BF16=bf16,
+        ROUNDING=rounding, M_SR=m_sr, ND=nd, ALIGN=align, MLUT=use_lut, FAST=bool(c["fast4"]) and fast_ok(s),
+        ASM=not _interpreting(), EVICT="evict_first" if c["evict4"] else "", num_warps=c["warps4r"],
+        enable_fp_fusion=fma,
         **({"maxnreg": c["maxnreg4"]} if c["maxnreg4"] else {}))
