@@ -90,7 +90,7 @@ def test_matches_reference_bitwise(fmt, block, scale, rounding):
         ((5, 50), QuantSpec("fp4_e2m1", 32, "e8m0")),  # short last block, rows < tile
         ((7, 33), QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic")),  # odd K: one code per byte
         ((3, 37), QuantSpec("int4", "row", "fp32", "stochastic")),
-        ((9, 3000), QuantSpec("fp8_e4m3", "row")),  # row longer than one chunk: two K loops
+        ((9, 3000), QuantSpec("fp8_e4m3", "row")),  # one 4096-wide tile per row, masked
         ((19, 21), QuantSpec("fp4_e2m1", (16, 16), "e4m3")),  # ragged 2-D tiles
         ((2, 3, 40), QuantSpec("fp8_e5m2", 32, "e8m0", "stochastic")),  # N-D input
     ],
@@ -98,6 +98,17 @@ def test_matches_reference_bitwise(fmt, block, scale, rounding):
 def test_ragged_shapes(shape, spec):
     x = _x(shape, seed=7)
     check_same_qtensor(quantize(x, spec, seed=9), kq.quantize(x.to(DEV), spec, seed=9))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("fp8_e4m3", "row"), QuantSpec("int4", "row", "fp32", "stochastic")])
+def test_rows_longer_than_one_tile_loop_over_chunks(spec, monkeypatch):
+    # Rows over ROW_ONE_TILE_MAX elements take the two-read loop (amax, then quantize), ragged end.
+    import lowbit.kernels._quantize_triton as kt
+
+    monkeypatch.setattr(kt, "ROW_ONE_TILE_MAX", 1024)
+    monkeypatch.setattr(kt, "ROW_CHUNK", 512)
+    x = _x((9, 3000), seed=8)
+    check_same_qtensor(quantize(x, spec, seed=4), kq.quantize(x.to(DEV), spec, seed=4))
 
 
 @pytest.mark.parametrize("in_place", [False, True])

@@ -52,15 +52,23 @@ def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
     idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    if G > 0:
+    if G == BC:  # one group per row of the tile: 2-D (see _quant_tile on reshapes)
+        amax = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)
+        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        tl.store(s_ptr + rows * ssr + (c0 // G) * ssc, s, rows < R)
+        codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                            ENC, SR, SMODE, HW_FP8, TRANSPOSED)
+    elif G > 0:
         NG: tl.constexpr = BC // G
-        amax = tl.max(tl.reshape(_abs_bits(x), [BR, NG, G]), axis=2).to(tl.float32, bitcast=True)
+        x3 = tl.reshape(x, [BR, NG, G])
+        amax = tl.max(_abs_bits(x3), axis=2).to(tl.float32, bitcast=True)
         s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
         gcols = c0 // G + tl.arange(0, NG)
         gm = (rows[:, None] < R) & (gcols[None, :] < (C + G - 1) // G)
         tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
-        codes = _quant_tile(x, tl.reshape(eff, [BR, NG, 1]), idx, seed_off, BR, NG, G, KIND_INT,
-                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, TRANSPOSED)
+        codes = tl.reshape(_quant_tile(x3, eff[:, :, None], tl.reshape(idx, [BR, NG, G]), seed_off,
+                                       KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8,
+                                       TRANSPOSED), [BR, BC])
     else:
         if G == 0:
             amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
@@ -72,8 +80,8 @@ def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
             tl.store(s_ptr + (r0 // BR) * ssr + (c0 // BC) * ssc + tl.zeros([1, 1], tl.int32), s)
         elif (r0 == 0) & (c0 == 0):
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-        codes = _quant_tile(x, tl.reshape(eff, [1, 1, 1]), idx, seed_off, BR, 1, BC, KIND_INT,
-                            MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, TRANSPOSED)
+        codes = _quant_tile(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR,
+                            SMODE, HW_FP8, TRANSPOSED)
     return codes
 
 
@@ -111,8 +119,7 @@ def _pair_kernel(
         s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
         if (pid_r == 0) & (pid_c == 0):
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-        q = tl.reshape(_quant_values(x, tl.reshape(eff, [1, 1, 1]), rows, seed_a, BR, 1, BC, KIND_INT,
-                                     MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE), [BR, BC])
+        q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE)
         codes = _encode(q, ENC, HW_FP8)
     else:
         codes = _side(x, pid_r * BR, pid_c * BC, R, C, ga_ptr, s_ptr, ssr, ssc, seed_a, GA, BR, BC,

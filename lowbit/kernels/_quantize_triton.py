@@ -158,12 +158,16 @@ def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.cons
 
 
 @triton.jit
-def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: tl.constexpr,
-                KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-                FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr, SR: tl.constexpr,
-                SMODE: tl.constexpr, HW_FP8: tl.constexpr, TRANSPOSED: tl.constexpr):
-    # x: [BR, NG*GG] fp32, eff3: divisor (reciprocal for e8m0) broadcastable to [BR, NG, GG]
-    # -> codes [BR, NG*GG] int32. TRANSPOSED: x came out of tl.trans.
+def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
+                SR: tl.constexpr, SMODE: tl.constexpr, HW_FP8: tl.constexpr, TRANSPOSED: tl.constexpr):
+    # x: fp32 tile of any rank, eff: its divisors (reciprocals for e8m0) broadcastable to x, idx:
+    # the elements' flat indices (x's shape; stochastic rounding) -> int32 codes of x's shape.
+    # Callers pass 2-D tiles with [BR, 1] or [1, 1] scales where a group spans whole rows, and
+    # [BR, NG, G] tiles only for 1-D groups: on Triton 3.6 a reshape to [BR, 1, BC] next to the
+    # tile's own reductions made the layout pass give each thread whole rows (fp8 1x128: 255
+    # registers, 30 spills, 0.12 of a copy on the H100; the pair kernel's 0.74 before its FAST form).
+    # TRANSPOSED: x came out of tl.trans.
     fp8 = (ENC == 0 and MBITS == 3 and EMIN == -6 and EMAX == 8) or ENC == 1
     # Not for a transposed tile with a multiplied (e8m0) scale: on the H100 (Triton 3.6) the cast
     # of tl.trans(x) * s came out with other rows' values in it (run 30, a 64 x 256 pair; run 22
@@ -175,35 +179,39 @@ def _quant_tile(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: 
         # `satfinite` saturation to the largest finite value; _encode keeps Inf for e5m2), so the
         # explicit rounding is skipped: it made the kernels ALU-bound (pair quantizer 0.63 -> 0.90
         # of a copy on the H100, run 22 of docs/BENCHMARKS.md). GPU tests check it bit for bit.
-        y = _scaled(tl.reshape(x, [BR, NG, GG]), eff3, SMODE)
-        return tl.reshape(_encode(y, ENC, True), [BR, NG * GG])
-    q = _quant_values(x, eff3, idx, seed_off, BR, NG, GG, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                      SR, SMODE)
-    return tl.reshape(_encode(q, ENC, HW_FP8), [BR, NG * GG])
+        return _encode(_scaled(x, eff, SMODE), ENC, True)
+    q = _quant_values(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR, SMODE)
+    return _encode(q, ENC, HW_FP8)
 
 
 @triton.jit
-def _scaled(x3, eff3, SMODE: tl.constexpr):
+def _scaled(x, eff, SMODE: tl.constexpr):
     # x divided by its scale: a multiply by the exact reciprocal for e8m0, else an IEEE division.
     if SMODE == 1 or SMODE == 2:
-        y = x3 * eff3
-    else:
-        zero = eff3 == 0  # an e4m3 block scale underflowed: the block is zero
-        y = tl.div_rn(x3, tl.where(zero, 1.0, eff3))
-        y = tl.where(zero, 0.0, y)
+        y = x * eff
+    elif SMODE == 3:
+        # An e4m3 block scale that underflowed makes the block zero (+0, as the reference). Written
+        # with float factors of the scale's shape rather than a select on the broadcast tile: the
+        # select on a broadcast i1 is the form that spilled on Triton 3.6 (see _quant_tile).
+        # Elsewhere y * 1 + (-0) == y exactly (-0 kept); in a zero block (x / 1) * 0 + 0 == +0.
+        zero = eff == 0
+        neg0 = (tl.where(zero, 0, 1) << 31).to(tl.float32, bitcast=True)  # +0 in zero blocks, else -0
+        y = tl.div_rn(x, tl.where(zero, 1.0, eff)) * tl.where(zero, 0.0, 1.0) + neg0
+    else:  # fp32 scales are never 0 (scaling.compute_scale maps 0 to 1)
+        y = tl.div_rn(x, eff)
     return y
 
 
 @triton.jit
-def _quant_values(x, eff3, idx, seed_off, BR: tl.constexpr, NG: tl.constexpr, GG: tl.constexpr,
-                  KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-                  FMAX: tl.constexpr, HAS_INF: tl.constexpr, SR: tl.constexpr, SMODE: tl.constexpr):
-    # The rounded grid values (fp32, [BR, NG, GG]) that _quant_tile encodes.
-    y = _scaled(tl.reshape(x, [BR, NG, GG]), eff3, SMODE)
+def _quant_values(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                  EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, SR: tl.constexpr,
+                  SMODE: tl.constexpr):
+    # The rounded grid values (fp32, x's shape) that _quant_tile encodes.
+    y = _scaled(x, eff, SMODE)
     u = y
     if SR:
         h = lowbias32((idx + seed_off).to(tl.uint32))  # of (index + seed * golden) mod 2^32
-        u = tl.reshape((h >> 8).to(tl.float32) * (1.0 / 16777216.0), [BR, NG, GG])
+        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
     if KIND_INT:
         q = _round_int(y, u, FMAX, SR)
     else:
@@ -251,6 +259,7 @@ def _quantize_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -259,7 +268,17 @@ def _quantize_kernel(
     t_amax = 1.0
     if SMODE == 3:
         t_amax = tl.load(ta_ptr)  # the data's own amax (NVFP4 tensor scale), not an override
-    if GMODE == 1:  # row: amax over the whole row first, then quantize (second read hits L2)
+    if GMODE == 1 and ONE_TILE:  # row that fits one tile: one read, amax and quantize in registers
+        cols = tl.arange(0, BC)
+        x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+        amax = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)
+        s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
+        tl.store(s_ptr + rows * ssr, s, rmask)
+        idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                            ENC, SR, SMODE, HW_FP8, TRANS)
+        _store_codes(d_ptr, codes, rows, cols, 0, R, K, sdr, BR, BC, PACK)
+    elif GMODE == 1:  # long row: amax over the whole row first, then quantize (re-read from L2)
         amax = tl.zeros([BR], tl.int32)
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
@@ -268,27 +287,34 @@ def _quantize_kernel(
         amax = amax.to(tl.float32, bitcast=True)
         s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
         tl.store(s_ptr + rows * ssr, s, rmask)
-        eff3 = tl.reshape(eff, [BR, 1, 1])
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
             x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
             idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
-            codes = _quant_tile(x, eff3, idx, seed_off, BR, 1, BC, KIND_INT, MBITS, EMIN, EMAX, FMAX,
-                                HAS_INF, ENC, SR, SMODE, HW_FP8, TRANS)
+            codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                                ENC, SR, SMODE, HW_FP8, TRANS)
             _store_codes(d_ptr, codes, rows, cols, k0, R, K, sdr, BR, BC, PACK)
     else:
         cols = pid_c * BC + tl.arange(0, BC)
         x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
         idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        if GMODE == 0:  # 1-D blocks of G along K
+        if GMODE == 0 and BC == G:  # one 1-D group per row of the tile: 2-D, like a row
+            amax = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)
+            s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
+            tl.store(s_ptr + rows * ssr + pid_c * ssc, s, rmask)
+            codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX,
+                                HAS_INF, ENC, SR, SMODE, HW_FP8, TRANS)
+        elif GMODE == 0:  # several 1-D groups of G along K: the tile reshaped once to [BR, NG, G]
             NG: tl.constexpr = BC // G
-            amax = tl.max(tl.reshape(_abs_bits(x), [BR, NG, G]), axis=2).to(tl.float32, bitcast=True)
+            x3 = tl.reshape(x, [BR, NG, G])
+            amax = tl.max(_abs_bits(x3), axis=2).to(tl.float32, bitcast=True)
             s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
             gcols = pid_c * NG + tl.arange(0, NG)
             gm = rmask[:, None] & (gcols[None, :] < (K + G - 1) // G)
             tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
-            codes = _quant_tile(x, tl.reshape(eff, [BR, NG, 1]), idx, seed_off, BR, NG, G, KIND_INT,
-                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, TRANS)
+            codes = tl.reshape(_quant_tile(x3, eff[:, :, None], tl.reshape(idx, [BR, NG, G]), seed_off,
+                                           KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
+                                           HW_FP8, TRANS), [BR, BC])
         else:
             if GMODE == 2:  # tensor: amax from the pre-pass (or the delayed-scaling history)
                 amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
@@ -300,8 +326,8 @@ def _quantize_kernel(
                 tl.store(s_ptr + pid_r * ssr + pid_c * ssc + tl.zeros([1, 1], tl.int32), s)
             elif (pid_r == 0) & (pid_c == 0):
                 tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-            codes = _quant_tile(x, tl.reshape(eff, [1, 1, 1]), idx, seed_off, BR, 1, BC, KIND_INT,
-                                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, TRANS)
+            codes = _quant_tile(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR,
+                                SMODE, HW_FP8, TRANS)
         _store_codes(d_ptr, codes, rows, cols, pid_c * BC, R, K, sdr, BR, BC, PACK)
     if SMODE == 3:
         if (pid_r == 0) & (pid_c == 0):
@@ -324,6 +350,14 @@ def _next_pow2(n: int) -> int:
 # Tile sizes: elements per program (GPU; the interpreter takes the same shapes, just slower).
 TILE_ELEMS = 4096
 ROW_CHUNK = 2048
+# Rows up to this many elements are held in registers whole (one read). Longer rows loop over
+# ROW_CHUNK twice, and at 8192 x 14336 the second read no longer hit L2 (0.56-0.58 of a copy).
+ROW_ONE_TILE_MAX = 16384
+
+
+def _row_warps(elems: int) -> int:
+    # A whole row in one program: about 16-32 elements a thread, 4 to 16 warps.
+    return min(16, max(4, elems // 1024))
 
 
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
@@ -339,10 +373,14 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     elif trans:
         br = max(1, min(rp, 64))
         bc = max(g, min(kp, TILE_ELEMS // br))
+    elif gmode == 1 and kp <= ROW_ONE_TILE_MAX:
+        bc = max(2, kp)
+        br = max(1, min(rp, TILE_ELEMS // bc))
     else:
         chunk = ROW_CHUNK if gmode == 1 else 128
         bc = max(g, 2, min(kp, chunk))
         br = max(1, min(rp, TILE_ELEMS // bc))
+    one_tile = gmode == 1 and bc >= k
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
     dummy = scale
     _quantize_kernel[grid](
@@ -351,6 +389,6 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), as_i32(seed_off),
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
-        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(),
-        num_warps=4 if br * bc <= 4096 else 8,
+        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile,
+        num_warps=_row_warps(bc) if one_tile and br == 1 else (4 if br * bc <= 4096 else 8),
     )
