@@ -98,10 +98,12 @@ def check_fused_against_reference(config: dict | None = None) -> dict:
 # per program, rows per iteration, 128-column segments, warps) and pass 2 variants.
 SWEEPS = {
     "lowbit_adamw8bit": [{"bpp8": b, "warps8": w} for b, w in [(1, 2), (1, 4)]],
-    "lowbit_adamw4bit": [{"mlut4": 0, "fast4": 0, "relax1": 0}, {"mlut4": 0}, {"fast4": 0}, {"relax1": 0},
-                         {"evict4": 1}, {"fma4": 0}, {"br1": 4}, {"warps1": 4}, {"br1": 4, "warps1": 4},
-                         {"rb1": 128, "br1": 4, "warps1": 4}, {"fast4": 0, "evict4": 1, "warps1": 4},
-                         {"l4": 2}],
+    "lowbit_adamw4bit": [{"mlut4": 0, "fast4": 0, "relax1": 0, "br1": 8}, {"mlut4": 0}, {"fast4": 0},
+                         {"relax1": 0}, {"fma4": 0}, {"br1": 8}, {"warps1": 4}, {"s1": 1}, {"rb1": 512},
+                         {"br1": 2, "warps1": 1}, {"evict4": 1}, {"l4": 2}, {"br4": 4, "warps4r": 2},
+                         # software pipelining (asynchronous copies of the next iteration's loads)
+                         {"ns1": 2}, {"ns1": 3}, {"l4": 4, "ns4": 2, "maxnreg4": 0},
+                         {"l4": 8, "ns4": 2, "maxnreg4": 0}, {"l4": 4, "ns4": 3, "maxnreg4": 0}],
 }
 
 

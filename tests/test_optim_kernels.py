@@ -149,7 +149,7 @@ def test_multi_tensor_launch_matches_reference(bits, dtype, rounding):
 @interp
 @pytest.mark.parametrize("cfg", [
     {"br4": 1, "l4": 1, "warps4r": 1, "rb1": 16, "br1": 4, "s1": 1, "warps1": 1, "align": 0},
-    {"br4": 4, "l4": 2, "warps4r": 2, "rb1": 32, "br1": 8, "s1": 4, "warps1": 2},
+    {"br4": 4, "l4": 2, "warps4r": 2, "rb1": 32, "br1": 8, "s1": 4, "warps1": 2, "ns4": 2, "ns1": 2},
 ])
 def test_rank1_launch_shapes_match_reference(monkeypatch, cfg):
     """Pass 1 over several row programs and partial segment groups, pass 2 with other tiles: the

@@ -246,6 +246,44 @@ def _adam_fast(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, ep
     return new_p, m, v
 
 
+@triton.jit
+def _update_halves(pe, po, ge, go, mb, vb, ms, vse, vso, mtab, beta1, omb1, beta2, omb2, step_size,
+                   inv_bc2_sqrt, eps, decay, FAST: tl.constexpr, ASM: tl.constexpr):
+    # Both nibble halves of a 4-bit tile (codes mb, vb: low nibble = first half): dequantize the first
+    # moment (map value × block scale ms) and the second ((code + 1) / 16 × scale vse / vso), then
+    # the AdamW update (_adam, or _adam_fast when FAST). Shared by the block-wise and rank-1 kernels.
+    m_e, v_e = tl.load(mtab + (mb & 0xF)) * ms, _v16(vb & 0xF) * vse
+    m_o, v_o = tl.load(mtab + (mb >> 4)) * ms, _v16(vb >> 4) * vso
+    if FAST:
+        new_pe, me, ve = _adam_fast(pe, ge, m_e, v_e, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
+                                    decay, ASM)
+        new_po, mo, vo = _adam_fast(po, go, m_o, v_o, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
+                                    decay, ASM)
+    else:
+        new_pe, me, ve = _adam(pe, ge, m_e, v_e, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
+                               decay)
+        new_po, mo, vo = _adam(po, go, m_o, v_o, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
+                               decay)
+    return new_pe, me, ve, new_po, mo, vo
+
+
+@triton.jit
+def _codes_halves(me, mo, ve, vo, m_inv, v_inv_e, v_inv_o, mtab, mids, mlut, even, odd, mseed_mix,
+                  M_SR: tl.constexpr, ND: tl.constexpr, MLUT: tl.constexpr):
+    # The 4-bit codes of both halves: first moment by _code_m, second rounded up (_code_linear16_up).
+    mqe = _code_m(_unit(me, m_inv), mtab, mids, mlut, even, mseed_mix, M_SR, ND, MLUT)
+    mqo = _code_m(_unit(mo, m_inv), mtab, mids, mlut, odd, mseed_mix, M_SR, ND, MLUT)
+    vqe = _code_linear16_up(_unit(ve, v_inv_e))
+    vqo = _code_linear16_up(_unit(vo, v_inv_o))
+    return mqe, mqo, vqe, vqo
+
+
+@triton.jit
+def _pack(lo, hi):
+    # One byte per pair of codes: the first half's in the low nibble (qmaps.pack_nibbles).
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-tensor kernels: one launch covers every tensor of a kind. Program i works on tensor
 # prog_t[i] at block/row prog_a[i] (and column segment prog_b[i]); the tensors' addresses come from
@@ -354,10 +392,9 @@ def adamw4bit_flat_multi(
     po = tl.load(p_ptr + odd, mask=omask, other=0).to(tl.float32)
     ge = tl.load(g_ptr + even, mask=emask, other=0).to(tl.float32)
     go = tl.load(g_ptr + odd, mask=omask, other=0).to(tl.float32)
-    new_pe, me, ve = _adam(pe, ge, tl.load(mtab + (mb & 0xF)) * ms, _v16(vb & 0xF) * vs,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
-    new_po, mo, vo = _adam(po, go, tl.load(mtab + (mb >> 4)) * ms, _v16(vb >> 4) * vs,
-                           beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
+    new_pe, me, ve, new_po, mo, vo = _update_halves(
+        pe, po, ge, go, mb, vb, ms, vs, vs, mtab,
+        beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, False, False)
     me, mo = tl.where(emask, me, 0.0), tl.where(omask, mo, 0.0)
     ve, vo = tl.where(emask, ve, 0.0), tl.where(omask, vo, 0.0)
     m_abs = tl.maximum(tl.max(tl.abs(me), axis=1), tl.max(tl.abs(mo), axis=1))
@@ -366,13 +403,13 @@ def adamw4bit_flat_multi(
     v_inv = _inv(v_abs)[:, None]
     mseed_mix = tl.load(mseeds + t)
     mids = _mids_sym(mmid)
+    mqe, mqo, vqe, vqo = _codes_halves(me, mo, ve, vo, m_inv, v_inv, v_inv, mtab, mids, mlut, even, odd,
+                                       mseed_mix, M_SR, ND, MLUT)
     # padding: code 0
-    mqe = tl.where(emask, _code_m(_unit(me, m_inv), mtab, mids, mlut, even, mseed_mix, M_SR, ND, MLUT), 0)
-    mqo = tl.where(omask, _code_m(_unit(mo, m_inv), mtab, mids, mlut, odd, mseed_mix, M_SR, ND, MLUT), 0)
-    vqe = tl.where(emask, _code_linear16_up(_unit(ve, v_inv)), 0)
-    vqo = tl.where(omask, _code_linear16_up(_unit(vo, v_inv)), 0)
-    tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=bmask)
-    tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=bmask)
+    mqe, mqo = tl.where(emask, mqe, 0), tl.where(omask, mqo, 0)
+    vqe, vqo = tl.where(emask, vqe, 0), tl.where(omask, vqo, 0)
+    tl.store(mq_ptr + boffs, _pack(mqe, mqo), mask=bmask)
+    tl.store(vq_ptr + boffs, _pack(vqe, vqo), mask=bmask)
     tl.store(mabs_ptr + rows, m_abs, mask=rmask)
     tl.store(vabs_ptr + rows, v_abs, mask=rmask)
     _store_param(p_ptr, comp_ptr, even, emask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
@@ -408,7 +445,7 @@ def _amax_nonneg(ptr, val, mask, RELAXED: tl.constexpr):
 def v_rowcol_max_multi(
     ptrs, T, prog_t, prog_a, prog_b, nrows_ptr, ncols_ptr, flat_off, new_ptr, beta2, omb2,
     RB: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, PDT: tl.constexpr, ALIGN: tl.constexpr,
-    RELAXED: tl.constexpr,
+    RELAXED: tl.constexpr, NS: tl.constexpr,
 ):
     # Pass 1 of the 4-bit rank-1 step: row and column maxima of the new second moment, into the
     # zeroed flat buffer new_ptr (tensor t: its rows at flat_off[t], then its columns). A program
@@ -433,7 +470,7 @@ def v_rowcol_max_multi(
     acc_e = tl.zeros([BR, S * 64], tl.float32)
     acc_o = tl.zeros([BR, S * 64], tl.float32)
     r0 = tl.load(prog_a + pid) * RB
-    for i in range(0, RB, BR):
+    for i in tl.range(0, RB, BR, num_stages=NS):
         r = r0 + i + tl.arange(0, BR)
         rmask = r < nrows
         mask = rmask[:, None] & cmask[None, :]
@@ -488,7 +525,7 @@ def adamw4bit_rank1_multi(
     mtab, mmid, mlut, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
     BR: tl.constexpr, L: tl.constexpr, PDT: tl.constexpr, P_BF16: tl.constexpr, ROUNDING: tl.constexpr,
     M_SR: tl.constexpr, ND: tl.constexpr, ALIGN: tl.constexpr, MLUT: tl.constexpr, FAST: tl.constexpr,
-    ASM: tl.constexpr, EVICT: tl.constexpr,
+    ASM: tl.constexpr, EVICT: tl.constexpr, NS: tl.constexpr,
 ):
     # Pass 2: matrices with ncols % 128 == 0, so each tile row segment is one first-moment block.
     # A program covers BR rows × L consecutive 128-column segments, one segment per iteration: the
@@ -497,7 +534,9 @@ def adamw4bit_rank1_multi(
     # come from the flat buffers rank1_swap_multi filled (tensor t at flat_off[t]: rows, columns).
     # FAST: square roots and divisions by _adam_fast, the tile recomputed with the IEEE ops when any
     # operand is outside their fast range (see _sqrt_fast). EVICT: the eviction policy of the loads of
-    # parameters and gradients ("" or "evict_first": they are streamed once).
+    # parameters and gradients ("" or "evict_first": they are streamed once). NS: software pipeline
+    # stages of the segment loop (1: none; >= 2: the next segment's loads are issued, as asynchronous
+    # copies, before this one is computed, at about twice the registers).
     pid = tl.program_id(0)
     t = tl.load(prog_t + pid)
     nrows, ncols = tl.load(nrows_ptr + t), tl.multiple_of(tl.load(ncols_ptr + t), 128)
@@ -518,7 +557,7 @@ def adamw4bit_rank1_multi(
     inv_row1 = tl.load(inv_ptr + base + r, mask=rmask, other=1.0)
     inv_row = inv_row1[:, None]
     j = tl.arange(0, 64)
-    for i in range(L):
+    for i in tl.range(L, num_stages=NS):
         seg = tl.load(prog_b + pid) * L + i
         ce = seg * 128 + j
         # Rows of this tile that exist, none when the segment is past the row's end (as a row
@@ -538,18 +577,9 @@ def adamw4bit_rank1_multi(
         po = tl.load(p_ptr + odd, mask=mask, other=0, eviction_policy=EVICT).to(tl.float32)
         ge = tl.load(g_ptr + even, mask=mask, other=0, eviction_policy=EVICT).to(tl.float32)
         go = tl.load(g_ptr + odd, mask=mask, other=0, eviction_policy=EVICT).to(tl.float32)
-        m_e, v_e = tl.load(mtab + (mb & 0xF)) * ms, _v16(vb & 0xF) * vse
-        m_o, v_o = tl.load(mtab + (mb >> 4)) * ms, _v16(vb >> 4) * vso
-        if FAST:
-            new_pe, me, ve = _adam_fast(pe, ge, m_e, v_e, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt,
-                                        eps, decay, ASM)
-            new_po, mo, vo = _adam_fast(po, go, m_o, v_o, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt,
-                                        eps, decay, ASM)
-        else:
-            new_pe, me, ve = _adam(pe, ge, m_e, v_e, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
-                                   decay)
-            new_po, mo, vo = _adam(po, go, m_o, v_o, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps,
-                                   decay)
+        new_pe, me, ve, new_po, mo, vo = _update_halves(
+            pe, po, ge, go, mb, vb, ms, vse, vso, mtab,
+            beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay, FAST, ASM)
         m_abs = tl.maximum(tl.max(tl.where(mask, tl.abs(me), 0.0), axis=1),
                            tl.max(tl.where(mask, tl.abs(mo), 0.0), axis=1))
         if FAST:
@@ -568,12 +598,10 @@ def adamw4bit_rank1_multi(
         # means the whole row or column of v is 0, which codes the same under any finite factor.
         inv_e = tl.maximum(inv_row, tl.load(col_inv + ce, mask=ce < ncols, other=1.0)[None, :])
         inv_o = tl.maximum(inv_row, tl.load(col_inv + ce + 64, mask=ce < ncols, other=1.0)[None, :])
-        mqe = _code_m(_unit(me, m_inv), mtab, mids, mlut, even, mseed_mix, M_SR, ND, MLUT)
-        mqo = _code_m(_unit(mo, m_inv), mtab, mids, mlut, odd, mseed_mix, M_SR, ND, MLUT)
-        vqe = _code_linear16_up(_unit(ve, inv_e))
-        vqo = _code_linear16_up(_unit(vo, inv_o))
-        tl.store(mq_ptr + boffs, (mqe | (mqo << 4)).to(tl.uint8), mask=mask)
-        tl.store(vq_ptr + boffs, (vqe | (vqo << 4)).to(tl.uint8), mask=mask)
+        mqe, mqo, vqe, vqo = _codes_halves(me, mo, ve, vo, m_inv, inv_e, inv_o, mtab, mids, mlut, even, odd,
+                                           mseed_mix, M_SR, ND, MLUT)
+        tl.store(mq_ptr + boffs, _pack(mqe, mqo), mask=mask)
+        tl.store(vq_ptr + boffs, _pack(vqe, vqo), mask=mask)
         tl.store(mabs_ptr + mblk, m_abs, mask=bmask)
         _store_param(p_ptr, comp_ptr, even, mask, pe, new_pe, seed_mix, P_BF16, ROUNDING)
         _store_param(p_ptr, comp_ptr, odd, mask, po, new_po, seed_mix, P_BF16, ROUNDING)

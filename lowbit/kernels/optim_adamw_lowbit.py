@@ -60,14 +60,18 @@ ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # H100 (docs/BENCHMARKS.md, "Optimizer step"): one 2-row tile per 1-warp program was the fastest
 # pass 2 and capping it at 64 registers (72 uncapped, no spills) faster still, as more programs fit
 # per SM; looping over segments was slower; pass 1 shapes differ by a few percent.
-# Pass 2 instruction count (it is bound by instruction issue more than by memory): "mlut4" codes the
+# Pass 2 instructions (807 SASS per 2-row tile on sm_90, was 948): "mlut4" codes the
 # first moment by one table gather (_code16_lut) instead of 7 compares; "fast4" takes square roots
 # and divisions by their fast paths with one range test per tile (_adam_fast; bit-identical results);
 # "evict4" loads parameters and gradients with evict_first. "relax1": pass 1's maxima by relaxed
 # integer atomics (_amax_nonneg) instead of fenced float ones. Each 0 restores the former code.
+# Run D (docs/BENCHMARKS.md): pass 2 6.27 → 6.09 ms (code table −0.23, fast ops −0.12, evict_first
+# +0.18: off), pass 1 2.07 → 1.70 ms (relaxed atomics) → 1.64 ms (4 rows per iteration, 80 registers
+# instead of 164 at 8). "ns4" / "ns1": software-pipeline stages of pass 2's segment loop (with
+# "l4" > 1) and pass 1's row loop (1: none).
 CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 1, "warps4r": 1, "maxnreg4": 64,
-          "rb1": 256, "br1": 8, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1, "fma4": 1,
-          "mlut4": 1, "fast4": 1, "evict4": 0, "relax1": 1}
+          "rb1": 256, "br1": 4, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1, "fma4": 1,
+          "mlut4": 1, "fast4": 1, "evict4": 0, "relax1": 1, "ns4": 1, "ns1": 1}
 SWAP_BLOCK = 1024
 
 
@@ -344,7 +348,7 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
     plan["new"].zero_()
     v_rowcol_max_multi[(plan["grid1"],)](
         ptrs, T, plan["p1_t"], plan["p1_a"], plan["p1_b"], *shape_args, plan["new"], s["beta2"], s["omb2"],
-        RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, ALIGN=align, RELAXED=bool(c["relax1"]),
+        RB=c["rb1"], BR=c["br1"], S=c["s1"], PDT=pdt, ALIGN=align, RELAXED=bool(c["relax1"]), NS=c["ns1"],
         num_warps=c["warps1"], enable_fp_fusion=fma)
     rank1_swap_multi[(plan["grid_sw"],)](
         ptrs, T, plan["sw_t"], plan["sw_a"], *shape_args, plan["new"], plan["old"], plan["inv"],
@@ -353,6 +357,6 @@ def fused_adamw_multi_(opt: Any, kind: str, items: list[tuple], s: dict) -> None
         ptrs, T, plan["prog_t"], plan["prog_a"], plan["prog_b"], *shape_args, plan["old"], plan["inv"],
         seeds, mseeds, mtab, mmid, mlut, *scal, BR=c["br4"], L=c["l4"], PDT=pdt, P_BF16=bf16,
         ROUNDING=rounding, M_SR=m_sr, ND=nd, ALIGN=align, MLUT=use_lut, FAST=bool(c["fast4"]) and fast_ok(s),
-        ASM=not _interpreting(), EVICT="evict_first" if c["evict4"] else "", num_warps=c["warps4r"],
-        enable_fp_fusion=fma,
+        ASM=not _interpreting(), EVICT="evict_first" if c["evict4"] else "", NS=c["ns4"],
+        num_warps=c["warps4r"], enable_fp_fusion=fma,
         **({"maxnreg": c["maxnreg4"]} if c["maxnreg4"] else {}))
