@@ -100,12 +100,12 @@ def test_ragged_shapes(shape, spec):
     check_same_qtensor(quantize(x, spec, seed=9), kq.quantize(x.to(DEV), spec, seed=9))
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("fp8_e4m3", "row"), QuantSpec("int4", "row", "fp32", "stochastic")])
+@pytest.mark.parametrize("spec", [QuantSpec("fp8_e4m3", "row"),
+                                  QuantSpec("int4", "row", "fp32", "stochastic")])
 def test_rows_longer_than_one_tile_loop_over_chunks(spec, monkeypatch):
-    # Rows over ROW_ONE_TILE_MAX elements take the two-read loop (amax, then quantize), ragged end.
+    # Rows over ROW_CHUNK elements take the two-read loop (amax, then quantize), ragged end.
     import lowbit.kernels._quantize_triton as kt
 
-    monkeypatch.setattr(kt, "ROW_ONE_TILE_MAX", 1024)
     monkeypatch.setattr(kt, "ROW_CHUNK", 512)
     x = _x((9, 3000), seed=8)
     check_same_qtensor(quantize(x, spec, seed=4), kq.quantize(x.to(DEV), spec, seed=4))

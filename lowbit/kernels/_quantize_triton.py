@@ -349,15 +349,11 @@ def _next_pow2(n: int) -> int:
 
 # Tile sizes: elements per program (GPU; the interpreter takes the same shapes, just slower).
 TILE_ELEMS = 4096
-ROW_CHUNK = 2048
-# Rows up to this many elements are held in registers whole (one read). Longer rows loop over
-# ROW_CHUNK twice, and at 8192 x 14336 the second read no longer hit L2 (0.56-0.58 of a copy).
-ROW_ONE_TILE_MAX = 16384
-
-
-def _row_warps(elems: int) -> int:
-    # A whole row in one program: about 16-32 elements a thread, 4 to 16 warps.
-    return min(16, max(4, elems // 1024))
+# Row scaling: rows up to ROW_CHUNK elements are held in registers whole (one read); longer rows
+# are read twice in ROW_CHUNK pieces (amax, then quantize; the second read mostly from L2). H100
+# sweep (docs/BENCHMARKS.md, run 34): 4096 beat 2048 (and a whole 16384-wide row in one program)
+# at 8192 x 14336 (fp8 0.80 of a copy, against 0.58 and 0.72).
+ROW_CHUNK = 4096
 
 
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
@@ -373,9 +369,6 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     elif trans:
         br = max(1, min(rp, 64))
         bc = max(g, min(kp, TILE_ELEMS // br))
-    elif gmode == 1 and kp <= ROW_ONE_TILE_MAX:
-        bc = max(2, kp)
-        br = max(1, min(rp, TILE_ELEMS // bc))
     else:
         chunk = ROW_CHUNK if gmode == 1 else 128
         bc = max(g, 2, min(kp, chunk))
@@ -390,5 +383,6 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile,
-        num_warps=_row_warps(bc) if one_tile and br == 1 else (4 if br * bc <= 4096 else 8),
+        # fp8 rows of 4096 in one program: 8 warps (0.97 of a copy in run 34; int rows: 4 warps).
+        num_warps=8 if (one_tile and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4,
     )
