@@ -68,10 +68,11 @@ ROUNDING_CODE = {"nearest": 0, "stochastic": 1, "kahan": 2}
 # Run D (docs/BENCHMARKS.md): pass 2 6.27 → 6.09 ms (code table −0.23, fast ops −0.12, evict_first
 # +0.18: off), pass 1 2.07 → 1.70 ms (relaxed atomics) → 1.64 ms (4 rows per iteration, 80 registers
 # instead of 164 at 8). "ns4" / "ns1": software-pipeline stages of pass 2's segment loop (with
-# "l4" > 1) and pass 1's row loop (1: none).
+# "l4" > 1) and pass 1's row loop (1: none). Run E: pass 1 1.64 → 1.62 / 1.60 ms at 2 / 3 stages;
+# pass 2 with 4-8 segments per program and 2-3 stages 10.2-13.9 ms (was 6.08: 137-192 registers).
 CONFIG = {"bpp8": 1, "warps8": 2, "bpp4": 4, "warps4": 4, "br4": 2, "l4": 1, "warps4r": 1, "maxnreg4": 64,
           "rb1": 256, "br1": 4, "s1": 2, "warps1": 2, "block32": 1024, "warps32": 4, "align": 1, "fma4": 1,
-          "mlut4": 1, "fast4": 1, "evict4": 0, "relax1": 1, "ns4": 1, "ns1": 1}
+          "mlut4": 1, "fast4": 1, "evict4": 0, "relax1": 1, "ns4": 1, "ns1": 3}
 SWAP_BLOCK = 1024
 
 
