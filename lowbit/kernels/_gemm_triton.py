@@ -99,6 +99,9 @@ def _scaled_gemm_kernel(
         acc = tl.zeros([BM, BN], tl.int32)
     else:
         acc = tl.zeros([BM, BN], tl.float32)
+    # A 2-D block scale of B that spans the whole BN tile (128 x 128 weight blocks): one scalar a
+    # group, so the rescale is one multiply-add per accumulator element, not an outer product too.
+    B_SCALAR: tl.constexpr = B_SMODE == 2 and B_RD % BN == 0
     for k0 in range(0, K, BK):
         if COMPUTE == 1:  # scales into the operands, one bf16 MMA over SPLIT groups
             a = _load_operand(a_ptr, rm, M, stride_a, k0, K, BM, BK, A_ELEM)
@@ -133,7 +136,12 @@ def _scaled_gemm_kernel(
                     part = tl.dot(a, tl.trans(b))
                 kg = kk // G
                 # One outer-product multiply and one FMA per accumulator element and group.
-                if A_SMODE == 2 and B_SMODE == 2:
+                if A_SMODE == 2 and B_SCALAR:
+                    sbs = tl.load(sb_ptr + ((pid_n * BN) // B_RD).to(tl.int64) * sb_r + kg * sb_g,
+                                  kg < tl.cdiv(K, G), other=1.0)
+                    sa = _group_scale(sa_ptr, rm, M, sa_r, sa_g, kg, tl.cdiv(K, G), A_RD)
+                    acc += part * (sa * sbs)[:, None]
+                elif A_SMODE == 2 and B_SMODE == 2:
                     sa = _group_scale(sa_ptr, rm, M, sa_r, sa_g, kg, tl.cdiv(K, G), A_RD)
                     sb = _group_scale(sb_ptr, rn, N, sb_r, sb_g, kg, tl.cdiv(K, G), B_RD)
                     acc += part * (sa[:, None] * sb[None, :])
@@ -190,6 +198,6 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_KEY = ["M", "N", "K", "A_ELEM", "B_ELEM", "A_SMODE", "B_SMODE", "COMPUTE", "G"]
+_KEY = ["M", "N", "K", "A_ELEM", "B_ELEM", "A_SMODE", "B_SMODE", "COMPUTE", "G", "B_RD"]
 scaled_gemm_tuned = triton.autotune(configs=_configs(), key=_KEY,
                                     prune_configs_by={"early_config_prune": _prune})(_scaled_gemm_kernel)
