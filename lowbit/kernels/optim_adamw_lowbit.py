@@ -15,8 +15,10 @@ TRITON_INTERPRET=1 the kernels reproduce the reference bit for bit (on GPUs the 
 multiply-adds: last-ulp differences, which can flip a code; CONFIG["fma4"] = 0 turns that off for
 the 4-bit kernels, which are then bit-identical on the GPU too). Nearest 8-bit codes come from the byte LUT of
 `qmaps.search_lut` (two gathers instead of an 8-step binary search); 4-bit codes from register
-compares (first moment: stochastic rounding like `qmaps.stochastic_code`, with the same hash
-bits, or nearest) and arithmetic (second moment, rounded up like `qmaps.up_code`). BF16 params
+compares (first moment, stochastic rounding like `qmaps.stochastic_code`, with the same hash
+bits), one table gather and compare (first moment, nearest: `m_code_lut`) and arithmetic (second
+moment, rounded up like `qmaps.up_code`). The rank-1 pass 2 takes square roots and divisions by
+the fast paths of the IEEE ops with one range test per tile (same results). BF16 params
 are rounded in integer arithmetic (nearest-even, stochastic with the lowbias32 hash of (element
 index, seed), or Kahan-compensated), so the final cast is exact. 4-bit codes use the split-half packing of
 `qmaps.pack_nibbles`, so every load and store is a contiguous run.
