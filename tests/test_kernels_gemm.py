@@ -239,3 +239,23 @@ def test_capability_taken_from_the_cuda_device():
     qa, qb = _operands(8, 8, 64, MX8, MX8)
     cap = torch.cuda.get_device_capability(qa.data.device)
     assert (why_not(qa, qb) is None) == (cap >= (8, 9))
+
+
+@pytest.mark.parametrize("spec", [MX8, MX4, NV, NV_W, QuantSpec("fp8_e5m2", 32, "e8m0")],
+                         ids=["mxfp8", "mxfp4", "nvfp4", "nvfp4_16x16", "mx_e5m2"])
+def test_dequantize_bf16_is_exact(spec):
+    # The operands of the cuBLAS BF16 route: element values x group scales, exactly, in BF16
+    # (NVFP4's tensor scale is applied to the GEMM output instead). Ragged rows and K.
+    from lowbit.kernels.dequant import dequantize_bf16
+    from lowbit.kernels.gemm import _elem, _smode
+    from lowbit.quant.qtensor import expand_scale
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 100, generator=g) * torch.exp2(torch.randint(-20, 20, (37, 1), generator=g).float())
+    q = quantize(x.to(DEV), spec)
+    mode, rd, gk = _smode(q)
+    got = dequantize_bf16(q, _elem(q), mode, rd, gk).cpu()
+    qc = quantize(x, spec)
+    want = qc.values() * expand_scale(qc.scale, qc.block, qc.shape)
+    assert torch.equal(want.to(torch.bfloat16).float(), want)  # the oracle itself is exact in BF16
+    assert got.dtype == torch.bfloat16 and torch.equal(got.float(), want)

@@ -151,6 +151,10 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
 # where value x 2^e underflows bf16's subnormals.
 MX_PATH = "bf16"
 
+# On CUDA, run the BF16 path as exact BF16 operands + cuBLAS (see _dequantized_cublas) instead of
+# the fused Triton kernel: H100, MXFP8 8192x4096x4096, 0.86 ms fused (docs/BENCHMARKS.md run 35).
+DEQUANT_CUBLAS = True
+
 # Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);
 # tests switch it off to bound compile time, benchmarks keep it.
 AUTOTUNE = True
@@ -246,6 +250,8 @@ def scaled_gemm(
     )
     if m == 0 or n == 0:
         return out
+    if plan["COMPUTE"] == 1 and DEQUANT_CUBLAS and a.is_cuda and not interpret:
+        return _dequantized_cublas(qa, qb, plan, bias, out_dtype)
     if interpret or config is not None or not AUTOTUNE:
         cfg = config or fixed_config(plan, interpret)
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
@@ -254,6 +260,28 @@ def scaled_gemm(
         grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)
         kt.scaled_gemm_tuned[grid](*args, **plan, HAS_BIAS=bias is not None)
     return out
+
+
+def _dequantized_cublas(qa: QTensor, qb: QTensor, plan: dict, bias: torch.Tensor | None,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """The BF16 path as exact BF16 operands (lowbit.kernels.dequant) and one cuBLAS BF16 GEMM
+    with fp32 accumulation; tensor scales and bias applied to the fp32 product, as the kernel's
+    epilogue does."""
+    from lowbit.kernels.dequant import dequantize_bf16
+
+    _, rda, ga = _smode(qa)
+    _, rdb, gb = _smode(qb)
+    a16 = dequantize_bf16(qa, plan["A_ELEM"], plan["A_SMODE"], rda, ga)
+    b16 = dequantize_bf16(qb, plan["B_ELEM"], plan["B_SMODE"], rdb, gb)
+    scales = [q.tensor_scale.float() for q in (qa, qb) if q.tensor_scale is not None]
+    if not scales and bias is None and out_dtype == torch.bfloat16:
+        return a16 @ b16.t()
+    out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
+    for t in scales:
+        out.mul_(t)
+    if bias is not None:
+        out.add_(bias.float())
+    return out.to(out_dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -1,0 +1,41 @@
+"""Dequantize a (K-last) QTensor to BF16 on the GPU, exactly, for a cuBLAS BF16 GEMM.
+
+Hopper has no block-scaled MMA, so MX and NVFP4 pairs whose element x group-scale products are
+exact in BF16 (fp8/fp4 values with power-of-two or E4M3 group scales: at most 4 + 4 significant
+bits, against BF16's 8) can run as: dequantize both operands to BF16 (one pass each), then cuBLAS
+BF16 with fp32 accumulation. That is the same product as the fused Triton GEMM's BF16 path and
+ran 2x faster than it on the H100 (docs/BENCHMARKS.md). NVFP4's fp32 tensor scales are left out
+here (their products would round) and applied to the fp32 GEMM output by the caller.
+Exact except where value x scale falls below BF16's smallest subnormal (blocks whose amax is
+below ~2^-118), where it rounds, as in the Triton GEMM's BF16 path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.quantize import interpret
+from lowbit.quant.qtensor import QTensor
+
+
+def dequantize_bf16(q: QTensor, elem: int, smode: int, rd: int, g: int) -> torch.Tensor:
+    """(rows, K) BF16 = element values x group (or row / tensor) scales of a 2-D K-last QTensor.
+
+    `elem`, `smode`, `rd`, `g` are lowbit.kernels.gemm's `_elem` and `_smode` of `q`."""
+    from lowbit.kernels._dequant_triton import _dequant_bf16_kernel
+    from lowbit.kernels.gemm import _data2d, _scale2d
+
+    r, k = q.shape
+    d = _data2d(q)
+    s = _scale2d(q)
+    ssr, ssg = s.stride(0), s.stride(1)
+    if smode == 0:  # one scale: every element reads [0, 0]
+        ssr = ssg = 0
+    elif smode == 1:  # one scale a row
+        ssg = 0
+    out = torch.empty((r, k), dtype=torch.bfloat16, device=d.device)
+    br, bc = 32, 128
+    grid = (-(-r // br), -(-k // bc))
+    _dequant_bf16_kernel[grid](d, s, out, r, k, d.stride(0), ssr, ssg, out.stride(0), ELEM=elem,
+                               G=max(g, 1), RD=max(rd, 1), BR=br, BC=bc, HW=not interpret(), num_warps=4)
+    return out
