@@ -98,12 +98,6 @@ def why_not(
         return f"shapes {tuple(qa.shape)} and {tuple(qb.shape)} are not (M, K) and (N, K)"
     ma, _, ga = _smode(qa)
     mb, _, gb = _smode(qb)
-    if qa.data.is_cuda and ea not in (2, 3) and ma != 2 and mb != 2:
-        # On the H100 (Triton 3.6) 1.4-2.6% of the outputs of fp8 row and tensor pairs came out
-        # wrong (up to 38x the tolerance) at K = 4160 and 4224, for every K step and pipeline depth
-        # tried, while K = 4096 and the group-scaled and int paths were right (run 36). Cause not
-        # found; cuBLAS (torch._scaled_mm) serves these pairs, and the interpreter tests them here.
-        return "fp8 pairs with tensor or row scales run on cuBLAS (torch._scaled_mm) on CUDA"
     if ma == 2 and mb == 2 and ga != gb:
         return f"scale groups along K differ ({ga} vs {gb})"
     g = ga or gb
