@@ -11,7 +11,9 @@ qb.dequantize_lastdim().T` within fp32-accumulation tolerance. Supported (see _g
 `why_not(qa, qb)` says why a pair is declined; `triton_gemm_backend` is the lowbit.quant.gemm
 backend ("triton"): it declines (returns None) what it cannot do, and the caller then emulates.
 FP8 tensorwise/rowwise pairs go to cuBLAS (torch._scaled_mm) when that applies: measured faster
-(docs/BENCHMARKS.md), and the issue allows it.
+(docs/BENCHMARKS.md), and the issue allows it. On CUDA the exact bf16 path (MX, NVFP4) also ends
+in cuBLAS: both operands dequantized to BF16 by lowbit.kernels.dequant, then one BF16 GEMM
+(`DEQUANT_CUBLAS`; 2-4x the fused kernel on the H100).
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def _plan(qa: QTensor, qb: QTensor, interpret: bool) -> dict:
 MX_PATH = "bf16"
 
 # On CUDA, run the BF16 path as exact BF16 operands + cuBLAS (see _dequantized_cublas) instead of
-# the fused Triton kernel: H100, MXFP8 8192x4096x4096, 0.86 ms fused (docs/BENCHMARKS.md run 35).
+# the fused Triton kernel: H100, MXFP8 8192x4096x4096, 0.85 ms fused vs 0.41 ms (BENCHMARKS, run 37).
 DEQUANT_CUBLAS = True
 
 # Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);
