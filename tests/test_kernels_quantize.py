@@ -111,6 +111,27 @@ def test_rows_longer_than_one_tile_loop_over_chunks(spec, monkeypatch):
     check_same_qtensor(quantize(x, spec, seed=4), kq.quantize(x.to(DEV), spec, seed=4))
 
 
+@pytest.mark.parametrize(
+    "shape,spec",
+    [
+        ((40, 96), QuantSpec("fp4_e2m1", 32, "e8m0")),
+        ((7, 50), QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic")),  # ragged last group, NVFP4
+        ((5, 256), QuantSpec("fp4_e2m1", 128, "e8m0_up")),  # one group per tile row
+        ((9, 64), QuantSpec("int4", 32, "fp32", "stochastic")),
+    ],
+)
+def test_packed_groups_of_bf16_read_as_words(shape, spec, monkeypatch):
+    # bf16 matrices with packed 4-bit codes are read as int32 words of two elements (PAIRED_WORDS);
+    # the same codes as the reference and as the element-wise read.
+    import lowbit.kernels._quantize_triton as kt
+
+    x = _x(shape, seed=12, dtype=torch.bfloat16)
+    ref = quantize(x, spec, seed=6)
+    check_same_qtensor(ref, kq.quantize(x.to(DEV), spec, seed=6))
+    monkeypatch.setattr(kt, "PAIRED_WORDS", False)
+    check_same_qtensor(ref, kq.quantize(x.to(DEV), spec, seed=6))
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_bf16_input_strided_transpose_and_axis(in_place, monkeypatch):
     # X^T for wgrad: read in place (TRANSPOSED_READ) or after a contiguous copy.

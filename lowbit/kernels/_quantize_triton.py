@@ -259,7 +259,7 @@ def _quantize_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr, PAIRS: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -278,6 +278,43 @@ def _quantize_kernel(
         codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                             ENC, SR, SMODE, HW_FP8, TRANS)
         _store_codes(d_ptr, codes, rows, cols, 0, R, K, sdr, BR, BC, PACK)
+    elif GMODE == 0 and PAIRS:
+        # Packed 4-bit codes of a bf16 matrix. Each int32 word holds elements 2c (low half) and
+        # 2c + 1 (high half), which become one byte's two nibbles: the tile is loaded as words and
+        # split into its even and odd columns by shifts (bf16 -> fp32 is exact as a shift), so no
+        # register shuffle pairs the nibbles up (the [BR, BC // 2, 2] split of _store_codes).
+        H: tl.constexpr = BC // 2
+        NG: tl.constexpr = BC // G
+        hc = pid_c * H + tl.arange(0, H)
+        wm = rmask[:, None] & (hc[None, :] < K // 2)
+        wp = x_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (sxr // 2) + hc[None, :]
+        w = tl.load(wp, wm, other=0)
+        xe = (w << 16).to(tl.float32, bitcast=True)
+        xo = (w & -65536).to(tl.float32, bitcast=True)
+        ie = rows.to(tl.int64)[:, None] * K + 2 * hc[None, :]
+        if NG == 1:  # one group per row of the tile: 2-D (see _quant_tile on reshapes)
+            amax = tl.maximum(tl.max(_abs_bits(xe), axis=1), tl.max(_abs_bits(xo), axis=1))
+            s, eff = _scales(amax.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
+            tl.store(s_ptr + rows * ssr + pid_c * ssc, s, rmask)
+            ce = _quant_tile(xe, eff[:, None], ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                             ENC, SR, SMODE, HW_FP8, False)
+            co = _quant_tile(xo, eff[:, None], ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                             ENC, SR, SMODE, HW_FP8, False)
+        else:
+            GH: tl.constexpr = G // 2
+            xe3 = tl.reshape(xe, [BR, NG, GH])
+            xo3 = tl.reshape(xo, [BR, NG, GH])
+            amax = tl.maximum(tl.max(_abs_bits(xe3), axis=2), tl.max(_abs_bits(xo3), axis=2))
+            s, eff = _scales(amax.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
+            gcols = pid_c * NG + tl.arange(0, NG)
+            gm = rmask[:, None] & (gcols[None, :] < (K + G - 1) // G)
+            tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
+            i3 = tl.reshape(ie, [BR, NG, GH])
+            ce = tl.reshape(_quant_tile(xe3, eff[:, :, None], i3, seed_off, KIND_INT, MBITS, EMIN, EMAX,
+                                        FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, False), [BR, H])
+            co = tl.reshape(_quant_tile(xo3, eff[:, :, None], i3 + 1, seed_off, KIND_INT, MBITS, EMIN,
+                                        EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, False), [BR, H])
+        tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], (ce | (co << 4)).to(tl.uint8), wm)
     elif GMODE == 1:  # long row: amax over the whole row first, then quantize (re-read from L2)
         amax = tl.zeros([BR], tl.int32)
         for k0 in range(0, K, BC):
@@ -354,6 +391,8 @@ TILE_ELEMS = 4096
 # sweep (docs/BENCHMARKS.md, run 34): 4096 beat 2048 (and a whole 16384-wide row in one program)
 # at 8192 x 14336 (fp8 0.80 of a copy, against 0.58 and 0.72).
 ROW_CHUNK = 4096
+# Packed (fp4/int4) 1-D groups of a bf16 matrix read as int32 words of two elements.
+PAIRED_WORDS = True
 
 
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
@@ -374,6 +413,9 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         bc = max(g, 2, min(kp, chunk))
         br = max(1, min(rp, TILE_ELEMS // bc))
     one_tile = gmode == 1 and bc >= k
+    # bf16 words of two elements for packed 1-D groups (see the kernel's PAIRS branch).
+    pairs = (PAIRED_WORDS and packed and gmode == 0 and not trans and x2.dtype == torch.bfloat16
+             and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
     dummy = scale
     _quantize_kernel[grid](
@@ -382,7 +424,7 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), as_i32(seed_off),
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
-        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile,
+        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, PAIRS=pairs,
         # fp8 rows of 4096 in one program: 8 warps (0.97 of a copy in run 34; int rows: 4 warps).
         num_warps=8 if (one_tile and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4,
     )
