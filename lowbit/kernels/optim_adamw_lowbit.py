@@ -24,7 +24,7 @@ index, seed), or Kahan-compensated), so the final cast is exact. 4-bit codes use
 `qmaps.pack_nibbles`, so every load and store is a contiguous run.
 
 This module is the host side (which kernel steps a tensor, program tables, launches); the
-kernels themselves are in _optim_adamw_triton.py.
+kernels themselves are in _optim_adamw_triton.py and _optim_adamw4_rank1_triton.py.
 """
 
 from __future__ import annotations
@@ -36,15 +36,17 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels._optim_adamw4_rank1_triton import (
+    adamw4bit_rank1_multi,
+    rank1_swap_multi,
+    v_rowcol_max_multi,
+)
 from lowbit.kernels._optim_adamw_triton import (
     M_LUT_BASE,
     M_LUT_N,
     adamw4bit_flat_multi,
-    adamw4bit_rank1_multi,
     adamw8bit_multi,
     adamw32_multi,
-    rank1_swap_multi,
-    v_rowcol_max_multi,
 )
 from lowbit.optim import qmaps
 from lowbit.optim.adamw import moment_seed
