@@ -126,19 +126,14 @@ def quantize_pair(
     )
 
 
-def _quantize_supported_pair(
-    x: torch.Tensor,
-    spec: QuantSpec,
-    spec_t: QuantSpec,
-    *,
-    seed: int = 0,
-    seed_t: int = 0,
-    amax: torch.Tensor | None = None,
-    record: bool = False,
-    tile: tuple[int, int] | None = None,
-) -> tuple[QTensor, QTensor, torch.Tensor | None]:
-    # quantize_pair once why_not_pair has said yes (the GEMM seam checks first, and the check is
-    # a sizeable part of the host time of a pair on a small layer).
+_Pair = tuple[QTensor, QTensor, "torch.Tensor | None"]
+
+
+def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, *, seed: int = 0,
+                             seed_t: int = 0, amax: torch.Tensor | None = None, record: bool = False,
+                             tile: tuple[int, int] | None = None) -> _Pair:
+    # quantize_pair (same arguments) once why_not_pair has said yes (the GEMM seam checks first,
+    # and the check is a sizeable part of the host time of a pair on a small layer).
     from lowbit.kernels._pair_quantize_triton import launch_pair
 
     if amax is not None and spec.block != "tensor":
