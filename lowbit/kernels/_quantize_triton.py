@@ -259,7 +259,7 @@ def _quantize_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
-    ONE_TILE: tl.constexpr, PAIRS: tl.constexpr,
+    ONE_TILE: tl.constexpr, WORDS: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -278,7 +278,23 @@ def _quantize_kernel(
         codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                             ENC, SR, SMODE, HW_FP8, TRANS)
         _store_codes(d_ptr, codes, rows, cols, 0, R, K, sdr, BR, BC, PACK)
-    elif GMODE == 0 and PAIRS:
+    elif GMODE == 1:  # long row: amax over the whole row first, then quantize (re-read from L2)
+        amax = tl.zeros([BR], tl.int32)
+        for k0 in range(0, K, BC):
+            cols = k0 + tl.arange(0, BC)
+            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+            amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=1))
+        amax = amax.to(tl.float32, bitcast=True)
+        s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
+        tl.store(s_ptr + rows * ssr, s, rmask)
+        for k0 in range(0, K, BC):
+            cols = k0 + tl.arange(0, BC)
+            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+            idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
+            codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                                ENC, SR, SMODE, HW_FP8, TRANS)
+            _store_codes(d_ptr, codes, rows, cols, k0, R, K, sdr, BR, BC, PACK)
+    elif GMODE == 0 and WORDS:
         # Packed 4-bit codes of a bf16 matrix. Each int32 word holds elements 2c (low half) and
         # 2c + 1 (high half), which become one byte's two nibbles: the tile is loaded as words and
         # split into its even and odd columns by shifts (bf16 -> fp32 is exact as a shift), so no
@@ -315,22 +331,6 @@ def _quantize_kernel(
             co = tl.reshape(_quant_tile(xo3, eff[:, :, None], i3 + 1, seed_off, KIND_INT, MBITS, EMIN,
                                         EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, False), [BR, H])
         tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], (ce | (co << 4)).to(tl.uint8), wm)
-    elif GMODE == 1:  # long row: amax over the whole row first, then quantize (re-read from L2)
-        amax = tl.zeros([BR], tl.int32)
-        for k0 in range(0, K, BC):
-            cols = k0 + tl.arange(0, BC)
-            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
-            amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=1))
-        amax = amax.to(tl.float32, bitcast=True)
-        s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
-        tl.store(s_ptr + rows * ssr, s, rmask)
-        for k0 in range(0, K, BC):
-            cols = k0 + tl.arange(0, BC)
-            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
-            idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
-            codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                                ENC, SR, SMODE, HW_FP8, TRANS)
-            _store_codes(d_ptr, codes, rows, cols, k0, R, K, sdr, BR, BC, PACK)
     else:
         cols = pid_c * BC + tl.arange(0, BC)
         x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
@@ -413,8 +413,8 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         bc = max(g, 2, min(kp, chunk))
         br = max(1, min(rp, TILE_ELEMS // bc))
     one_tile = gmode == 1 and bc >= k
-    # bf16 words of two elements for packed 1-D groups (see the kernel's PAIRS branch).
-    pairs = (PAIRED_WORDS and packed and gmode == 0 and not trans and x2.dtype == torch.bfloat16
+    # bf16 words of two elements for packed 1-D groups (see the kernel's WORDS branch).
+    words = (PAIRED_WORDS and packed and gmode == 0 and not trans and x2.dtype == torch.bfloat16
              and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
     dummy = scale
@@ -424,7 +424,7 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), as_i32(seed_off),
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
-        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, PAIRS=pairs,
+        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
         # fp8 rows of 4096 in one program: 8 warps (0.97 of a copy in run 34; int rows: 4 warps).
         num_warps=8 if (one_tile and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4,
     )

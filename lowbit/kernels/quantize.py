@@ -9,8 +9,9 @@ the same QTensor bit for bit (same seed for stochastic rounding). Every step rep
 No float downcast is ever used to round: the interpreter rounds `.to(tl.float8e4nv)` wrongly and
 Hopper has no FP4 cast, so fp8 bytes and fp4/int4 nibbles are assembled from integer fields.
 
-Granularities (the QuantSpec `block`): 1-D blocks along K (power of two, 2..256), "row" (one
-program loops over K twice; the second read mostly hits L2), "tensor" (amax from one
+Granularities (the QuantSpec `block`): 1-D blocks along K (power of two, 2..256), "row" (a row
+of up to 4096 elements is read once; a longer one is read twice in pieces, the second read mostly
+from L2), "tensor" (amax from one
 read on the amax kernel of pair_quantize.py, or the delayed-scaling override; no host sync) and
 2-D tiles (powers of two). The input may be any strided 2-D view. An X^T view can be read in
 place (TRANSPOSED_READ), but that measured slow on the H100, so by default such views are made
