@@ -395,6 +395,19 @@ ROW_CHUNK = 4096
 PAIRED_WORDS = True
 
 
+# Warps of a 2-D tile program (128 x 128 weight blocks: 16384 elements). H100 sweep (run 43 of
+# docs/BENCHMARKS.md), device time: 16 warps 0.86-0.91 of a copy on four shapes; 4 and 8 warps
+# 0.68-0.83, 32 warps 0.64-0.68.
+TILE2D_WARPS = 16
+
+
+def _warps(gmode: int, one_tile: bool, br: int, bc: int, enc: int) -> int:
+    if gmode == 3 and br * bc > 4096:
+        return TILE2D_WARPS
+    # fp8 rows of 4096 in one program: 8 warps (0.97 of a copy in run 34; int rows: 4 warps).
+    return 8 if (one_tile and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4
+
+
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
            g_amax: torch.Tensor | None, t_amax: torch.Tensor | None, fmt: ElementFormat, enc: int,
            packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int) -> None:
@@ -425,6 +438,5 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
-        # fp8 rows of 4096 in one program: 8 warps (0.97 of a copy in run 34; int rows: 4 warps).
-        num_warps=8 if (one_tile and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4,
+        num_warps=_warps(gmode, one_tile, br, bc, enc),
     )
