@@ -401,11 +401,12 @@ PAIRED_WORDS = True
 TILE2D_WARPS = 16
 
 
-def _warps(gmode: int, one_tile: bool, br: int, bc: int, enc: int) -> int:
+def _warps(gmode: int, br: int, bc: int, enc: int) -> int:
     if gmode == 3 and br * bc > 4096:
         return TILE2D_WARPS
-    # fp8 rows of 4096 in one program: 8 warps (0.97 of a copy in run 34; int rows: 4 warps).
-    return 8 if (one_tile and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4
+    # fp8 rows, one 4096-wide tile or chunk at a time: 8 warps (runs 34 and 44: 0.97 of a copy at
+    # 4096 wide, 0.84 against 0.80 at 14336); int rows and 1-D groups: 4 (no better at 8 or 16).
+    return 8 if (gmode == 1 and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4
 
 
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
@@ -438,5 +439,5 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
-        num_warps=_warps(gmode, one_tile, br, bc, enc),
+        num_warps=_warps(gmode, br, bc, enc),
     )
