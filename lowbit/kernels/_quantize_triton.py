@@ -268,17 +268,7 @@ def _quantize_kernel(
     t_amax = 1.0
     if SMODE == 3:
         t_amax = tl.load(ta_ptr)  # the data's own amax (NVFP4 tensor scale), not an override
-    if GMODE == 1 and ONE_TILE:  # row that fits one tile: one read, amax and quantize in registers
-        cols = tl.arange(0, BC)
-        x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
-        amax = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)
-        s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
-        tl.store(s_ptr + rows * ssr, s, rmask)
-        idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                            ENC, SR, SMODE, HW_FP8, TRANS)
-        _store_codes(d_ptr, codes, rows, cols, 0, R, K, sdr, BR, BC, PACK)
-    elif GMODE == 1:  # long row: amax over the whole row first, then quantize (re-read from L2)
+    if GMODE == 1 and not ONE_TILE:  # long row: amax over the row, then quantize (re-read from L2)
         amax = tl.zeros([BR], tl.int32)
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
@@ -335,7 +325,8 @@ def _quantize_kernel(
         cols = pid_c * BC + tl.arange(0, BC)
         x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
         idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
-        if GMODE == 0 and BC == G:  # one 1-D group per row of the tile: 2-D, like a row
+        if GMODE == 1 or BC == G:  # a row that fits one tile (one read), or one 1-D group per row:
+            # 2-D; a row's program has pid_c == 0, so both store their scale at rows * ssr.
             amax = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)
             s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
             tl.store(s_ptr + rows * ssr + pid_c * ssc, s, rmask)
