@@ -211,3 +211,28 @@ def test_gpu_quant_linear_auto_matches_emulation(recipe):
     for g, r in zip(*grads):
         err = (g.float() - r.float()).norm() / r.float().norm()
         assert err < 2e-2, (recipe, err.item())
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_op_pair_is_the_reference_quantizer(fmt, dtype):
+    # lowbit::fp8_tensor_pair, the traced layer's pair on CUDA: the same kernel behind
+    # torch.library.triton_op; ragged shape (tiles of 64), a given amax, the recorded amax.
+    from lowbit.kernels.pair_quantize_op import fp8_tensor_pair
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(70, 131, generator=g) * 7).to(dtype).to(DEV)
+    x[5, 7] = -300.0
+    amax = torch.tensor(250.0, device=DEV)  # a delayed amax below the tensor's own: codes saturate
+    d, d_t, s, rec = fp8_tensor_pair(x, amax, fmt, True)
+    spec = QuantSpec(fmt, "tensor")
+    q, q_t = quantize(x.cpu(), spec, amax=amax.cpu()), quantize(x.cpu().t(), spec, amax=amax.cpu())
+    for got, ref in ((d, q), (d_t, q_t)):
+        assert got.dtype == ref.data.dtype and got.shape == ref.data.shape
+        assert torch.equal(got.view(torch.uint8).cpu(), ref.data.view(torch.uint8))
+        assert s.shape == ref.scale.shape and torch.equal(s.cpu(), ref.scale)
+    assert float(rec) == float(x.float().abs().amax()) == 300.0
+    _, _, _, none = fp8_tensor_pair(x, amax, fmt)
+    assert none.numel() == 0
+    with pytest.raises(ValueError, match="fp8_e4m3"):
+        fp8_tensor_pair(x, amax, "int8")

@@ -11,6 +11,9 @@ per-tensor or per-row scales; `why_not_traced`) are traced instead:
     reference elsewhere. So the compiled layer's codes are the eager layer's, bit for bit. (Letting
     Inductor compile the reference quantizer instead was measured slower on the H100, and its
     division by the constant fp8 max differs from IEEE division in the last bit of the scale.)
+    On CUDA the fp8 tensor-scaled pair (both sides wanted) is `lowbit::fp8_tensor_pair` instead,
+    a `torch.library.triton_op` around the same kernel: Inductor launches it from its generated
+    code, without the ~110 µs of Python per call of an opaque op (lowbit.kernels.pair_quantize_op).
   - the GEMMs (torch._scaled_mm on CUDA, the fp32 emulation elsewhere) are traced as they are.
 As in eager mode only the quantized X^T and W^T are saved for backward.
 """
@@ -18,10 +21,13 @@ As in eager mode only the quantized X^T and W^T are saved for backward.
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 import torch
 
+from lowbit.kernels import pair_quantize_op
+from lowbit.kernels.quantize import triton_available
 from lowbit.quant.gemm import (
     Operand,
     OperandPlan,
@@ -38,6 +44,8 @@ from lowbit.quant.recipes import GEMMS, GemmSpec, Recipe
 if TYPE_CHECKING:
     from lowbit.nn.quant_linear import QuantLinear
 
+# LOWBIT_TRITON_OP=0 sends the fp8 tensor pair through the opaque op too (for A/B measurements).
+USE_TRITON_OP = os.environ.get("LOWBIT_TRITON_OP", "1") != "0"
 TRACED_BACKENDS = ("auto", "emulate", "reference", "scaled_mm")
 _FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 
@@ -89,6 +97,8 @@ def traced_function(recipe: Recipe, backend: str) -> type[torch.autograd.Functio
     it is built; a class first made while Dynamo traces costs a graph break.
     """
     _register_op()
+    if USE_TRITON_OP and triton_available():
+        pair_quantize_op.register()
     key = (recipe, backend)
     if key not in _FUNCTIONS:
 
@@ -167,12 +177,31 @@ def _quantize_pair(
     # Tensor scaling: the amax as graph ops, which Inductor fuses into the kernel that produces t
     # (max is exact, so this is the reference's amax) instead of a separate read of t.
     amax = t.detach().abs().amax().float() if a.block == b.block == "tensor" and t.numel() else None
-    d, s, d_t, s_t = torch.ops.lowbit.quantize_operand_pair(
-        t, amax, a.fmt, a.block, b.fmt, b.block, spec is not None, spec_t is not None
-    )
+    if amax is not None and _triton_pair(t, spec, spec_t):
+        d, d_t, s, _ = pair_quantize_op.fp8_tensor_pair(t, amax, a.fmt)
+        s_t = s
+    else:
+        d, s, d_t, s_t = torch.ops.lowbit.quantize_operand_pair(
+            t, amax, a.fmt, a.block, b.fmt, b.block, spec is not None, spec_t is not None
+        )
     q = None if spec is None else QTensor(d, s, spec.format, spec.block, d.shape, 1, t.dtype)
     q_t = None if spec_t is None else QTensor(d_t, s_t, spec_t.format, spec_t.block, d_t.shape, 1, t.dtype)
     return q, q_t
+
+
+def _triton_pair(t: torch.Tensor, spec: QuantSpec | None, spec_t: QuantSpec | None) -> bool:
+    # Both sides wanted, one format with fp32 tensor scales (why_not_traced already asked for
+    # nearest rounding), on CUDA: the triton_op's case.
+    return (
+        USE_TRITON_OP
+        and t.is_cuda
+        and spec is not None
+        and spec_t is not None
+        and spec.fmt == spec_t.fmt
+        and spec.scale == spec_t.scale == "fp32"
+        and spec.block == spec_t.block == "tensor"
+        and pair_quantize_op.available(t)
+    )
 
 
 def _gemm(
