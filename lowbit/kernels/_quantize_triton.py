@@ -15,7 +15,10 @@ from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
 
 _TWO23: tl.constexpr = tl.constexpr(8388608.0)
-_INF: tl.constexpr = tl.constexpr(float("inf"))
+# Inf tests are written `|v| > FLT_MAX`, not `== inf`: Inductor, which launches the pair kernel in
+# the traced layer (lowbit.kernels.pair_quantize_op), copies module constants into its generated
+# source by repr, and repr(inf) is not a Python name there.
+_FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -62,7 +65,7 @@ def _round_float(y, u, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constex
     sign = (y.to(tl.int32, bitcast=True) >> 31) << 31  # copysign(q, y)
     q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     if HAS_INF:
-        q = tl.where(tl.abs(y) == _INF, y, q)
+        q = tl.where(tl.abs(y) > _FLT_MAX, y, q)
     return q
 
 
@@ -82,13 +85,13 @@ def _round_int(y, u, FMAX: tl.constexpr, SR: tl.constexpr):
 def _fp8_bits(q, EM: tl.constexpr, EB: tl.constexpr, HAS_INF: tl.constexpr):
     # Byte of an fp32 value that is exactly on the fp8 (EM mantissa bits, bias EB) grid.
     a = tl.abs(q)
-    a = tl.where((a == a) & (a != _INF), a, 0.0)  # NaN/Inf get their codes below, not a cast
+    a = tl.where(a <= _FLT_MAX, a, 0.0)  # NaN/Inf get their codes below, not a cast
     et = tl.maximum(_floor_log2(a), 1 - EB)
     sig = (a * _exp2n(EM - et)).to(tl.int32)  # hidden bit included for normals, exact
     bits = ((et + EB - 1) << EM) + sig
     bits = tl.where(q != q, 0x7F, bits)
     if HAS_INF:
-        bits = tl.where(tl.abs(q) == _INF, 0x7C, bits)
+        bits = tl.where(tl.abs(q) > _FLT_MAX, 0x7C, bits)
     return bits | (((q.to(tl.int32, bitcast=True) >> 31) & 1) << 7)
 
 
@@ -104,7 +107,7 @@ def _encode(q, ENC: tl.constexpr, HW_FP8: tl.constexpr):
         if HW_FP8:  # as above; Inf is set apart (the satfinite cast clamps it)
             hw = q.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
             inf = 0x7C | (((q.to(tl.int32, bitcast=True) >> 31) & 1) << 7)
-            return tl.where(tl.abs(q) == _INF, inf, hw)
+            return tl.where(tl.abs(q) > _FLT_MAX, inf, hw)
         else:
             return _fp8_bits(q, 2, 15, True)
     else:
@@ -124,14 +127,14 @@ def _tensor_scale(t_amax, FMAX: tl.constexpr):
     # NVFP4's fp32 tensor scale t = amax_tensor / (448 * max_elem); 0 -> 1, non-finite -> NaN.
     t = tl.div_rn(t_amax, t_amax * 0.0 + 448.0 * FMAX)
     t = tl.where(t == 0, 1.0, t)
-    return tl.where((t_amax == t_amax) & (t_amax != _INF), t, _nan_like(t))
+    return tl.where(tl.abs(t_amax) <= _FLT_MAX, t, _nan_like(t))
 
 
 @triton.jit
 def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.constexpr):
     # (stored scale, effective divisor) from the group amax, as scaling.compute_scale. For e8m0
     # scales the second value is the reciprocal 2^-e instead (a multiply, not a division).
-    bad = (amax != amax) | (amax == _INF)
+    bad = ~(tl.abs(amax) <= _FLT_MAX)
     fmax = tl.zeros_like(amax) + FMAX
     if SMODE == 0:
         s = tl.div_rn(amax, fmax)
