@@ -31,7 +31,8 @@ CATEGORIES = (
 def category(name: str) -> str:
     low = name.lower()
     for cat, keys in CATEGORIES:
-        if cat == "quantize" and name in keys:
+        # Inductor launches the traced layer's pair kernel as `_pair_kernel_0`, `_pair_kernel_1`, ...
+        if cat == "quantize" and name.rstrip("0123456789").rstrip("_") in keys:
             return cat
         if cat != "quantize" and any(k in low for k in keys):
             return cat
@@ -91,22 +92,25 @@ def main() -> None:
         torch.cuda.synchronize()
     by_cat: dict[str, float] = defaultdict(float)
     top: dict[str, float] = defaultdict(float)
+    calls: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
         t = e.self_device_time_total / 1e3 / args.steps  # ms per step
         if t <= 0:
             continue
         by_cat[category(e.key)] += t
         top[e.key] += t
+        calls[e.key] += e.count / args.steps
     gpu = sum(by_cat.values())
     res = dict(model=args.model, recipe=args.recipe, micro=args.micro, seq_len=args.seq_len, mode=args.mode,
                wall_ms=wall, gpu_ms=gpu, by_category_ms=dict(by_cat),
                top_kernels_ms=dict(sorted(top.items(), key=lambda kv: -kv[1])[:30]),
+               top_kernels_calls={k: calls[k] for k in sorted(top, key=lambda k: -top[k])[:30]},
                device=torch.cuda.get_device_name(), torch=torch.__version__)
     print(f"{args.model} {args.recipe} micro {args.micro}: wall {wall:.1f} ms/step, GPU {gpu:.1f} ms/step")
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:>10} {t:8.2f} ms  {t / gpu:6.1%}")
     for k, t in res["top_kernels_ms"].items():
-        print(f"    {t:8.2f} ms  {k[:90]}")
+        print(f"    {t:8.2f} ms {calls[k]:6.0f} calls  {k[:80]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

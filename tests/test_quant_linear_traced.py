@@ -109,11 +109,16 @@ def test_whole_model_compiles_as_one_graph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise"])
-def test_cuda_compiled_layer_matches_eager_fused_path(recipe):
-    # Both run lowbit.kernels' quantizers (the compiled one through the custom op), so the codes
-    # are the same; cuBLAS could still pick another algorithm for the compiled graph's layouts,
-    # so outputs are compared to accumulation order (a few BF16 ulps).
+@pytest.mark.parametrize("recipe,triton_op", [("fp8_tensorwise", False), ("fp8_tensorwise", True),
+                                               ("fp8_rowwise", False)])
+def test_cuda_compiled_layer_matches_eager_fused_path(recipe, triton_op, monkeypatch):
+    # Both run lowbit.kernels' quantizers (the compiled one through the custom op, or with
+    # LOWBIT_TRITON_OP=1 the triton_op Inductor launches), so the codes are the same; cuBLAS could
+    # still pick another algorithm for the compiled graph's layouts, so outputs are compared to
+    # accumulation order (a few BF16 ulps).
+    import lowbit.nn.quant_linear_traced as traced_module
+
+    monkeypatch.setattr(traced_module, "USE_TRITON_OP", triton_op)
     torch._dynamo.reset()
     eager, traced = (m.cuda() for m in _pair(recipe, torch.bfloat16))
     x = torch.randn(4, 256, K, device="cuda", dtype=torch.bfloat16)

@@ -183,8 +183,28 @@ def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constex
         # explicit rounding is skipped: it made the kernels ALU-bound (pair quantizer 0.63 -> 0.90
         # of a copy on the H100, run 22 of docs/BENCHMARKS.md). GPU tests check it bit for bit.
         return _encode(_scaled(x, eff, SMODE), ENC, True)
+    if ENC == 3 and not SR:
+        return _e2m1_codes(_scaled(x, eff, SMODE))
     q = _quant_values(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR, SMODE)
     return _encode(q, ENC, HW_FP8)
+
+
+@triton.jit
+def _e2m1_codes(y):
+    # FP4 E2M1 codes of scaled values y, rounded to nearest even: _round_float then _encode in
+    # about half the instructions (no per-element exponent; the fp4 quantizers were ALU-bound).
+    # The grid is 0, .5, 1, 1.5 (steps of 1/2 below 2), 2, 3 (steps of 1 below 4), 4, 6 (steps of
+    # 2): the code is round(2a), round(a) + 2 or round(a/2) + 4 by range, and halving/doubling
+    # is exact, so every tie rounds to the even code as _round_float's does. |y| saturates at 6
+    # (Inf too); NaN gives code 0, as _encode stores it.
+    a = tl.abs(y)
+    a = tl.where(a < 6.0, a, tl.where(a >= 6.0, 6.0, 0.0))
+    low = a < 2.0
+    mid = a < 4.0
+    v = tl.where(low, a * 2.0, tl.where(mid, a, a * 0.5))
+    r = (v + _TWO23) - _TWO23  # round half to even (0 <= v <= 4)
+    code = r.to(tl.int32) + tl.where(low, 0, tl.where(mid, 2, 4))
+    return code | (((y.to(tl.int32, bitcast=True) >> 31) & 1) << 3)
 
 
 @triton.jit
