@@ -234,5 +234,10 @@ def test_triton_op_pair_is_the_reference_quantizer(fmt, dtype):
     assert float(rec) == float(x.float().abs().amax()) == 300.0
     _, _, _, none = fp8_tensor_pair(x, amax, fmt)
     assert none.numel() == 0
+    own, own_t, own_s, _ = fp8_tensor_pair(x, None, fmt)  # amax read by the op's amax kernel
+    q, q_t = quantize(x.cpu(), spec), quantize(x.cpu().t(), spec)
+    assert torch.equal(own_s.cpu(), q.scale) and float(q.scale) != float(s)
+    assert torch.equal(own.view(torch.uint8).cpu(), q.data.view(torch.uint8))
+    assert torch.equal(own_t.view(torch.uint8).cpu(), q_t.data.view(torch.uint8))
     with pytest.raises(ValueError, match="fp8_e4m3"):
         fp8_tensor_pair(x, amax, "int8")

@@ -140,15 +140,20 @@ def _pair_kernel(
     tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
 
-def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor) -> None:
-    """Integer max of |x| bits over the whole matrix into out_bits (int32, 1 element, zeroed)."""
-    r, c = x2.shape
+def amax_launch_shape(r: int, c: int) -> tuple[tuple[int, int], dict]:
+    """(grid, launch keywords) of _amax_kernel for an r x c matrix."""
     bc = min(256, triton.next_power_of_2(c))
     br = max(1, min(triton.next_power_of_2(r), 8192 // bc))
     iters = max(1, min(8, triton.cdiv(r, br * 264)))  # ~2 waves of programs on 132 SMs
     grid = (triton.cdiv(r, br * iters), triton.cdiv(c, bc))
-    _amax_kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), BR=br, BC=bc, ITERS=iters,
-                       num_warps=8 if br * bc >= 8192 else 4)
+    return grid, dict(BR=br, BC=bc, ITERS=iters, num_warps=8 if br * bc >= 8192 else 4)
+
+
+def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor) -> None:
+    """Integer max of |x| bits over the whole matrix into out_bits (int32, 1 element, zeroed)."""
+    r, c = x2.shape
+    grid, kw = amax_launch_shape(r, c)
+    _amax_kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), **kw)
 
 
 def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scale: torch.Tensor,

@@ -45,11 +45,11 @@ def register() -> None:
         return
     from torch.library import triton_op, wrap_triton
 
-    from lowbit.kernels._pair_quantize_triton import _pair_kernel
+    from lowbit.kernels._pair_quantize_triton import _amax_kernel, _pair_kernel, amax_launch_shape
 
     @triton_op(OP, mutates_args=())
     def fp8_tensor_pair(
-        x: torch.Tensor, amax: torch.Tensor, fmt: str, record: bool
+        x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if fmt not in _ENC:
             raise ValueError(f"{OP}: fmt={fmt!r}, expected one of {FORMATS}")
@@ -61,7 +61,13 @@ def register() -> None:
         data_t = torch.empty((c, r), dtype=torch.uint8, device=x.device)
         scale = torch.empty((1, 1), dtype=torch.float32, device=x.device)
         rec = torch.zeros(1 if record else 0, dtype=torch.int32, device=x.device)
-        g_amax = amax.reshape(1).float()
+        if amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
+            bits = torch.zeros(1, dtype=torch.int32, device=x.device)
+            grid_a, kw = amax_launch_shape(r, c)
+            wrap_triton(_amax_kernel)[grid_a](x, bits, r, c, x.stride(0), x.stride(1), **kw)
+            g_amax = bits.view(torch.float32)
+        else:
+            g_amax = amax.reshape(1).float()
         hw = not interpret()
         grid = (-(-r // _TILE), -(-c // _TILE))
         wrap_triton(_pair_kernel)[grid](
@@ -78,11 +84,12 @@ def register() -> None:
 
 
 def fp8_tensor_pair(
-    x: torch.Tensor, amax: torch.Tensor, fmt: str, record: bool = False
+    x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes of x, codes of x^T, their one fp32 scale, x's own amax if `record` else empty).
 
-    Bit for bit lowbit.quant.quantize(x, QuantSpec(fmt, "tensor"), amax=amax) and the same of x^T.
+    Bit for bit lowbit.quant.quantize(x, QuantSpec(fmt, "tensor"), amax=amax) and the same of x^T;
+    amax=None: x's own, read by the amax kernel.
     """
     register()
     return torch.ops.lowbit.fp8_tensor_pair(x, amax, fmt, record)
