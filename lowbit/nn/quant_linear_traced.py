@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 
 # LOWBIT_TRITON_OP=1: the fp8 tensor pair as a triton_op (module docstring: for host-bound runs).
 USE_TRITON_OP = os.environ.get("LOWBIT_TRITON_OP", "0") == "1"
-GRAPH_AMAX = os.environ.get("LOWBIT_GRAPH_AMAX", "0") == "1"  # TEMP: A/B of run 55
 TRACED_BACKENDS = ("auto", "emulate", "reference", "scaled_mm")
 _FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 
@@ -179,17 +178,17 @@ def _quantize_pair(
 ) -> tuple[QTensor | None, QTensor | None]:
     """(t quantized along its last axis by `spec`, t^T by `spec_t`) through the custom op."""
     a, b = spec or spec_t, spec_t or spec  # placeholders for a side not asked for
-    # Tensor scaling: the op reads t's amax itself (on CUDA with lowbit.kernels' amax kernel). As graph ops
-    # instead (fused by Inductor into t's producer, or alone), Inductor's reduction was the slower
-    # one on the H100: 438 against 76 us alone for a bf16 8192 x 14336 t (run 54), and TEMP.
-    tensor = a.block == b.block == "tensor" and t.numel() > 0
-    amax = t.detach().abs().amax().float() if tensor and GRAPH_AMAX else None
-    if tensor and _triton_pair(t, spec, spec_t):
-        d, d_t, s, _ = pair_quantize_op.fp8_tensor_pair(t, amax, a.fmt)
+    # Tensor scaling: the op reads t's amax itself (on CUDA with lowbit.kernels' amax kernel, at
+    # ~3 TB/s). Computed as graph ops instead, Inductor fused it into t's producer, which turned
+    # those kernels into slower reductions: on the H100 (1b, fp8, docs/BENCHMARKS.md runs 50, 56)
+    # Inductor's kernels took 12.7 ms more per step and the amax kernel takes 10.3 ms; alone,
+    # Inductor's amax of a bf16 8192 x 14336 tensor took 438 us against our kernel's 76 us.
+    if a.block == b.block == "tensor" and _triton_pair(t, spec, spec_t):
+        d, d_t, s, _ = pair_quantize_op.fp8_tensor_pair(t, None, a.fmt)
         s_t = s
     else:
         d, s, d_t, s_t = torch.ops.lowbit.quantize_operand_pair(
-            t, amax, a.fmt, a.block, b.fmt, b.block, spec is not None, spec_t is not None
+            t, None, a.fmt, a.block, b.fmt, b.block, spec is not None, spec_t is not None
         )
     q = None if spec is None else QTensor(d, s, spec.format, spec.block, d.shape, 1, t.dtype)
     q_t = None if spec_t is None else QTensor(d_t, s_t, spec_t.format, spec_t.block, d_t.shape, 1, t.dtype)
