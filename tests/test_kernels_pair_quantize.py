@@ -218,7 +218,7 @@ def test_gpu_quant_linear_auto_matches_emulation(recipe):
 def test_triton_op_pair_is_the_reference_quantizer(fmt, dtype):
     # lowbit::fp8_tensor_pair, the traced layer's pair on CUDA: the same kernel behind
     # torch.library.triton_op; ragged shape (tiles of 64), a given amax, the recorded amax.
-    from lowbit.kernels.pair_quantize_op import fp8_tensor_pair
+    from lowbit.kernels.pair_quantize_op import fp8_tensor_pair, fp8_tensor_pair_direct
 
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(70, 131, generator=g) * 7).to(dtype).to(DEV)
@@ -241,3 +241,8 @@ def test_triton_op_pair_is_the_reference_quantizer(fmt, dtype):
     assert torch.equal(own_t.view(torch.uint8).cpu(), q_t.data.view(torch.uint8))
     with pytest.raises(ValueError, match="fp8_e4m3"):
         fp8_tensor_pair(x, amax, "int8")
+    # The direct launch (the opaque traced op's CUDA body): same codes, two equal scales.
+    dd, ds, dd_t, ds_t = fp8_tensor_pair_direct(x, fmt)
+    assert ds.data_ptr() != ds_t.data_ptr() and torch.equal(ds, ds_t) and torch.equal(ds.cpu(), q.scale)
+    assert torch.equal(dd.view(torch.uint8).cpu(), q.data.view(torch.uint8))
+    assert torch.equal(dd_t.view(torch.uint8).cpu(), q_t.data.view(torch.uint8))

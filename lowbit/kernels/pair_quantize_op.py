@@ -16,6 +16,9 @@ amax (delayed scaling's history entry) without another read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from lowbit.kernels.quantize import interpret, triton_available
@@ -37,6 +40,49 @@ def available(x: torch.Tensor) -> bool:
 _registered = False
 
 
+def _check(x: torch.Tensor, fmt: str) -> None:
+    if fmt not in _ENC:
+        raise ValueError(f"{OP}: fmt={fmt!r}, expected one of {FORMATS}")
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{OP}: needs a float32/bfloat16/float16 matrix, got {tuple(x.shape)} {x.dtype}")
+
+
+def _quantize(
+    launch: Callable[[Any], Any], x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool
+) -> tuple[torch.Tensor, ...]:
+    # The allocations and the two kernel launches, each kernel wrapped by `launch` (wrap_triton
+    # inside the triton_op, nothing for a direct call): (data, data_t, scale, scale_t, rec).
+    from lowbit.kernels._pair_quantize_triton import _amax_kernel, _pair_kernel, amax_launch_shape
+
+    r, c = x.shape
+    f = get_format(fmt)
+    dev = x.device
+    data = torch.empty((r, c), dtype=torch.uint8, device=dev)
+    data_t = torch.empty((c, r), dtype=torch.uint8, device=dev)
+    # Two scales, not one: outputs of an operator may not alias. The kernel writes both.
+    scale = torch.empty((), dtype=torch.float32, device=dev)
+    scale_t = torch.empty((), dtype=torch.float32, device=dev)
+    rec = torch.zeros(1 if record else 0, dtype=torch.int32, device=dev)
+    if amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
+        bits = torch.zeros(1, dtype=torch.int32, device=dev)
+        grid_a, kw = amax_launch_shape(r, c)
+        launch(_amax_kernel)[grid_a](x, bits, r, c, x.stride(0), x.stride(1), **kw)
+        g_amax = bits.view(torch.float32)
+    else:
+        g_amax = amax.reshape(1).float()
+    hw = not interpret()
+    grid = (-(-r // _TILE), -(-c // _TILE))
+    launch(_pair_kernel)[grid](
+        x, data, data_t, scale, scale_t, g_amax, rec if record else scale, r, c, x.stride(0), x.stride(1),
+        1, 1, 1, 1, 0, 0,
+        MBITS=f.mbits, EMIN=f.emin, EMAX=f.emax, FMAX=float(f.max), HAS_INF=f.has_inf,
+        KIND_INT=False, ENC=_ENC[fmt], SMODE=0, GA=0, GB=0, SR_A=False, SR_B=False,
+        SAME_CODES=False, RECORD=record, BR=_TILE, BC=_TILE, HW_FP8=hw, FAST=hw, num_warps=4,
+    )
+    dt = _DTYPE[fmt]
+    return data.view(dt), data_t.view(dt), scale, scale_t, rec.view(torch.float32)
+
+
 def register() -> None:
     """Define the op once (lazily: it imports Triton). Callers register before torch.compile traces
     (a plain flag, not functools.cache: Dynamo reads the flag, while it would trace into a cache)."""
@@ -45,40 +91,13 @@ def register() -> None:
         return
     from torch.library import triton_op, wrap_triton
 
-    from lowbit.kernels._pair_quantize_triton import _amax_kernel, _pair_kernel, amax_launch_shape
-
     @triton_op(OP, mutates_args=())
     def fp8_tensor_pair(
         x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if fmt not in _ENC:
-            raise ValueError(f"{OP}: fmt={fmt!r}, expected one of {FORMATS}")
-        if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"{OP}: needs a float32/bfloat16/float16 matrix, got {tuple(x.shape)} {x.dtype}")
-        r, c = x.shape
-        f = get_format(fmt)
-        data = torch.empty((r, c), dtype=torch.uint8, device=x.device)
-        data_t = torch.empty((c, r), dtype=torch.uint8, device=x.device)
-        scale = torch.empty((1, 1), dtype=torch.float32, device=x.device)
-        rec = torch.zeros(1 if record else 0, dtype=torch.int32, device=x.device)
-        if amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
-            bits = torch.zeros(1, dtype=torch.int32, device=x.device)
-            grid_a, kw = amax_launch_shape(r, c)
-            wrap_triton(_amax_kernel)[grid_a](x, bits, r, c, x.stride(0), x.stride(1), **kw)
-            g_amax = bits.view(torch.float32)
-        else:
-            g_amax = amax.reshape(1).float()
-        hw = not interpret()
-        grid = (-(-r // _TILE), -(-c // _TILE))
-        wrap_triton(_pair_kernel)[grid](
-            x, data, data_t, scale, scale, g_amax, rec if record else scale, r, c, x.stride(0), x.stride(1),
-            1, 1, 1, 1, 0, 0,
-            MBITS=f.mbits, EMIN=f.emin, EMAX=f.emax, FMAX=float(f.max), HAS_INF=f.has_inf,
-            KIND_INT=False, ENC=_ENC[fmt], SMODE=0, GA=0, GB=0, SR_A=False, SR_B=False,
-            SAME_CODES=False, RECORD=record, BR=_TILE, BC=_TILE, HW_FP8=hw, FAST=hw, num_warps=4,
-        )
-        dt = _DTYPE[fmt]
-        return data.view(dt), data_t.view(dt), scale.reshape(()), rec.view(torch.float32)
+        _check(x, fmt)
+        data, data_t, scale, _, rec = _quantize(wrap_triton, x, amax, fmt, record)
+        return data, data_t, scale, rec
 
     _registered = True
 
@@ -93,3 +112,19 @@ def fp8_tensor_pair(
     """
     register()
     return torch.ops.lowbit.fp8_tensor_pair(x, amax, fmt, record)
+
+
+def fp8_tensor_pair_direct(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
+    """(data, scale, data_t, scale_t) of x and x^T with x's own amax: the kernels launched directly.
+
+    The body of the opaque traced op's common case (lowbit.nn.quant_linear_traced): the same
+    kernels and bits as lowbit.kernels.pair_quantize, without the generic path's plans, checks
+    and objects, which were most of its ~110 µs of host time per call.
+    """
+    _check(x, fmt)
+    data, data_t, scale, scale_t, _ = _quantize(_direct, x, None, fmt, False)
+    return data, scale, data_t, scale_t
+
+
+def _direct(kernel: Any) -> Any:
+    return kernel

@@ -146,6 +146,8 @@ def _register_op() -> None:
         want: bool,
         want_t: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.is_cuda and _direct_pair(x, amax, fmt, block, fmt_t, block_t, want, want_t):
+            return pair_quantize_op.fp8_tensor_pair_direct(x, fmt)
         plans = (_plan(fmt, block, want), _plan(fmt_t, block_t, want_t))
         out: list[torch.Tensor] = []
         for op in prepare_operand_pair(x, *plans, amax=amax):
@@ -171,6 +173,17 @@ def _register_op() -> None:
         return tuple(out)
 
     _op_registered = True
+
+
+def _direct_pair(x: torch.Tensor, amax: torch.Tensor | None, fmt: str, block: str, fmt_t: str,
+                 block_t: str, want: bool, want_t: bool) -> bool:
+    # The op's common case on CUDA (fp8 tensorwise training): both sides, one fp8 format, tensor
+    # scales from x's own amax; its kernels are launched without the generic path's host work.
+    return (
+        want and want_t and amax is None and fmt == fmt_t and fmt in pair_quantize_op.FORMATS
+        and block == block_t == "tensor" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and x.numel() > 0 and triton_available()
+    )
 
 
 def _quantize_pair(
