@@ -1,17 +1,20 @@
-"""`lowbit::fp8_tensor_pair`: the fp8 tensor-scaled pair quantizer as an operator torch.compile sees into.
+"""The fp8 tensor-scaled pair quantizer with little host work: a direct launch and a triton_op.
 
 QuantLinear's traced path (lowbit.nn.quant_linear_traced) quantizes X/X^T, W/W^T and dY/dY^T
-inside the compiled graph. Through an opaque custom op each pair costs its Python on every call
-(the op's dispatch, the pair quantizer's argument handling and Triton's own launcher): ~110 µs
-per pair on the lent H100's host, more than the GPU's whole step for a 4096 x 4096 layer at 8192
-tokens (docs/BENCHMARKS.md, third and fifth passes). Registered with `torch.library.triton_op`,
-the same kernel (`_pair_kernel`, the same constexprs as lowbit.kernels.pair_quantize picks, so the
-same bits) is visible to Inductor, which launches it from its generated code like its own kernels:
-no Python per call.
-
-Only the pair the traced fp8 recipes need takes this route: fp8 e4m3/e5m2 on both sides, one fp32
-tensor scale from a given amax, nearest rounding. With `record=True` the pass also returns x's own
-amax (delayed scaling's history entry) without another read.
+inside the compiled graph, through an opaque custom op whose Python runs on every call. Through
+the generic pair path (plans, checks, QTensor objects) that was ~110 µs per pair on the lent
+H100's host, more than the GPU's whole step for a 4096 x 4096 layer at 8192 tokens
+(docs/BENCHMARKS.md, third and fifth passes). Two leaner ways to run the same kernels (the amax
+kernel, then `_pair_kernel` with the constexprs lowbit.kernels.pair_quantize picks, so the same
+bits):
+  - `fp8_tensor_pair_direct`: allocates the outputs and launches the kernels itself; the opaque
+    op's body for its common case (fp8 training with tensor scales).
+  - `lowbit::fp8_tensor_pair`, a `torch.library.triton_op`: Inductor launches the kernels from
+    its generated code, no Python per call; opt-in (LOWBIT_TRITON_OP=1), because Inductor's
+    graph then cannot merge the identical calls of layers that share an input.
+Only fp8 e4m3/e5m2 on both sides with one fp32 tensor scale and nearest rounding take these
+routes. The amax is x's own (one read) or a given one; with `record=True` the triton_op also
+returns x's own amax (delayed scaling's history entry) without another read.
 """
 
 from __future__ import annotations

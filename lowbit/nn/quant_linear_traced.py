@@ -7,17 +7,19 @@ need none of that host state (nearest rounding, no Hadamard signs, no amax histo
 per-tensor or per-row scales; `why_not_traced`) are traced instead:
   - each operand pair (X and X^T, W and W^T, dY and dY^T) is quantized by one custom op,
     `lowbit::quantize_operand_pair`, whose body is the eager path's own
-    lowbit.quant.gemm.prepare_operand_pair: lowbit.kernels' fused pair quantizer on CUDA, the
-    reference elsewhere. So the compiled layer's codes are the eager layer's, bit for bit. (Letting
-    Inductor compile the reference quantizer instead was measured slower on the H100, and its
-    division by the constant fp8 max differs from IEEE division in the last bit of the scale.)
+    lowbit.quant.gemm.prepare_operand_pair (lowbit.kernels' fused pair quantizer on CUDA, the
+    reference elsewhere), or on CUDA for fp8 tensor scaling the same amax and pair kernels
+    launched directly (lowbit.kernels.pair_quantize_op: less host time per call). So the compiled
+    layer's codes are the eager layer's, bit for bit. (Letting Inductor compile the reference
+    quantizer instead was measured slower on the H100, and its division by the constant fp8 max
+    differs from IEEE division in the last bit of the scale.)
     With LOWBIT_TRITON_OP=1 the fp8 tensor-scaled pair on CUDA is `lowbit::fp8_tensor_pair`
-    instead, a `torch.library.triton_op` around the same kernel, which Inductor launches from its
-    generated code without the opaque op's ~110 µs of Python per call: a lone 4096 x 4096 layer
-    at 8192 tokens went from 0.42x to 0.75x BF16 (host-bound). Off by default because a model
-    lost by it (1b, H100, run 49: 195.8 against 187.3 ms of GPU time per step): AOTAutograd's CSE
-    merges the opaque op's identical calls (q/k/v and gate/up quantize the same X once), but not
-    triton kernel calls, whose output buffers are fresh `empty`s, so those pairs ran 3 and 2 times.
+    instead, a `torch.library.triton_op` around the same kernels, which Inductor launches from its
+    generated code without any Python per call: a lone 4096 x 4096 layer at 8192 tokens went from
+    0.43x to 0.75-0.84x BF16 (host-bound). Off by default because a model lost by it (1b, H100,
+    run 49: 195.8 against 187.3 ms of GPU time per step): AOTAutograd's CSE merges the opaque op's
+    identical calls (q/k/v and gate/up quantize the same X once), but not triton kernel calls,
+    whose output buffers are fresh `empty`s, so those pairs ran 3 and 2 times.
   - the GEMMs (torch._scaled_mm on CUDA, the fp32 emulation elsewhere) are traced as they are.
 As in eager mode only the quantized X^T and W^T are saved for backward.
 """
