@@ -246,3 +246,10 @@ def test_triton_op_pair_is_the_reference_quantizer(fmt, dtype):
     assert ds.data_ptr() != ds_t.data_ptr() and torch.equal(ds, ds_t) and torch.equal(ds.cpu(), q.scale)
     assert torch.equal(dd.view(torch.uint8).cpu(), q.data.view(torch.uint8))
     assert torch.equal(dd_t.view(torch.uint8).cpu(), q_t.data.view(torch.uint8))
+    # A strided (transposed) input, as autograd may hand the op: read through its strides.
+    xt = x.t()
+    td, ts, td_t, _ = fp8_tensor_pair_direct(xt, fmt)
+    rt = quantize(xt.cpu().contiguous(), spec)
+    assert torch.equal(td.view(torch.uint8).cpu(), rt.data.view(torch.uint8))
+    assert torch.equal(ts.cpu(), rt.scale)
+    assert torch.equal(td_t.view(torch.uint8).cpu(), q.data.view(torch.uint8))
