@@ -35,6 +35,12 @@ def test_traced_recipes_are_the_host_state_free_fp8_ones():
     assert "amax-history" in why_not_traced(RECIPES["fp8_delayed"])
     assert "seeds" in why_not_traced(RECIPES["int4_hq"])
     assert "per-tensor or per-row" in why_not_traced(RECIPES["mxfp8"])
+    # The traced op quantizes with fp32 scales, so an fp8 tensor recipe with e8m0 scales stays eager.
+    import dataclasses
+
+    base = RECIPES["fp8_tensorwise"]
+    e8m0 = dataclasses.replace(base.fprop, a=QuantSpec("fp8_e4m3", "tensor", "e8m0"))
+    assert "fp32 scales" in why_not_traced(dataclasses.replace(base, name="fp8_e8m0", fprop=e8m0))
     assert "registered kernel backend" in why_not_traced(RECIPES["fp8_tensorwise"], "triton")
 
 

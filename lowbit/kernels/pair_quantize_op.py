@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lowbit.kernels.quantize import interpret, triton_available
+from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import get_format
 
 OP = "lowbit::fp8_tensor_pair"
@@ -33,11 +33,6 @@ _ENC = {"fp8_e4m3": 0, "fp8_e5m2": 1}
 _DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # The pair quantizer's tile for tensor scaling (lowbit.kernels.pair_quantize.PAIR_TILE).
 _TILE = 64
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the op runs on x's device: CUDA with Triton, or the Triton interpreter on CPU."""
-    return triton_available() and (x.is_cuda or (interpret() and x.device.type == "cpu"))
 
 
 _registered = False

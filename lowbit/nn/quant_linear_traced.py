@@ -67,8 +67,9 @@ def why_not_traced(recipe: Recipe, backend: str = "auto") -> str | None:
         if gemm.hadamard or gemm.bit_split or gemm.leverage_sampling:
             return f"{g}: Hadamard rotation, bit split or leverage sampling draw per-call seeds"
         for spec in (gemm.a, gemm.b):
-            if spec is None or spec.fmt not in _FP8_FORMATS or spec.block not in ("tensor", "row"):
-                return f"{g}: {spec} is not fp8 with per-tensor or per-row scales"
+            if (spec is None or spec.fmt not in _FP8_FORMATS or spec.block not in ("tensor", "row")
+                    or spec.scale != "fp32"):
+                return f"{g}: {spec} is not fp8 with per-tensor or per-row fp32 scales"
             if spec.rounding != "nearest":
                 return f"{g}: stochastic rounding draws per-call seeds"
     return None
@@ -180,7 +181,8 @@ def _register_op() -> None:
 def _direct_pair(x: torch.Tensor, amax: torch.Tensor | None, fmt: str, block: str, fmt_t: str,
                  block_t: str, want: bool, want_t: bool) -> bool:
     # The op's common case on CUDA (fp8 tensorwise training): both sides, one fp8 format, tensor
-    # scales from x's own amax; its kernels are launched without the generic path's host work.
+    # scales (fp32: why_not_traced) from x's own amax. Its kernels are launched without the generic
+    # path's host work (fp8_tensor_pair_direct), or by Inductor with LOWBIT_TRITON_OP=1.
     return (
         want and want_t and amax is None and fmt == fmt_t and fmt in pair_quantize_op.FORMATS
         and block == block_t == "tensor" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -198,31 +200,17 @@ def _quantize_pair(
     # those kernels into slower reductions: on the H100 (1b, fp8, docs/BENCHMARKS.md runs 50, 56)
     # Inductor's kernels took 12.7 ms more per step and the amax kernel takes 10.3 ms; alone,
     # Inductor's amax of a bf16 8192 x 14336 tensor took 438 us against our kernel's 76 us.
-    if a.block == b.block == "tensor" and _triton_pair(t, spec, spec_t):
+    want, want_t = spec is not None, spec_t is not None
+    if USE_TRITON_OP and t.is_cuda and _direct_pair(t, None, a.fmt, a.block, b.fmt, b.block, want, want_t):
         d, d_t, s, _ = pair_quantize_op.fp8_tensor_pair(t, None, a.fmt)
         s_t = s
     else:
         d, s, d_t, s_t = torch.ops.lowbit.quantize_operand_pair(
-            t, None, a.fmt, a.block, b.fmt, b.block, spec is not None, spec_t is not None
+            t, None, a.fmt, a.block, b.fmt, b.block, want, want_t
         )
     q = None if spec is None else QTensor(d, s, spec.format, spec.block, d.shape, 1, t.dtype)
     q_t = None if spec_t is None else QTensor(d_t, s_t, spec_t.format, spec_t.block, d_t.shape, 1, t.dtype)
     return q, q_t
-
-
-def _triton_pair(t: torch.Tensor, spec: QuantSpec | None, spec_t: QuantSpec | None) -> bool:
-    # Both sides wanted, one format with fp32 tensor scales (why_not_traced already asked for
-    # nearest rounding), on CUDA: the triton_op's case.
-    return (
-        USE_TRITON_OP
-        and t.is_cuda
-        and spec is not None
-        and spec_t is not None
-        and spec.fmt == spec_t.fmt
-        and spec.scale == spec_t.scale == "fp32"
-        and spec.block == spec_t.block == "tensor"
-        and pair_quantize_op.available(t)
-    )
 
 
 def _gemm(
