@@ -9,6 +9,9 @@ dgrad operand), so the transpose costs no extra pass over memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -150,17 +153,20 @@ def amax_launch_shape(r: int, c: int) -> tuple[tuple[int, int], dict]:
     return grid, dict(BR=br, BC=bc, ITERS=iters, num_warps=8 if br * bc >= 8192 else 4)
 
 
-def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor) -> None:
-    """Integer max of |x| bits over the whole matrix into out_bits (int32, 1 element, zeroed)."""
+def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor, wrap: Callable[[Any], Any] | None = None) -> None:
+    """Integer max of |x| bits over the whole matrix into out_bits (int32, 1 element, zeroed).
+    `wrap`: torch.library.wrap_triton inside a triton_op (lowbit.kernels.pair_quantize_op)."""
     r, c = x2.shape
     grid, kw = amax_launch_shape(r, c)
-    _amax_kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), **kw)
+    kernel = wrap(_amax_kernel) if wrap is not None else _amax_kernel
+    kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), **kw)
 
 
 def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scale: torch.Tensor,
                 scale_t: torch.Tensor, g_amax: torch.Tensor | None, rec_bits: torch.Tensor | None,
                 fmt: ElementFormat, enc: int, smode: int, ga: int, gb: int, sr_a: bool, sr_b: bool,
-                same_codes: bool, tile: tuple[int, int], seed_a: int, seed_b: int) -> None:
+                same_codes: bool, tile: tuple[int, int], seed_a: int, seed_b: int,
+                wrap: Callable[[Any], Any] | None = None) -> None:
     r, c = x2.shape
     br, bc = tile
     grid = (triton.cdiv(r, br), triton.cdiv(c, bc))
@@ -168,7 +174,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     hw = not interpret()
     # fp32 tensor scale only: see _quant_tile on casting a transposed tile with an e8m0 scale.
     fast = hw and enc in (0, 1) and smode == 0 and ga == 0 and gb == 0 and not (sr_a or sr_b or same_codes)
-    _pair_kernel[grid](
+    kernel = wrap(_pair_kernel) if wrap is not None else _pair_kernel
+    kernel[grid](
         x2, data, data_t, scale, scale_t, g_amax if g_amax is not None else dummy,
         rec_bits if rec_bits is not None else dummy, r, c, x2.stride(0), x2.stride(1),
         scale.stride(0), scale.stride(1), scale_t.stride(0), scale_t.stride(1),

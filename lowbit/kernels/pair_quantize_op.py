@@ -24,15 +24,15 @@ from typing import Any
 
 import torch
 
-from lowbit.kernels.quantize import interpret
+from lowbit.kernels.pair_quantize import PAIR_TILE
 from lowbit.quant.formats import get_format
 
 OP = "lowbit::fp8_tensor_pair"
 FORMATS = ("fp8_e4m3", "fp8_e5m2")
 _ENC = {"fp8_e4m3": 0, "fp8_e5m2": 1}
 _DTYPE = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# The pair quantizer's tile for tensor scaling (lowbit.kernels.pair_quantize.PAIR_TILE).
-_TILE = 64
+# The input dtypes the kernels read.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _registered = False
@@ -41,44 +41,37 @@ _registered = False
 def _check(x: torch.Tensor, fmt: str) -> None:
     if fmt not in _ENC:
         raise ValueError(f"{OP}: fmt={fmt!r}, expected one of {FORMATS}")
-    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dim() != 2 or x.dtype not in DTYPES:
         raise ValueError(f"{OP}: needs a float32/bfloat16/float16 matrix, got {tuple(x.shape)} {x.dtype}")
 
 
 def _quantize(
-    launch: Callable[[Any], Any], x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool
+    wrap: Callable[[Any], Any] | None, x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool
 ) -> tuple[torch.Tensor, ...]:
-    # The allocations and the two kernel launches, each kernel wrapped by `launch` (wrap_triton
-    # inside the triton_op, nothing for a direct call): (data, data_t, scale, scale_t, rec).
-    from lowbit.kernels._pair_quantize_triton import _amax_kernel, _pair_kernel, amax_launch_shape
+    # The allocations and lowbit.kernels.pair_quantize's two launches, each kernel wrapped by
+    # `wrap` (wrap_triton inside the triton_op, None for a direct call):
+    # (data, data_t, scale, scale_t, rec).
+    from lowbit.kernels._pair_quantize_triton import launch_amax, launch_pair
 
     r, c = x.shape
-    f = get_format(fmt)
     dev = x.device
     data = torch.empty((r, c), dtype=torch.uint8, device=dev)
     data_t = torch.empty((c, r), dtype=torch.uint8, device=dev)
     # Two scales, not one: outputs of an operator may not alias. The kernel writes both.
-    scale = torch.empty((), dtype=torch.float32, device=dev)
-    scale_t = torch.empty((), dtype=torch.float32, device=dev)
-    rec = torch.zeros(1 if record else 0, dtype=torch.int32, device=dev)
+    scale = torch.empty((1, 1), dtype=torch.float32, device=dev)
+    scale_t = torch.empty((1, 1), dtype=torch.float32, device=dev)
+    rec = torch.zeros(1, dtype=torch.int32, device=dev) if record else None
     if amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
         bits = torch.zeros(1, dtype=torch.int32, device=dev)
-        grid_a, kw = amax_launch_shape(r, c)
-        launch(_amax_kernel)[grid_a](x, bits, r, c, x.stride(0), x.stride(1), **kw)
+        launch_amax(x, bits, wrap)
         g_amax = bits.view(torch.float32)
     else:
         g_amax = amax.reshape(1).float()
-    hw = not interpret()
-    grid = (-(-r // _TILE), -(-c // _TILE))
-    launch(_pair_kernel)[grid](
-        x, data, data_t, scale, scale_t, g_amax, rec if record else scale, r, c, x.stride(0), x.stride(1),
-        1, 1, 1, 1, 0, 0,
-        MBITS=f.mbits, EMIN=f.emin, EMAX=f.emax, FMAX=float(f.max), HAS_INF=f.has_inf,
-        KIND_INT=False, ENC=_ENC[fmt], SMODE=0, GA=0, GB=0, SR_A=False, SR_B=False,
-        SAME_CODES=False, RECORD=record, BR=_TILE, BC=_TILE, HW_FP8=hw, FAST=hw, num_warps=4,
-    )
+    launch_pair(x, data, data_t, scale, scale_t, g_amax, rec, get_format(fmt), _ENC[fmt], 0, 0, 0,
+                False, False, False, (PAIR_TILE, PAIR_TILE), 0, 0, wrap)
     dt = _DTYPE[fmt]
-    return data.view(dt), data_t.view(dt), scale, scale_t, rec.view(torch.float32)
+    rec_out = rec.view(torch.float32) if rec is not None else x.new_empty(0, dtype=torch.float32)
+    return data.view(dt), data_t.view(dt), scale.reshape(()), scale_t.reshape(()), rec_out
 
 
 def register() -> None:
@@ -120,9 +113,5 @@ def fp8_tensor_pair_direct(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...
     and objects, which were most of its ~110 µs of host time per call.
     """
     _check(x, fmt)
-    data, data_t, scale, scale_t, _ = _quantize(_direct, x, None, fmt, False)
+    data, data_t, scale, scale_t, _ = _quantize(None, x, None, fmt, False)
     return data, scale, data_t, scale_t
-
-
-def _direct(kernel: Any) -> Any:
-    return kernel

@@ -185,7 +185,7 @@ def _direct_pair(x: torch.Tensor, amax: torch.Tensor | None, fmt: str, block: st
     # path's host work (fp8_tensor_pair_direct), or by Inductor with LOWBIT_TRITON_OP=1.
     return (
         want and want_t and amax is None and fmt == fmt_t and fmt in pair_quantize_op.FORMATS
-        and block == block_t == "tensor" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and block == block_t == "tensor" and x.dtype in pair_quantize_op.DTYPES
         and x.numel() > 0 and triton_available()
     )
 
