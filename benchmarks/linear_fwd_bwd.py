@@ -9,6 +9,8 @@ never spoil another):
                                  fused quantize and pair quantize (X and X^T in one pass)
     lowbit_<recipe>+ref          the same GEMMs with the eager lowbit.quant reference quantizers
                                  (the fused seams unregistered), for comparison
+    lowbit_<recipe>+unfused      the Hadamard rotation as its own kernel (fp32 written), then the
+                                 quantize kernel: what fusing the rotation saves
     lowbit_<recipe>+compile      QuantLinear under torch.compile: traced recipes (fp8 tensorwise,
                                  rowwise) are one graph (quantizers as custom ops, cuBLAS GEMMs),
                                  the rest graph-break and run eagerly
@@ -50,8 +52,10 @@ def _layer(variant: str, k: int, n: int) -> torch.nn.Module:
 
     recipe = variant.removeprefix("lowbit_").split("+")[0]
     if variant.endswith("+ref"):
-        qg._QUANTIZERS.clear()
-        qg._PAIR_QUANTIZERS.clear()
+        for seam in (qg._QUANTIZERS, qg._PAIR_QUANTIZERS, qg._ROTATORS, qg._ROTATE_QUANTIZERS):
+            seam.clear()
+    if variant.endswith("+unfused"):  # Hadamard rotation and quantize as two kernels
+        qg._ROTATE_QUANTIZERS.clear()
     layer = QuantLinear.from_linear(lin, recipe, backend="auto")
     return torch.compile(layer) if variant.endswith("+compile") else layer
 

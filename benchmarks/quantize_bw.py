@@ -7,6 +7,13 @@ eager PyTorch reference (lowbit.quant.quantize) and checks on every case that th
 equal the reference's, computed on the CPU (NaN sign aside).
 
     python benchmarks/quantize_bw.py --out $OUT/quantize_bw.json
+    python benchmarks/quantize_bw.py --hadamard 32 --specs mxfp4_sr,int4_row --graph
+
+--hadamard B times the rotate-and-quantize kernel (lowbit.kernels.hadamard.rotate_quantize, blocks
+of B, random signs) against two unfused forms: the Triton rotation writing fp32 then the quantize
+kernel ("2-pass"), and the fp32 matmul rotation that lowbit used before ("matmul", not bit-exact
+with today's reference, which sums in the butterfly's order). Bytes as above: the input once and
+the outputs once.
 """
 
 from __future__ import annotations
@@ -110,6 +117,42 @@ def _pair_rows(x, shape: str, name: str, spec, copy_bw: float, tiles: str) -> li
     return out
 
 
+def _hadamard_rows(
+    x, shape: str, name: str, spec, block: int, copy_bw: float, copy_graph_bw: float
+) -> list[dict]:
+    from lowbit.kernels.hadamard import hadamard_rotate, rotate_quantize
+    from lowbit.quant import hadamard_matrix, random_signs
+    from lowbit.quant import hadamard_rotate as reference_rotate
+
+    signs = random_signs(block, 7, x.device)
+    h = hadamard_matrix(block, x.device)
+
+    def matmul_rotation():  # lowbit's rotation before the fused kernel: an fp32 batched matmul
+        return kq.quantize(((x.float().unflatten(-1, (-1, block)) * signs) @ h).flatten(-2), spec, seed=1)
+
+    variants = {
+        "fused": lambda: rotate_quantize(x, spec, block, 7, seed=1),
+        "2-pass": lambda: kq.quantize(hadamard_rotate(x, block, 7), spec, seed=1),
+        "matmul": matmul_rotation,
+    }
+    q = variants["fused"]()
+    ref = quantize(reference_rotate(x.cpu().float(), block, signs.cpu()), spec, seed=1)
+    ok = _same(ref, _to_cpu(q))
+    nbytes = x.numel() * 2 + _nbytes(q)
+    out = []
+    for variant, fn in variants.items():
+        t = _bench(fn)
+        row = dict(shape=shape, spec=f"{name} H{block} {variant}", transposed=False, ms=t,
+                   GBps=nbytes / t / 1e6, copy_GBps=copy_bw, frac_of_copy=nbytes / t / 1e6 / copy_bw,
+                   bitexact=ok if variant == "fused" else _same(ref, _to_cpu(fn())))
+        if copy_graph_bw:
+            t_g = _bench_graph(fn)
+            row["graph_ms"], row["graph_frac_of_copy"] = t_g, nbytes / t_g / 1e6 / copy_graph_bw
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="8192x4096,8192x14336")
@@ -121,6 +164,8 @@ def main() -> None:
     p.add_argument("--tiles", default="64", help="pair tile sides to try (pair_quantize.PAIR_TILE)")
     p.add_argument("--graph", action="store_true",
                    help="also time each call inside a CUDA graph (device time without host overhead)")
+    p.add_argument("--hadamard", type=int, default=0,
+                   help="time rotate-and-quantize with Hadamard blocks of this size instead")
     p.add_argument("--out", default="")
     args = p.parse_args()
     import triton
@@ -143,6 +188,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         for name in args.specs.split(","):
             spec = SPECS[name]
+            if args.hadamard:
+                rows += _hadamard_rows(x, shape, name, spec, args.hadamard, copy_bw, copy_graph_bw)
+                continue
             for trans in ([False, True] if args.transposed else [False]):
                 src = x.t() if trans else x
                 q = kq.quantize(src, spec, seed=1)

@@ -147,12 +147,14 @@ def test_bf16_input_strided_transpose_and_axis(in_place, monkeypatch):
 def test_special_values_and_delayed_amax():
     x = _x((8, 64), seed=4)
     x[0, 3] = float("nan")
+    x[5, 40] = torch.tensor(-0x400000, dtype=torch.int32).view(torch.float32)  # a NaN with its sign bit set
     x[1, 5] = float("inf")
     x[2, 7] = -float("inf")
     x[3, :32] = 0.0  # an all-zero block
     x[4, 0] = 1e-40  # fp32 subnormal
     for spec in [QuantSpec("fp8_e4m3", 32, "e8m0"), QuantSpec("fp8_e5m2", 32, "fp32"),
-                 QuantSpec("fp4_e2m1", 16, "e4m3"), QuantSpec("int8", "row")]:
+                 QuantSpec("fp4_e2m1", 16, "e4m3"), QuantSpec("fp4_e2m1", 32, "e8m0"),
+                 QuantSpec("int8", "row")]:
         check_same_qtensor(quantize(x, spec), kq.quantize(x.to(DEV), spec))
     y = _x((8, 64), seed=5)
     spec = QuantSpec("fp8_e4m3")

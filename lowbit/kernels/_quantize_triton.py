@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels._hadamard_triton import _rotate_tile, rotation_constants
 from lowbit.kernels._hash_triton import lowbias32
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
@@ -204,7 +205,8 @@ def _e2m1_codes(y):
     v = tl.where(low, a * 2.0, tl.where(mid, a, a * 0.5))
     r = (v + _TWO23) - _TWO23  # round half to even (0 <= v <= 4)
     code = r.to(tl.int32) + tl.where(low, 0, tl.where(mid, 2, 4))
-    return code | (((y.to(tl.int32, bitcast=True) >> 31) & 1) << 3)
+    sign = ((y.to(tl.int32, bitcast=True) >> 31) & 1) << 3
+    return code | tl.where(y == y, sign, 0)  # a NaN's sign bit (a - b of NaNs may set it) is dropped
 
 
 @triton.jit
@@ -275,14 +277,24 @@ def _store_codes(d_ptr, codes, rows, cols, c0, R, K, sdr, BR: tl.constexpr, BC: 
         tl.store(d_ptr + rows[:, None].to(tl.int64) * sdr + cols[None, :], codes.to(tl.uint8), m)
 
 
-@triton.jit(do_not_specialize=["seed_off"])
+@triton.jit
+def _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS: tl.constexpr, BR: tl.constexpr,
+                  BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr,
+                  SIGNS: tl.constexpr):
+    # The tile, Hadamard-rotated in blocks of HAD along K when HAD > 1 (_hadamard_triton.py).
+    x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+    return _rotate_tile(x, cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS)
+
+
+@triton.jit(do_not_specialize=["seed_off", "sign_off"])
 def _quantize_kernel(
-    x_ptr, d_ptr, s_ptr, ts_ptr, ga_ptr, ta_ptr, R, K, sxr, sxk, sdr, ssr, ssc, seed_off,
+    x_ptr, d_ptr, s_ptr, ts_ptr, ga_ptr, ta_ptr, R, K, sxr, sxk, sdr, ssr, ssc, seed_off, sign_off,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
     ONE_TILE: tl.constexpr, WORDS: tl.constexpr,
+    HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -295,14 +307,16 @@ def _quantize_kernel(
         amax = tl.zeros([BR], tl.int32)
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
-            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+            x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE,
+                              SIGNS)
             amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=1))
         amax = amax.to(tl.float32, bitcast=True)
         s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
         tl.store(s_ptr + rows * ssr, s, rmask)
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
-            x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+            x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE,
+                              SIGNS)
             idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
             codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                                 ENC, SR, SMODE, HW_FP8, TRANS)
@@ -346,7 +360,7 @@ def _quantize_kernel(
         tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], (ce | (co << 4)).to(tl.uint8), wm)
     else:
         cols = pid_c * BC + tl.arange(0, BC)
-        x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+        x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE, SIGNS)
         idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
         if GMODE == 1 or BC == G:  # a row that fits one tile (one read), or one 1-D group per row:
             # 2-D; a row's program has pid_c == 0, so both store their scale at rows * ssr.
@@ -425,7 +439,11 @@ def _warps(gmode: int, br: int, bc: int, enc: int) -> int:
 
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
            g_amax: torch.Tensor | None, t_amax: torch.Tensor | None, fmt: ElementFormat, enc: int,
-           packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int) -> None:
+           packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int,
+           hadamard: int = 1, sign_off: int | None = None) -> None:
+    """Quantize x2 into the given buffers (quantize.py's quantize_2d allocates them). `hadamard`
+    > 1 rotates K in blocks of that size first (random signs from `sign_off` when given); the
+    caller checks that the tiles below hold whole blocks (K a multiple of it, 2-D tiles' widths)."""
     r, k = x2.shape
     kp, rp = _next_pow2(k), _next_pow2(r)
     # X^T views (rows contiguous) load [BC, BR] tiles and transpose in registers: make BR wide.
@@ -435,14 +453,15 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         br, bc = int(block[0]), int(block[1])
     elif trans:
         br = max(1, min(rp, 64))
-        bc = max(g, min(kp, TILE_ELEMS // br))
+        bc = max(g, hadamard, min(kp, TILE_ELEMS // br))
     else:
         chunk = ROW_CHUNK if gmode == 1 else 128
-        bc = max(g, 2, min(kp, chunk))
+        bc = max(g, 2, hadamard, min(kp, chunk))
         br = max(1, min(rp, TILE_ELEMS // bc))
     one_tile = gmode == 1 and bc >= k
     # bf16 words of two elements for packed 1-D groups (see the kernel's WORDS branch).
-    words = (PAIRED_WORDS and packed and gmode == 0 and not trans and x2.dtype == torch.bfloat16
+    words = (PAIRED_WORDS and packed and hadamard == 1 and gmode == 0 and not trans
+             and x2.dtype == torch.bfloat16
              and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
     dummy = scale
@@ -450,8 +469,9 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         x2, data, scale, tscale if tscale is not None else dummy,
         g_amax if g_amax is not None else dummy, t_amax if t_amax is not None else dummy,
         r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), as_i32(seed_off),
+        as_i32(sign_off or 0),
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
-        num_warps=_warps(gmode, br, bc, enc),
+        SIGNS=sign_off is not None, **rotation_constants(hadamard), num_warps=_warps(gmode, br, bc, enc),
     )

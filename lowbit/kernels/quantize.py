@@ -64,9 +64,14 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def triton_runs_on(x: torch.Tensor) -> bool:
+    """Whether Triton kernels run on x's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    return triton_available() and (x.is_cuda or (interpret() and x.device.type == "cpu"))
+
+
 def supports(x: torch.Tensor, spec: QuantSpec) -> bool:
     """True when the Triton kernel handles this call (else `quantize` runs the reference)."""
-    if not triton_available() or not (x.is_cuda or (interpret() and x.device.type == "cpu")):
+    if not triton_runs_on(x):
         return False
     if spec.fmt not in _ENC or not x.is_floating_point() or x.numel() == 0:
         return False
@@ -115,10 +120,20 @@ def _tensor_amax(x2: torch.Tensor) -> torch.Tensor:
     return tensor_amax(x2)
 
 
+def _rotated_amax(x2: torch.Tensor, block: int, sign_off: int | None) -> torch.Tensor:
+    from lowbit.kernels._hadamard_triton import launch_rotated_amax
+
+    bits = torch.zeros(1, dtype=torch.int32, device=x2.device)
+    launch_rotated_amax(x2, bits, block, sign_off)
+    return bits.view(torch.float32)
+
+
 def quantize_2d(
-    x2: torch.Tensor, spec: QuantSpec, seed: int = 0, amax: torch.Tensor | None = None
+    x2: torch.Tensor, spec: QuantSpec, seed: int = 0, amax: torch.Tensor | None = None,
+    hadamard: int = 1, sign_off: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-    """Quantize a (strided) R × K matrix along K: (data, scales, tensor scale or None, packed)."""
+    """Quantize a (strided) R × K matrix along K: (data, scales, tensor scale or None, packed).
+    `hadamard` > 1 quantizes x2·R instead (lowbit.kernels.hadamard checks the shapes)."""
     from lowbit.kernels._quantize_triton import launch
 
     fmt: ElementFormat = spec.format
@@ -136,7 +151,9 @@ def quantize_2d(
     b = spec.block
     # Tensor-wise group amax (maybe the delayed-scaling override) and NVFP4's tensor amax (always
     # the data's own, as in the reference).
-    own = _tensor_amax(x2) if (spec.scale == "e4m3" or (b == "tensor" and amax is None)) else None
+    own = None
+    if spec.scale == "e4m3" or (b == "tensor" and amax is None):
+        own = _tensor_amax(x2) if hadamard == 1 else _rotated_amax(x2, hadamard, sign_off)
     g_amax = None
     if b == "tensor":
         g_amax = amax.float().reshape(1).to(dev) if amax is not None else own
@@ -155,7 +172,7 @@ def quantize_2d(
     tscale = torch.empty((1,), dtype=torch.float32, device=dev) if spec.scale == "e4m3" else None
     launch(
         x2, data, scale, tscale, g_amax, t_amax, fmt, enc, packed, _SCALE[spec.scale], gmode, b,
-        spec.rounding == "stochastic", seed_offset(seed),
+        spec.rounding == "stochastic", seed_offset(seed), hadamard, sign_off,
     )
     data = data.view(ddtype) if ddtype != torch.uint8 else data
     if gmode == _GROW:

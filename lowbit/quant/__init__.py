@@ -13,6 +13,7 @@ from lowbit.quant.gemm import (
     quantized_gemm,
     register_gemm_backend,
     register_quantize_backend,
+    register_rotation_backend,
 )
 from lowbit.quant.hadamard import hadamard_matrix, hadamard_rotate, inverse_hadamard_rotate, random_signs
 from lowbit.quant.qtensor import QTensor
@@ -46,6 +47,7 @@ __all__ = [
     "random_signs",
     "register_gemm_backend",
     "register_quantize_backend",
+    "register_rotation_backend",
     "round_to_format",
     "uniform_noise",
 ]

@@ -11,7 +11,8 @@ quantizes X^T for wgrad during the forward pass and saves that for backward):
 quantized_gemm(a, b, gemm, seed) does both.
 
 Quantize seam: register_quantize_backend(fn) swaps in a fused quantize kernel (same signature and
-bits as quantize()) for operands on one device type (CUDA).
+bits as quantize()) for operands on one device type (CUDA); register_rotation_backend does so for
+the Hadamard rotation and for rotate-then-quantize in one pass (same bits as the two steps).
 
 GEMM backends (the seam where faster GEMM kernels plug in):
     emulate    dequantize to fp32 and matmul in fp32: exact products of the quantized values with
@@ -133,12 +134,19 @@ def prepare_operand(
     if t.dim() != 2:
         raise ValueError(f"GEMM operands are matrices (rows × K), got shape {tuple(t.shape)}")
     if gemm.hadamard:
-        t = t.float()
+        signs_seed = seed if gemm.random_signs else None
+        fused = _ROTATE_QUANTIZERS.get(t.device.type)
+        if fused is not None and spec is not None and observe is None and amax_history is None and not (
+            gemm.bit_split and role == 1
+        ):  # rotation inside the quantize pass; it returns None for shapes it does not take
+            q = fused(t, spec, gemm.hadamard, signs_seed, seed=derive_seed(seed, role),
+                      amax=amax if spec.block == "tensor" else None)
+            if q is not None:
+                return Operand([q])
         pad = (-t.shape[1]) % gemm.hadamard
         if pad:
-            t = torch.nn.functional.pad(t, (0, pad))
-        signs = random_signs(gemm.hadamard, seed, t.device) if gemm.random_signs else None
-        t = hadamard_rotate(t, gemm.hadamard, signs)
+            t = torch.nn.functional.pad(t.float(), (0, pad))
+        t = _ROTATORS.get(t.device.type, _rotate_reference)(t, gemm.hadamard, signs_seed)
     if spec is None:
         return Operand(hp=t.float())
     # The quantizers read BF16 as well as fp32 (and round from the same fp32 values), so a BF16
@@ -158,6 +166,11 @@ def prepare_operand(
         residual = t.float() - q.dequantize_lastdim()
         parts.append(quant(residual, spec, -1, seed=derive_seed(seed, 3)))
     return Operand(parts)
+
+
+def _rotate_reference(t: torch.Tensor, block: int, signs_seed: int | None) -> torch.Tensor:
+    signs = random_signs(block, signs_seed, t.device) if signs_seed is not None else None
+    return hadamard_rotate(t.float(), block, signs)
 
 
 def _plan_args(plan: OperandPlan) -> dict:
@@ -261,10 +274,26 @@ _QUANTIZERS: dict[str, Callable[..., QTensor]] = {}
 # pair(t, spec, spec_t, seed=, seed_t=, amax=, record=) -> (q, q_t, own amax if record) or None.
 _PAIR_QUANTIZERS: dict[str, Callable[..., tuple[QTensor, QTensor, torch.Tensor | None] | None]] = {}
 
+# rotate(t, block, signs_seed) -> fp32 t·R, and rotate_quantize(t, spec, block, signs_seed, seed=,
+# amax=) -> QTensor or None, both bit for bit the reference's (lowbit.kernels.hadamard).
+_ROTATORS: dict[str, Callable[..., torch.Tensor]] = {}
+_ROTATE_QUANTIZERS: dict[str, Callable[..., QTensor | None]] = {}
+
 
 def register_quantize_backend(fn: Callable[..., QTensor], device_type: str = "cuda") -> None:
     """Use `fn` (a drop-in for lowbit.quant.quantize) for GEMM operands on `device_type`."""
     _QUANTIZERS[device_type] = fn
+
+
+def register_rotation_backend(
+    rotate: Callable[..., torch.Tensor],
+    rotate_quantize: Callable[..., QTensor | None],
+    device_type: str = "cuda",
+) -> None:
+    """Hadamard-rotated operands on `device_type`: `rotate` replaces the reference rotation and
+    `rotate_quantize` fuses it into the quantize pass (returning None for shapes it declines)."""
+    _ROTATORS[device_type] = rotate
+    _ROTATE_QUANTIZERS[device_type] = rotate_quantize
 
 
 def register_pair_quantize_backend(fn: Callable[..., object], device_type: str = "cuda") -> None:

@@ -5,6 +5,14 @@ of two) and D = diag(signs) an optional ±1 diagonal. R is orthonormal, so rotat
 of a GEMM along its reduction axis leaves the product unchanged — (A R)(B R)^T = A B^T — while
 spreading an outlier over b elements, which shrinks the amax a block scale has to cover.
 
+The product x·H is computed as a fast Walsh–Hadamard transform in fp32 in one fixed order, so a
+kernel that repeats it gets the same bits (the fused rotate-and-quantize kernel does,
+lowbit/kernels/_hadamard_triton.py): stage s = 0, 1, ..., log2(b) - 1 pairs element j with j + 2^s
+inside each run of 2^(s+1) (j's bit s clear) and writes (a + b, a - b) back to (j, j + 2^s); the
+result is then multiplied by the fp32 constant 1/√b. This is x·H_b for the Sylvester H_b
+(H_2n = [[H_n, H_n], [H_n, -H_n]]) with b·log2(b) adds instead of a b×b matmul whose summation
+order is the BLAS library's.
+
 Random signs come from the same counter hash as stochastic rounding (rounding.py): sign i is
 1 - 2·(lowbias32(i + seed·0x9E3779B9) & 1), so a Triton kernel rebuilds D from the seed alone.
 Recipes re-draw the seed on every call ("signs redrawn per step"); both operands of one GEMM must
@@ -52,23 +60,42 @@ def _check(x: torch.Tensor, block: int, signs: torch.Tensor | None) -> None:
         raise ValueError(f"signs must have shape ({block},), got {tuple(signs.shape)}")
 
 
+def _check_block(block: int) -> None:
+    if block <= 0 or block & (block - 1):
+        raise ValueError(f"Hadamard block size must be a power of two, got {block}")
+
+
+def _fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """fp32 x·H_b/√b on each run of `block` along the last axis, in the stage order of the
+    module docstring (the order the Triton kernel repeats)."""
+    shape = x.shape
+    h = 1
+    while h < block:
+        pairs = x.reshape(-1, 2, h)  # runs of 2h: (first half, second half)
+        a, b = pairs[:, 0], pairs[:, 1]
+        x = torch.stack((a + b, a - b), 1)
+        h *= 2
+    scale = torch.tensor(block**-0.5, dtype=torch.float32, device=x.device)
+    return (x * scale).reshape(shape)
+
+
 def hadamard_rotate(x: torch.Tensor, block: int = 32, signs: torch.Tensor | None = None) -> torch.Tensor:
     """x·R along the last axis (R as in the module docstring); computed in fp32, returned in x.dtype."""
-    h = hadamard_matrix(block, x.device)
+    _check_block(block)
     _check(x, block, signs)
-    xb = x.float().unflatten(-1, (-1, block))
+    xb = x.float()
     if signs is not None:
-        xb = xb * signs.to(xb.device, torch.float32)
-    return (xb @ h).flatten(-2).to(x.dtype)
+        xb = (xb.unflatten(-1, (-1, block)) * signs.to(xb.device, torch.float32)).flatten(-2)
+    return _fwht(xb.contiguous(), block).to(x.dtype)
 
 
 def inverse_hadamard_rotate(
     y: torch.Tensor, block: int = 32, signs: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y·R^T, the inverse of hadamard_rotate (H is symmetric, so R^T = H·D/√b)."""
-    h = hadamard_matrix(block, y.device)
+    _check_block(block)
     _check(y, block, signs)
-    xb = y.float().unflatten(-1, (-1, block)) @ h
+    xb = _fwht(y.float().contiguous(), block).unflatten(-1, (-1, block))
     if signs is not None:
         xb = xb * signs.to(xb.device, torch.float32)
     return xb.flatten(-2).to(y.dtype)

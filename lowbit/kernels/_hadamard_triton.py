@@ -1,0 +1,100 @@
+"""Triton side of the blockwise Hadamard rotation (imported lazily, like every Triton module here).
+
+`_rotate_tile` repeats lowbit/quant/hadamard.py's reference literally: random signs from the
+counter hash of (column mod b, seed), then the fast Walsh–Hadamard transform in the same stage
+order (stage s pairs element j with j + 2^s inside each run of 2^(s+1) and writes (a + b, a - b)),
+then one multiply by the fp32 constant 1/√b. Every fp32 add happens on the same two values in the
+same order as the reference's, so the result is bit for bit the reference's on any device; a
+b×b matmul (tensor cores or not) would sum in an order of its own.
+
+The quantize kernel (_quantize_triton.py) rotates each tile right after loading it, so a rotated
+operand is read once and never written in fp32; `_rotate_kernel` writes the rotated fp32 matrix
+for the callers that need it whole (a bit-split residual, tensor-wise scales, telemetry).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels._hash_triton import lowbias32
+
+
+@triton.jit
+def _rotate_tile(x, cols, sign_off, BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr,
+                 LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr):
+    # x: fp32 [BR, BC] tile whose columns `cols` start at a multiple of HAD (BC a multiple of HAD).
+    if HAD > 1:
+        if SIGNS:  # sign i of a block is 1 - 2 * (lowbias32(i + seed * golden) & 1)
+            bit = lowbias32(((cols % HAD).to(tl.int64) + sign_off).to(tl.uint32)) & 1
+            x = tl.where(bit[None, :] == 1, -x, x)
+        for s in tl.static_range(LOG):
+            # [BR, runs, 2, 2^s] -> pairs (a, b) on a last axis of 2 for tl.split. (2^s is written
+            # out: a constexpr name assigned in the unrolled loop would be a reassignment.)
+            a, b = tl.split(tl.permute(tl.reshape(x, [BR, BC // (2 << s), 2, 1 << s]), [0, 1, 3, 2]))
+            x = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2]), [BR, BC])
+        x = x * SCALE
+    return x
+
+
+@triton.jit(do_not_specialize=["sign_off"])
+def _rotate_kernel(x_ptr, y_ptr, R, K, sxr, sxk, syr, sign_off,
+                   BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr,
+                   SCALE: tl.constexpr, SIGNS: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxk, m, other=0.0)
+    y = _rotate_tile(x.to(tl.float32), cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * syr + cols[None, :], y, m)
+
+
+@triton.jit(do_not_specialize=["sign_off"])
+def _rotated_amax_kernel(x_ptr, out_ptr, R, K, sxr, sxk, sign_off,
+                         BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr,
+                         SCALE: tl.constexpr, SIGNS: tl.constexpr):
+    # max |x·R| as integer bits (NaN stays on top, as in the amax kernel of pair_quantize.py).
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (rows[:, None] < R) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxk, m, other=0.0)
+    y = _rotate_tile(x.to(tl.float32), cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS)
+    bits = y.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+
+
+def rotation_constants(block: int) -> dict:
+    """The kernels' compile-time arguments for a Hadamard block (1 = no rotation)."""
+    scale = torch.tensor(block**-0.5, dtype=torch.float32).item()  # the reference's fp32 constant
+    return dict(HAD=block, LOG=block.bit_length() - 1, SCALE=scale)
+
+
+def _tiles(r: int, k: int, block: int) -> tuple[tuple[int, int], int, int]:
+    bc = max(block, min(triton.next_power_of_2(k), 1024))
+    br = max(1, min(triton.next_power_of_2(r), 4096 // bc))
+    return (triton.cdiv(r, br), triton.cdiv(k, bc)), br, bc
+
+
+def launch_rotate(x2: torch.Tensor, out: torch.Tensor, block: int, sign_off: int | None) -> None:
+    """out (fp32, row-major R × K) = x2 (any strided R × K, K a multiple of `block`) rotated."""
+    from lowbit.kernels._quantize_triton import as_i32
+
+    r, k = x2.shape
+    grid, br, bc = _tiles(r, k, block)
+    _rotate_kernel[grid](
+        x2, out, r, k, x2.stride(0), x2.stride(1), out.stride(0), as_i32(sign_off or 0),
+        BR=br, BC=bc, SIGNS=sign_off is not None, **rotation_constants(block), num_warps=4,
+    )
+
+
+def launch_rotated_amax(x2: torch.Tensor, out_bits: torch.Tensor, block: int, sign_off: int | None) -> None:
+    """Integer max of |x2·R| bits into out_bits (int32, 1 element, zeroed): one read of x2."""
+    from lowbit.kernels._quantize_triton import as_i32
+
+    r, k = x2.shape
+    grid, br, bc = _tiles(r, k, block)
+    _rotated_amax_kernel[grid](
+        x2, out_bits, r, k, x2.stride(0), x2.stride(1), as_i32(sign_off or 0),
+        BR=br, BC=bc, SIGNS=sign_off is not None, **rotation_constants(block), num_warps=4,
+    )

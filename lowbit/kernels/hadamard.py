@@ -1,0 +1,77 @@
+"""Hadamard-rotated GEMM operands on the Triton kernels.
+
+    rotate_quantize(x, spec, block, signs_seed, seed=, amax=)
+        == lowbit.quant.quantize(hadamard_rotate(x.float(), block, signs), spec, seed=seed, amax=amax)
+    hadamard_rotate(x, block, signs_seed) == lowbit.quant.hadamard_rotate(x.float(), block, signs)
+
+bit for bit, with signs = random_signs(block, signs_seed) (None: no signs). rotate_quantize reads x
+once and rotates each tile in registers before quantizing it, so the rotated fp32 matrix is never
+written (before: an fp32 copy, the rotation's read and write, and the quantizer's read). Tensor-wise
+and NVFP4 scales need the rotated tensor's amax first: one more read, on a rotate-and-max kernel.
+
+`rotate_quantize` returns None for what it does not fuse (the caller rotates, then quantizes):
+K not a multiple of the block (the reference pads K), a 2-D scale tile narrower than the block or
+not holding whole blocks, and anything `lowbit.kernels.quantize.supports` sends to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.quantize import quantize_2d, supports, triton_runs_on
+from lowbit.quant.hadamard import hadamard_rotate as reference_rotate
+from lowbit.quant.hadamard import random_signs
+from lowbit.quant.qtensor import QTensor
+from lowbit.quant.quantize import QuantSpec, check_quantize_args
+from lowbit.quant.rounding import seed_offset
+
+MAX_BLOCK = 256  # the largest block a tile rotates (the issue's 16-256; 2-8 work too)
+
+
+def why_not_fused(x: torch.Tensor, spec: QuantSpec, block: int) -> str | None:
+    """Why rotate_quantize declines (x, spec, block), or None when it fuses them."""
+    if block < 2 or block > MAX_BLOCK or block & (block - 1):
+        return f"Hadamard block {block} is not a power of two in [2, {MAX_BLOCK}]"
+    if x.dim() != 2:
+        return f"x has shape {tuple(x.shape)}, not a matrix"
+    if x.shape[1] % block:
+        return f"K={x.shape[1]} is not a multiple of the Hadamard block {block} (the reference pads it)"
+    if not supports(x, spec):
+        return f"the Triton quantizer does not run {spec} on {x.device} ({x.dtype})"
+    b = spec.block  # 1-D groups and Hadamard blocks, both powers of two, always nest
+    if isinstance(b, tuple) and b[1] % block:
+        return f"2-D scale tiles {b} do not hold whole Hadamard blocks of {block}"
+    return None
+
+
+def rotate_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    block: int,
+    signs_seed: int | None = None,
+    *,
+    seed: int = 0,
+    amax: torch.Tensor | None = None,
+) -> QTensor | None:
+    """x (R × K) rotated along K in Hadamard blocks of `block` and quantized, in one kernel; None
+    where it does not fuse (see why_not_fused)."""
+    check_quantize_args(x, spec, amax)
+    if why_not_fused(x, spec, block) is not None:
+        return None
+    sign_off = seed_offset(signs_seed) if signs_seed is not None else None
+    data, scale, tscale, packed = quantize_2d(x.detach(), spec, seed=seed, amax=amax, hadamard=block,
+                                              sign_off=sign_off)
+    # The reference rotates x.float(): the QTensor dequantizes to fp32, as the reference's does.
+    return QTensor(data, scale, spec.format, spec.block, x.shape, 1, torch.float32, packed, tscale)
+
+
+def hadamard_rotate(x: torch.Tensor, block: int, signs_seed: int | None = None) -> torch.Tensor:
+    """fp32 x·R along the last axis of a matrix (Triton where it runs, else the reference)."""
+    if x.dim() != 2 or x.shape[1] % block or not triton_runs_on(x) or not 2 <= block <= MAX_BLOCK:
+        signs = random_signs(block, signs_seed, x.device) if signs_seed is not None else None
+        return reference_rotate(x.float(), block, signs)
+    from lowbit.kernels._hadamard_triton import launch_rotate
+
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    launch_rotate(x.detach(), out, block, seed_offset(signs_seed) if signs_seed is not None else None)
+    return out

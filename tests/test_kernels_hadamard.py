@@ -1,0 +1,151 @@
+"""Hadamard rotation on the Triton kernels (alone, and fused into the quantize pass) vs the
+reference rotation followed by the reference quantizer, bit for bit, under the Triton interpreter."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import lowbit.quant.gemm as qgemm  # noqa: E402
+from lowbit.kernels import _quantize_triton as kqt  # noqa: E402
+from lowbit.kernels.hadamard import hadamard_rotate, rotate_quantize, why_not_fused  # noqa: E402
+from lowbit.nn import QuantLinear  # noqa: E402
+from lowbit.quant import QuantSpec, get_recipe, quantize, random_signs  # noqa: E402
+from lowbit.quant import hadamard_rotate as reference_rotate  # noqa: E402
+from tests.test_kernels_quantize import _x, check_same_qtensor  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(x: torch.Tensor, spec: QuantSpec, block: int, signs_seed, seed: int):
+    signs = random_signs(block, signs_seed, x.device) if signs_seed is not None else None
+    return quantize(reference_rotate(x.float(), block, signs), spec, seed=seed)
+
+
+@pytest.mark.parametrize("block", [2, 16, 32, 128, 256])
+@pytest.mark.parametrize("signs_seed", [None, 7])
+def test_rotate_matches_reference(block, signs_seed):
+    x = _x((5, 3 * block), seed=block).to(DEV)
+    signs = random_signs(block, signs_seed) if signs_seed is not None else None
+    want = reference_rotate(x.float().cpu(), block, signs)
+    for t in (x, x.bfloat16(), x.t().contiguous().t()):  # fp32, bf16, a column-major view
+        got = hadamard_rotate(t, block, signs_seed)
+        assert got.dtype == torch.float32
+        ref = want if t.dtype == torch.float32 else reference_rotate(t.float().cpu(), block, signs)
+        assert torch.equal(got.cpu(), ref)
+
+
+# (spec, Hadamard block): the recipes' rotated operands (MXFP4 and NVFP4 with SR, int4 rows) and
+# every other granularity: tensor-wise (a rotated amax first), 1x128 groups inside 256-blocks,
+# 2-D tiles holding whole blocks, int8 rows.
+FUSED = [
+    (QuantSpec("fp4_e2m1", 32, "e8m0"), 32),
+    (QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"), 32),
+    (QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic"), 16),
+    (QuantSpec("fp4_e2m1", 16, "e4m3"), 64),
+    (QuantSpec("int4", "row"), 32),
+    (QuantSpec("int8", "row", rounding="stochastic"), 128),
+    (QuantSpec("fp8_e4m3", "tensor"), 32),
+    (QuantSpec("fp8_e5m2", "tensor", rounding="stochastic"), 16),
+    (QuantSpec("fp8_e4m3", 128), 256),
+    (QuantSpec("fp8_e4m3", 32, "e8m0"), 16),
+    (QuantSpec("fp4_e2m1", (16, 16), "e4m3"), 16),
+]
+
+
+@pytest.mark.parametrize("spec,block", FUSED, ids=lambda v: str(v) if isinstance(v, int) else v.fmt)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_quantize_matches_rotate_then_quantize(spec, block, dtype):
+    x = _x((37, 2 * max(block, 64)), seed=block, dtype=dtype).to(DEV)  # ragged rows
+    got = rotate_quantize(x, spec, block, 11, seed=5)
+    assert got is not None
+    check_same_qtensor(_reference(x.cpu(), spec, block, 11, 5), got)
+    assert torch.equal(got.dequantize().cpu(), _reference(x.cpu(), spec, block, 11, 5).dequantize())
+
+
+def test_rotate_quantize_long_rows_read_in_chunks(monkeypatch):
+    # Rows longer than ROW_CHUNK are read twice (amax, then quantize): both reads rotate.
+    monkeypatch.setattr(kqt, "ROW_CHUNK", 64)
+    x = _x((9, 320), seed=3).to(DEV)
+    for spec in (QuantSpec("int4", "row"), QuantSpec("fp8_e4m3", "row", rounding="stochastic")):
+        check_same_qtensor(_reference(x.cpu(), spec, 32, None, 2), rotate_quantize(x, spec, 32, None, seed=2))
+
+
+def test_rotate_quantize_nan_and_inf_spread_over_their_block():
+    x = _x((4, 64), seed=1).to(DEV)
+    x[1, 5] = float("nan")
+    x[2, 40] = float("inf")
+    for spec in (QuantSpec("fp4_e2m1", 32, "e8m0"), QuantSpec("fp8_e4m3", "row")):
+        got = rotate_quantize(x, spec, 32, 3, seed=0)
+        ref = _reference(x.cpu(), spec, 32, 3, 0)
+        check_same_qtensor(ref, got)
+    # Row scales make the whole row NaN; 1-D groups only the rotated block that held the NaN.
+    d = rotate_quantize(x, QuantSpec("fp4_e2m1", 32, "e8m0"), 32, 3).dequantize()
+    assert torch.isnan(d[1, :32]).all() and not torch.isnan(d[1, 32:]).any()
+
+
+def test_rotate_quantize_declines_what_it_does_not_fuse():
+    x = torch.randn(8, 96, device=DEV)
+    assert "not a multiple" in why_not_fused(x, QuantSpec("fp4_e2m1", 32, "e8m0"), 64)
+    assert rotate_quantize(x, QuantSpec("fp4_e2m1", 32, "e8m0"), 64) is None
+    assert "whole Hadamard blocks" in why_not_fused(x, QuantSpec("fp4_e2m1", (16, 16), "e4m3"), 32)
+    assert "power of two" in why_not_fused(x, QuantSpec("int4", "row"), 24)
+    assert "Triton quantizer" in why_not_fused(x, QuantSpec("nf4", 64), 32)
+    with pytest.raises(ValueError):  # bad arguments are the quantizer's errors, not a silent None
+        rotate_quantize(x, QuantSpec("fp8_e4m3", 32), 32, amax=torch.ones(1))
+
+
+def _operands(gemm, t: torch.Tensor, role: int, fused: bool, monkeypatch):
+    with monkeypatch.context() as m:
+        if fused:  # the CUDA registration, here for the interpreter's CPU tensors
+            m.setitem(qgemm._ROTATORS, DEV, hadamard_rotate)
+            m.setitem(qgemm._ROTATE_QUANTIZERS, DEV, rotate_quantize)
+        else:
+            m.delitem(qgemm._ROTATORS, DEV, raising=False)
+            m.delitem(qgemm._ROTATE_QUANTIZERS, DEV, raising=False)
+        return qgemm.prepare_operand(t, gemm.a if role == 1 else gemm.b, gemm, 9, role)
+
+
+@pytest.mark.parametrize("recipe,name", [("mxfp4", "wgrad"), ("nvfp4", "wgrad"), ("int4_hq", "fprop"),
+                                         ("int4_hq", "dgrad"), ("mxfp4", "dgrad")])
+@pytest.mark.parametrize("k", [64, 80])  # 80: padded to whole blocks, so the rotation runs alone
+def test_prepare_operand_with_the_kernels_is_bitwise_the_reference(recipe, name, k, monkeypatch):
+    gemm = get_recipe(recipe).gemm(name)
+    t = _x((24, k), seed=k).bfloat16().to(DEV)
+    for role in (1, 2):  # int4_hq's dgrad A is bit-split: rotated by the kernel, quantized twice
+        got = _operands(gemm, t, role, True, monkeypatch)
+        ref = _operands(gemm, t, role, False, monkeypatch)
+        assert len(got.parts) == len(ref.parts)
+        for g, r in zip(got.parts, ref.parts):
+            check_same_qtensor(r, g)
+
+
+def test_quant_linear_mxfp4_gradients_unchanged_by_the_fused_rotation(monkeypatch):
+    def run(fused: bool):
+        with monkeypatch.context() as m:
+            if fused:
+                m.setitem(qgemm._ROTATORS, DEV, hadamard_rotate)
+                m.setitem(qgemm._ROTATE_QUANTIZERS, DEV, rotate_quantize)
+            torch.manual_seed(0)
+            layer = QuantLinear(64, 32, recipe="mxfp4", seed=3).to(DEV)
+            x = torch.randn(32, 64, device=DEV, requires_grad=True)
+            layer(x).square().sum().backward()
+            return x.grad, layer.weight.grad
+
+    for g, r in zip(run(True), run(False)):
+        assert torch.equal(g, r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec,block", FUSED, ids=lambda v: str(v) if isinstance(v, int) else v.fmt)
+def test_gpu_rotate_quantize_large(spec, block):
+    x = _x((2048, 4096), seed=block, dtype=torch.bfloat16).cuda()
+    check_same_qtensor(_reference(x.cpu(), spec, block, 5, 1), rotate_quantize(x, spec, block, 5, seed=1))
+    want = reference_rotate(x.float().cpu(), block, random_signs(block, 5))
+    assert torch.equal(hadamard_rotate(x, block, 5).cpu(), want)
