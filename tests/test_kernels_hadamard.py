@@ -97,6 +97,8 @@ def test_rotate_quantize_declines_what_it_does_not_fuse():
     assert "whole Hadamard blocks" in why_not_fused(x, QuantSpec("fp4_e2m1", (16, 16), "e4m3"), 32)
     assert "power of two" in why_not_fused(x, QuantSpec("int4", "row"), 24)
     assert "Triton quantizer" in why_not_fused(x, QuantSpec("nf4", 64), 32)
+    x_t = torch.randn(64, 8, device=DEV).t()
+    assert "not contiguous along K" in why_not_fused(x_t, QuantSpec("int4", "row"), 32)
     with pytest.raises(ValueError):  # bad arguments are the quantizer's errors, not a silent None
         rotate_quantize(x, QuantSpec("fp8_e4m3", 32), 32, amax=torch.ones(1))
 
@@ -118,9 +120,11 @@ def _operands(gemm, t: torch.Tensor, role: int, fused: bool, monkeypatch):
 def test_prepare_operand_with_the_kernels_is_bitwise_the_reference(recipe, name, k, monkeypatch):
     gemm = get_recipe(recipe).gemm(name)
     t = _x((24, k), seed=k).bfloat16().to(DEV)
-    for role in (1, 2):  # int4_hq's dgrad A is bit-split: rotated by the kernel, quantized twice
-        got = _operands(gemm, t, role, True, monkeypatch)
-        ref = _operands(gemm, t, role, False, monkeypatch)
+    # int4_hq's dgrad A is bit-split: rotated by the kernel, quantized twice. The transposed view
+    # (as wgrad's X^T) is rotated by the rotation kernel reading it in place, then quantized.
+    for role, tt in ((1, t), (2, t), (1, t.t().contiguous().t())):
+        got = _operands(gemm, tt, role, True, monkeypatch)
+        ref = _operands(gemm, tt, role, False, monkeypatch)
         assert len(got.parts) == len(ref.parts)
         for g, r in zip(got.parts, ref.parts):
             check_same_qtensor(r, g)

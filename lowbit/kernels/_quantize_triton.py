@@ -419,6 +419,10 @@ TILE_ELEMS = 4096
 # sweep (docs/BENCHMARKS.md, run 34): 4096 beat 2048 (and a whole 16384-wide row in one program)
 # at 8192 x 14336 (fp8 0.80 of a copy, against 0.58 and 0.72).
 ROW_CHUNK = 4096
+# Rotated (Hadamard) tiles: columns and elements per program and warps (0: as unrotated).
+ROTATED_COLS = 128
+ROTATED_ELEMS = 4096
+ROTATED_WARPS = 0
 # Packed (fp4/int4) 1-D groups of a bf16 matrix read as int32 words of two elements.
 PAIRED_WORDS = True
 
@@ -455,15 +459,16 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         br = max(1, min(rp, 64))
         bc = max(g, hadamard, min(kp, TILE_ELEMS // br))
     else:
-        chunk = ROW_CHUNK if gmode == 1 else 128
+        chunk = ROW_CHUNK if gmode == 1 else (ROTATED_COLS if hadamard > 1 else 128)
         bc = max(g, 2, hadamard, min(kp, chunk))
-        br = max(1, min(rp, TILE_ELEMS // bc))
+        br = max(1, min(rp, (ROTATED_ELEMS if hadamard > 1 else TILE_ELEMS) // bc))
     one_tile = gmode == 1 and bc >= k
     # bf16 words of two elements for packed 1-D groups (see the kernel's WORDS branch).
     words = (PAIRED_WORDS and packed and hadamard == 1 and gmode == 0 and not trans
              and x2.dtype == torch.bfloat16
              and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
+    warps = (hadamard > 1 and ROTATED_WARPS) or _warps(gmode, br, bc, enc)
     dummy = scale
     _quantize_kernel[grid](
         x2, data, scale, tscale if tscale is not None else dummy,
@@ -473,5 +478,5 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
-        SIGNS=sign_off is not None, **rotation_constants(hadamard), num_warps=_warps(gmode, br, bc, enc),
+        SIGNS=sign_off is not None, **rotation_constants(hadamard), num_warps=warps,
     )

@@ -10,8 +10,14 @@ written (before: an fp32 copy, the rotation's read and write, and the quantizer'
 and NVFP4 scales need the rotated tensor's amax first: one more read, on a rotate-and-max kernel.
 
 `rotate_quantize` returns None for what it does not fuse (the caller rotates, then quantizes):
-K not a multiple of the block (the reference pads K), a 2-D scale tile narrower than the block or
-not holding whole blocks, and anything `lowbit.kernels.quantize.supports` sends to the reference.
+K not a multiple of the block (the reference pads K), 2-D scale tiles not holding whole blocks,
+views not contiguous along K (X^T and dY^T for wgrad, W^T for dgrad: the rotation kernel reads
+them in place, faster than the copy the quantize kernel would make), and anything
+`lowbit.kernels.quantize.supports` sends to the reference.
+
+Speed (H100, docs/BENCHMARKS.md): the rotation kernel alone runs at 0.95 of a copy; the fused
+kernel at only 0.22-0.36 of a copy (the butterfly's register shuffles next to the group
+reductions), which is still 1.5x the two kernels and 4-5x the fp32 matmul rotation it replaced.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ def why_not_fused(x: torch.Tensor, spec: QuantSpec, block: int) -> str | None:
         return f"x has shape {tuple(x.shape)}, not a matrix"
     if x.shape[1] % block:
         return f"K={x.shape[1]} is not a multiple of the Hadamard block {block} (the reference pads it)"
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        # The quantize kernel would copy it to row-major first, and that strided copy measured
+        # 2.8x slower than the rotation kernel reading the view (H100, run 60: 208 vs 74 us).
+        return "x is not contiguous along K (the rotation kernel reads such views faster)"
     if not supports(x, spec):
         return f"the Triton quantizer does not run {spec} on {x.device} ({x.dtype})"
     b = spec.block  # 1-D groups and Hadamard blocks, both powers of two, always nest
