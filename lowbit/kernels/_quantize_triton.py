@@ -280,10 +280,11 @@ def _store_codes(d_ptr, codes, rows, cols, c0, R, K, sdr, BR: tl.constexpr, BC: 
 @triton.jit
 def _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr,
-                  SIGNS: tl.constexpr):
-    # The tile, Hadamard-rotated in blocks of HAD along K when HAD > 1 (_hadamard_triton.py).
+                  SIGNS: tl.constexpr, GMODE: tl.constexpr):
+    # The tile, Hadamard-rotated in blocks of HAD along K when HAD > 1 (_hadamard_triton.py; the
+    # shuffle form measured faster next to 1-D groups, the split/join form next to rows).
     x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
-    return _rotate_tile(x, cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS)
+    return _rotate_tile(x, cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS, GMODE == 0)
 
 
 @triton.jit(do_not_specialize=["seed_off", "sign_off"])
@@ -308,7 +309,7 @@ def _quantize_kernel(
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
             x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE,
-                              SIGNS)
+                              SIGNS, GMODE)
             amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=1))
         amax = amax.to(tl.float32, bitcast=True)
         s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
@@ -316,7 +317,7 @@ def _quantize_kernel(
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
             x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE,
-                              SIGNS)
+                              SIGNS, GMODE)
             idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
             codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                                 ENC, SR, SMODE, HW_FP8, TRANS)
@@ -360,7 +361,8 @@ def _quantize_kernel(
         tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], (ce | (co << 4)).to(tl.uint8), wm)
     else:
         cols = pid_c * BC + tl.arange(0, BC)
-        x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE, SIGNS)
+        x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE, SIGNS,
+                          GMODE)
         idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
         if GMODE == 1 or BC == G:  # a row that fits one tile (one read), or one 1-D group per row:
             # 2-D; a row's program has pid_c == 0, so both store their scale at rows * ssr.
