@@ -23,7 +23,7 @@ CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     # lowbit's Triton kernels (exact names: Inductor names its own kernels after the ops they
     # fuse, e.g. "..._quantize_operand_pair_...", and those belong to "other").
-    ("quantize", ("_pair_kernel", "_amax_kernel", "_quant_kernel", "_quantize_kernel")),
+    ("quantize", ("_pair_kernel", "_amax_kernel", "_quant_kernel", "_quantize_kernel", "_rotate_kernel")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
 )
 

@@ -50,29 +50,21 @@ def _rotate_tile(x, cols, sign_off, BR: tl.constexpr, BC: tl.constexpr, HAD: tl.
 
 
 @triton.jit(do_not_specialize=["sign_off"])
-def _rotate_kernel(x_ptr, y_ptr, R, K, sxr, sxk, syr, sign_off,
+def _rotate_kernel(x_ptr, out_ptr, R, K, sxr, sxk, syr, sign_off,
                    BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr,
-                   SCALE: tl.constexpr, SIGNS: tl.constexpr):
+                   SCALE: tl.constexpr, SIGNS: tl.constexpr, AMAX: tl.constexpr):
+    # x·R into out_ptr (fp32, row stride syr), or with AMAX only max |x·R| as integer bits into
+    # out_ptr[0] (NaN stays on top, as in the amax kernel of pair_quantize.py).
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     m = (rows[:, None] < R) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxk, m, other=0.0)
     y = _rotate_tile(x.to(tl.float32), cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS, False)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * syr + cols[None, :], y, m)
-
-
-@triton.jit(do_not_specialize=["sign_off"])
-def _rotated_amax_kernel(x_ptr, out_ptr, R, K, sxr, sxk, sign_off,
-                         BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr,
-                         SCALE: tl.constexpr, SIGNS: tl.constexpr):
-    # max |x·R| as integer bits (NaN stays on top, as in the amax kernel of pair_quantize.py).
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    m = (rows[:, None] < R) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxk, m, other=0.0)
-    y = _rotate_tile(x.to(tl.float32), cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS, False)
-    bits = y.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+    if AMAX:
+        bits = y.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+    else:
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * syr + cols[None, :], y, m)
 
 
 def rotation_constants(block: int) -> dict:
@@ -81,31 +73,24 @@ def rotation_constants(block: int) -> dict:
     return dict(HAD=block, LOG=block.bit_length() - 1, SCALE=scale)
 
 
-def _tiles(r: int, k: int, block: int) -> tuple[tuple[int, int], int, int]:
+def _launch(x2: torch.Tensor, out: torch.Tensor, block: int, sign_off: int | None, amax: bool) -> None:
+    from lowbit.kernels._quantize_triton import as_i32
+
+    r, k = x2.shape
     bc = max(block, min(triton.next_power_of_2(k), 1024))
     br = max(1, min(triton.next_power_of_2(r), 4096 // bc))
-    return (triton.cdiv(r, br), triton.cdiv(k, bc)), br, bc
+    grid = (triton.cdiv(r, br), triton.cdiv(k, bc))
+    _rotate_kernel[grid](
+        x2, out, r, k, x2.stride(0), x2.stride(1), out.stride(0), as_i32(sign_off or 0),
+        BR=br, BC=bc, SIGNS=sign_off is not None, AMAX=amax, **rotation_constants(block), num_warps=4,
+    )
 
 
 def launch_rotate(x2: torch.Tensor, out: torch.Tensor, block: int, sign_off: int | None) -> None:
     """out (fp32, row-major R × K) = x2 (any strided R × K, K a multiple of `block`) rotated."""
-    from lowbit.kernels._quantize_triton import as_i32
-
-    r, k = x2.shape
-    grid, br, bc = _tiles(r, k, block)
-    _rotate_kernel[grid](
-        x2, out, r, k, x2.stride(0), x2.stride(1), out.stride(0), as_i32(sign_off or 0),
-        BR=br, BC=bc, SIGNS=sign_off is not None, **rotation_constants(block), num_warps=4,
-    )
+    _launch(x2, out, block, sign_off, False)
 
 
 def launch_rotated_amax(x2: torch.Tensor, out_bits: torch.Tensor, block: int, sign_off: int | None) -> None:
     """Integer max of |x2·R| bits into out_bits (int32, 1 element, zeroed): one read of x2."""
-    from lowbit.kernels._quantize_triton import as_i32
-
-    r, k = x2.shape
-    grid, br, bc = _tiles(r, k, block)
-    _rotated_amax_kernel[grid](
-        x2, out_bits, r, k, x2.stride(0), x2.stride(1), as_i32(sign_off or 0),
-        BR=br, BC=bc, SIGNS=sign_off is not None, **rotation_constants(block), num_warps=4,
-    )
+    _launch(x2, out_bits, block, sign_off, True)
