@@ -255,3 +255,30 @@ def test_dequantize_bf16_is_exact(spec):
     want = qc.values() * expand_scale(qc.scale, qc.block, qc.shape)
     assert torch.equal(want.to(torch.bfloat16).float(), want)  # the oracle itself is exact in BF16
     assert got.dtype == torch.bfloat16 and torch.equal(got.float(), want)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "row"), QuantSpec("int4", 32)], ids=["row", "group32"])
+def test_unpack_int4_gives_the_same_values_as_int8(spec):
+    # The int8 route of int4 pairs: codes unpacked to one int8 each, scales untouched.
+    from lowbit.kernels.dequant import unpack_int4
+
+    x = torch.randn(37, 100, generator=torch.Generator().manual_seed(2)) * 3
+    q = quantize(x.to(DEV), spec)
+    u = unpack_int4(q)
+    assert u.data.dtype == torch.int8 and not u.packed and u.data.shape == (37, 100)
+    assert torch.equal(u.data.cpu().float(), quantize(x, spec).values())
+    assert torch.equal(u.dequantize().cpu(), q.dequantize().cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "row"), QuantSpec("int4", 32)], ids=["row", "group32"])
+def test_gpu_int4_as_int8_is_bitwise_the_int4_kernel(spec, monkeypatch):
+    # Integer MMAs sum exactly, and both routes share the epilogue: the same bits.
+    from lowbit.kernels import gemm as kg
+
+    monkeypatch.setattr(kg, "AUTOTUNE", False)
+    qa, qb = _operands(1000, 1500, 4096 + 128, spec, spec)
+    monkeypatch.setattr(kg, "INT4_AS_INT8", False)
+    want = scaled_gemm(qa, qb)
+    monkeypatch.setattr(kg, "INT4_AS_INT8", True)
+    assert torch.equal(scaled_gemm(qa, qb), want)

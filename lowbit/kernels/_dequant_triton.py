@@ -25,3 +25,13 @@ def _dequant_bf16_kernel(d_ptr, s_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, ELEM: 
     else:  # the interpreter's bf16 cast rounds wrongly; the value is exact in bf16: keep the top bits
         out = (y.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * sor + cols[None, :], out, m)
+
+
+@triton.jit
+def _unpack_int4_kernel(d_ptr, out_ptr, R, K, sdr, sor, BR: tl.constexpr, BC: tl.constexpr):
+    # out[r, k] = the signed int4 code k of row r, as int8 (exact; see dequant.unpack_int4).
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    v = _load_operand(d_ptr, rows, R, sdr, tl.program_id(1) * BC, K, BR, BC, 3)
+    m = (rows[:, None] < R) & (cols[None, :] < K)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * sor + cols[None, :], v, m)

@@ -1,4 +1,5 @@
-"""Dequantize a (K-last) QTensor to BF16 on the GPU, exactly, for a cuBLAS BF16 GEMM.
+"""Dequantize a (K-last) QTensor to BF16 on the GPU, exactly, for a cuBLAS BF16 GEMM; unpack
+packed int4 to int8 for the int8 GEMM (`unpack_int4`).
 
 Hopper has no block-scaled MMA, so MX and NVFP4 pairs whose element x group-scale products are
 exact in BF16 (fp8/fp4 values with power-of-two or E4M3 group scales: at most 4 + 4 significant
@@ -11,6 +12,8 @@ below ~2^-118), where it rounds, as in the Triton GEMM's BF16 path.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -39,3 +42,21 @@ def dequantize_bf16(q: QTensor, elem: int, smode: int, rd: int, g: int) -> torch
     _dequant_bf16_kernel[grid](d, s, out, r, k, d.stride(0), ssr, ssg, out.stride(0), ELEM=elem,
                                G=max(g, 1), RD=max(rd, 1), BR=br, BC=bc, HW=not interpret(), num_warps=4)
     return out
+
+
+def unpack_int4(q: QTensor) -> QTensor:
+    """The same QTensor with its packed int4 codes as one int8 a code (same scales, exact).
+
+    Two int4 operands then run on the int8 MMA with the int8 GEMM's epilogue: on the H100 the
+    int4 kernel, which unpacks nibbles inside its K loop, ran at ~210 TFLOP/s against the int8
+    kernel's ~850 (docs/BENCHMARKS.md), and the unpack pass moves only 1.5 bytes an element."""
+    from lowbit.kernels._dequant_triton import _unpack_int4_kernel
+    from lowbit.kernels.gemm import _data2d
+
+    r, k = q.shape
+    d = _data2d(q)
+    out = torch.empty((r, k), dtype=torch.int8, device=d.device)
+    br, bc = 32, 128
+    grid = (-(-r // br), -(-k // bc))
+    _unpack_int4_kernel[grid](d, out, r, k, d.stride(0), out.stride(0), BR=br, BC=bc, num_warps=4)
+    return dataclasses.replace(q, data=out, packed=False)  # still int4 values: decode reads int8 data

