@@ -8,8 +8,9 @@ same order as the reference's, so the result is bit for bit the reference's on a
 b×b matmul (tensor cores or not) would sum in an order of its own.
 
 The quantize kernel (_quantize_triton.py) rotates each tile right after loading it, so a rotated
-operand is read once and never written in fp32; `_rotate_kernel` writes the rotated fp32 matrix
-for the callers that need it whole (a bit-split residual, tensor-wise scales, telemetry).
+operand is read once and never written in fp32. `_rotate_kernel` writes the rotated fp32 matrix
+for the callers that need it whole (a bit-split residual, telemetry, padded K, views that are not
+contiguous along K), or only its amax (tensor-wise and NVFP4 scales, before the fused pass).
 """
 
 from __future__ import annotations

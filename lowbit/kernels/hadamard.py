@@ -15,9 +15,10 @@ views not contiguous along K (X^T and dY^T for wgrad, W^T for dgrad: the rotatio
 them in place, faster than the copy the quantize kernel would make), and anything
 `lowbit.kernels.quantize.supports` sends to the reference.
 
-Speed (H100, docs/BENCHMARKS.md): the rotation kernel alone runs at 0.95 of a copy; the fused
-kernel at only 0.22-0.36 of a copy (the butterfly's register shuffles next to the group
-reductions), which is still 1.5x the two kernels and 4-5x the fp32 matmul rotation it replaced.
+Speed (H100, docs/BENCHMARKS.md, seventh pass): the rotation kernel alone runs at 0.94 of a copy
+(6 bytes an element); the fused kernel at 0.28-0.62 of a copy (2.5 bytes an element, but the
+butterfly's register exchanges cost about as much time as the quantize itself), which is still
+1.65-2.8x the two kernels and 4-7x the fp32 matmul rotation it replaced.
 """
 
 from __future__ import annotations

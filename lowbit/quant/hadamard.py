@@ -39,8 +39,7 @@ def _hadamard(n: int, device: str) -> torch.Tensor:
 
 def hadamard_matrix(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The n×n orthonormal Sylvester Hadamard matrix H/√n (fp32); n must be a power of two."""
-    if n <= 0 or n & (n - 1):
-        raise ValueError(f"Hadamard block size must be a power of two, got {n}")
+    _check_block(n)
     return _hadamard(n, str(torch.device(device or "cpu")))
 
 
