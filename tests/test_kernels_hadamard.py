@@ -90,6 +90,31 @@ def test_rotate_quantize_nan_and_inf_spread_over_their_block():
     assert torch.isnan(d[1, :32]).all() and not torch.isnan(d[1, 32:]).any()
 
 
+def test_rotation_rejects_a_block_that_is_not_a_power_of_two(monkeypatch):
+    # The kernel's butterfly needs a power of two: such a block goes to the reference, which says so.
+    x = torch.randn(4, 48, device=DEV)
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_rotate(x, 24, 3)
+    gemm = qgemm.GemmSpec(QuantSpec("int4", "row"), QuantSpec("int4", "row"), hadamard=24)
+    monkeypatch.setitem(qgemm._ROTATORS, DEV, hadamard_rotate)
+    monkeypatch.setitem(qgemm._ROTATE_QUANTIZERS, DEV, rotate_quantize)
+    with pytest.raises(ValueError, match="power of two"):
+        qgemm.prepare_operand(x, gemm.a, gemm, 1, 1)
+
+
+def test_rotate_keeps_a_nans_sign_as_the_reference():
+    # Signs are applied by a multiply, as the reference does (a select of -x flips a NaN's sign).
+    x = torch.randn(2, 32)
+    x[0, :] = torch.tensor(-0x400000, dtype=torch.int32).view(torch.float32)  # NaN, sign bit set
+    x[1, :] = float("nan")
+    signs = random_signs(32, 5)
+    want = reference_rotate(x, 32, signs)
+    got = hadamard_rotate(x.to(DEV), 32, 5).cpu()
+    if DEV == "cpu":  # the GPU's adds give one canonical NaN either way
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.isnan(got).all()
+
+
 def test_rotate_quantize_declines_what_it_does_not_fuse():
     x = torch.randn(8, 96, device=DEV)
     assert "not a multiple" in why_not_fused(x, QuantSpec("fp4_e2m1", 32, "e8m0"), 64)

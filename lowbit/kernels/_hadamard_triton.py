@@ -36,7 +36,7 @@ def _rotate_tile(x, cols, sign_off, BR: tl.constexpr, BC: tl.constexpr, HAD: tl.
     if HAD > 1:
         if SIGNS:  # sign i of a block is 1 - 2 * (lowbias32(i + seed * golden) & 1)
             bit = lowbias32(((cols % HAD).to(tl.int64) + sign_off).to(tl.uint32)) & 1
-            x = tl.where(bit[None, :] == 1, -x, x)
+            x = x * (1.0 - 2.0 * bit.to(tl.float32))[None, :]  # a multiply, as the reference's
         for s in tl.static_range(LOG):
             # [BR, runs, 2, 2^s]: element j of a run's first half pairs with j of its second half.
             # (2^s is written out: a constexpr name assigned in the unrolled loop is a reassignment.)

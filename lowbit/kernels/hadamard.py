@@ -78,7 +78,9 @@ def rotate_quantize(
 
 def hadamard_rotate(x: torch.Tensor, block: int, signs_seed: int | None = None) -> torch.Tensor:
     """fp32 x·R along the last axis of a matrix (Triton where it runs, else the reference)."""
-    if x.dim() != 2 or x.shape[1] % block or not triton_runs_on(x) or not 2 <= block <= MAX_BLOCK:
+    pow2 = 2 <= block <= MAX_BLOCK and block & (block - 1) == 0
+    if x.dim() != 2 or not pow2 or x.shape[1] % block or not triton_runs_on(x):
+        # The reference raises on a block that is not a power of two (the butterfly needs one).
         signs = random_signs(block, signs_seed, x.device) if signs_seed is not None else None
         return reference_rotate(x.float(), block, signs)
     from lowbit.kernels._hadamard_triton import launch_rotate
