@@ -16,12 +16,14 @@ contiguous along K), or only its amax (tensor-wise and NVFP4 scales, before the 
 from __future__ import annotations
 
 import functools
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from lowbit.kernels._hash_triton import lowbias32
+from lowbit.kernels.launch import launchable, seed_args
 
 
 @triton.jit
@@ -55,9 +57,13 @@ def _rotate_tile(x, cols, sign_off, BR: tl.constexpr, BC: tl.constexpr, HAD: tl.
 @triton.jit(do_not_specialize=["sign_off"])
 def _rotate_kernel(x_ptr, out_ptr, R, K, sxr, sxk, syr, sign_off,
                    BR: tl.constexpr, BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr,
-                   SCALE: tl.constexpr, SIGNS: tl.constexpr, AMAX: tl.constexpr):
+                   SCALE: tl.constexpr, SIGNS: tl.constexpr, AMAX: tl.constexpr,
+                   SEED_PTR: tl.constexpr = False):
     # x·R into out_ptr (fp32, row stride syr), or with AMAX only max |x·R| as integer bits into
-    # out_ptr[0] (NaN stays on top, as in the amax kernel of pair_quantize.py).
+    # out_ptr[0] (NaN stays on top, as in the amax kernel of pair_quantize.py). SEED_PTR: sign_off
+    # is a one-element int32 tensor (lowbit.kernels.launch.seed_args).
+    if SEED_PTR:
+        sign_off = tl.load(sign_off)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     m = (rows[:, None] < R) & (cols[None, :] < K)
@@ -72,7 +78,9 @@ def _rotate_kernel(x_ptr, out_ptr, R, K, sxr, sxk, syr, sign_off,
 
 @functools.lru_cache(maxsize=16)
 def _constants(block: int) -> tuple[tuple[str, object], ...]:
-    scale = torch.tensor(block**-0.5, dtype=torch.float32).item()  # the reference's fp32 constant
+    # The reference's fp32 constant (a double rounded to fp32, as torch.tensor(..., float32) does;
+    # no tensor: the first call may come while a graph is traced, under fake tensors).
+    scale = struct.unpack("f", struct.pack("f", block**-0.5))[0]
     return (("HAD", block), ("LOG", block.bit_length() - 1), ("SCALE", scale))
 
 
@@ -82,24 +90,27 @@ def rotation_constants(block: int) -> dict:
     return dict(_constants(block))
 
 
-def _launch(x2: torch.Tensor, out: torch.Tensor, block: int, sign_off: int | None, amax: bool) -> None:
-    from lowbit.kernels._quantize_triton import as_i32
-
+def _launch(x2: torch.Tensor, out: torch.Tensor, block: int, sign_off: int | torch.Tensor | None,
+            amax: bool) -> None:
     r, k = x2.shape
     bc = max(block, min(triton.next_power_of_2(k), 1024))
     br = max(1, min(triton.next_power_of_2(r), 4096 // bc))
     grid = (triton.cdiv(r, br), triton.cdiv(k, bc))
-    _rotate_kernel[grid](
-        x2, out, r, k, x2.stride(0), x2.stride(1), out.stride(0), as_i32(sign_off or 0),
-        BR=br, BC=bc, SIGNS=sign_off is not None, AMAX=amax, **rotation_constants(block), num_warps=4,
+    (sign_arg,), on_device = seed_args(sign_off)
+    launchable(_rotate_kernel)[grid](
+        x2, out, r, k, x2.stride(0), x2.stride(1), out.stride(0), sign_arg,
+        BR=br, BC=bc, SIGNS=sign_off is not None, AMAX=amax, SEED_PTR=on_device,
+        **rotation_constants(block), num_warps=4,
     )
 
 
-def launch_rotate(x2: torch.Tensor, out: torch.Tensor, block: int, sign_off: int | None) -> None:
+def launch_rotate(x2: torch.Tensor, out: torch.Tensor, block: int,
+                  sign_off: int | torch.Tensor | None) -> None:
     """out (fp32, row-major R × K) = x2 (any strided R × K, K a multiple of `block`) rotated."""
     _launch(x2, out, block, sign_off, False)
 
 
-def launch_rotated_amax(x2: torch.Tensor, out_bits: torch.Tensor, block: int, sign_off: int | None) -> None:
+def launch_rotated_amax(x2: torch.Tensor, out_bits: torch.Tensor, block: int,
+                        sign_off: int | torch.Tensor | None) -> None:
     """Integer max of |x2·R| bits into out_bits (int32, 1 element, zeroed): one read of x2."""
     _launch(x2, out_bits, block, sign_off, True)

@@ -24,8 +24,8 @@ from lowbit.kernels._quantize_triton import (
     _quant_values,
     _scaled,
     _scales,
-    as_i32,
 )
+from lowbit.kernels.launch import launchable, seed_args
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
 
@@ -96,8 +96,11 @@ def _pair_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    HW_FP8: tl.constexpr, FAST: tl.constexpr,
+    HW_FP8: tl.constexpr, FAST: tl.constexpr, SEED_PTR: tl.constexpr = False,
 ):
+    if SEED_PTR:  # the offsets are one-element int32 tensors (lowbit.kernels.launch.seed_args)
+        seed_a = tl.load(seed_a)
+        seed_b = tl.load(seed_b)
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
@@ -158,14 +161,15 @@ def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor, wrap: Callable[[Any], 
     `wrap`: torch.library.wrap_triton inside a triton_op (lowbit.kernels.pair_quantize_op)."""
     r, c = x2.shape
     grid, kw = amax_launch_shape(r, c)
-    kernel = wrap(_amax_kernel) if wrap is not None else _amax_kernel
+    kernel = (wrap or launchable)(_amax_kernel)
     kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), **kw)
 
 
 def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scale: torch.Tensor,
                 scale_t: torch.Tensor, g_amax: torch.Tensor | None, rec_bits: torch.Tensor | None,
                 fmt: ElementFormat, enc: int, smode: int, ga: int, gb: int, sr_a: bool, sr_b: bool,
-                same_codes: bool, tile: tuple[int, int], seed_a: int, seed_b: int,
+                same_codes: bool, tile: tuple[int, int], seed_a: int | torch.Tensor,
+                seed_b: int | torch.Tensor,
                 wrap: Callable[[Any], Any] | None = None) -> None:
     r, c = x2.shape
     br, bc = tile
@@ -174,14 +178,15 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     hw = not interpret()
     # fp32 tensor scale only: see _quant_tile on casting a transposed tile with an e8m0 scale.
     fast = hw and enc in (0, 1) and smode == 0 and ga == 0 and gb == 0 and not (sr_a or sr_b or same_codes)
-    kernel = wrap(_pair_kernel) if wrap is not None else _pair_kernel
+    kernel = (wrap or launchable)(_pair_kernel)
+    (seed_a, seed_b), on_device = seed_args(seed_a, seed_b)
     kernel[grid](
         x2, data, data_t, scale, scale_t, g_amax if g_amax is not None else dummy,
         rec_bits if rec_bits is not None else dummy, r, c, x2.stride(0), x2.stride(1),
         scale.stride(0), scale.stride(1), scale_t.stride(0), scale_t.stride(1),
-        as_i32(seed_a), as_i32(seed_b),
+        seed_a, seed_b,
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast,
-        num_warps=8 if br * bc >= 16384 else 4,
+        SEED_PTR=on_device, num_warps=8 if br * bc >= 16384 else 4,
     )

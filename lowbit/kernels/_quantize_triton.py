@@ -12,6 +12,7 @@ import triton.language as tl
 
 from lowbit.kernels._hadamard_triton import _rotate_tile, rotation_constants
 from lowbit.kernels._hash_triton import lowbias32
+from lowbit.kernels.launch import aligned, launchable, seed_args
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
 
@@ -296,7 +297,11 @@ def _quantize_kernel(
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
     ONE_TILE: tl.constexpr, WORDS: tl.constexpr,
     HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
+    SEED_PTR: tl.constexpr = False,
 ):
+    if SEED_PTR:  # the offsets are one-element int32 tensors (lowbit.kernels.launch.seed_args)
+        seed_off = tl.load(seed_off)
+        sign_off = tl.load(sign_off)
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
@@ -402,14 +407,6 @@ def _quantize_kernel(
             tl.store(ts_ptr + tl.zeros([1], tl.int32), t)
 
 
-def as_i32(seed_off: int) -> int:
-    """A uint32 seed offset as the int32 with the same bits. Triton types a Python int argument
-    by its value (i32 below 2^31, i64 above) and specializes on it, so a raw offset would compile
-    new kernel variants as seeds change; as i32 (with do_not_specialize) one variant serves all.
-    The kernel adds it to an int64 index and truncates to uint32: the same bits mod 2^32."""
-    return seed_off - (1 << 32) if seed_off >= 1 << 31 else seed_off
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -447,8 +444,8 @@ def _warps(gmode: int, br: int, bc: int, enc: int) -> int:
 
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
            g_amax: torch.Tensor | None, t_amax: torch.Tensor | None, fmt: ElementFormat, enc: int,
-           packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int,
-           hadamard: int = 1, sign_off: int | None = None) -> None:
+           packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int | torch.Tensor,
+           hadamard: int = 1, sign_off: int | torch.Tensor | None = None) -> None:
     """Quantize x2 into the given buffers (quantize.py's quantize_2d allocates them). `hadamard`
     > 1 rotates K in blocks of that size first (random signs from `sign_off` when given); the
     caller checks that the tiles below hold whole blocks (K a multiple of it, 2-D tiles' widths)."""
@@ -470,17 +467,18 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     # bf16 words of two elements for packed 1-D groups (see the kernel's WORDS branch).
     words = (PAIRED_WORDS and packed and hadamard == 1 and gmode == 0 and not trans
              and x2.dtype == torch.bfloat16
-             and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0)
+             and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and aligned(x2, 4))
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
     warps = (hadamard > 1 and ROTATED_WARPS) or _warps(gmode, br, bc, enc)
     dummy = scale
-    _quantize_kernel[grid](
+    (seed_arg, sign_arg), on_device = seed_args(seed_off, sign_off)
+    launchable(_quantize_kernel)[grid](
         x2, data, scale, tscale if tscale is not None else dummy,
         g_amax if g_amax is not None else dummy, t_amax if t_amax is not None else dummy,
-        r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1), as_i32(seed_off),
-        as_i32(sign_off or 0),
+        r, k, x2.stride(0), x2.stride(1), data.stride(0), scale.stride(0), scale.stride(1),
+        seed_arg, sign_arg,
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
-        SIGNS=sign_off is not None, **rotation_constants(hadamard), num_warps=warps,
+        SIGNS=sign_off is not None, SEED_PTR=on_device, **rotation_constants(hadamard), num_warps=warps,
     )

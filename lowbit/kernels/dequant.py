@@ -17,6 +17,7 @@ import dataclasses
 
 import torch
 
+from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.qtensor import QTensor
 
@@ -39,7 +40,7 @@ def dequantize_bf16(q: QTensor, elem: int, smode: int, rd: int, g: int) -> torch
     out = torch.empty((r, k), dtype=torch.bfloat16, device=d.device)
     br, bc = 32, 128
     grid = (-(-r // br), -(-k // bc))
-    _dequant_bf16_kernel[grid](d, s, out, r, k, d.stride(0), ssr, ssg, out.stride(0), ELEM=elem,
+    launchable(_dequant_bf16_kernel)[grid](d, s, out, r, k, d.stride(0), ssr, ssg, out.stride(0), ELEM=elem,
                                G=max(g, 1), RD=max(rd, 1), BR=br, BC=bc, HW=not interpret(), num_warps=4)
     return out
 
@@ -58,5 +59,5 @@ def unpack_int4(q: QTensor) -> QTensor:
     out = torch.empty((r, k), dtype=torch.int8, device=d.device)
     br, bc = 32, 128
     grid = (-(-r // br), -(-k // bc))
-    _unpack_int4_kernel[grid](d, out, r, k, d.stride(0), out.stride(0), BR=br, BC=bc, num_warps=4)
+    launchable(_unpack_int4_kernel)[grid](d, out, r, k, d.stride(0), out.stride(0), BR=br, BC=bc, num_warps=4)
     return dataclasses.replace(q, data=out, packed=False)  # still int4 values: decode reads int8 data

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import interpret as _interpret
 from lowbit.quant.qtensor import QTensor
 
@@ -261,10 +262,10 @@ def scaled_gemm(
     if interpret or config is not None or not AUTOTUNE:
         cfg = config or fixed_config(plan, interpret)
         grid = (triton_cdiv(m, cfg["BM"]) * triton_cdiv(n, cfg["BN"]),)
-        kt._scaled_gemm_kernel[grid](*args, **plan, HAS_BIAS=bias is not None, **cfg)
+        launchable(kt._scaled_gemm_kernel)[grid](*args, **plan, HAS_BIAS=bias is not None, **cfg)
     else:
         grid = lambda meta: (triton_cdiv(m, meta["BM"]) * triton_cdiv(n, meta["BN"]),)
-        kt.scaled_gemm_tuned[grid](*args, **plan, HAS_BIAS=bias is not None)
+        launchable(kt.scaled_gemm_tuned)[grid](*args, **plan, HAS_BIAS=bias is not None)
     return out
 
 

@@ -104,7 +104,7 @@ def quantize(
         raise ValueError(f"2-D block {spec.block} needs a matrix, got a tensor of shape {tuple(x.shape)}")
     shape = xm.shape
     x2 = xm if xm.dim() == 2 else xm.reshape(-1, shape[-1])  # a view when the axis was last
-    data, scale, tscale, packed = quantize_2d(x2, spec, seed=seed or 0, amax=amax)
+    data, scale, tscale, packed = quantize_2d(x2, spec, seed=0 if seed is None else seed, amax=amax)
     data = data.reshape(*shape[:-1], data.shape[-1])
     if isinstance(spec.block, int):
         scale = scale.reshape(*shape[:-1], scale.shape[-1])
@@ -120,7 +120,7 @@ def _tensor_amax(x2: torch.Tensor) -> torch.Tensor:
     return tensor_amax(x2)
 
 
-def _rotated_amax(x2: torch.Tensor, block: int, sign_off: int | None) -> torch.Tensor:
+def _rotated_amax(x2: torch.Tensor, block: int, sign_off: int | torch.Tensor | None) -> torch.Tensor:
     from lowbit.kernels._hadamard_triton import launch_rotated_amax
 
     bits = torch.zeros(1, dtype=torch.int32, device=x2.device)
@@ -129,8 +129,8 @@ def _rotated_amax(x2: torch.Tensor, block: int, sign_off: int | None) -> torch.T
 
 
 def quantize_2d(
-    x2: torch.Tensor, spec: QuantSpec, seed: int = 0, amax: torch.Tensor | None = None,
-    hadamard: int = 1, sign_off: int | None = None,
+    x2: torch.Tensor, spec: QuantSpec, seed: int | torch.Tensor = 0, amax: torch.Tensor | None = None,
+    hadamard: int = 1, sign_off: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
     """Quantize a (strided) R × K matrix along K: (data, scales, tensor scale or None, packed).
     `hadamard` > 1 quantizes x2·R instead (lowbit.kernels.hadamard checks the shapes)."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend and fused quantizer; no triton import)
+from lowbit.nn import quant_linear_graph
 from lowbit.nn.quant_linear_traced import output_dtype, traced_function, traced_quant_linear, why_not_traced
 from lowbit.quant.gemm import (
     AmaxHistory,
@@ -64,7 +65,9 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = get_recipe(recipe)
         _compile_safe()  # build the compile-safe entry now, never while torch.compile traces
-        traced_function(self.recipe, backend)  # likewise the traced path's Function class
+        traced_function(self.recipe, backend)  # likewise the traced paths' Function classes
+        if quant_linear_graph.why_not_graph(self.recipe, backend) is None:
+            quant_linear_graph.graph_function(self.recipe, backend)
         self.backend = backend
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -76,6 +79,10 @@ class QuantLinear(nn.Linear):
         # Which history rows hold data, kept on the host: scaling picks history vs own amax without
         # reading the GPU (lowbit.quant.gemm.AmaxHistory).
         self.amax_recorded = [False] * 6
+        # Calls made inside a compiled graph: the counter its seeds are hashed from (on the device:
+        # lowbit.nn.quant_linear_graph). Not in the state dict; the trainer's checkpoints keep it.
+        calls = torch.zeros((), dtype=torch.int64, device=device)
+        self.register_buffer("graph_calls", calls, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, **kwargs: Any) -> QuantLinear:
@@ -92,6 +99,7 @@ class QuantLinear(nn.Linear):
         q.weight = w
         q.bias = linear.bias
         q.amax_history = torch.zeros_like(q.amax_history, device=w.device)
+        q.graph_calls = torch.zeros_like(q.graph_calls, device=w.device)
         return q
 
     def next_seed(self) -> int:
@@ -127,14 +135,14 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.is_identity:
             return F.linear(x, self.weight, self.bias)
-        # Under torch.compile, recipes without host-side state are traced into the graph
-        # (lowbit.nn.quant_linear_traced); telemetry steps and the other recipes run eagerly.
-        if (
-            torch.compiler.is_compiling()
-            and self.observer is None
-            and why_not_traced(self.recipe, self.backend) is None
-        ):
-            return traced_quant_linear(x, self.weight, self.bias, self)
+        # Under torch.compile, fp8 tensor/row recipes are traced into the graph
+        # (lowbit.nn.quant_linear_traced), most others run as graph ops of our kernels
+        # (lowbit.nn.quant_linear_graph); telemetry steps and the rest run eagerly.
+        if torch.compiler.is_compiling() and self.observer is None:
+            if why_not_traced(self.recipe, self.backend) is None:
+                return traced_quant_linear(x, self.weight, self.bias, self)
+            if quant_linear_graph.usable(self, x):
+                return quant_linear_graph.graph_quant_linear(x, self.weight, self.bias, self)
         return _compile_safe()(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:

@@ -102,7 +102,17 @@ def _table(values: tuple[float, ...], device: str) -> torch.Tensor:
 
 def device_table(values: tuple[float, ...], device: torch.device | str) -> torch.Tensor:
     """A small constant table (codebook, magnitudes) on `device`, built once per device."""
+    if tracing():
+        return _table.__wrapped__(tuple(values), str(torch.device(device)))
     return _table(tuple(values), str(torch.device(device)))
+
+
+def tracing() -> bool:
+    """True while a graph is traced on fake tensors (torch.compile, a graph op's shape function):
+    a constant cached then would be a fake tensor of that trace, so cached constants are rebuilt."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
 
 
 def get_format(name: str | ElementFormat) -> ElementFormat:

@@ -48,8 +48,11 @@ from lowbit.quant.rounding import uniform_noise
 Observer = Callable[[str, torch.Tensor, QTensor], None]
 
 
-def derive_seed(seed: int, k: int) -> int:
-    """A distinct 31-bit seed for sub-stream k of a GEMM call (any fixed integer mix works)."""
+def derive_seed(seed: int | torch.Tensor, k: int) -> int | torch.Tensor:
+    """A distinct 31-bit seed for sub-stream k of a GEMM call (any fixed integer mix works); an
+    integer tensor seed (a traced layer's, on the device) gives the same value as a tensor."""
+    if isinstance(seed, torch.Tensor):
+        return (seed.to(torch.int64) + k * 0x632BE5AB) & 0x7FFFFFFF
     return (int(seed) + k * 0x632BE5AB) & 0x7FFFFFFF
 
 

@@ -25,6 +25,7 @@ import functools
 
 import torch
 
+from lowbit.quant.formats import tracing
 from lowbit.quant.rounding import hash_bits
 
 
@@ -40,7 +41,8 @@ def _hadamard(n: int, device: str) -> torch.Tensor:
 def hadamard_matrix(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The n×n orthonormal Sylvester Hadamard matrix H/√n (fp32); n must be a power of two."""
     _check_block(n)
-    return _hadamard(n, str(torch.device(device or "cpu")))
+    dev = str(torch.device(device or "cpu"))
+    return _hadamard.__wrapped__(n, dev) if tracing() else _hadamard(n, dev)
 
 
 def random_signs(block: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:

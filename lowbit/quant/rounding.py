@@ -74,8 +74,13 @@ def lowbias32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def seed_offset(seed: int) -> int:
-    """seed * 0x9E3779B9 mod 2^32: what the hash adds to each element index (kernels get this int)."""
+def seed_offset(seed: int | torch.Tensor) -> int | torch.Tensor:
+    """seed * 0x9E3779B9 mod 2^32: what the hash adds to each element index (kernels get this int).
+
+    A seed may be an integer tensor (a traced layer's seeds live on the device): the offset is then
+    an int64 tensor with the same value (int64 products wrap mod 2^64, which keeps the low 32 bits)."""
+    if isinstance(seed, torch.Tensor):
+        return (seed.to(torch.int64) * GOLDEN32) & MASK32
     return (int(seed) * GOLDEN32) & MASK32
 
 

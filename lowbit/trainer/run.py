@@ -55,6 +55,16 @@ def _module_generators(model: torch.nn.Module) -> dict[str, torch.Generator]:
     }
 
 
+def _graph_call_counters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """QuantLinear's compiled-graph call counters (its seeds there are hashed from them; see
+    lowbit.nn.quant_linear_graph): saved with the checkpoint, like the generators above."""
+    return {
+        name: m.graph_calls
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "graph_calls", None), torch.Tensor)
+    }
+
+
 def _check_same_model(path: Path, cfg_dict: dict) -> None:
     """Refuse to resume a checkpoint of a differently shaped model, naming what differs."""
     saved = ckpt.load_torch(path / "trainer.pt").get("config", {}).get("model")
@@ -122,6 +132,7 @@ class CheckpointWriter:
             "step": state.step,
             "rng": _rng_state(self.ctx.device),
             "module_rng": {k: g.get_state() for k, g in _module_generators(self.engine.module).items()},
+            "module_graph_calls": {k: int(c) for k, c in _graph_call_counters(self.engine.module).items()},
             "world": self.ctx.world,
             "data_position": {"step": state.step, "tokens_seen": state.tokens_seen},
             "train_losses": state.train_losses,
@@ -208,6 +219,9 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
         for name, gen in _module_generators(model).items():
             if name in saved.get("module_rng", {}):
                 gen.set_state(saved["module_rng"][name])
+        for name, calls in _graph_call_counters(model).items():
+            if name in saved.get("module_graph_calls", {}):
+                calls.fill_(saved["module_graph_calls"][name])
         state = LoopState(
             step=saved["step"],
             train_losses=saved["train_losses"],
