@@ -1,0 +1,335 @@
+"""QuantLinear's kernels inside a compiled graph: the layer's forward and backward as two graph ops.
+
+The fp8 tensor/row recipes are traced by lowbit.nn.quant_linear_traced. The others (MX, NVFP4,
+int8/int4, fp8 blockwise, and any recipe with Hadamard signs or stochastic rounding) ran eagerly
+inside a compiled model: their per-call seeds were drawn on the host, and each layer was a graph
+break whose Python (plans, checks, ~15 kernel launches) cost more host time than the GPU's work
+(H100, mxfp4 1b: 498 ms wall against 338 ms of GPU time a step; docs/BENCHMARKS.md, run 65).
+
+Here a layer's fwd is one op, `lowbit::qlinear_forward` (quantize X/X^T and W/W^T, the fprop
+GEMM; X^T and W^T are returned for backward), and its bwd another, `lowbit::qlinear_backward`
+(quantize dY/dY^T, the dgrad and wgrad GEMMs). Their bodies are the eager layer's own building
+blocks (lowbit.quant.gemm.prepare_operand_pair and gemm_operands, with lowbit.kernels behind
+them on CUDA). On CUDA the ops are `torch.library.triton_op`s: their Python runs once, while the
+graph is traced, every kernel launch is recorded (lowbit.kernels.launch), and Inductor launches
+the kernels from its generated code. Under TRITON_INTERPRET=1 (CPU tests) they are opaque custom
+ops running the same body, since interpreted kernels cannot be recorded.
+
+Seeds: a graph cannot draw from the layer's host generator, so the traced layer keeps a call
+counter on the device (`QuantLinear.graph_calls`) and hashes (layer seed, rank, call, GEMM) into
+the three GEMM seeds (`next_graph_seeds`), an int64 tensor passed to the ops; the kernels read the
+hash offsets from it (lowbit.kernels.launch.seed_args). Given the same seeds, the ops' outputs are
+the eager layer's bit for bit; the compiled and the eager layer draw different seed streams, and
+the trainer's checkpoints save both the generator and this counter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from lowbit.kernels.quantize import interpret, triton_runs_on
+from lowbit.quant.gemm import Operand, OperandPlan, gemm_backends, gemm_operands, prepare_operand_pair
+from lowbit.quant.qtensor import QTensor
+from lowbit.quant.quantize import QuantSpec
+from lowbit.quant.recipes import GEMMS, GemmSpec, Recipe
+from lowbit.quant.rounding import lowbias32
+
+if TYPE_CHECKING:
+    from lowbit.nn.quant_linear import QuantLinear
+
+# Backends whose kernels launch through lowbit.kernels.launch (a user-registered backend may launch
+# its own kernels directly, which a traced graph cannot record).
+GRAPH_BACKENDS = ("auto", "emulate", "reference", "scaled_mm", "triton")
+# LOWBIT_GRAPH_OPS=0 keeps these recipes eager under torch.compile (the path before these ops).
+ENABLED = os.environ.get("LOWBIT_GRAPH_OPS", "1") != "0"
+_PACKED = ("fp4_e2m1", "int4")
+
+
+def why_not_graph(recipe: Recipe, backend: str = "auto") -> str | None:
+    """Why a layer with this recipe and backend does not run as graph ops under torch.compile
+    (None: it does, on a device where Triton runs; lowbit.nn.quant_linear_traced goes first)."""
+    if not ENABLED:
+        return "LOWBIT_GRAPH_OPS=0"
+    if backend not in GRAPH_BACKENDS:
+        return f"backend={backend!r} is a user-registered GEMM backend"
+    if recipe.amax_history > 0:
+        return "delayed scaling keeps its amax-history state on the host"
+    for g in GEMMS:
+        spec: GemmSpec = getattr(recipe, g)
+        if spec.a is None or spec.b is None:
+            return f"{g}: an operand kept in high precision"
+    return None
+
+
+_RECIPES: dict[str, Recipe] = {}
+
+
+def recipe_key(recipe: Recipe) -> str:
+    """The string the ops name `recipe` by (op arguments are tensors, numbers and strings)."""
+    for key, r in _RECIPES.items():
+        if r == recipe:
+            return key
+    key = f"{recipe.name}#{len(_RECIPES)}"
+    _RECIPES[key] = recipe
+    return key
+
+
+def next_graph_seeds(layer: QuantLinear) -> torch.Tensor:
+    """The three GEMM seeds (fprop, dgrad, wgrad) of the layer's next call, as an int64 device
+    tensor of 31-bit values; advances the layer's call counter (traced as a buffer mutation)."""
+    from lowbit.nn.quant_linear import _rank
+
+    n = layer.graph_calls
+    stream = lowbias32(layer.seed * 0x10001 + _rank() * 0x3F1)  # per layer and rank (a Python int)
+    idx = n * 3 + torch.arange(3, device=n.device) + stream
+    seeds = lowbias32(lowbias32(idx) + stream) & 0x7FFFFFFF
+    n.add_(1)
+    return seeds
+
+
+# --- the ops ----------------------------------------------------------------------------------
+
+_FWD, _BWD = "lowbit::qlinear_forward", "lowbit::qlinear_backward"
+_registered = False
+
+
+def _plan(spec: QuantSpec, gemm: GemmSpec, seed: torch.Tensor, role: int, want: bool) -> OperandPlan | None:
+    return OperandPlan(spec, gemm, seed, role) if want else None
+
+
+def _flat(op: Operand | None, like: torch.Tensor) -> list[torch.Tensor]:
+    # (data, scale, tensor scale) of a saved one-part operand; empty placeholders when absent.
+    if op is None:
+        return [like.new_empty(0, dtype=torch.uint8), like.new_empty(0), like.new_empty(0)]
+    q = op.parts[0]
+    return [q.data, q.scale, q.tensor_scale if q.tensor_scale is not None else like.new_empty(0)]
+
+
+def _operand(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    tscale: torch.Tensor,
+    spec: QuantSpec,
+    gemm: GemmSpec,
+    rows: int,
+    k: int,
+    dtype: torch.dtype,
+) -> Operand:
+    # The saved operand rebuilt: `k` is the GEMM's K before the Hadamard's padding (prepare_operand
+    # pads K to a multiple of the block, and a rotated operand dequantizes to fp32).
+    if gemm.hadamard:
+        k, dtype = k + (-k) % gemm.hadamard, torch.float32
+    packed = spec.fmt in _PACKED and k % 2 == 0
+    ts = tscale if tscale.numel() else None
+    return Operand(
+        [QTensor(data, scale, spec.format, spec.block, torch.Size((rows, k)), 1, dtype, packed, ts)]
+    )
+
+
+def _forward_body(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seeds: torch.Tensor,
+    key: str,
+    backend: str,
+    need_wgrad: bool,
+    need_dgrad: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, ...]:
+    r = _RECIPES[key]
+    s_f, s_d, s_w = seeds[0], seeds[1], seeds[2]
+    a, x_t = prepare_operand_pair(
+        x2, _plan(r.fprop.a, r.fprop, s_f, 1, True), _plan(r.wgrad.b, r.wgrad, s_w, 2, need_wgrad)
+    )
+    b, w_t = prepare_operand_pair(
+        weight, _plan(r.fprop.b, r.fprop, s_f, 2, True), _plan(r.dgrad.b, r.dgrad, s_d, 2, need_dgrad)
+    )
+    y = gemm_operands(a, b, r.fprop, s_f, backend, out_dtype=out_dtype, bias=bias)
+    return (y, *_flat(x_t, x2), *_flat(w_t, weight))
+
+
+def _backward_body(
+    g2: torch.Tensor,
+    xt_data: torch.Tensor,
+    xt_scale: torch.Tensor,
+    xt_tscale: torch.Tensor,
+    wt_data: torch.Tensor,
+    wt_scale: torch.Tensor,
+    wt_tscale: torch.Tensor,
+    seeds: torch.Tensor,
+    key: str,
+    backend: str,
+    need_dx: bool,
+    need_dw: bool,
+    tokens: int,
+    in_features: int,
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r = _RECIPES[key]
+    s_d, s_w = seeds[1], seeds[2]
+    out_features = g2.shape[1]
+    a, a_t = prepare_operand_pair(
+        g2, _plan(r.dgrad.a, r.dgrad, s_d, 1, need_dx), _plan(r.wgrad.a, r.wgrad, s_w, 1, need_dw)
+    )
+    dx = dw = g2.new_empty(0)
+    if need_dx:
+        w_t = _operand(wt_data, wt_scale, wt_tscale, r.dgrad.b, r.dgrad, in_features, out_features, w_dtype)
+        dx = gemm_operands(a, w_t, r.dgrad, s_d, backend, out_dtype=x_dtype)
+        if dx.shape[1] != in_features:
+            dx = dx[:, :in_features].contiguous()
+    if need_dw:
+        x_t = _operand(xt_data, xt_scale, xt_tscale, r.wgrad.b, r.wgrad, in_features, tokens, x_dtype)
+        dw = gemm_operands(a_t, x_t, r.wgrad, s_w, backend, out_dtype=w_dtype)
+    return dx, dw
+
+
+def _register() -> None:
+    """Define both ops once: triton_ops where Triton kernels are recorded (CUDA), else opaque
+    custom ops whose fake (shape) implementation runs the same body on fake tensors."""
+    global _registered
+    if _registered:
+        return
+    from torch.library import custom_op, triton_op
+
+    recorded = not interpret()
+    define = (
+        (lambda name, fn: triton_op(name, fn, mutates_args=()))
+        if recorded
+        else (lambda name, fn: custom_op(name, fn, mutates_args=()))
+    )
+
+    def qlinear_forward(
+        x2: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        seeds: torch.Tensor,
+        key: str,
+        backend: str,
+        need_wgrad: bool,
+        need_dgrad: bool,
+        out_dtype: torch.dtype,
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+    ]:
+        return _forward_body(x2, weight, bias, seeds, key, backend, need_wgrad, need_dgrad, out_dtype)
+
+    def qlinear_backward(
+        g2: torch.Tensor,
+        xt_data: torch.Tensor,
+        xt_scale: torch.Tensor,
+        xt_tscale: torch.Tensor,
+        wt_data: torch.Tensor,
+        wt_scale: torch.Tensor,
+        wt_tscale: torch.Tensor,
+        seeds: torch.Tensor,
+        key: str,
+        backend: str,
+        need_dx: bool,
+        need_dw: bool,
+        tokens: int,
+        in_features: int,
+        x_dtype: torch.dtype,
+        w_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _backward_body(
+            g2,
+            xt_data,
+            xt_scale,
+            xt_tscale,
+            wt_data,
+            wt_scale,
+            wt_tscale,
+            seeds,
+            key,
+            backend,
+            need_dx,
+            need_dw,
+            tokens,
+            in_features,
+            x_dtype,
+            w_dtype,
+        )
+
+    fwd, bwd = define(_FWD, qlinear_forward), define(_BWD, qlinear_backward)
+    if not recorded:
+        fwd.register_fake(_forward_body)
+        bwd.register_fake(_backward_body)
+    _registered = True
+
+
+def graph_quant_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
+) -> torch.Tensor:
+    """The layer's output through the graph ops (the caller checked `usable`)."""
+    grad = torch.is_grad_enabled()
+    need_wgrad, need_dgrad = grad and weight.requires_grad, grad and x.requires_grad
+    seeds = next_graph_seeds(layer)
+    fn = graph_function(layer.recipe, layer.backend)
+    return fn.apply(x, weight, bias, seeds, need_wgrad, need_dgrad)
+
+
+def usable(layer: QuantLinear, x: torch.Tensor) -> bool:
+    """Whether this call runs as graph ops: the recipe allows it and Triton runs on x's device."""
+    return why_not_graph(layer.recipe, layer.backend) is None and triton_runs_on(x)
+
+
+_FUNCTIONS: dict[tuple[Recipe, str], type[torch.autograd.Function]] = {}
+
+
+def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function]:
+    """The autograd Function around the two ops for one (recipe, backend); QuantLinear makes it
+    when built (a class first made while Dynamo traces costs a graph break)."""
+    _register()
+    if backend not in gemm_backends():
+        raise ValueError(f"unknown GEMM backend {backend!r}; valid choices: {', '.join(gemm_backends())}")
+    fkey = (recipe, backend)
+    if fkey in _FUNCTIONS:
+        return _FUNCTIONS[fkey]
+    key = recipe_key(recipe)
+
+    def forward(ctx, x, weight, bias, seeds, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
+        from lowbit.nn.quant_linear_traced import output_dtype
+
+        out_dtype = output_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            y, *saved = torch.ops.lowbit.qlinear_forward(
+                x2, weight, bias, seeds, key, backend, need_wgrad, need_dgrad, out_dtype
+            )
+        ctx.save_for_backward(*saved, seeds)
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.has_bias, ctx.need = bias is not None, (need_dgrad, need_wgrad)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    def backward(ctx, grad_out):  # noqa: ANN001
+        *saved, seeds = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0] and ctx.need[0]
+        need_dw = ctx.needs_input_grad[1] and ctx.need[1]
+        db = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            dx, dw = torch.ops.lowbit.qlinear_backward(
+                g2,
+                *saved,
+                seeds,
+                key,
+                backend,
+                need_dx,
+                need_dw,
+                g2.shape[0],
+                ctx.x_shape[-1],
+                ctx.x_dtype,
+                ctx.w_dtype,
+            )
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
+        return (dx.reshape(ctx.x_shape) if need_dx else None, dw if need_dw else None, db, None, None, None)
+
+    methods = dict(forward=staticmethod(forward), backward=staticmethod(backward))
+    _FUNCTIONS[fkey] = type(f"_Graph_{recipe.name}", (torch.autograd.Function,), methods)
+    return _FUNCTIONS[fkey]

@@ -1,0 +1,188 @@
+"""QuantLinear as graph ops under torch.compile (lowbit.nn.quant_linear_graph): recipes with per-call
+seeds or block formats compile without graph breaks; given the same seeds the ops compute what the
+eager layer's building blocks compute, bit for bit; the seeds come from a device counter that
+advances once per call; the kernels read seeds from the device as the same bits as host ints."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.nn import QuantLinear, convert_model
+from lowbit.nn.quant_linear_graph import graph_quant_linear, next_graph_seeds, recipe_key, why_not_graph
+from lowbit.quant import RECIPES
+from lowbit.quant.gemm import OperandPlan, gemm_operands, prepare_operand_pair
+from lowbit.quant.quantize import QuantSpec
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+K, N, T = 64, 96, 48
+GRAPH_RECIPES = ["mxfp4", "nvfp4", "mxfp8", "int8", "int4_hq", "fp8_blockwise"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_which_recipes_run_as_graph_ops():
+    graph = [n for n, r in RECIPES.items() if not r.is_identity and why_not_graph(r) is None]
+    assert "fp8_delayed" not in graph and set(GRAPH_RECIPES) <= set(graph)
+    assert "amax-history" in why_not_graph(RECIPES["fp8_delayed"])
+    assert "user-registered" in why_not_graph(RECIPES["mxfp4"], "my_backend")
+
+
+def _building_blocks(layer, x2, gy, seeds):
+    # The eager layer's steps (lowbit.nn.quant_linear._QuantLinearFn) with the seeds as host ints.
+    r, (s_f, s_d, s_w) = layer.recipe, seeds.tolist()
+    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    a, x_t = prepare_operand_pair(
+        x2, OperandPlan(r.fprop.a, r.fprop, s_f, 1), OperandPlan(r.wgrad.b, r.wgrad, s_w, 2)
+    )
+    bq, w_t = prepare_operand_pair(
+        w, OperandPlan(r.fprop.b, r.fprop, s_f, 2), OperandPlan(r.dgrad.b, r.dgrad, s_d, 2)
+    )
+    y = gemm_operands(a, bq, r.fprop, s_f, layer.backend, out_dtype=x2.dtype, bias=b)
+    g, g_t = prepare_operand_pair(
+        gy, OperandPlan(r.dgrad.a, r.dgrad, s_d, 1), OperandPlan(r.wgrad.a, r.wgrad, s_w, 1)
+    )
+    dx = gemm_operands(g, w_t, r.dgrad, s_d, layer.backend, out_dtype=x2.dtype)
+    dw = gemm_operands(g_t, x_t, r.wgrad, s_w, layer.backend, out_dtype=w.dtype)
+    return y, dx, dw, x_t.parts[0], w_t.parts[0]
+
+
+def _bits(t):
+    # Codes compared as bytes (torch.equal does not take every fp8 dtype); scales as they are.
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def _check_ops(layer, device, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x2 = torch.randn(T, K, generator=gen).to(device, dtype)
+    gy = torch.randn(T, N, generator=gen).to(device, dtype)
+    seeds = torch.tensor([11, 2**31 - 5, 123456789], device=device)  # offsets above 2^31 included
+    key, w = recipe_key(layer.recipe), layer.weight.detach()
+    b = None if layer.bias is None else layer.bias.detach()
+    y, *saved = torch.ops.lowbit.qlinear_forward(x2, w, b, seeds, key, layer.backend, True, True, dtype)
+    dx, dw = torch.ops.lowbit.qlinear_backward(
+        gy, *saved, seeds, key, layer.backend, True, True, T, K, dtype, w.dtype
+    )
+    ref_y, ref_dx, ref_dw, x_t, w_t = _building_blocks(layer, x2, gy, seeds)
+    for name, got, ref in (
+        ("y", y, ref_y),
+        ("dx", dx, ref_dx),
+        ("dw", dw, ref_dw),
+        ("X^T codes", saved[0], x_t.data),
+        ("X^T scales", saved[1], x_t.scale),
+        ("W^T codes", saved[3], w_t.data),
+        ("W^T scales", saved[4], w_t.scale),
+    ):
+        assert got.dtype == ref.dtype and torch.equal(_bits(got), _bits(ref)), name
+
+
+@pytest.mark.parametrize("recipe", GRAPH_RECIPES)
+def test_ops_with_device_seeds_are_the_building_blocks_with_host_seeds(recipe):
+    _check_ops(QuantLinear(K, N, recipe=recipe), "cpu", torch.float32)
+
+
+def test_compiled_layer_is_one_graph_and_draws_new_seeds_each_call():
+    torch._dynamo.reset()
+    layer = QuantLinear(K, N, bias=False, recipe="mxfp4")
+    same = QuantLinear(K, N, bias=False, recipe="mxfp4")
+    same.load_state_dict(layer.state_dict())
+    compiled = torch.compile(layer, fullgraph=True)  # a graph break would raise
+    x = torch.randn(2, T // 2, K)
+    gy = torch.randn(2, T // 2, N)
+    grads = []
+    for call in range(2):
+        xa, xb = (x.clone().requires_grad_(True) for _ in range(2))
+        layer.zero_grad(set_to_none=True)
+        same.zero_grad(set_to_none=True)
+        compiled(xa).backward(gy)
+        graph_quant_linear(xb, same.weight, None, same).backward(gy)  # the same ops, not compiled
+        assert torch.equal(xa.grad, xb.grad) and torch.equal(layer.weight.grad, same.weight.grad)
+        grads.append(layer.weight.grad)
+        assert int(layer.graph_calls) == call + 1
+    # Backward GEMMs are stochastically rounded with fresh seeds: two calls on the same data differ,
+    # and both stay near the unquantized gradient.
+    assert not torch.equal(grads[0], grads[1])
+    exact = gy.reshape(-1, N).t() @ x.reshape(-1, K)
+    for g in grads:
+        assert float((g - exact).norm() / exact.norm()) < 0.3
+
+
+def test_seeds_differ_between_layers_and_ranks_and_calls():
+    a, b = QuantLinear(K, N, seed=0, recipe="mxfp4"), QuantLinear(K, N, seed=1, recipe="mxfp4")
+    sa, sb, sa2 = next_graph_seeds(a), next_graph_seeds(b), next_graph_seeds(a)
+    assert len({*sa.tolist(), *sb.tolist(), *sa2.tolist()}) == 9
+    assert all(0 <= s < 2**31 for s in sa.tolist())
+
+
+def test_whole_model_with_seeded_recipe_compiles_as_one_graph():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(K, K), nn.ReLU(), nn.Linear(K, N))
+    convert_model(model, "nvfp4")
+    x = torch.randn(32, K, requires_grad=True)
+    out = torch.compile(model, fullgraph=True)(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and [
+        int(m.graph_calls) for m in model if isinstance(m, QuantLinear)
+    ] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"),
+        QuantSpec("fp8_e4m3", 32, "e8m0", "stochastic"),
+        QuantSpec("int8", "row", rounding="stochastic"),
+    ],
+)
+def test_kernels_read_device_seeds_as_the_same_bits(spec):
+    # The quantize kernel (plain and rotated), the rotation kernel and the pair kernel, under the
+    # interpreter: an offset passed as an int32 device tensor (SEED_PTR) hashes as the same int.
+    from lowbit.kernels.hadamard import hadamard_rotate, rotate_quantize
+    from lowbit.kernels.pair_quantize import quantize_pair, why_not_pair
+    from lowbit.kernels.quantize import quantize_2d
+
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    for seed in (7, 2**31 - 1):
+        t = torch.tensor(seed)
+        for a, b in zip(quantize_2d(x, spec, seed=seed)[:2], quantize_2d(x, spec, seed=t)[:2]):
+            assert torch.equal(a, b)
+        qa, qb = rotate_quantize(x, spec, 32, seed, seed=seed), rotate_quantize(x, spec, 32, t, seed=t)
+        assert torch.equal(qa.data, qb.data) and torch.equal(qa.scale, qb.scale)
+        assert torch.equal(hadamard_rotate(x, 32, seed), hadamard_rotate(x, 32, t))
+        if why_not_pair(x, spec, spec) is not None:  # the pair kernel takes fp8/int8 only
+            continue
+        pa, pb = (
+            quantize_pair(x, spec, spec, seed=seed, seed_t=seed + 1),
+            quantize_pair(x, spec, spec, seed=t, seed_t=t + 1),
+        )
+        for q1, q2 in zip(pa[:2], pb[:2]):
+            assert torch.equal(q1.data, q2.data) and torch.equal(q1.scale, q2.scale)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("recipe", GRAPH_RECIPES)
+def test_gpu_ops_are_the_building_blocks(recipe):
+    # lowbit.kernels behind both, the ops reading their seeds from the device (SEED_PTR).
+    _check_ops(QuantLinear(K, N, recipe=recipe, device="cuda", dtype=torch.bfloat16), "cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "mxfp8", "int8"])
+def test_gpu_compiled_layer_is_the_uncompiled_ops(recipe):
+    # Inductor launches the recorded kernels; the same seeds must give the same codes, and cuBLAS
+    # may sum in another order for the compiled graph's layouts (compared to a few BF16 ulps).
+    torch._dynamo.reset()
+    layer = QuantLinear(K * 4, N * 4, bias=False, recipe=recipe, device="cuda", dtype=torch.bfloat16)
+    same = QuantLinear(K * 4, N * 4, bias=False, recipe=recipe, device="cuda", dtype=torch.bfloat16)
+    same.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 256, K * 4, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(4, 256, N * 4, device="cuda", dtype=torch.bfloat16)
+    xa, xb = (x.clone().requires_grad_(True) for _ in range(2))
+    ya = torch.compile(layer, fullgraph=True)(xa)
+    ya.backward(gy)
+    yb = graph_quant_linear(xb, same.weight, None, same)
+    yb.backward(gy)
+    for name, a, b in (("y", yb, ya), ("dx", xb.grad, xa.grad), ("dw", same.weight.grad, layer.weight.grad)):
+        err = float((a.float() - b.float()).norm() / a.float().norm())
+        assert err < 2e-3, f"{name}: relative error {err:.2e}"
+    assert int(layer.graph_calls) == int(same.graph_calls) == 1
