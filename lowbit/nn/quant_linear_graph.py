@@ -79,20 +79,28 @@ def recipe_key(recipe: Recipe) -> str:
 
 def next_graph_seeds(layer: QuantLinear) -> torch.Tensor:
     """The three GEMM seeds (fprop, dgrad, wgrad) of the layer's next call, as an int64 device
-    tensor of 31-bit values; advances the layer's call counter (traced as a buffer mutation)."""
+    tensor of 31-bit values; advances the layer's call counter.
+
+    One opaque op reads and advances the counter: with plain graph ops, AOTAutograd's partitioner
+    may recompute the seeds in the backward graph from the counter, which the forward graph has
+    advanced by then (seen on the H100: the backward's Hadamard signs then differed from the
+    saved X^T's and W^T's)."""
     from lowbit.nn.quant_linear import _rank
 
-    n = layer.graph_calls
-    stream = lowbias32(layer.seed * 0x10001 + _rank() * 0x3F1)  # per layer and rank (a Python int)
-    idx = n * 3 + torch.arange(3, device=n.device) + stream
-    seeds = lowbias32(lowbias32(idx) + stream) & 0x7FFFFFFF
-    n.add_(1)
-    return seeds
+    _register()
+    # Per layer and rank (a Python int; the constant keeps layer 0 / rank 0 off the hash's fixed point 0).
+    stream = lowbias32(layer.seed * 0x10001 + _rank() * 0x3F1 + 0x5EED)
+    return torch.ops.lowbit.next_graph_seeds(layer.graph_calls, stream)
+
+
+def _seeds_of(calls: torch.Tensor, stream: int) -> torch.Tensor:
+    idx = calls * 3 + torch.arange(3, device=calls.device) + stream
+    return lowbias32(lowbias32(idx) + stream) & 0x7FFFFFFF
 
 
 # --- the ops ----------------------------------------------------------------------------------
 
-_FWD, _BWD = "lowbit::qlinear_forward", "lowbit::qlinear_backward"
+_FWD, _BWD, _SEEDS = "lowbit::qlinear_forward", "lowbit::qlinear_backward", "lowbit::next_graph_seeds"
 _registered = False
 
 
@@ -256,6 +264,17 @@ def _register() -> None:
         )
 
     fwd, bwd = define(_FWD, qlinear_forward), define(_BWD, qlinear_backward)
+
+    @custom_op(_SEEDS, mutates_args=("calls",))
+    def next_seeds(calls: torch.Tensor, stream: int) -> torch.Tensor:
+        seeds = _seeds_of(calls, stream)
+        calls.add_(1)
+        return seeds
+
+    @next_seeds.register_fake
+    def _(calls, stream):  # noqa: ANN001, ANN202
+        return calls.new_empty(3)
+
     if not recorded:
         fwd.register_fake(_forward_body)
         bwd.register_fake(_backward_body)
