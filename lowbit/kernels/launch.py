@@ -62,3 +62,66 @@ def aligned(x: torch.Tensor, nbytes: int) -> bool:
         return x.data_ptr() % nbytes == 0
     except RuntimeError:  # a FakeTensor / FunctionalTensor
         return (x.storage_offset() * x.element_size()) % nbytes == 0
+
+
+def _spec_key(v: Any, exact: bool) -> Any:
+    # What Triton specializes a runtime argument on: a tensor by dtype and 16-byte alignment, an
+    # int by being 1 or a multiple of 16 (the TTIR, and so which tensors it writes, depends on no
+    # more). Constexprs (`exact`) by value.
+    if isinstance(v, torch.Tensor):
+        return ("T", v.dtype, (v.storage_offset() * v.element_size()) % 16 == 0)
+    if isinstance(v, (bool, float, str, type(None))) or (exact and isinstance(v, int)):
+        return v
+    if isinstance(v, int):
+        return ("I", v == 1, v % 16 == 0)
+    return ("?", id(v))
+
+
+def _constexpr_names(kernel: Any) -> frozenset[str] | None:
+    f = kernel
+    while not hasattr(f, "params") and hasattr(f, "fn"):  # autotune / heuristics wrappers
+        f = f.fn
+    params = getattr(f, "params", None)
+    return None if params is None else frozenset(p.name for p in params if p.is_constexpr)
+
+
+_analysis_cached = False
+
+
+def cache_kernel_analysis() -> None:
+    """Memoize Inductor's per-launch analysis of which tensors a recorded kernel writes.
+
+    While functionalizing a traced graph, torch generates a kernel's TTIR for every recorded
+    launch (torch._higher_order_ops.triton_kernel_wrap.identify_accessed_tensors; 2.11 and 2.13),
+    uncached. A compiled 1b model with graph-op layers records ~1300 launches of large kernels:
+    on the H100 its compile had not reached the first step after 340 s. The answer depends only
+    on the kernel and what Triton specializes on (`_spec_key`), so it is memoized on that; where
+    the function is not found (another torch), compiles are slow but correct.
+    """
+    global _analysis_cached
+    if _analysis_cached:
+        return
+    _analysis_cached = True
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as tkw
+    except ImportError:
+        return
+    for name in ("identify_accessed_tensors", "identify_mutated_tensors"):
+        fn = getattr(tkw, name, None)
+        if fn is None:
+            continue
+        memo: dict[Any, Any] = {}
+
+        def cached(kernel: Any, kwargs: dict, *rest: Any, _fn: Any = fn, _memo: dict = memo) -> Any:
+            const = _constexpr_names(kernel)
+            try:
+                exact = {k: const is None or k in const for k in kwargs}
+                args = tuple(sorted((k, _spec_key(v, exact[k])) for k, v in kwargs.items()))
+                key = (id(kernel), args, repr(rest))
+            except Exception:  # an argument we cannot key: no memo
+                return _fn(kernel, kwargs, *rest)
+            if key not in _memo:
+                _memo[key] = _fn(kernel, kwargs, *rest)
+            return _memo[key]
+
+        setattr(tkw, name, cached)

@@ -205,6 +205,10 @@ def _register() -> None:
     from torch.library import custom_op, triton_op
 
     recorded = not interpret()
+    if recorded:
+        from lowbit.kernels.launch import cache_kernel_analysis
+
+        cache_kernel_analysis()
     define = (
         (lambda name, fn: triton_op(name, fn, mutates_args=()))
         if recorded
