@@ -24,8 +24,33 @@ _WRAP: Callable[[Any], Any] | None = getattr(torch.library, "wrap_triton", None)
 
 
 def launchable(kernel: Any) -> Any:
-    """`kernel`, wrapped by torch.library.wrap_triton where that records it (inside a triton_op)."""
+    """`kernel`, wrapped by torch.library.wrap_triton where that records it (inside a triton_op);
+    a launcher that does nothing while `shapes_only` (an opaque op's fake implementation)."""
+    if _shapes_only:
+        return _NO_LAUNCH
     return _WRAP(kernel) if _WRAP is not None else kernel
+
+
+class _NoLaunch:
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+_NO_LAUNCH = _NoLaunch()
+_shapes_only = False
+
+
+class shapes_only:
+    """Context in which kernels are not launched: an opaque custom op's fake implementation runs
+    its real body on fake tensors for the output shapes, and fake tensors have no memory."""
+
+    def __enter__(self) -> None:
+        global _shapes_only
+        self._prev, _shapes_only = _shapes_only, True
+
+    def __exit__(self, *exc: object) -> None:
+        global _shapes_only
+        _shapes_only = self._prev
 
 
 def as_i32(seed_off: int) -> int:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lowbit.kernels.launch import shapes_only
 from lowbit.kernels.quantize import interpret, triton_runs_on
 from lowbit.quant.gemm import Operand, OperandPlan, gemm_backends, gemm_operands, prepare_operand_pair
 from lowbit.quant.qtensor import QTensor
@@ -43,8 +44,10 @@ if TYPE_CHECKING:
 # Backends whose kernels launch through lowbit.kernels.launch (a user-registered backend may launch
 # its own kernels directly, which a traced graph cannot record).
 GRAPH_BACKENDS = ("auto", "emulate", "reference", "scaled_mm", "triton")
-# LOWBIT_GRAPH_OPS=0 keeps these recipes eager under torch.compile (the path before these ops).
-ENABLED = os.environ.get("LOWBIT_GRAPH_OPS", "1") != "0"
+# LOWBIT_GRAPH_OPS: "1" (default) opaque ops, "recorded" triton_ops on CUDA (kernels launched by
+# Inductor), "0" these recipes stay eager under torch.compile (the path before these ops).
+MODE = os.environ.get("LOWBIT_GRAPH_OPS", "1")
+ENABLED = MODE != "0"
 _PACKED = ("fp4_e2m1", "int4")
 
 
@@ -204,7 +207,7 @@ def _register() -> None:
         return
     from torch.library import custom_op, triton_op
 
-    recorded = not interpret()
+    recorded = MODE == "recorded" and not interpret()
     if recorded:
         from lowbit.kernels.launch import cache_kernel_analysis
 
@@ -280,8 +283,17 @@ def _register() -> None:
         return calls.new_empty(3)
 
     if not recorded:
-        fwd.register_fake(_forward_body)
-        bwd.register_fake(_backward_body)
+
+        def fake_forward(*args):  # noqa: ANN002, ANN202
+            with shapes_only():
+                return _forward_body(*args)
+
+        def fake_backward(*args):  # noqa: ANN002, ANN202
+            with shapes_only():
+                return _backward_body(*args)
+
+        fwd.register_fake(fake_forward)
+        bwd.register_fake(fake_backward)
     _registered = True
 
 
