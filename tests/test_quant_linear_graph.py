@@ -13,10 +13,26 @@ from lowbit.quant import RECIPES
 from lowbit.quant.gemm import OperandPlan, gemm_operands, prepare_operand_pair
 from lowbit.quant.quantize import QuantSpec
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "graph_ops_on")
 K, N, T = 64, 96, 48
 GRAPH_RECIPES = ["mxfp4", "nvfp4", "mxfp8", "int8", "int4_hq", "fp8_blockwise"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture
+def graph_ops_on(monkeypatch):
+    # The graph ops are opt-in (LOWBIT_GRAPH_OPS=recorded); these tests switch them on. Under the
+    # interpreter (CPU) they register as opaque custom ops, on CUDA as triton_ops.
+    from lowbit.nn import quant_linear_graph
+
+    monkeypatch.setattr(quant_linear_graph, "MODE", "recorded")
+
+
+def test_graph_ops_are_off_by_default(monkeypatch):
+    from lowbit.nn import quant_linear_graph
+
+    monkeypatch.setattr(quant_linear_graph, "MODE", "0")
+    assert "off" in why_not_graph(RECIPES["mxfp4"])
 
 
 def test_which_recipes_run_as_graph_ops():

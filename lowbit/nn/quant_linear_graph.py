@@ -1,19 +1,29 @@
 """QuantLinear's kernels inside a compiled graph: the layer's forward and backward as two graph ops.
 
+Opt-in (LOWBIT_GRAPH_OPS=recorded or opaque; default off): on the H100 neither form beat the
+eager layers inside a whole compiled 1b model yet (docs/BENCHMARKS.md, eighth pass).
+
 The fp8 tensor/row recipes are traced by lowbit.nn.quant_linear_traced. The others (MX, NVFP4,
-int8/int4, fp8 blockwise, and any recipe with Hadamard signs or stochastic rounding) ran eagerly
-inside a compiled model: their per-call seeds were drawn on the host, and each layer was a graph
-break whose Python (plans, checks, ~15 kernel launches) cost more host time than the GPU's work
+int8/int4, fp8 blockwise, and any recipe with Hadamard signs or stochastic rounding) run eagerly
+inside a compiled model: their per-call seeds are drawn on the host, and each layer is a graph
+break whose Python (plans, checks, ~15 kernel launches) costs more host time than the GPU's work
 (H100, mxfp4 1b: 498 ms wall against 338 ms of GPU time a step; docs/BENCHMARKS.md, run 65).
 
 Here a layer's fwd is one op, `lowbit::qlinear_forward` (quantize X/X^T and W/W^T, the fprop
 GEMM; X^T and W^T are returned for backward), and its bwd another, `lowbit::qlinear_backward`
 (quantize dY/dY^T, the dgrad and wgrad GEMMs). Their bodies are the eager layer's own building
 blocks (lowbit.quant.gemm.prepare_operand_pair and gemm_operands, with lowbit.kernels behind
-them on CUDA). On CUDA the ops are `torch.library.triton_op`s: their Python runs once, while the
-graph is traced, every kernel launch is recorded (lowbit.kernels.launch), and Inductor launches
-the kernels from its generated code. Under TRITON_INTERPRET=1 (CPU tests) they are opaque custom
-ops running the same body, since interpreted kernels cannot be recorded.
+them on CUDA). Two forms:
+  - "recorded": on CUDA the ops are `torch.library.triton_op`s; their Python runs once, while the
+    graph is traced, every kernel launch is recorded (lowbit.kernels.launch), and Inductor
+    launches the kernels from its generated code. One compiled layer ran 1.1-1.3x faster than the
+    eager layer (mxfp4 0.58x / 0.77x / 0.76x BF16 on the Llama-3-8B shapes), but a compiled 1b
+    model had not reached its first step after 5 minutes: Inductor analyses and compiles each of
+    its ~1300 recorded launches (the analysis is memoized, lowbit.kernels.launch; the rest is not).
+  - "opaque": custom ops whose Python runs on every call (no graph break). The 1b model compiled
+    in ~3 minutes but trained at 0.20x BF16, against 0.57x for the eager layers; not yet explained.
+Under TRITON_INTERPRET=1 (CPU tests) both are opaque custom ops running the same body: interpreted
+kernels cannot be recorded.
 
 Seeds: a graph cannot draw from the layer's host generator, so the traced layer keeps a call
 counter on the device (`QuantLinear.graph_calls`) and hashes (layer seed, rank, call, GEMM) into
@@ -44,18 +54,22 @@ if TYPE_CHECKING:
 # Backends whose kernels launch through lowbit.kernels.launch (a user-registered backend may launch
 # its own kernels directly, which a traced graph cannot record).
 GRAPH_BACKENDS = ("auto", "emulate", "reference", "scaled_mm", "triton")
-# LOWBIT_GRAPH_OPS: "1" (default) opaque ops, "recorded" triton_ops on CUDA (kernels launched by
-# Inductor), "0" these recipes stay eager under torch.compile (the path before these ops).
-MODE = os.environ.get("LOWBIT_GRAPH_OPS", "1")
-ENABLED = MODE != "0"
+# LOWBIT_GRAPH_OPS (read when the ops are first registered): "0" (default) these recipes stay eager
+# under torch.compile; "recorded" triton_ops on CUDA (Inductor launches the kernels); "opaque"
+# custom ops whose Python runs per call. Opt-in: neither beat the eager layers in a whole compiled
+# model yet (module docstring).
+MODES = ("0", "recorded", "opaque")
+MODE = os.environ.get("LOWBIT_GRAPH_OPS", "0")
+if MODE not in MODES:
+    raise ValueError(f"LOWBIT_GRAPH_OPS={MODE!r}; valid choices: {', '.join(MODES)}")
 _PACKED = ("fp4_e2m1", "int4")
 
 
 def why_not_graph(recipe: Recipe, backend: str = "auto") -> str | None:
     """Why a layer with this recipe and backend does not run as graph ops under torch.compile
     (None: it does, on a device where Triton runs; lowbit.nn.quant_linear_traced goes first)."""
-    if not ENABLED:
-        return "LOWBIT_GRAPH_OPS=0"
+    if MODE == "0":
+        return "graph ops are off (LOWBIT_GRAPH_OPS=0, the default)"
     if backend not in GRAPH_BACKENDS:
         return f"backend={backend!r} is a user-registered GEMM backend"
     if recipe.amax_history > 0:
