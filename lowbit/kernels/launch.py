@@ -28,7 +28,18 @@ def launchable(kernel: Any) -> Any:
     a launcher that does nothing while `shapes_only` (an opaque op's fake implementation)."""
     if _shapes_only:
         return _NO_LAUNCH
-    return _WRAP(kernel) if _WRAP is not None else kernel
+    # wrap_triton costs ~20 us a call on a slow host (its imports and checks): asked only once a
+    # recording op exists (`enable_recording`).
+    return _WRAP(kernel) if _recording and _WRAP is not None else kernel
+
+
+_recording = False
+
+
+def enable_recording() -> None:
+    """Launch through wrap_triton from now on (a triton_op that records launches is registered)."""
+    global _recording
+    _recording = True
 
 
 class _NoLaunch:

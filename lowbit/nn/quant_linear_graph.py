@@ -223,8 +223,9 @@ def _register() -> None:
 
     recorded = MODE == "recorded" and not interpret()
     if recorded:
-        from lowbit.kernels.launch import cache_kernel_analysis
+        from lowbit.kernels.launch import cache_kernel_analysis, enable_recording
 
+        enable_recording()
         cache_kernel_analysis()
     define = (
         (lambda name, fn: triton_op(name, fn, mutates_args=()))
