@@ -74,10 +74,9 @@ def why_not_graph(recipe: Recipe, backend: str = "auto") -> str | None:
         return f"backend={backend!r} is a user-registered GEMM backend"
     if recipe.amax_history > 0:
         return "delayed scaling keeps its amax-history state on the host"
-    for g in GEMMS:
-        spec: GemmSpec = getattr(recipe, g)
-        if spec.a is None or spec.b is None:
-            return f"{g}: an operand kept in high precision"
+    unquantized = [g for g in GEMMS if None in (getattr(recipe, g).a, getattr(recipe, g).b)]
+    if unquantized:
+        return f"{unquantized[0]}: an operand kept in high precision"
     return None
 
 
@@ -154,6 +153,11 @@ def _operand(
     )
 
 
+# The forward op's outputs: Y, then X^T's and W^T's (codes, scales, tensor scale).
+_T = torch.Tensor
+_Outputs = tuple[_T, _T, _T, _T, _T, _T, _T]
+
+
 def _forward_body(
     x2: torch.Tensor,
     weight: torch.Tensor,
@@ -164,7 +168,7 @@ def _forward_body(
     need_wgrad: bool,
     need_dgrad: bool,
     out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, ...]:
+) -> _Outputs:
     r = _RECIPES[key]
     s_f, s_d, s_w = seeds[0], seeds[1], seeds[2]
     a, x_t = prepare_operand_pair(
@@ -233,59 +237,8 @@ def _register() -> None:
         else (lambda name, fn: custom_op(name, fn, mutates_args=()))
     )
 
-    def qlinear_forward(
-        x2: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        seeds: torch.Tensor,
-        key: str,
-        backend: str,
-        need_wgrad: bool,
-        need_dgrad: bool,
-        out_dtype: torch.dtype,
-    ) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-    ]:
-        return _forward_body(x2, weight, bias, seeds, key, backend, need_wgrad, need_dgrad, out_dtype)
-
-    def qlinear_backward(
-        g2: torch.Tensor,
-        xt_data: torch.Tensor,
-        xt_scale: torch.Tensor,
-        xt_tscale: torch.Tensor,
-        wt_data: torch.Tensor,
-        wt_scale: torch.Tensor,
-        wt_tscale: torch.Tensor,
-        seeds: torch.Tensor,
-        key: str,
-        backend: str,
-        need_dx: bool,
-        need_dw: bool,
-        tokens: int,
-        in_features: int,
-        x_dtype: torch.dtype,
-        w_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _backward_body(
-            g2,
-            xt_data,
-            xt_scale,
-            xt_tscale,
-            wt_data,
-            wt_scale,
-            wt_tscale,
-            seeds,
-            key,
-            backend,
-            need_dx,
-            need_dw,
-            tokens,
-            in_features,
-            x_dtype,
-            w_dtype,
-        )
-
-    fwd, bwd = define(_FWD, qlinear_forward), define(_BWD, qlinear_backward)
+    # The bodies themselves are the ops (their annotations give the schemas).
+    fwd, bwd = define(_FWD, _forward_body), define(_BWD, _backward_body)
 
     @custom_op(_SEEDS, mutates_args=("calls",))
     def next_seeds(calls: torch.Tensor, stream: int) -> torch.Tensor:
