@@ -46,7 +46,7 @@ from lowbit.quant.gemm import Operand, OperandPlan, gemm_backends, gemm_operands
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec
 from lowbit.quant.recipes import GEMMS, GemmSpec, Recipe
-from lowbit.quant.rounding import lowbias32
+from lowbit.quant.rounding import lowbias32, lowbias32_int
 
 if TYPE_CHECKING:
     from lowbit.nn.quant_linear import QuantLinear
@@ -105,7 +105,7 @@ def next_graph_seeds(layer: QuantLinear) -> torch.Tensor:
 
     _register()
     # Per layer and rank (a Python int; the constant keeps layer 0 / rank 0 off the hash's fixed point 0).
-    stream = lowbias32(layer.seed * 0x10001 + _rank() * 0x3F1 + 0x5EED)
+    stream = lowbias32_int(layer.seed * 0x10001 + _rank() * 0x3F1 + 0x5EED)
     return torch.ops.lowbit.next_graph_seeds(layer.graph_calls, stream)
 
 

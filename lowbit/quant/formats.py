@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -102,9 +103,7 @@ def _table(values: tuple[float, ...], device: str) -> torch.Tensor:
 
 def device_table(values: tuple[float, ...], device: torch.device | str) -> torch.Tensor:
     """A small constant table (codebook, magnitudes) on `device`, built once per device."""
-    if tracing():
-        return _table.__wrapped__(tuple(values), str(torch.device(device)))
-    return _table(tuple(values), str(torch.device(device)))
+    return cached_constant(_table, tuple(values), str(torch.device(device)))
 
 
 def tracing() -> bool:
@@ -113,6 +112,11 @@ def tracing() -> bool:
     from torch._guards import detect_fake_mode
 
     return detect_fake_mode() is not None
+
+
+def cached_constant(build: Any, *args: Any) -> torch.Tensor:
+    """`build(*args)` through its functools cache, or built afresh while tracing (`tracing`)."""
+    return build.__wrapped__(*args) if tracing() else build(*args)
 
 
 def get_format(name: str | ElementFormat) -> ElementFormat:

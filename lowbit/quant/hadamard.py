@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from lowbit.quant.formats import tracing
+from lowbit.quant.formats import cached_constant
 from lowbit.quant.rounding import hash_bits
 
 
@@ -41,8 +41,7 @@ def _hadamard(n: int, device: str) -> torch.Tensor:
 def hadamard_matrix(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The n×n orthonormal Sylvester Hadamard matrix H/√n (fp32); n must be a power of two."""
     _check_block(n)
-    dev = str(torch.device(device or "cpu"))
-    return _hadamard.__wrapped__(n, dev) if tracing() else _hadamard(n, dev)
+    return cached_constant(_hadamard, n, str(torch.device(device or "cpu")))
 
 
 def random_signs(block: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.quant.formats import ElementFormat, device_table, tracing
+from lowbit.quant.formats import ElementFormat, cached_constant, device_table
 
 _FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -57,7 +57,7 @@ def encode(values: torch.Tensor, fmt: ElementFormat) -> tuple[torch.Tensor, bool
         table = device_table(fmt.codebook, v.device)
         codes = torch.bucketize(v, table).to(torch.uint8)
     else:  # fp4_e2m1: 2|v| is an integer in {0,1,2,3,4,6,8,12}; a 13-entry table maps it to the code
-        lut = _fp4_code_lut.__wrapped__(v.device) if tracing() else _fp4_code_lut(v.device)
+        lut = cached_constant(_fp4_code_lut, v.device)
         codes = lut[(v.abs() * 2).to(torch.int64)] | (torch.signbit(v).to(torch.uint8) << 3)
     if codes.dim() > 0 and codes.shape[-1] % 2 == 0:  # (a 0-d tensor has no last dim to pack)
         return pack_nibbles(codes), True
