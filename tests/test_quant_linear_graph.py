@@ -10,8 +10,9 @@ from torch import nn
 from lowbit.nn import QuantLinear, convert_model
 from lowbit.nn.quant_linear_graph import graph_quant_linear, next_graph_seeds, recipe_key, why_not_graph
 from lowbit.quant import RECIPES
-from lowbit.quant.gemm import OperandPlan, gemm_operands, prepare_operand_pair
+from lowbit.quant.gemm import OperandPlan, derive_seed, gemm_operands, prepare_operand_pair
 from lowbit.quant.quantize import QuantSpec
+from lowbit.quant.rounding import DeviceSeed, seed_offset, seed_table
 
 pytestmark = pytest.mark.usefixtures("single_thread", "graph_ops_on")
 K, N, T = 64, 96, 48
@@ -44,7 +45,7 @@ def test_which_recipes_run_as_graph_ops():
 
 def _building_blocks(layer, x2, gy, seeds):
     # The eager layer's steps (lowbit.nn.quant_linear._QuantLinearFn) with the seeds as host ints.
-    r, (s_f, s_d, s_w) = layer.recipe, seeds.tolist()
+    r, (s_f, s_d, s_w) = layer.recipe, seeds
     w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
     a, x_t = prepare_operand_pair(
         x2, OperandPlan(r.fprop.a, r.fprop, s_f, 1), OperandPlan(r.wgrad.b, r.wgrad, s_w, 2)
@@ -70,14 +71,15 @@ def _check_ops(layer, device, dtype):
     gen = torch.Generator().manual_seed(3)
     x2 = torch.randn(T, K, generator=gen).to(device, dtype)
     gy = torch.randn(T, N, generator=gen).to(device, dtype)
-    seeds = torch.tensor([11, 2**31 - 5, 123456789], device=device)  # offsets above 2^31 included
+    host_seeds = [11, 2**31 - 5, 123456789]  # offsets above 2^31 included
+    seeds = seed_table(torch.tensor(host_seeds, device=device))
     key, w = recipe_key(layer.recipe), layer.weight.detach()
     b = None if layer.bias is None else layer.bias.detach()
     y, *saved = torch.ops.lowbit.qlinear_forward(x2, w, b, seeds, key, layer.backend, True, True, dtype)
     dx, dw = torch.ops.lowbit.qlinear_backward(
         gy, *saved, seeds, key, layer.backend, True, True, T, K, dtype, w.dtype
     )
-    ref_y, ref_dx, ref_dw, x_t, w_t = _building_blocks(layer, x2, gy, seeds)
+    ref_y, ref_dx, ref_dw, x_t, w_t = _building_blocks(layer, x2, gy, host_seeds)
     for name, got, ref in (
         ("y", y, ref_y),
         ("dx", dx, ref_dx),
@@ -123,9 +125,25 @@ def test_compiled_layer_is_one_graph_and_draws_new_seeds_each_call():
 
 def test_seeds_differ_between_layers_and_ranks_and_calls():
     a, b = QuantLinear(K, N, seed=0, recipe="mxfp4"), QuantLinear(K, N, seed=1, recipe="mxfp4")
-    sa, sb, sa2 = next_graph_seeds(a), next_graph_seeds(b), next_graph_seeds(a)
-    assert len({*sa.tolist(), *sb.tolist(), *sa2.tolist()}) == 9
-    assert all(0 <= s < 2**31 for s in sa.tolist())
+    tables = (next_graph_seeds(a), next_graph_seeds(b), next_graph_seeds(a))
+    sa, sb, sa2 = (t[0, :, 0].tolist() for t in tables)
+    assert len({*sa, *sb, *sa2}) == 9
+    assert all(0 <= s < 2**31 for s in sa)
+
+
+def test_seed_table_holds_every_derived_seed_and_offset():
+    # The graph ops' seeds: each derive_seed / seed_offset of a DeviceSeed is a view of the table
+    # with the value the host-int path computes (also for a derivation the table does not hold).
+    seeds = [0, 11, 2**31 - 1]
+    table = seed_table(torch.tensor(seeds))
+    for row, s in enumerate(seeds):
+        d = DeviceSeed(table, row)
+        assert int(d.value()) == s and int(seed_offset(d)) == seed_offset(s)
+        for k in range(1, 5):
+            dk = derive_seed(d, k)
+            assert dk.table is table and int(dk.value()) == derive_seed(s, k)
+            assert int(seed_offset(dk)) == seed_offset(derive_seed(s, k))
+        assert int(derive_seed(derive_seed(d, 1), 2)) == derive_seed(derive_seed(s, 1), 2)
 
 
 def test_whole_model_with_seeded_recipe_compiles_as_one_graph():
@@ -150,27 +168,31 @@ def test_whole_model_with_seeded_recipe_compiles_as_one_graph():
 )
 def test_kernels_read_device_seeds_as_the_same_bits(spec):
     # The quantize kernel (plain and rotated), the rotation kernel and the pair kernel, under the
-    # interpreter: an offset passed as an int32 device tensor (SEED_PTR) hashes as the same int.
+    # interpreter: a seed passed as a device tensor or as a seed table's entry (SEED_PTR) hashes
+    # as the same int.
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
+    for seed in (7, 2**31 - 1):
+        table = seed_table(torch.tensor([seed, seed - 1]))  # 31-bit seeds, as the layers draw
+        _check_device_seed(x, spec, seed, torch.tensor(seed), torch.tensor(seed - 1))
+        _check_device_seed(x, spec, seed, DeviceSeed(table, 0), DeviceSeed(table, 1))
+
+
+def _check_device_seed(x, spec, seed, t, t_next):
     from lowbit.kernels.hadamard import hadamard_rotate, rotate_quantize
     from lowbit.kernels.pair_quantize import quantize_pair, why_not_pair
     from lowbit.kernels.quantize import quantize_2d
 
-    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
-    for seed in (7, 2**31 - 1):
-        t = torch.tensor(seed)
-        for a, b in zip(quantize_2d(x, spec, seed=seed)[:2], quantize_2d(x, spec, seed=t)[:2]):
-            assert torch.equal(a, b)
-        qa, qb = rotate_quantize(x, spec, 32, seed, seed=seed), rotate_quantize(x, spec, 32, t, seed=t)
-        assert torch.equal(qa.data, qb.data) and torch.equal(qa.scale, qb.scale)
-        assert torch.equal(hadamard_rotate(x, 32, seed), hadamard_rotate(x, 32, t))
-        if why_not_pair(x, spec, spec) is not None:  # the pair kernel takes fp8/int8 only
-            continue
-        pa, pb = (
-            quantize_pair(x, spec, spec, seed=seed, seed_t=seed + 1),
-            quantize_pair(x, spec, spec, seed=t, seed_t=t + 1),
-        )
-        for q1, q2 in zip(pa[:2], pb[:2]):
-            assert torch.equal(q1.data, q2.data) and torch.equal(q1.scale, q2.scale)
+    for a, b in zip(quantize_2d(x, spec, seed=seed)[:2], quantize_2d(x, spec, seed=t)[:2]):
+        assert torch.equal(a, b)
+    qa, qb = rotate_quantize(x, spec, 32, seed, seed=seed), rotate_quantize(x, spec, 32, t, seed=t)
+    assert torch.equal(qa.data, qb.data) and torch.equal(qa.scale, qb.scale)
+    assert torch.equal(hadamard_rotate(x, 32, seed), hadamard_rotate(x, 32, t))
+    if why_not_pair(x, spec, spec) is not None:  # the pair kernel takes fp8/int8 only
+        return
+    pa = quantize_pair(x, spec, spec, seed=seed, seed_t=seed - 1)
+    pb = quantize_pair(x, spec, spec, seed=t, seed_t=t_next)
+    for q1, q2 in zip(pa[:2], pb[:2]):
+        assert torch.equal(q1.data, q2.data) and torch.equal(q1.scale, q2.scale)
 
 
 @pytest.mark.gpu
@@ -202,3 +224,49 @@ def test_gpu_compiled_layer_is_the_uncompiled_ops(recipe):
         err = float((a.float() - b.float()).norm() / a.float().norm())
         assert err < 2e-3, f"{name}: relative error {err:.2e}"
     assert int(layer.graph_calls) == int(same.graph_calls) == 1
+
+
+_CUDA_GRAPH_SCRIPT = """
+import torch
+from lowbit.nn import QuantLinear
+from lowbit.nn.quant_linear_graph import graph_quant_linear
+torch.manual_seed(0)
+kw = dict(bias=False, recipe="{recipe}", device="cuda", dtype=torch.bfloat16)
+layer, same = QuantLinear(256, 384, **kw), QuantLinear(256, 384, **kw)
+same.load_state_dict(layer.state_dict())
+compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+x = torch.randn(4, 256, 256, device="cuda", dtype=torch.bfloat16)
+gy = torch.randn(4, 256, 384, device="cuda", dtype=torch.bfloat16)
+grads = []
+for call in range(4):  # warm-up, recording, then replays of the CUDA graphs
+    layer.zero_grad(set_to_none=True)
+    same.zero_grad(set_to_none=True)
+    xa, xb = (x.clone().requires_grad_(True) for _ in range(2))
+    compiled(xa).backward(gy)
+    graph_quant_linear(xb, same.weight, None, same).backward(gy)
+    for a, b in ((xb.grad, xa.grad), (same.weight.grad, layer.weight.grad)):
+        err = float((a.float() - b.float()).norm() / a.float().norm())
+        assert err < 2e-3, (call, err)
+    grads.append(layer.weight.grad.clone())
+    assert int(layer.graph_calls) == call + 1, int(layer.graph_calls)
+assert all(not torch.equal(grads[i], grads[i + 1]) for i in range(3))
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
+def test_gpu_opaque_ops_replayed_as_cuda_graphs_draw_new_seeds(recipe):
+    # torch.compile(mode="reduce-overhead") records the opaque ops' kernels into CUDA graphs and
+    # replays them: the seed counter must still advance on the device at every replay, and each
+    # call must be what the uncompiled ops compute with the same counter. (Its own process: the
+    # op form is fixed when the ops are first registered.)
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LOWBIT_GRAPH_OPS="opaque", TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _CUDA_GRAPH_SCRIPT.format(recipe=recipe)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
