@@ -14,6 +14,9 @@ never spoil another):
     lowbit_<recipe>+compile      QuantLinear under torch.compile: traced recipes (fp8 tensorwise,
                                  rowwise) are one graph (quantizers as custom ops, cuBLAS GEMMs),
                                  the rest graph-break and run eagerly
+    lowbit_<recipe>+cudagraphs   torch.compile(mode="reduce-overhead"), the untraced recipes as
+                                 opaque graph ops (lowbit.nn.quant_linear_graph), replayed as CUDA
+                                 graphs: what train.compile_mode=reduce_overhead runs
 Time = median of triton.testing.do_bench over `y = layer(x); y.backward(dy)` (x, weight grads reset
 each call). rel_err = ||y - x·W^T|| / ||x·W^T|| against fp32 on the first shape.
 
@@ -51,6 +54,12 @@ def _layer(variant: str, k: int, n: int) -> torch.nn.Module:
     from lowbit.nn.quant_linear import QuantLinear
 
     recipe = variant.removeprefix("lowbit_").split("+")[0]
+    if variant.endswith("+cudagraphs"):  # before the layer is built: its ops register then
+        from lowbit.nn import quant_linear_graph
+
+        quant_linear_graph.select_mode("opaque")
+        layer = QuantLinear.from_linear(lin, recipe, backend="auto")
+        return torch.compile(layer, mode="reduce-overhead")
     if variant.endswith("+ref"):
         for seam in (qg._QUANTIZERS, qg._PAIR_QUANTIZERS, qg._ROTATORS, qg._ROTATE_QUANTIZERS):
             seam.clear()

@@ -270,3 +270,39 @@ def test_gpu_opaque_ops_replayed_as_cuda_graphs_draw_new_seeds(recipe):
     proc = subprocess.run([sys.executable, "-c", _CUDA_GRAPH_SCRIPT.format(recipe=recipe)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_select_mode_checks_its_argument_and_the_registered_form(monkeypatch):
+    from lowbit.nn import quant_linear_graph
+
+    with pytest.raises(ValueError, match="'fast'.*valid choices: 0, recorded, opaque"):
+        quant_linear_graph.select_mode("fast")
+    monkeypatch.setattr(quant_linear_graph, "_registered_form", "recorded")
+    with pytest.raises(RuntimeError, match="already registered as recorded"):
+        quant_linear_graph.select_mode("opaque")
+    quant_linear_graph.select_mode("0")  # switching the ops off is always possible
+    assert quant_linear_graph.MODE == "0"
+
+
+@pytest.mark.parametrize(
+    ("mode", "device", "env", "expected"),
+    [
+        ("reduce-overhead", "cuda", None, "opaque"),
+        ("default", "cuda", None, "0"),
+        ("reduce-overhead", "cpu", None, "0"),
+        ("reduce-overhead", "cuda", "0", "0"),  # the user's LOWBIT_GRAPH_OPS wins
+    ],
+)
+def test_trainer_runs_graph_ops_under_cuda_graphs(monkeypatch, mode, device, env, expected):
+    from lowbit.nn import quant_linear_graph
+    from lowbit.trainer.config import TrainConfig
+    from lowbit.trainer.run import _select_graph_ops
+
+    monkeypatch.setattr(quant_linear_graph, "MODE", "0")
+    monkeypatch.setattr(quant_linear_graph, "_registered_form", None)
+    if env is None:
+        monkeypatch.delenv("LOWBIT_GRAPH_OPS", raising=False)
+    else:
+        monkeypatch.setenv("LOWBIT_GRAPH_OPS", env)
+    _select_graph_ops(TrainConfig(compile=True, compile_mode=mode), torch.device(device))
+    assert quant_linear_graph.MODE == expected

@@ -61,7 +61,7 @@ def _rotate_kernel(x_ptr, out_ptr, R, K, sxr, sxk, syr, sign_off,
                    SEED_PTR: tl.constexpr = False):
     # x·R into out_ptr (fp32, row stride syr), or with AMAX only max |x·R| as integer bits into
     # out_ptr[0] (NaN stays on top, as in the amax kernel of pair_quantize.py). SEED_PTR: sign_off
-    # is a one-element int32 tensor (lowbit.kernels.launch.seed_args).
+    # is a one-element int64 tensor (lowbit.kernels.launch.seed_args).
     if SEED_PTR:
         sign_off = tl.load(sign_off)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)

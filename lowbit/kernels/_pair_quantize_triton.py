@@ -98,7 +98,7 @@ def _pair_kernel(
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     HW_FP8: tl.constexpr, FAST: tl.constexpr, SEED_PTR: tl.constexpr = False,
 ):
-    if SEED_PTR:  # the offsets are one-element int32 tensors (lowbit.kernels.launch.seed_args)
+    if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_a = tl.load(seed_a)
         seed_b = tl.load(seed_b)
     pid_r = tl.program_id(0)

@@ -299,7 +299,7 @@ def _quantize_kernel(
     HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
     SEED_PTR: tl.constexpr = False,
 ):
-    if SEED_PTR:  # the offsets are one-element int32 tensors (lowbit.kernels.launch.seed_args)
+    if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_off = tl.load(seed_off)
         sign_off = tl.load(sign_off)
     pid_r = tl.program_id(0)

@@ -1,6 +1,6 @@
 """How lowbit.kernels launch their Triton kernels: `launchable(kernel)[grid](...)`, seeds by `seed_args`.
 
-Inside a `torch.library.triton_op` (QuantLinear's traced kernel ops, lowbit.nn.quant_linear_ops)
+Inside a `torch.library.triton_op` (QuantLinear's graph ops, lowbit.nn.quant_linear_graph)
 a kernel must be launched through `torch.library.wrap_triton`, so that tracing records the launch
 in the graph and Inductor launches it from its generated code, with none of our Python per call.
 Outside such an op (and always under TRITON_INTERPRET=1) wrap_triton hands back the kernel itself,
@@ -8,9 +8,10 @@ so every launcher goes through `launchable` and the eager path is unchanged.
 
 Seeds. The eager layers draw one seed per GEMM call on the host and pass kernels the hash offset
 seed * golden mod 2^32 as an int32 argument. A traced graph cannot draw on the host: its seeds are
-int64 tensors on the device (lowbit.nn.quant_linear_ops), and the offsets derived from them are
-tensors too. `seed_args` turns a kernel's offsets into either form; with tensors the kernel loads
-them (its SEED_PTR constexpr), and the bits it hashes are the same as for the equal ints.
+int64 tensors on the device (lowbit.nn.quant_linear_graph), and their derived seeds and offsets
+are views of one table (lowbit.quant.rounding.seed_table). `seed_args` turns a kernel's offsets
+into either form; with tensors the kernel loads them (its SEED_PTR constexpr), and the bits it
+hashes are the same as for the equal ints.
 """
 
 from __future__ import annotations
@@ -72,22 +73,25 @@ def as_i32(seed_off: int) -> int:
     return seed_off - (1 << 32) if seed_off >= 1 << 31 else seed_off
 
 
-def _i32_tensor(off: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    # One int32 element holding the offset's low 32 bits (what the kernel loads).
+def _offset_tensor(off: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    # One int64 element whose low 32 bits are the offset: the kernel adds it to an int64 index and
+    # truncates to uint32, so only those bits count. An int64 offset (a seed table's entry,
+    # lowbit.quant.rounding.DeviceSeed) is passed as a view, without any device work.
     if not isinstance(off, torch.Tensor):
-        return torch.full((1,), as_i32(int(off)), dtype=torch.int32, device=device)
-    t = off.to(device=device, dtype=torch.int64).reshape(1) & 0xFFFFFFFF
-    return torch.where(t >= 1 << 31, t - (1 << 32), t).to(torch.int32)
+        return torch.full((1,), int(off) & 0xFFFFFFFF, dtype=torch.int64, device=device)
+    if off.dtype == torch.int64 and off.device == device:
+        return off.reshape(1)
+    return off.to(device=device, dtype=torch.int64).reshape(1)
 
 
 def seed_args(*offsets: int | torch.Tensor | None) -> tuple[list[int | torch.Tensor], bool]:
     """The kernel arguments for hash offsets (None: unused, passed as 0) and the SEED_PTR flag:
-    ints as int32 values when none is a tensor, else every one as a one-element int32 tensor."""
+    ints as int32 values when none is a tensor, else every one as a one-element int64 tensor."""
     tensors = [o for o in offsets if isinstance(o, torch.Tensor)]
     if not tensors:
         return [as_i32(int(o or 0)) for o in offsets], False
     dev = tensors[0].device
-    return [_i32_tensor(0 if o is None else o, dev) for o in offsets], True
+    return [_offset_tensor(0 if o is None else o, dev) for o in offsets], True
 
 
 def aligned(x: torch.Tensor, nbytes: int) -> bool:

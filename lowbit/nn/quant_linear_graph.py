@@ -27,8 +27,9 @@ kernels cannot be recorded.
 
 Seeds: a graph cannot draw from the layer's host generator, so the traced layer keeps a call
 counter on the device (`QuantLinear.graph_calls`) and hashes (layer seed, rank, call, GEMM) into
-the three GEMM seeds (`next_graph_seeds`), an int64 tensor passed to the ops; the kernels read the
-hash offsets from it (lowbit.kernels.launch.seed_args). Given the same seeds, the ops' outputs are
+the three GEMM seeds (`next_graph_seeds`), passed to the ops as an int64 table of every seed and
+hash offset the layer's kernels use (lowbit.quant.rounding.seed_table); the kernels read their
+offsets from it (lowbit.kernels.launch.seed_args). Given the same seeds, the ops' outputs are
 the eager layer's bit for bit; the compiled and the eager layer draw different seed streams, and
 the trainer's checkpoints save both the generator and this counter.
 """
@@ -46,7 +47,7 @@ from lowbit.quant.gemm import Operand, OperandPlan, gemm_backends, gemm_operands
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec
 from lowbit.quant.recipes import GEMMS, GemmSpec, Recipe
-from lowbit.quant.rounding import lowbias32, lowbias32_int
+from lowbit.quant.rounding import DERIVED_STREAMS, DeviceSeed, lowbias32, lowbias32_int, seed_table
 
 if TYPE_CHECKING:
     from lowbit.nn.quant_linear import QuantLinear
@@ -62,6 +63,34 @@ MODES = ("0", "recorded", "opaque")
 MODE = os.environ.get("LOWBIT_GRAPH_OPS", "0")
 if MODE not in MODES:
     raise ValueError(f"LOWBIT_GRAPH_OPS={MODE!r}; valid choices: {', '.join(MODES)}")
+
+
+def mode_from_env() -> bool:
+    """Whether the user chose the mode (LOWBIT_GRAPH_OPS is set); the trainer then leaves it."""
+    return "LOWBIT_GRAPH_OPS" in os.environ
+
+
+def select_mode(mode: str) -> None:
+    """Use graph ops of this form from now on (`MODES`). Before a model is built: the ops' form
+    is fixed when they are first registered, and asking for the other form afterwards raises.
+
+    The trainer selects "opaque" for `train.compile_mode=reduce_overhead` on CUDA: replayed as CUDA
+    graphs the ops' Python no longer runs per call (H100, 1b mxfp4: 0.66x BF16 against the eager
+    layers' 0.56x; docs/BENCHMARKS.md, ninth pass)."""
+    global MODE
+    if mode not in MODES:
+        raise ValueError(f"graph-op mode {mode!r}; valid choices: {', '.join(MODES)}")
+    if mode != "0" and _registered_form not in (None, _form(mode)):
+        raise RuntimeError(
+            f"graph ops are already registered as {_registered_form} ops in this process; "
+            f"cannot switch to {mode!r} (set LOWBIT_GRAPH_OPS before the first model is built)"
+        )
+    MODE = mode
+
+
+def _form(mode: str) -> str:
+    # What `mode` registers: triton_ops only where kernels are recorded (CUDA), else custom ops.
+    return "recorded" if mode == "recorded" and not interpret() else "opaque"
 _PACKED = ("fp4_e2m1", "int4")
 
 
@@ -94,8 +123,8 @@ def recipe_key(recipe: Recipe) -> str:
 
 
 def next_graph_seeds(layer: QuantLinear) -> torch.Tensor:
-    """The three GEMM seeds (fprop, dgrad, wgrad) of the layer's next call, as an int64 device
-    tensor of 31-bit values; advances the layer's call counter.
+    """The seed table (lowbit.quant.rounding.seed_table) of the layer's next call's three GEMM
+    seeds (fprop, dgrad, wgrad; rows 0-2), on the device; advances the layer's call counter.
 
     One opaque op reads and advances the counter: with plain graph ops, AOTAutograd's partitioner
     may recompute the seeds in the backward graph from the counter, which the forward graph has
@@ -111,16 +140,16 @@ def next_graph_seeds(layer: QuantLinear) -> torch.Tensor:
 
 def _seeds_of(calls: torch.Tensor, stream: int) -> torch.Tensor:
     idx = calls * 3 + torch.arange(3, device=calls.device) + stream
-    return lowbias32(lowbias32(idx) + stream) & 0x7FFFFFFF
+    return seed_table(lowbias32(lowbias32(idx) + stream) & 0x7FFFFFFF)
 
 
 # --- the ops ----------------------------------------------------------------------------------
 
 _FWD, _BWD, _SEEDS = "lowbit::qlinear_forward", "lowbit::qlinear_backward", "lowbit::next_graph_seeds"
-_registered = False
+_registered_form: str | None = None  # "recorded" or "opaque" once the ops are registered
 
 
-def _plan(spec: QuantSpec, gemm: GemmSpec, seed: torch.Tensor, role: int, want: bool) -> OperandPlan | None:
+def _plan(spec: QuantSpec, gemm: GemmSpec, seed: DeviceSeed, role: int, want: bool) -> OperandPlan | None:
     return OperandPlan(spec, gemm, seed, role) if want else None
 
 
@@ -170,7 +199,7 @@ def _forward_body(
     out_dtype: torch.dtype,
 ) -> _Outputs:
     r = _RECIPES[key]
-    s_f, s_d, s_w = seeds[0], seeds[1], seeds[2]
+    s_f, s_d, s_w = (DeviceSeed(seeds, i) for i in range(3))
     a, x_t = prepare_operand_pair(
         x2, _plan(r.fprop.a, r.fprop, s_f, 1, True), _plan(r.wgrad.b, r.wgrad, s_w, 2, need_wgrad)
     )
@@ -200,7 +229,7 @@ def _backward_body(
     w_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r = _RECIPES[key]
-    s_d, s_w = seeds[1], seeds[2]
+    s_d, s_w = DeviceSeed(seeds, 1), DeviceSeed(seeds, 2)
     out_features = g2.shape[1]
     a, a_t = prepare_operand_pair(
         g2, _plan(r.dgrad.a, r.dgrad, s_d, 1, need_dx), _plan(r.wgrad.a, r.wgrad, s_w, 1, need_dw)
@@ -220,12 +249,12 @@ def _backward_body(
 def _register() -> None:
     """Define both ops once: triton_ops where Triton kernels are recorded (CUDA), else opaque
     custom ops whose fake (shape) implementation runs the same body on fake tensors."""
-    global _registered
-    if _registered:
+    global _registered_form
+    if _registered_form is not None:
         return
     from torch.library import custom_op, triton_op
 
-    recorded = MODE == "recorded" and not interpret()
+    recorded = _form(MODE) == "recorded"
     if recorded:
         from lowbit.kernels.launch import cache_kernel_analysis, enable_recording
 
@@ -248,7 +277,7 @@ def _register() -> None:
 
     @next_seeds.register_fake
     def _(calls, stream):  # noqa: ANN001, ANN202
-        return calls.new_empty(3)
+        return calls.new_empty((2, 3, DERIVED_STREAMS))
 
     if not recorded:
 
@@ -262,7 +291,7 @@ def _register() -> None:
 
         fwd.register_fake(fake_forward)
         bwd.register_fake(fake_backward)
-    _registered = True
+    _registered_form = _form(MODE)
 
 
 def graph_quant_linear(

@@ -42,18 +42,21 @@ from lowbit.quant.hadamard import hadamard_rotate, random_signs
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec, quantize
 from lowbit.quant.recipes import GemmSpec
-from lowbit.quant.rounding import uniform_noise
+from lowbit.quant.rounding import DERIVE_STEP, DeviceSeed, uniform_noise
 
 # observer(operand_name, tensor_as_quantized_fp32, qtensor): telemetry hook, None when off.
 Observer = Callable[[str, torch.Tensor, QTensor], None]
 
 
-def derive_seed(seed: int | torch.Tensor, k: int) -> int | torch.Tensor:
+def derive_seed(seed: int | torch.Tensor | DeviceSeed, k: int) -> int | torch.Tensor | DeviceSeed:
     """A distinct 31-bit seed for sub-stream k of a GEMM call (any fixed integer mix works); an
-    integer tensor seed (a traced layer's, on the device) gives the same value as a tensor."""
+    integer tensor seed (a traced layer's, on the device) gives the same value as a tensor, a
+    DeviceSeed the table entry that holds it (lowbit.quant.rounding.seed_table)."""
+    if isinstance(seed, DeviceSeed):
+        return seed.derived(k)
     if isinstance(seed, torch.Tensor):
-        return (seed.to(torch.int64) + k * 0x632BE5AB) & 0x7FFFFFFF
-    return (int(seed) + k * 0x632BE5AB) & 0x7FFFFFFF
+        return (seed.to(torch.int64) + k * DERIVE_STEP) & 0x7FFFFFFF
+    return (int(seed) + k * DERIVE_STEP) & 0x7FFFFFFF
 
 
 @dataclass

@@ -74,14 +74,57 @@ def lowbias32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def seed_offset(seed: int | torch.Tensor) -> int | torch.Tensor:
+def seed_offset(seed: int | torch.Tensor | DeviceSeed) -> int | torch.Tensor:
     """seed * 0x9E3779B9 mod 2^32: what the hash adds to each element index (kernels get this int).
 
     A seed may be an integer tensor (a traced layer's seeds live on the device): the offset is then
-    an int64 tensor with the same value (int64 products wrap mod 2^64, which keeps the low 32 bits)."""
+    an int64 tensor with the same value (int64 products wrap mod 2^64, which keeps the low 32 bits).
+    A DeviceSeed's offset is read from its table (a view: no device work)."""
+    if isinstance(seed, DeviceSeed):
+        return seed.table[1, seed.row, seed.k]
     if isinstance(seed, torch.Tensor):
         return (seed.to(torch.int64) * GOLDEN32) & MASK32
     return (int(seed) * GOLDEN32) & MASK32
+
+
+# A GEMM call's seed feeds up to five hash streams: its own (Hadamard signs) and the sub-streams
+# lowbit.quant.gemm.derive_seed(seed, k) for k = 1..4 (operand A's and B's stochastic rounding,
+# a bit split's residual, leverage sampling).
+DERIVED_STREAMS = 5
+DERIVE_STEP = 0x632BE5AB  # derive_seed(seed, k) = (seed + k * step) mod 2^31
+
+
+def seed_table(seeds: torch.Tensor) -> torch.Tensor:
+    """For n int64 seeds (31-bit, on any device): an int64 table (2, n, DERIVED_STREAMS) holding
+    each seed's derived seeds (k = 0 is the seed itself) in [0] and their hash offsets in [1].
+
+    A traced layer's seeds live on the device. Deriving seeds and offsets from them with tensor
+    ops at every kernel launch cost ~70 tiny device ops per layer call; the table computes them
+    all in four ops per call, and each use is then a view of it (DeviceSeed)."""
+    k = torch.arange(DERIVED_STREAMS, device=seeds.device, dtype=torch.int64)
+    values = (seeds.to(torch.int64).reshape(-1, 1) + k * DERIVE_STEP) & 0x7FFFFFFF
+    return torch.stack((values, (values * GOLDEN32) & MASK32))
+
+
+class DeviceSeed:
+    """Seed `k` of row `row` of a `seed_table`: a seed that lives on the device.
+
+    lowbit.quant.gemm.derive_seed and `seed_offset` take it in place of an int and answer with
+    views of the table; where a tensor is needed, `value()` is the seed as a 0-d int64 tensor."""
+
+    __slots__ = ("table", "row", "k")
+
+    def __init__(self, table: torch.Tensor, row: int, k: int = 0):
+        self.table, self.row, self.k = table, row, k
+
+    def value(self) -> torch.Tensor:
+        return self.table[0, self.row, self.k]
+
+    def derived(self, k: int) -> DeviceSeed | torch.Tensor:
+        """derive_seed(self, k): a view of the table where it holds that stream, else computed."""
+        if self.k == 0 and 0 <= k < DERIVED_STREAMS:
+            return DeviceSeed(self.table, self.row, k)
+        return (self.value() + k * DERIVE_STEP) & 0x7FFFFFFF
 
 
 def hash_bits(seed: int, numel: int, device: torch.device | str | None = None) -> torch.Tensor:

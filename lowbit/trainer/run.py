@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lowbit.nn import quant_linear_graph
 from lowbit.nn.convert import apply_quant_config
 from lowbit.nn.llama import Llama
 from lowbit.optim import build_optimizer, wants_bf16_params
 from lowbit.quant.telemetry import QuantTelemetry
 from lowbit.trainer import checkpoint as ckpt
-from lowbit.trainer.config import CompileMode, DistBackend, Precision, RunConfig
+from lowbit.trainer.config import CompileMode, DistBackend, Precision, RunConfig, TrainConfig
 from lowbit.trainer.data import BatchSource, eval_batches, load_data
 from lowbit.trainer.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown
 from lowbit.trainer.engines import DeepSpeedEngine, TorchEngine
@@ -171,6 +172,16 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         shutdown(ctx)
 
 
+def _select_graph_ops(tc: TrainConfig, device: torch.device) -> None:
+    # CUDA graphs (compile_mode=reduce_overhead) replay QuantLinear's graph ops without running
+    # their Python, which otherwise makes them slower than eager layers; so with CUDA graphs the
+    # recipes that are not traced run as opaque graph ops (lowbit.nn.quant_linear_graph), unless
+    # LOWBIT_GRAPH_OPS says otherwise. Decided before the model is built (the ops register then).
+    cuda_graphs = tc.compile and CompileMode(tc.compile_mode) is CompileMode.reduce_overhead
+    if cuda_graphs and device.type == "cuda" and not quant_linear_graph.mode_from_env():
+        quant_linear_graph.select_mode("opaque")
+
+
 def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     tc = rc.train
     run_dir = Path(rc.out_dir) / rc.run_name
@@ -184,6 +195,7 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     np.random.seed(tc.seed)
     random.seed(tc.seed)
     data = load_data(rc.data, rc.model.vocab_size)
+    _select_graph_ops(tc, ctx.device)
     model = Llama(rc.model)
     model = apply_quant_config(model, rc.quant).to(ctx.device)
     if wants_bf16_params(rc.optim):
