@@ -90,7 +90,11 @@ def run_one(variant: str, prof: bool = False) -> list[dict]:
         x = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(8192, n, device="cuda", dtype=torch.bfloat16)
 
-        def step(layer=layer, x=x, dy=dy):
+        def step(layer=layer, x=x, dy=dy, w=w):
+            # Gradients reset on every call (do_bench resets them only in its timed loop): under
+            # CUDA graphs a gradient is an output of the previous replay, and accumulating into
+            # it after the next replay overwrote it is an error.
+            x.grad = w.grad = None
             layer(x).backward(dy)
 
         rel = float("nan")
