@@ -1,7 +1,9 @@
 """QuantLinear's kernels inside a compiled graph: the layer's forward and backward as two graph ops.
 
-Opt-in (LOWBIT_GRAPH_OPS=recorded or opaque; default off): on the H100 neither form beat the
-eager layers inside a whole compiled 1b model yet (docs/BENCHMARKS.md, eighth pass).
+Used when the compiled model runs as CUDA graphs: the trainer selects the "opaque" form for
+train.compile_mode=reduce_overhead on CUDA (`select_mode`); LOWBIT_GRAPH_OPS=0|recorded|opaque
+overrides that. Otherwise off: without CUDA graphs the eager layers were faster inside a compiled
+1b model on the H100 (docs/BENCHMARKS.md, eighth and ninth passes).
 
 The fp8 tensor/row recipes are traced by lowbit.nn.quant_linear_traced. The others (MX, NVFP4,
 int8/int4, fp8 blockwise, and any recipe with Hadamard signs or stochastic rounding) run eagerly
@@ -20,8 +22,11 @@ them on CUDA). Two forms:
     eager layer (mxfp4 0.58x / 0.77x / 0.76x BF16 on the Llama-3-8B shapes), but a compiled 1b
     model had not reached its first step after 5 minutes: Inductor analyses and compiles each of
     its ~1300 recorded launches (the analysis is memoized, lowbit.kernels.launch; the rest is not).
-  - "opaque": custom ops whose Python runs on every call (no graph break). The 1b model compiled
-    in ~3 minutes but trained at 0.20x BF16, against 0.57x for the eager layers; not yet explained.
+  - "opaque": custom ops whose Python runs on every call (no graph break). The 1b model compiles
+    in ~3 minutes. Replayed as CUDA graphs (torch.compile mode "reduce-overhead"), the Python runs
+    only while a graph is recorded: mxfp4 1b trained at 0.66x BF16 against 0.56x with the eager
+    layers, GPU-bound (335.8 ms of wall time a step for 334.0 of GPU time). Without CUDA graphs
+    its step was 573 ms against the eager layers' 498.
 Under TRITON_INTERPRET=1 (CPU tests) both are opaque custom ops running the same body: interpreted
 kernels cannot be recorded.
 
@@ -55,10 +60,10 @@ if TYPE_CHECKING:
 # Backends whose kernels launch through lowbit.kernels.launch (a user-registered backend may launch
 # its own kernels directly, which a traced graph cannot record).
 GRAPH_BACKENDS = ("auto", "emulate", "reference", "scaled_mm", "triton")
-# LOWBIT_GRAPH_OPS (read when the ops are first registered): "0" (default) these recipes stay eager
-# under torch.compile; "recorded" triton_ops on CUDA (Inductor launches the kernels); "opaque"
-# custom ops whose Python runs per call. Opt-in: neither beat the eager layers in a whole compiled
-# model yet (module docstring).
+# LOWBIT_GRAPH_OPS (read when the ops are first registered): "0" (the default unless the trainer
+# selects another, `select_mode`) these recipes stay eager under torch.compile; "recorded"
+# triton_ops on CUDA (Inductor launches the kernels); "opaque" custom ops whose Python runs per
+# call, or once per CUDA-graph recording (module docstring).
 MODES = ("0", "recorded", "opaque")
 MODE = os.environ.get("LOWBIT_GRAPH_OPS", "0")
 if MODE not in MODES:
