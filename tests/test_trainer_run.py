@@ -137,3 +137,19 @@ def test_engine_step_leaves_the_grad_norm_on_the_device():
     assert isinstance(norm, torch.Tensor) and norm.device.type == "cpu"
     torch.testing.assert_close(norm, expected)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_kill_and_resume_is_bitwise_for_compiled_graph_op_training(small_run, monkeypatch):
+    # Compiled mxfp4 with its layers as graph ops (what train.compile_mode=reduce_overhead runs on
+    # CUDA; here the interpreter's kernels): the seeds come from each layer's call counter on the
+    # device, which the checkpoint must bring back, or the resumed run would redraw used seeds.
+    from lowbit.nn import quant_linear_graph
+
+    monkeypatch.setattr(quant_linear_graph, "MODE", "opaque")
+    extra = ["train.steps=4", "train.eval_every=4", "quant=mxfp4", "train.compile=true"]
+    full = small_run([*extra, "run_name=gfull", "checkpoint.every=0"])
+    small_run([*extra, "run_name=gsplit", "train.stop_after=2"])
+    split = small_run([*extra, "run_name=gsplit"])
+    assert [s for s, _ in split["train_losses"]] == [1, 2, 3, 4]
+    assert split["train_losses"] == full["train_losses"]
+    assert split["final_val_loss"] == full["final_val_loss"]
