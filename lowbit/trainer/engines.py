@@ -49,6 +49,8 @@ class TorchEngine:
         # Compile the DDP wrapper rather than wrap a compiled module: dynamo then splits the graph
         # at DDP's bucket boundaries so gradient all-reduces overlap the backward pass.
         self.model = torch.compile(fwd, mode=compile_mode) if compile_model else fwd
+        self.cuda_graphs = compile_model and compile_mode == "reduce-overhead" and ctx.device.type == "cuda"
+        self._micro = 0  # backward passes since the last optimizer step
 
     def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
         # Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
@@ -61,9 +63,22 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
+        self._micro += 1
+        if self.cuda_graphs and self.grad_accum > 1 and self._micro == 1:
+            # Under CUDA graphs the first micro-batch's gradients are the backward graph's output
+            # buffers, installed as .grad; the next replay overwrites them before the next
+            # micro-batch accumulates into them (torch raises, or on some versions sums wrong
+            # values: pytorch/pytorch#169545). Owned copies take the accumulation instead.
+            for p in self._params():
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def step(self) -> torch.Tensor:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._micro = 0
+        params = self._params()
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
