@@ -77,6 +77,22 @@ def test_rotate_quantize_long_rows_read_in_chunks(monkeypatch):
         check_same_qtensor(_reference(x.cpu(), spec, 32, None, 2), rotate_quantize(x, spec, 32, None, seed=2))
 
 
+@pytest.mark.parametrize("spec,block", FUSED, ids=lambda v: str(v) if isinstance(v, int) else v.fmt)
+def test_rotate_quantize_reads_views_not_contiguous_along_k(spec, block, monkeypatch):
+    # ROTATED_STRIDED_READ: wgrad's X^T (a transposed view) rotated and quantized straight from
+    # strided tile loads, bit for bit the reference on its contiguous copy; ragged on both axes.
+    from lowbit.kernels import quantize as kq
+
+    monkeypatch.setattr(kq, "ROTATED_STRIDED_READ", True)
+    x_t = _x((2 * max(block, 64), 37), seed=block, dtype=torch.bfloat16).to(DEV).t()
+    assert x_t.stride(1) != 1 and why_not_fused(x_t, spec, block) is None
+    got = rotate_quantize(x_t, spec, block, 11, seed=5)
+    check_same_qtensor(_reference(x_t.contiguous().cpu(), spec, block, 11, 5), got)
+    monkeypatch.setattr(kqt, "STRIDED_TILE", (4, 64))  # another tile shape, same bits
+    check_same_qtensor(_reference(x_t.contiguous().cpu(), spec, block, 11, 5),
+                       rotate_quantize(x_t, spec, block, 11, seed=5))
+
+
 def test_rotate_quantize_nan_and_inf_spread_over_their_block():
     x = _x((4, 64), seed=1).to(DEV)
     x[1, 5] = float("nan")
@@ -123,7 +139,10 @@ def test_rotate_quantize_declines_what_it_does_not_fuse():
     assert "power of two" in why_not_fused(x, QuantSpec("int4", "row"), 24)
     assert "Triton quantizer" in why_not_fused(x, QuantSpec("nf4", 64), 32)
     x_t = torch.randn(64, 8, device=DEV).t()
-    assert "not contiguous along K" in why_not_fused(x_t, QuantSpec("int4", "row"), 32)
+    from lowbit.kernels import quantize as kq
+
+    if not kq.ROTATED_STRIDED_READ:
+        assert "not contiguous along K" in why_not_fused(x_t, QuantSpec("int4", "row"), 32)
     with pytest.raises(ValueError):  # bad arguments are the quantizer's errors, not a silent None
         rotate_quantize(x, QuantSpec("fp8_e4m3", 32), 32, amax=torch.ones(1))
 

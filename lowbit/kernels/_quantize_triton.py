@@ -424,6 +424,10 @@ ROW_CHUNK = 4096
 ROTATED_COLS = 128
 ROTATED_ELEMS = 4096
 ROTATED_WARPS = 0
+# Rotated views not contiguous along K (strided tile loads): rows x columns per program, warps
+# (0: as unrotated).
+STRIDED_TILE = (32, 128)
+STRIDED_WARPS = 0
 # Packed (fp4/int4) 1-D groups of a bf16 matrix read as int32 words of two elements.
 PAIRED_WORDS = True
 
@@ -451,11 +455,17 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     caller checks that the tiles below hold whole blocks (K a multiple of it, 2-D tiles' widths)."""
     r, k = x2.shape
     kp, rp = _next_pow2(k), _next_pow2(r)
-    # X^T views (rows contiguous) load [BC, BR] tiles and transpose in registers: make BR wide.
-    trans = x2.stride(1) != 1 and x2.stride(0) == 1 and r > 1
+    # A rotated view not contiguous along K is loaded by plain strided tiles (quantize.py's
+    # ROTATED_STRIDED_READ); other such views (X^T, rows contiguous) as [BC, BR] tiles transposed
+    # in registers (TRANSPOSED_READ): make BR wide.
+    strided = x2.stride(1) != 1 and hadamard > 1
+    trans = x2.stride(1) != 1 and x2.stride(0) == 1 and r > 1 and not strided
     g = int(block) if gmode == 0 else 1
     if gmode == 3:
         br, bc = int(block[0]), int(block[1])
+    elif strided:
+        bc = max(g, hadamard, min(kp, STRIDED_TILE[1]))
+        br = max(1, min(rp, STRIDED_TILE[0] * STRIDED_TILE[1] // bc))
     elif trans:
         br = max(1, min(rp, 64))
         bc = max(g, hadamard, min(kp, TILE_ELEMS // br))
@@ -469,7 +479,7 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
              and x2.dtype == torch.bfloat16
              and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and aligned(x2, 4))
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
-    warps = (hadamard > 1 and ROTATED_WARPS) or _warps(gmode, br, bc, enc)
+    warps = (strided and STRIDED_WARPS) or (hadamard > 1 and ROTATED_WARPS) or _warps(gmode, br, bc, enc)
     dummy = scale
     (seed_arg, sign_arg), on_device = seed_args(seed_off, sign_off)
     launchable(_quantize_kernel)[grid](

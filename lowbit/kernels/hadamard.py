@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels import quantize as _kq
 from lowbit.kernels.quantize import quantize_2d, supports, triton_runs_on
 from lowbit.quant.hadamard import hadamard_rotate as reference_rotate
 from lowbit.quant.hadamard import random_signs
@@ -43,7 +44,7 @@ def why_not_fused(x: torch.Tensor, spec: QuantSpec, block: int) -> str | None:
         return f"x has shape {tuple(x.shape)}, not a matrix"
     if x.shape[1] % block:
         return f"K={x.shape[1]} is not a multiple of the Hadamard block {block} (the reference pads it)"
-    if x.stride(1) != 1 and x.shape[1] > 1:
+    if x.stride(1) != 1 and x.shape[1] > 1 and not _kq.ROTATED_STRIDED_READ:
         # The quantize kernel would copy it to row-major first, and that strided copy measured
         # 2.8x slower than the rotation kernel reading the view (H100, run 60: 208 vs 74 us).
         return "x is not contiguous along K (the rotation kernel reads such views faster)"

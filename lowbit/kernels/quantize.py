@@ -44,6 +44,11 @@ _G1D, _GROW, _GTENSOR, _GTILE = 0, 1, 2, 3
 # Off: on the H100 (Triton 3.6) that path measured far slower than torch's transpose copy followed
 # by the row-major kernel, so a non-K-contiguous input is copied first (one extra read + write).
 TRANSPOSED_READ = False
+# Rotated (Hadamard) views not contiguous along K (wgrad's X^T and dY^T, dgrad's W^T) read in
+# place by plain strided tile loads, no tl.trans: the rotation kernel reads them that way at about
+# a copy's speed (H100, run 60), and the butterfly then runs along each thread's own registers.
+# Off: the rotation kernel writes them in fp32 first and the quantize kernel reads that.
+ROTATED_STRIDED_READ = os.environ.get("LOWBIT_ROTATED_STRIDED", "0") == "1"
 
 
 def interpret() -> bool:
@@ -141,7 +146,7 @@ def quantize_2d(
     dev = x2.device
     if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         x2 = x2.float()
-    if x2.stride(1) != 1 and not TRANSPOSED_READ:
+    if x2.stride(1) != 1 and not TRANSPOSED_READ and not (hadamard > 1 and ROTATED_STRIDED_READ):
         x2 = x2.contiguous()
     enc = _ENC[fmt.name]
     packed = enc in (3, 4) and k % 2 == 0
