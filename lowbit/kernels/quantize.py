@@ -45,9 +45,11 @@ _G1D, _GROW, _GTENSOR, _GTILE = 0, 1, 2, 3
 # by the row-major kernel, so a non-K-contiguous input is copied first (one extra read + write).
 TRANSPOSED_READ = False
 # Rotated (Hadamard) views not contiguous along K (wgrad's X^T and dY^T, dgrad's W^T) read in
-# place by plain strided tile loads, no tl.trans: the rotation kernel reads them that way at about
-# a copy's speed (H100, run 60), and the butterfly then runs along each thread's own registers.
-# Off: the rotation kernel writes them in fp32 first and the quantize kernel reads that.
+# place by plain strided tile loads into the fused rotate-and-quantize pass (no tl.trans), instead
+# of the rotation kernel writing them in fp32 for the quantize kernel to read. Opt-in
+# (LOWBIT_ROTATED_STRIDED=1): on the H100 (docs/BENCHMARKS.md, run 86-87) it was 1.14x the two
+# kernels for MXFP4 at 8192 x 14336 but mixed for NVFP4 (0.89-1.13x), and a 1b model trained
+# at the same speed either way (mxfp4 48,251 against 48,240 tokens/s).
 ROTATED_STRIDED_READ = os.environ.get("LOWBIT_ROTATED_STRIDED", "0") == "1"
 
 
