@@ -291,6 +291,7 @@ def test_select_mode_checks_its_argument_and_the_registered_form(monkeypatch):
         ("default", "cuda", None, "0"),
         ("reduce-overhead", "cpu", None, "0"),
         ("reduce-overhead", "cuda", "0", "0"),  # the user's LOWBIT_GRAPH_OPS wins
+        ("default", "cuda", "opaque", "opaque"),
     ],
 )
 def test_trainer_runs_graph_ops_under_cuda_graphs(monkeypatch, mode, device, env, expected):
@@ -298,7 +299,8 @@ def test_trainer_runs_graph_ops_under_cuda_graphs(monkeypatch, mode, device, env
     from lowbit.trainer.config import TrainConfig
     from lowbit.trainer.run import _select_graph_ops
 
-    monkeypatch.setattr(quant_linear_graph, "MODE", "0")
+    # What an earlier run in the process chose, or the environment's value read at import.
+    monkeypatch.setattr(quant_linear_graph, "MODE", "opaque" if env is None else env)
     monkeypatch.setattr(quant_linear_graph, "_registered_form", None)
     if env is None:
         monkeypatch.delenv("LOWBIT_GRAPH_OPS", raising=False)

@@ -146,6 +146,7 @@ def test_kill_and_resume_is_bitwise_for_compiled_graph_op_training(small_run, mo
     # device, which the checkpoint must bring back, or the resumed run would redraw used seeds.
     from lowbit.nn import quant_linear_graph
 
+    monkeypatch.setenv("LOWBIT_GRAPH_OPS", "opaque")  # the user's choice, which the trainer keeps
     monkeypatch.setattr(quant_linear_graph, "MODE", "opaque")
     extra = ["train.steps=4", "train.eval_every=4", "quant=mxfp4", "train.compile=true"]
     full = small_run([*extra, "run_name=gfull", "checkpoint.every=0"])

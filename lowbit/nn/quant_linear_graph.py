@@ -96,6 +96,8 @@ def select_mode(mode: str) -> None:
 def _form(mode: str) -> str:
     # What `mode` registers: triton_ops only where kernels are recorded (CUDA), else custom ops.
     return "recorded" if mode == "recorded" and not interpret() else "opaque"
+
+
 _PACKED = ("fp4_e2m1", "int4")
 
 

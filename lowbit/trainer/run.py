@@ -175,11 +175,13 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
 def _select_graph_ops(tc: TrainConfig, device: torch.device) -> None:
     # CUDA graphs (compile_mode=reduce_overhead) replay QuantLinear's graph ops without running
     # their Python, which otherwise makes them slower than eager layers; so with CUDA graphs the
-    # recipes that are not traced run as opaque graph ops (lowbit.nn.quant_linear_graph), unless
-    # LOWBIT_GRAPH_OPS says otherwise. Decided before the model is built (the ops register then).
+    # recipes that are not traced run as opaque graph ops (lowbit.nn.quant_linear_graph), and
+    # without them as eager layers, unless LOWBIT_GRAPH_OPS says otherwise. Decided for every run
+    # (a run in the same process may have chosen otherwise) before the model is built.
+    if quant_linear_graph.mode_from_env():
+        return
     cuda_graphs = tc.compile and CompileMode(tc.compile_mode) is CompileMode.reduce_overhead
-    if cuda_graphs and device.type == "cuda" and not quant_linear_graph.mode_from_env():
-        quant_linear_graph.select_mode("opaque")
+    quant_linear_graph.select_mode("opaque" if cuda_graphs and device.type == "cuda" else "0")
 
 
 def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
