@@ -84,7 +84,7 @@ def test_rotate_quantize_reads_views_not_contiguous_along_k(spec, block, monkeyp
     from lowbit.kernels import quantize as kq
 
     monkeypatch.setattr(kq, "ROTATED_STRIDED_READ", True)
-    x_t = _x((2 * max(block, 64), 37), seed=block, dtype=torch.bfloat16).to(DEV).t()
+    x_t = _x((3 * max(block, 64), 37), seed=block, dtype=torch.bfloat16).to(DEV).t()
     assert x_t.stride(1) != 1 and why_not_fused(x_t, spec, block) is None
     got = rotate_quantize(x_t, spec, block, 11, seed=5)
     check_same_qtensor(_reference(x_t.contiguous().cpu(), spec, block, 11, 5), got)
@@ -141,7 +141,8 @@ def test_rotate_quantize_declines_what_it_does_not_fuse():
     x_t = torch.randn(64, 8, device=DEV).t()
     from lowbit.kernels import quantize as kq
 
-    if not kq.ROTATED_STRIDED_READ:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kq, "ROTATED_STRIDED_READ", False)  # the default: such views take the rotation kernel
         assert "not contiguous along K" in why_not_fused(x_t, QuantSpec("int4", "row"), 32)
     with pytest.raises(ValueError):  # bad arguments are the quantizer's errors, not a silent None
         rotate_quantize(x, QuantSpec("fp8_e4m3", 32), 32, amax=torch.ones(1))

@@ -290,6 +290,8 @@ def test_select_mode_checks_its_argument_and_the_registered_form(monkeypatch):
         ("reduce-overhead", "cuda", None, "opaque"),
         ("default", "cuda", None, "0"),
         ("reduce-overhead", "cpu", None, "0"),
+        ("max-autotune", "cuda", None, "opaque"),  # CUDA graphs too
+        ("max-autotune-no-cudagraphs", "cuda", None, "0"),
         ("reduce-overhead", "cuda", "0", "0"),  # the user's LOWBIT_GRAPH_OPS wins
         ("default", "cuda", "opaque", "opaque"),
     ],
@@ -299,8 +301,8 @@ def test_trainer_runs_graph_ops_under_cuda_graphs(monkeypatch, mode, device, env
     from lowbit.trainer.config import TrainConfig
     from lowbit.trainer.run import _select_graph_ops
 
-    # What an earlier run in the process chose, or the environment's value read at import.
-    monkeypatch.setattr(quant_linear_graph, "MODE", "opaque" if env is None else env)
+    # Whatever an earlier run in the process chose: the opposite of what this run should get.
+    monkeypatch.setattr(quant_linear_graph, "MODE", "0" if expected == "opaque" else "opaque")
     monkeypatch.setattr(quant_linear_graph, "_registered_form", None)
     if env is None:
         monkeypatch.delenv("LOWBIT_GRAPH_OPS", raising=False)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import quantize as kq
 from lowbit.kernels._hadamard_triton import _rotate_tile, rotation_constants
 from lowbit.kernels._hash_triton import lowbias32
 from lowbit.kernels.launch import aligned, launchable, seed_args
@@ -459,7 +460,7 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     # A rotated view not contiguous along K is loaded by plain strided tiles (quantize.py's
     # ROTATED_STRIDED_READ); other such views (X^T, rows contiguous) as [BC, BR] tiles transposed
     # in registers (TRANSPOSED_READ): make BR wide.
-    strided = x2.stride(1) != 1 and hadamard > 1
+    strided = x2.stride(1) != 1 and hadamard > 1 and kq.ROTATED_STRIDED_READ
     trans = x2.stride(1) != 1 and x2.stride(0) == 1 and r > 1 and not strided
     g = int(block) if gmode == 0 else 1
     if gmode == 3:

@@ -1,9 +1,10 @@
 """QuantLinear's kernels inside a compiled graph: the layer's forward and backward as two graph ops.
 
 Used when the compiled model runs as CUDA graphs: the trainer selects the "opaque" form for
-train.compile_mode=reduce_overhead on CUDA (`select_mode`); LOWBIT_GRAPH_OPS=0|recorded|opaque
-overrides that. Otherwise off: without CUDA graphs the eager layers were faster inside a compiled
-1b model on the H100 (docs/BENCHMARKS.md, eighth and ninth passes).
+train.compile_mode=reduce_overhead or max_autotune on CUDA (`select_mode`);
+LOWBIT_GRAPH_OPS=0|recorded|opaque overrides that. Otherwise off: without CUDA graphs the eager
+layers were faster inside a compiled 1b model on the H100 (docs/BENCHMARKS.md, eighth and ninth
+passes).
 
 The fp8 tensor/row recipes are traced by lowbit.nn.quant_linear_traced. The others (MX, NVFP4,
 int8/int4, fp8 blockwise, and any recipe with Hadamard signs or stochastic rounding) run eagerly
@@ -70,16 +71,17 @@ if MODE not in MODES:
     raise ValueError(f"LOWBIT_GRAPH_OPS={MODE!r}; valid choices: {', '.join(MODES)}")
 
 
-def mode_from_env() -> bool:
-    """Whether the user chose the mode (LOWBIT_GRAPH_OPS is set); the trainer then leaves it."""
-    return "LOWBIT_GRAPH_OPS" in os.environ
+def mode_from_env() -> str | None:
+    """The mode the user chose by LOWBIT_GRAPH_OPS (None: unset); the trainer then uses it."""
+    return os.environ.get("LOWBIT_GRAPH_OPS")
 
 
 def select_mode(mode: str) -> None:
-    """Use graph ops of this form from now on (`MODES`). Before a model is built: the ops' form
-    is fixed when they are first registered, and asking for the other form afterwards raises.
+    """Use graph ops of this form from now on (`MODES`), in every QuantLinear's next compiled
+    call (layers read the module's mode when traced). Before a model is built: the ops' form is
+    fixed when they are first registered, and asking for the other form afterwards raises.
 
-    The trainer selects "opaque" for `train.compile_mode=reduce_overhead` on CUDA: replayed as CUDA
+    The trainer selects "opaque" when the compiled model replays CUDA graphs: replayed as CUDA
     graphs the ops' Python no longer runs per call (H100, 1b mxfp4: 0.66x BF16 against the eager
     layers' 0.56x; docs/BENCHMARKS.md, ninth pass)."""
     global MODE
@@ -105,7 +107,7 @@ def why_not_graph(recipe: Recipe, backend: str = "auto") -> str | None:
     """Why a layer with this recipe and backend does not run as graph ops under torch.compile
     (None: it does, on a device where Triton runs; lowbit.nn.quant_linear_traced goes first)."""
     if MODE == "0":
-        return "graph ops are off (LOWBIT_GRAPH_OPS=0, the default)"
+        return "graph ops are off (mode '0': the trainer's choice without CUDA graphs; LOWBIT_GRAPH_OPS)"
     if backend not in GRAPH_BACKENDS:
         return f"backend={backend!r} is a user-registered GEMM backend"
     if recipe.amax_history > 0:

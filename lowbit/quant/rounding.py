@@ -100,9 +100,11 @@ def seed_table(seeds: torch.Tensor) -> torch.Tensor:
 
     A traced layer's seeds live on the device. Deriving seeds and offsets from them with tensor
     ops at every kernel launch cost ~70 tiny device ops per layer call; the table computes them
-    all in four ops per call, and each use is then a view of it (DeviceSeed)."""
+    all in a few ops per call, and each use is then a view of it (DeviceSeed). Entry k = 0 is
+    the seed as given (as an int seed is used), the others derive_seed's 31-bit values."""
+    s = seeds.to(torch.int64).reshape(-1, 1)
     k = torch.arange(DERIVED_STREAMS, device=seeds.device, dtype=torch.int64)
-    values = (seeds.to(torch.int64).reshape(-1, 1) + k * DERIVE_STEP) & 0x7FFFFFFF
+    values = torch.where(k == 0, s, (s + k * DERIVE_STEP) & 0x7FFFFFFF)
     return torch.stack((values, (values * GOLDEN32) & MASK32))
 
 
@@ -114,7 +116,7 @@ class DeviceSeed:
 
     __slots__ = ("table", "row", "k")
 
-    def __init__(self, table: torch.Tensor, row: int, k: int = 0):
+    def __init__(self, table: torch.Tensor, row: int, k: int = 0) -> None:
         self.table, self.row, self.k = table, row, k
 
     def value(self) -> torch.Tensor:
@@ -122,7 +124,7 @@ class DeviceSeed:
 
     def derived(self, k: int) -> DeviceSeed | torch.Tensor:
         """derive_seed(self, k): a view of the table where it holds that stream, else computed."""
-        if self.k == 0 and 0 <= k < DERIVED_STREAMS:
+        if self.k == 0 and 1 <= k < DERIVED_STREAMS:
             return DeviceSeed(self.table, self.row, k)
         return (self.value() + k * DERIVE_STEP) & 0x7FFFFFFF
 

@@ -24,6 +24,14 @@ def _optimizer_is_per_rank(opt: torch.optim.Optimizer) -> bool:
     return bool(getattr(opt, "per_rank_state", False))
 
 
+def uses_cuda_graphs(compile_mode: str, device: torch.device) -> bool:
+    """Whether torch.compile in this mode replays CUDA graphs on `device` (reduce-overhead and
+    max-autotune do, on CUDA)."""
+    from torch._inductor import list_mode_options
+
+    return device.type == "cuda" and bool(list_mode_options(compile_mode).get("triton.cudagraphs", False))
+
+
 class TorchEngine:
     """Single process or DistributedDataParallel."""
 
@@ -49,8 +57,8 @@ class TorchEngine:
         # Compile the DDP wrapper rather than wrap a compiled module: dynamo then splits the graph
         # at DDP's bucket boundaries so gradient all-reduces overlap the backward pass.
         self.model = torch.compile(fwd, mode=compile_mode) if compile_model else fwd
-        self.cuda_graphs = compile_model and compile_mode == "reduce-overhead" and ctx.device.type == "cuda"
-        self._micro = 0  # backward passes since the last optimizer step
+        self.cuda_graphs = compile_model and uses_cuda_graphs(compile_mode, ctx.device)
+        self._owned_grads: set[int] = set()  # ids of parameters whose .grad is our own copy
 
     def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
         # Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
@@ -63,21 +71,22 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
-        self._micro += 1
-        if self.cuda_graphs and self.grad_accum > 1 and self._micro == 1:
-            # Under CUDA graphs the first micro-batch's gradients are the backward graph's output
-            # buffers, installed as .grad; the next replay overwrites them before the next
-            # micro-batch accumulates into them (torch raises, or on some versions sums wrong
-            # values: pytorch/pytorch#169545). Owned copies take the accumulation instead.
+        if self.cuda_graphs and self.grad_accum > 1:
+            # Under CUDA graphs a parameter's first gradient of a step is the backward graph's
+            # output buffer, installed as .grad; the next replay overwrites it before the next
+            # micro-batch accumulates into it (torch raises, or on some versions sums wrong
+            # values: pytorch/pytorch#169545). Owned copies take the accumulation instead; later
+            # micro-batches add into them in place.
             for p in self._params():
-                if p.grad is not None:
+                if p.grad is not None and id(p) not in self._owned_grads:
                     p.grad = p.grad.clone()
+                    self._owned_grads.add(id(p))
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def step(self) -> torch.Tensor:
-        self._micro = 0
+        self._owned_grads.clear()
         params = self._params()
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()

@@ -25,7 +25,7 @@ from lowbit.trainer import checkpoint as ckpt
 from lowbit.trainer.config import CompileMode, DistBackend, Precision, RunConfig, TrainConfig
 from lowbit.trainer.data import BatchSource, eval_batches, load_data
 from lowbit.trainer.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown
-from lowbit.trainer.engines import DeepSpeedEngine, TorchEngine
+from lowbit.trainer.engines import DeepSpeedEngine, TorchEngine, uses_cuda_graphs
 from lowbit.trainer.loggers import RunLogger
 from lowbit.trainer.loop import LoopState, evaluate, train_loop
 from lowbit.trainer.metrics import device_peak_flops, format_bytes, mfu, peak_memory_bytes
@@ -173,15 +173,18 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
 
 
 def _select_graph_ops(tc: TrainConfig, device: torch.device) -> None:
-    # CUDA graphs (compile_mode=reduce_overhead) replay QuantLinear's graph ops without running
-    # their Python, which otherwise makes them slower than eager layers; so with CUDA graphs the
-    # recipes that are not traced run as opaque graph ops (lowbit.nn.quant_linear_graph), and
-    # without them as eager layers, unless LOWBIT_GRAPH_OPS says otherwise. Decided for every run
-    # (a run in the same process may have chosen otherwise) before the model is built.
-    if quant_linear_graph.mode_from_env():
+    # CUDA graphs (compile_mode reduce_overhead or max_autotune) replay QuantLinear's graph ops
+    # without running their Python, which otherwise makes them slower than eager layers; so with
+    # CUDA graphs the recipes that are not traced run as opaque graph ops
+    # (lowbit.nn.quant_linear_graph), and without them as eager layers, unless LOWBIT_GRAPH_OPS
+    # says otherwise. Decided for every run (a run in the same process may have chosen
+    # otherwise) before the model is built.
+    env = quant_linear_graph.mode_from_env()
+    if env is not None:
+        quant_linear_graph.select_mode(env)
         return
-    cuda_graphs = tc.compile and CompileMode(tc.compile_mode) is CompileMode.reduce_overhead
-    quant_linear_graph.select_mode("opaque" if cuda_graphs and device.type == "cuda" else "0")
+    cuda_graphs = tc.compile and uses_cuda_graphs(CompileMode(tc.compile_mode).value, device)
+    quant_linear_graph.select_mode("opaque" if cuda_graphs else "0")
 
 
 def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
