@@ -39,7 +39,7 @@ def test_graph_ops_are_off_by_default(monkeypatch):
 def test_which_recipes_run_as_graph_ops():
     graph = [n for n, r in RECIPES.items() if not r.is_identity and why_not_graph(r) is None]
     assert "fp8_delayed" not in graph and set(GRAPH_RECIPES) <= set(graph)
-    assert "amax-history" in why_not_graph(RECIPES["fp8_delayed"])
+    assert "delayed scaling is traced" in why_not_graph(RECIPES["fp8_delayed"])
     assert "user-registered" in why_not_graph(RECIPES["mxfp4"], "my_backend")
 
 

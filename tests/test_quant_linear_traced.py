@@ -31,8 +31,7 @@ def _pair(recipe, dtype=torch.float32, bias=True):
 
 def test_traced_recipes_are_the_host_state_free_fp8_ones():
     traced = [name for name, r in RECIPES.items() if not r.is_identity and why_not_traced(r) is None]
-    assert traced == ["fp8_tensorwise", "fp8_rowwise"]
-    assert "amax-history" in why_not_traced(RECIPES["fp8_delayed"])
+    assert traced == ["fp8_tensorwise", "fp8_delayed", "fp8_rowwise"]
     assert "seeds" in why_not_traced(RECIPES["int4_hq"])
     assert "per-tensor or per-row" in why_not_traced(RECIPES["mxfp8"])
     # The traced op quantizes with fp32 scales, so an fp8 tensor recipe with e8m0 scales stays eager.
@@ -42,6 +41,9 @@ def test_traced_recipes_are_the_host_state_free_fp8_ones():
     e8m0 = dataclasses.replace(base.fprop, a=QuantSpec("fp8_e4m3", "tensor", "e8m0"))
     assert "fp32 scales" in why_not_traced(dataclasses.replace(base, name="fp8_e8m0", fprop=e8m0))
     assert "registered kernel backend" in why_not_traced(RECIPES["fp8_tensorwise"], "triton")
+    # Delayed scaling is traced for per-tensor scales only.
+    rowwise_delayed = dataclasses.replace(RECIPES["fp8_rowwise"], name="rows_delayed", amax_history=4)
+    assert "delayed scaling" in why_not_traced(rowwise_delayed)
 
 
 @pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_rowwise"])
@@ -92,11 +94,36 @@ def test_operand_pair_op_is_the_reference_quantizer(block):
 
 
 def test_untraced_recipes_still_run_under_compile():
-    # Delayed scaling keeps host state: such a layer graph-breaks and runs the eager path.
+    # Per-call seeds are drawn on the host: such a layer graph-breaks and runs the eager path.
     torch._dynamo.reset()
-    eager, traced = _pair("fp8_delayed", bias=False)
+    eager, traced = _pair("int8", bias=False)
     x = torch.randn(8, K)
     assert torch.equal(torch.compile(traced)(x), eager(x))
+
+
+def test_compiled_delayed_scaling_matches_eager_step_by_step():
+    # fp8_delayed traced into one graph: every call scales by its histories (the tensor's own
+    # amax on the first) and records into them on the device, as the eager layer does, so the
+    # outputs, gradients and the six history rows agree bit for bit over several steps, including
+    # a no-grad call (which records only the forward rows) and a jump in magnitude (saturation).
+    torch._dynamo.reset()
+    eager, traced = _pair("fp8_delayed")
+    compiled = torch.compile(traced, fullgraph=True)
+    g = torch.Generator().manual_seed(3)
+    for step, mag in enumerate((1.0, 2.0, 50.0, 0.5)):
+        x = torch.randn(40, K, generator=g) * mag
+        gy = torch.randn(40, N, generator=g) * mag
+        if step == 1:
+            with torch.no_grad():
+                assert torch.equal(eager(x), compiled(x))
+        ref, got = _grads(eager, x, gy), _grads(compiled, x, gy)
+        for name, a, b in zip(("y", "dx", "dw"), ref, got):
+            assert torch.equal(a, b), (step, name)
+        assert torch.equal(eager.amax_history, traced.amax_history), step
+    # Five recorded calls of X (one without grad), four of dY; the newest X amax is the last x's.
+    assert torch.count_nonzero(traced.amax_history[0]) == 5
+    assert torch.count_nonzero(traced.amax_history[2]) == 4
+    assert traced.amax_history[0, 0] == x.abs().max()
 
 
 def test_whole_model_compiles_as_one_graph():
@@ -148,6 +175,30 @@ def test_operand_pair_with_a_given_amax_is_the_same_and_excludes_a_history():
     for r, g in zip(ref, got):
         assert torch.equal(r.parts[0].data.view(torch.uint8), g.parts[0].data.view(torch.uint8))
         assert torch.equal(r.parts[0].scale, g.parts[0].scale)
-    with_history = OperandPlan(spec, GemmSpec(), 0, 1, history=AmaxHistory(torch.zeros(4), False))
+    with_history = OperandPlan(spec, GemmSpec(), 0, 1, history=AmaxHistory(torch.zeros(4)))
     with pytest.raises(ValueError, match="either amax or an amax history"):
         prepare_operand_pair(x, with_history, plan_t, amax=x.abs().amax())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_compiled_delayed_scaling_matches_eager(mode):
+    # fp8_delayed compiled, and replayed as CUDA graphs: the pair kernels choose each amax from the
+    # histories and record into them on the device, so the six history rows must follow the eager
+    # layer's exactly, call after call (under CUDA graphs the replays must write the module's own
+    # buffer, not a copy); outputs to cuBLAS's accumulation order.
+    torch._dynamo.reset()
+    eager, traced = (m.cuda() for m in _pair("fp8_delayed", torch.bfloat16))
+    compiled = torch.compile(traced, mode=mode, fullgraph=True)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for step, mag in enumerate((1.0, 2.0, 50.0, 0.5, 1.0, 4.0)):
+        torch.compiler.cudagraph_mark_step_begin()
+        x = torch.randn(4, 256, K, device="cuda", generator=g).to(torch.bfloat16) * mag
+        gy = torch.randn(4, 256, N, device="cuda", generator=g).to(torch.bfloat16) * mag
+        ref, got = _grads(eager, x, gy), _grads(compiled, x, gy)
+        for name, a, b in zip(("y", "dx", "dw", "db"), ref, got):
+            err = float((a.float() - b.float()).norm() / a.float().norm())
+            assert err < 1e-2, (step, name, err)
+        assert torch.equal(eager.amax_history, traced.amax_history), step
+    assert torch.count_nonzero(traced.amax_history[2]) == 6  # dY recorded by every backward

@@ -157,6 +157,18 @@ def test_kill_and_resume_is_bitwise_for_compiled_graph_op_training(small_run, mo
     assert split["final_val_loss"] == full["final_val_loss"]
 
 
+def test_kill_and_resume_is_bitwise_for_compiled_delayed_scaling(small_run):
+    # Compiled fp8_delayed (traced, the histories updated on the device): the checkpoint carries
+    # every layer's amax history, or the resumed run would scale its first calls by their own amax.
+    extra = ["train.steps=4", "train.eval_every=4", "quant=fp8_delayed", "train.compile=true"]
+    full = small_run([*extra, "run_name=dfull", "checkpoint.every=0"])
+    small_run([*extra, "run_name=dsplit", "train.stop_after=2"])
+    split = small_run([*extra, "run_name=dsplit"])
+    assert [s for s, _ in split["train_losses"]] == [1, 2, 3, 4]
+    assert split["train_losses"] == full["train_losses"]
+    assert split["final_val_loss"] == full["final_val_loss"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_grad_accumulation_under_cuda_graphs_sums_the_micro_batches():

@@ -44,14 +44,60 @@ def _amax_kernel(x_ptr, out_ptr, R, C, sxr, sxc, BR: tl.constexpr, BC: tl.conste
 
 
 @triton.jit
-def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
+def _history_bits(hist_ptr, H, HP: tl.constexpr):
+    # Integer max of an amax-history row's bits (amaxes are >= 0 or NaN, so this orders them as
+    # floats and keeps NaN on top, as torch's max does).
+    i = tl.arange(0, HP)
+    return tl.max(tl.load(hist_ptr + i, i < H, other=0.0).to(tl.int32, bitcast=True), axis=0)
+
+
+@triton.jit
+def _delayed_amax(hist_ptr, H, own_ptr, HP: tl.constexpr):
+    # Delayed scaling's amax (lowbit.quant.gemm.AmaxHistory.scale_amax): the history's max, or
+    # while the history holds only zeros the tensor's own (own_ptr: int32 bits, read before).
+    h = _history_bits(hist_ptr, H, HP)
+    return tl.where(h != 0, h, tl.load(own_ptr)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _amax_if_empty_kernel(x_ptr, out_ptr, hist_ptr, H, R, C, sxr, sxc, HP: tl.constexpr,
+                          BR: tl.constexpr, BC: tl.constexpr):
+    # The tensor amax (integer max of |x| bits into out_ptr) only while the history row holds
+    # only zeros: a first call. Otherwise every program returns after reading the row, so the
+    # launch costs a few microseconds; the small grid strides over the tiles.
+    if _history_bits(hist_ptr, H, HP) == 0:
+        n_c = tl.cdiv(C, BC)
+        acc = tl.zeros([BR, BC], tl.int32)
+        for t in range(tl.program_id(0), tl.cdiv(R, BR) * n_c, tl.num_programs(0)):
+            rows = (t // n_c) * BR + tl.arange(0, BR)
+            cols = (t % n_c) * BC + tl.arange(0, BC)
+            acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)))
+        tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _roll_kernel(ha_ptr, hb_ptr, own_ptr, H, HP: tl.constexpr, TWO: tl.constexpr):
+    # Record the tensor's amax (own_ptr, int32 bits) as the newest entry of one or two history
+    # rows, shifting the older ones down (AmaxHistory.record: roll by one, then set entry 0).
+    i = tl.arange(0, HP)
+    own = tl.load(own_ptr).to(tl.float32, bitcast=True)
+    a = tl.load(ha_ptr + i - 1, (i >= 1) & (i < H), other=0.0)
+    b = tl.load(hb_ptr + i - 1, (i >= 1) & (i < H), other=0.0)
+    tl.debug_barrier()  # every entry read before any is overwritten
+    tl.store(ha_ptr + i, tl.where(i == 0, own, a), i < H)
+    if TWO:
+        tl.store(hb_ptr + i, tl.where(i == 0, own, b), i < H)
+
+
+@triton.jit
+def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
           BR: tl.constexpr, BC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
           EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, KIND_INT: tl.constexpr,
           ENC: tl.constexpr, SMODE: tl.constexpr, SR: tl.constexpr, HW_FP8: tl.constexpr,
           TRANSPOSED: tl.constexpr):
     # Codes of one [BR, BC] tile (rows of length C in the whole matrix) quantized along its columns.
-    # G > 0: 1-D groups of G along the columns; G == 0: one tensor amax from ga_ptr; G == -1: the
-    # whole tile is one group (2-D tile scaling). Scales go to s_ptr with strides (ssr, ssc).
+    # G > 0: 1-D groups of G along the columns; G == 0: the tensor amax `tamax` ([1, 1]); G == -1:
+    # the whole tile is one group (2-D tile scaling). Scales go to s_ptr with strides (ssr, ssc).
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
     idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -74,7 +120,7 @@ def _side(x, r0, c0, R, C, ga_ptr, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
                                        TRANSPOSED), [BR, BC])
     else:
         if G == 0:
-            amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
+            amax = tamax
         else:
             a = tl.max(tl.max(_abs_bits(x), axis=1), axis=0).to(tl.float32, bitcast=True)
             amax = a + tl.zeros([1, 1], tl.float32)
@@ -96,7 +142,8 @@ def _pair_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    HW_FP8: tl.constexpr, FAST: tl.constexpr, SEED_PTR: tl.constexpr = False,
+    HW_FP8: tl.constexpr, FAST: tl.constexpr, hist_ptr, H, HP: tl.constexpr, HIST: tl.constexpr,
+    SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_a = tl.load(seed_a)
@@ -106,14 +153,19 @@ def _pair_kernel(
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
     x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)
+    tamax = tl.zeros([1, 1], tl.float32)
+    if GA == 0:  # one tensor amax: given, or delayed scaling's choice
+        if HIST:
+            tamax += _delayed_amax(hist_ptr, H, ga_ptr, HP)
+        else:
+            tamax += tl.load(ga_ptr)
     if RECORD:  # delayed scaling: this tensor's own amax, for the history
         tl.atomic_max(rec_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
     if FAST:
         # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
         # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
         # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
-        amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
-        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
         if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
             tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
@@ -122,14 +174,13 @@ def _pair_kernel(
         # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
         # values are transposed and then encoded (transposing the codes made by the hardware e4m3
         # cast came out wrong on the H100, Triton 3.6).
-        amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
-        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
         if (pid_r == 0) & (pid_c == 0):
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE)
         codes = _encode(q, ENC, HW_FP8)
     else:
-        codes = _side(x, pid_r * BR, pid_c * BC, R, C, ga_ptr, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
+        codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
                       MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False)
     m = (rows[:, None] < R) & (cols[None, :] < C)
     tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
@@ -140,7 +191,7 @@ def _pair_kernel(
         # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
         codes_t = _encode(tl.trans(q), ENC, False)
     else:
-        codes_t = _side(tl.trans(x), pid_c * BC, pid_r * BR, C, R, ga_ptr, st_ptr, sstr, sstc, seed_b,
+        codes_t = _side(tl.trans(x), pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
                         GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
                         True)
     mt = (cols[:, None] < C) & (rows[None, :] < R)
@@ -165,12 +216,40 @@ def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor, wrap: Callable[[Any], 
     kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), **kw)
 
 
+# Programs of the history-gated amax launch: enough to read a first call's tensor at full speed,
+# few enough that the usual launch (history recorded: every program returns) costs little.
+AMAX_IF_EMPTY_PROGRAMS = 264
+
+
+def launch_amax_if_empty(x2: torch.Tensor, out_bits: torch.Tensor, hist_row: torch.Tensor) -> None:
+    """x2's amax bits into out_bits (int32, zeroed) while `hist_row` holds only zeros, else nothing;
+    decided on the device (no sync)."""
+    r, c = x2.shape
+    bc = min(256, triton.next_power_of_2(c))
+    br = max(1, min(triton.next_power_of_2(r), 8192 // bc))
+    grid = (max(1, min(AMAX_IF_EMPTY_PROGRAMS, triton.cdiv(r, br) * triton.cdiv(c, bc))),)
+    launchable(_amax_if_empty_kernel)[grid](
+        x2, out_bits, hist_row, hist_row.numel(), r, c, x2.stride(0), x2.stride(1),
+        HP=triton.next_power_of_2(hist_row.numel()), BR=br, BC=bc, num_warps=8 if br * bc >= 8192 else 4,
+    )
+
+
+def launch_roll(own_bits: torch.Tensor, row: torch.Tensor, row_t: torch.Tensor | None) -> None:
+    """Record the amax in own_bits as the newest entry of `row` (and `row_t`), one program."""
+    h = row.numel()
+    launchable(_roll_kernel)[(1,)](
+        row, row if row_t is None else row_t, own_bits, h, HP=triton.next_power_of_2(h),
+        TWO=row_t is not None, num_warps=1,
+    )
+
+
 def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scale: torch.Tensor,
                 scale_t: torch.Tensor, g_amax: torch.Tensor | None, rec_bits: torch.Tensor | None,
                 fmt: ElementFormat, enc: int, smode: int, ga: int, gb: int, sr_a: bool, sr_b: bool,
                 same_codes: bool, tile: tuple[int, int], seed_a: int | torch.Tensor,
                 seed_b: int | torch.Tensor,
-                wrap: Callable[[Any], Any] | None = None) -> None:
+                wrap: Callable[[Any], Any] | None = None, hist_row: torch.Tensor | None = None) -> None:
+    # hist_row: delayed scaling; the amax is its max, or g_amax's int32 bits while it is all zeros.
     r, c = x2.shape
     br, bc = tile
     grid = (triton.cdiv(r, br), triton.cdiv(c, bc))
@@ -189,4 +268,6 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast,
         SEED_PTR=on_device, num_warps=8 if br * bc >= 16384 else 4,
+        hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
+        HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
     )

@@ -19,8 +19,12 @@ scale and nearest rounding x^T's grid values are x's transposed and are rounded 
 
 Tensor scaling needs the amax before any element is rounded: `tensor_amax` is one read of x
 (integer max of the |x| bits in registers, one atomic per program; NaN sorts above Inf, so it
-propagates as in the reference). Delayed scaling passes the history's amax instead and asks for
-`record=True`: the pass then also returns x's own amax (for the history) without another read.
+propagates as in the reference). Delayed scaling passes `history=(row, row_t)`, the two operands'
+amax-history rows (fp32 device buffers): the pass scales by the history's max (a first call, while
+the rows hold only zeros, by x's own amax: a history-gated amax launch that otherwise returns at
+once), records x's own amax in both rows without another read, and never syncs, so it runs the
+same inside CUDA graphs. (`amax=` with `record=True` is the older form: the caller picks the amax
+and records the returned one.)
 """
 
 from __future__ import annotations
@@ -116,14 +120,33 @@ def quantize_pair(
     amax: torch.Tensor | None = None,
     record: bool = False,
     tile: tuple[int, int] | None = None,
+    history: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[QTensor, QTensor, torch.Tensor | None]:
     """(x quantized along its columns, x^T along its columns, x's own amax if `record`)."""
-    reason = why_not_pair(x, spec, spec_t)
+    reason = why_not_pair(x, spec, spec_t) or _why_not_history(x, spec, history, amax)
     if reason is not None:
         raise ValueError(f"quantize_pair: {reason}")
     return _quantize_supported_pair(
-        x, spec, spec_t, seed=seed, seed_t=seed_t, amax=amax, record=record, tile=tile
+        x, spec, spec_t, seed=seed, seed_t=seed_t, amax=amax, record=record, tile=tile, history=history
     )
+
+
+def _why_not_history(
+    x: torch.Tensor, spec: QuantSpec, history: tuple[torch.Tensor, torch.Tensor | None] | None,
+    amax: torch.Tensor | None,
+) -> str | None:
+    if history is None:
+        return None
+    if spec.block != "tensor":
+        return f"an amax history (delayed scaling) needs block='tensor', got {spec.block!r}"
+    if amax is not None:
+        return "pass either amax or an amax history, not both"
+    for row in history:
+        if row is not None and (row.dtype != torch.float32 or row.dim() != 1 or not row.is_contiguous()
+                                or row.device != x.device):
+            return (f"amax-history rows must be contiguous fp32 vectors on {x.device}, got "
+                    f"{tuple(row.shape)} {row.dtype} on {row.device}")
+    return None
 
 
 _Pair = tuple[QTensor, QTensor, "torch.Tensor | None"]
@@ -131,10 +154,11 @@ _Pair = tuple[QTensor, QTensor, "torch.Tensor | None"]
 
 def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, *, seed: int = 0,
                              seed_t: int = 0, amax: torch.Tensor | None = None, record: bool = False,
-                             tile: tuple[int, int] | None = None) -> _Pair:
+                             tile: tuple[int, int] | None = None,
+                             history: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> _Pair:
     # quantize_pair (same arguments) once why_not_pair has said yes (the GEMM seam checks first,
     # and the check is a sizeable part of the host time of a pair on a small layer).
-    from lowbit.kernels._pair_quantize_triton import launch_pair
+    from lowbit.kernels._pair_quantize_triton import launch_amax_if_empty, launch_pair, launch_roll
 
     if amax is not None and spec.block != "tensor":
         raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
@@ -154,10 +178,14 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         br, bc = tile or (max(PAIR_TILE, gb), max(PAIR_TILE, ga))
         if ga > bc or gb > br or bc % max(ga, 1) or br % max(gb, 1):
             raise ValueError(f"tile {(br, bc)} does not hold whole groups {ga} × {gb}")
-    g_amax = None
-    if a == "tensor":
+    g_amax = rec = None
+    if history is not None:  # x's own amax bits: read only on a first call, recorded always
+        g_amax = rec = torch.zeros(1, dtype=torch.int32, device=dev)
+        launch_amax_if_empty(x, rec, history[0])
+    elif a == "tensor":
         g_amax = amax.float().reshape(1).to(dev) if amax is not None else tensor_amax(x)
-    rec = torch.zeros(1, dtype=torch.int32, device=dev) if record else None
+    if record and rec is None:
+        rec = torch.zeros(1, dtype=torch.int32, device=dev)
     # Group scales stored group-major (as lowbit.kernels.quantize does): the GEMMs read one K-group's
     # scales for a tile of rows contiguously; cuBLAS's 1x128 layout is the same.
     if ga > 0:
@@ -176,15 +204,17 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
     launch_pair(
         x, data, data_t, scale, scale_t, g_amax, rec, fmt, enc, _SMODE[spec.scale], ga, gb,
         spec.rounding == "stochastic", spec_t.rounding == "stochastic", nearest and ga == 0 and SHARE_CODES,
-        (br, bc), seed_offset(seed), seed_offset(seed_t),
+        (br, bc), seed_offset(seed), seed_offset(seed_t), hist_row=None if history is None else history[0],
     )
+    if history is not None:
+        launch_roll(rec, history[0], history[1])
     dt = _DTYPE[enc]
     if ga == 0:
         scale = scale.reshape(())
         scale_t = scale
     q = QTensor(data.view(dt), scale, fmt, a, torch.Size((r, c)), 1, x.dtype, False, None)
     q_t = QTensor(data_t.view(dt), scale_t, fmt, b, torch.Size((c, r)), 1, x.dtype, False, None)
-    return q, q_t, (rec.view(torch.float32) if rec is not None else None)
+    return q, q_t, (rec.view(torch.float32) if record else None)
 
 
 def quantize_pair_or_none(
@@ -192,6 +222,6 @@ def quantize_pair_or_none(
 ) -> tuple[QTensor, QTensor, torch.Tensor | None] | None:
     """quantize_pair(x, spec, spec_t, **kwargs), or None where `why_not_pair` declines (the
     lowbit.quant.gemm pair seam)."""
-    if why_not_pair(x, spec, spec_t) is not None:
+    if why_not_pair(x, spec, spec_t) or _why_not_history(x, spec, kwargs.get("history"), kwargs.get("amax")):
         return None
     return _quantize_supported_pair(x, spec, spec_t, **kwargs)

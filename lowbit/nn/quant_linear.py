@@ -75,10 +75,8 @@ class QuantLinear(nn.Linear):
         self.observer: Observer | None = None
         # Delayed scaling: amax history per (GEMM, operand), rows in GEMMS × (A, B) order.
         n_hist = self.recipe.amax_history
+        # An all-zero row means nothing recorded yet (lowbit.quant.gemm.AmaxHistory, on the device).
         self.register_buffer("amax_history", torch.zeros(6, max(n_hist, 1), device=device), persistent=False)
-        # Which history rows hold data, kept on the host: scaling picks history vs own amax without
-        # reading the GPU (lowbit.quant.gemm.AmaxHistory).
-        self.amax_recorded = [False] * 6
         # Calls made inside a compiled graph: the counter its seeds are hashed from (on the device:
         # lowbit.nn.quant_linear_graph). Not in the state dict; the trainer's checkpoints keep it.
         calls = torch.zeros((), dtype=torch.int64, device=device)
@@ -118,12 +116,7 @@ class QuantLinear(nn.Linear):
         """The amax history of `gemm`'s operand `role` (1 = A, 2 = B); None without delayed scaling."""
         if self.recipe.amax_history <= 0:
             return None
-        i = GEMMS.index(gemm) * 2 + role - 1
-
-        def mark() -> None:
-            self.amax_recorded[i] = True
-
-        return AmaxHistory(self.amax_history[i], self.amax_recorded[i], mark)
+        return AmaxHistory(self.amax_history[GEMMS.index(gemm) * 2 + role - 1])
 
     def observe(self, gemm: str, role: int) -> Observer | None:
         """The telemetry hook for one operand, naming it `<gemm>_<operand>`; None when telemetry is off."""

@@ -111,7 +111,7 @@ def why_not_graph(recipe: Recipe, backend: str = "auto") -> str | None:
     if backend not in GRAPH_BACKENDS:
         return f"backend={backend!r} is a user-registered GEMM backend"
     if recipe.amax_history > 0:
-        return "delayed scaling keeps its amax-history state on the host"
+        return "delayed scaling is traced for per-tensor scales (quant_linear_traced), else eager"
     unquantized = [g for g in GEMMS if None in (getattr(recipe, g).a, getattr(recipe, g).b)]
     if unquantized:
         return f"{unquantized[0]}: an operand kept in high precision"

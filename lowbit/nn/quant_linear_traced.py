@@ -1,10 +1,10 @@
 """QuantLinear's path inside torch.compile: the layer traced into the graph, no graph break.
 
 Under torch.compile the eager path (lowbit.nn.quant_linear) is a graph break: it draws seeds and
-keeps delayed-scaling state on the host, and a model has hundreds of these layers, each break
-costing host time on every call and cutting Inductor's fusion at the layer's edges. Recipes that
-need none of that host state (nearest rounding, no Hadamard signs, no amax history, fp8 with
-per-tensor or per-row scales; `why_not_traced`) are traced instead:
+costs host time on every call, and a model has hundreds of these layers, each break
+cutting Inductor's fusion at the layer's edges. Recipes that need no host state (nearest
+rounding, no Hadamard signs, fp8 with per-tensor or per-row scales, or delayed scaling of
+per-tensor scales; `why_not_traced`) are traced instead:
   - each operand pair (X and X^T, W and W^T, dY and dY^T) is quantized by one custom op,
     `lowbit::quantize_operand_pair`, whose body is the eager path's own
     lowbit.quant.gemm.prepare_operand_pair (lowbit.kernels' fused pair quantizer on CUDA, the
@@ -20,6 +20,18 @@ per-tensor or per-row scales; `why_not_traced`) are traced instead:
     run 49: 195.8 against 187.3 ms of GPU time per step): AOTAutograd's CSE merges the opaque op's
     identical calls (q/k/v and gate/up quantize the same X once), but not triton kernel calls,
     whose output buffers are fresh `empty`s, so those pairs ran 3 and 2 times.
+  - delayed scaling (fp8_delayed): each pair is `lowbit::quantize_operand_pair_delayed`, given
+    the layer's amax-history buffer and the two operands' rows. Its body is the eager path's
+    prepare_operand_pair with those histories, so the choice of amax (the history's max, the
+    tensor's own while the history is all zeros) and the recording happen on the device, in the
+    pair kernels on CUDA: no host state, no sync, the same in CUDA graphs. The op writes the rows
+    without declaring it: declared, AOTAutograd would have to functionalize a buffer mutated in
+    the backward graph (dY's rows). Nothing else in the graph reads the rows, the op is never
+    recomputed by the partitioner (custom ops are not), and calls on different layers or
+    operands touch different rows, so the order Inductor runs them in cannot change a result;
+    its outputs differ per call, so CSE merges none (q/k/v each keep their own scale, as in
+    eager mode). Under CUDA graphs the buffer is a static input (a module buffer forward, a
+    saved tensor backward), so the replayed kernels write the buffer itself.
   - the GEMMs (torch._scaled_mm on CUDA, the fp32 emulation elsewhere) are traced as they are.
 As in eager mode only the quantized X^T and W^T are saved for backward.
 """
@@ -35,6 +47,7 @@ import torch
 from lowbit.kernels import pair_quantize_op
 from lowbit.kernels.quantize import triton_available
 from lowbit.quant.gemm import (
+    AmaxHistory,
     Operand,
     OperandPlan,
     _emulate,
@@ -60,8 +73,6 @@ def why_not_traced(recipe: Recipe, backend: str = "auto") -> str | None:
     """Why a layer with this recipe and GEMM backend runs eagerly under torch.compile (None: traced)."""
     if backend not in TRACED_BACKENDS:
         return f"backend={backend!r} is a registered kernel backend"
-    if recipe.amax_history > 0:
-        return "delayed scaling keeps its amax-history state on the host"
     for g in GEMMS:
         gemm: GemmSpec = getattr(recipe, g)
         if gemm.hadamard or gemm.bit_split or gemm.leverage_sampling:
@@ -72,6 +83,8 @@ def why_not_traced(recipe: Recipe, backend: str = "auto") -> str | None:
                 return f"{g}: {spec} is not fp8 with per-tensor or per-row fp32 scales"
             if spec.rounding != "nearest":
                 return f"{g}: stochastic rounding draws per-call seeds"
+            if recipe.amax_history > 0 and spec.block != "tensor":
+                return f"{g}: delayed scaling of {spec} (per-tensor scales only)"
     return None
 
 
@@ -89,7 +102,8 @@ def traced_quant_linear(
     """The layer's output through its recipe's traced Function (the caller checked `why_not_traced`)."""
     grad = torch.is_grad_enabled()
     need_wgrad, need_dgrad = grad and weight.requires_grad, grad and x.requires_grad
-    return traced_function(layer.recipe, layer.backend).apply(x, weight, bias, need_wgrad, need_dgrad)
+    hist = layer.amax_history if layer.recipe.amax_history > 0 else None
+    return traced_function(layer.recipe, layer.backend).apply(x, weight, bias, hist, need_wgrad, need_dgrad)
 
 
 _FUNCTIONS: dict[tuple[Recipe, str], type[torch.autograd.Function]] = {}
@@ -109,8 +123,8 @@ def traced_function(recipe: Recipe, backend: str) -> type[torch.autograd.Functio
     key = (recipe, backend)
     if key not in _FUNCTIONS:
 
-        def forward(ctx, x, weight, bias, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
-            return _forward(recipe, backend, ctx, x, weight, bias, need_wgrad, need_dgrad)
+        def forward(ctx, x, weight, bias, hist, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
+            return _forward(recipe, backend, ctx, x, weight, bias, hist, need_wgrad, need_dgrad)
 
         def backward(ctx, grad_out):  # noqa: ANN001
             return _backward(recipe, backend, ctx, grad_out)
@@ -122,6 +136,7 @@ def traced_function(recipe: Recipe, backend: str) -> type[torch.autograd.Functio
 
 _FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _OP = "lowbit::quantize_operand_pair"
+_OP_DELAYED = "lowbit::quantize_operand_pair_delayed"
 _op_registered = False
 
 
@@ -152,30 +167,57 @@ def _register_op() -> None:
         if x.is_cuda and _direct_pair(x, amax, fmt, block, fmt_t, block_t, want, want_t):
             return pair_quantize_op.fp8_tensor_pair_direct(x, fmt)
         plans = (_plan(fmt, block, want), _plan(fmt_t, block_t, want_t))
-        out: list[torch.Tensor] = []
-        for op in prepare_operand_pair(x, *plans, amax=amax):
-            if op is None:  # a side not asked for: empty placeholders (custom ops return tensors)
-                out += [x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.float32)]
-            else:
-                out += [op.parts[0].data, op.parts[0].scale]
-        # Outputs of a custom op may not alias: the pair quantizer shares one tensor scale.
-        if out[3].data_ptr() == out[1].data_ptr() and out[1].numel():
-            out[3] = out[3].clone()
-        return tuple(out)
+        return _flat_pair(x, prepare_operand_pair(x, *plans, amax=amax))
 
     @quantize_operand_pair.register_fake
     def _(x, amax, fmt, block, fmt_t, block_t, want, want_t):  # noqa: ANN001, ANN202
-        r, c = x.shape
-        out: list[torch.Tensor] = []
-        for f, b, w, (rows, cols) in ((fmt, block, want, (r, c)), (fmt_t, block_t, want_t, (c, r))):
-            if not w:
-                out += [x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.float32)]
-                continue
-            out.append(x.new_empty((rows, cols), dtype=_FP8_DTYPES[f]))
-            out.append(x.new_empty(() if b == "tensor" else (rows,), dtype=torch.float32))
-        return tuple(out)
+        return _fake_pair(x, fmt, block, fmt_t, block_t, want, want_t)
+
+    # Writes hist's rows `row` and `row_t` (-1: that side not made) without declaring it: see the
+    # module docstring.
+    @torch.library.custom_op(_OP_DELAYED, mutates_args=())
+    def quantize_operand_pair_delayed(
+        x: torch.Tensor, hist: torch.Tensor, fmt: str, fmt_t: str, row: int, row_t: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        def plan(f: str, i: int, role: int) -> OperandPlan | None:
+            return None if i < 0 else OperandPlan(QuantSpec(f, "tensor"), GemmSpec(), 0, role,
+                                                  history=AmaxHistory(hist[i]))
+
+        return _flat_pair(x, prepare_operand_pair(x, plan(fmt, row, 1), plan(fmt_t, row_t, 2)))
+
+    @quantize_operand_pair_delayed.register_fake
+    def _(x, hist, fmt, fmt_t, row, row_t):  # noqa: ANN001, ANN202
+        return _fake_pair(x, fmt, "tensor", fmt_t, "tensor", row >= 0, row_t >= 0)
 
     _op_registered = True
+
+
+def _flat_pair(x: torch.Tensor, ops: tuple) -> tuple[torch.Tensor, ...]:
+    # (data, scale, data_t, scale_t) of prepare_operand_pair's operands; empty placeholders for a
+    # side not asked for (custom ops return tensors).
+    out: list[torch.Tensor] = []
+    for op in ops:
+        if op is None:
+            out += [x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.float32)]
+        else:
+            out += [op.parts[0].data, op.parts[0].scale]
+    # Outputs of a custom op may not alias: the pair quantizer shares one tensor scale.
+    if out[3].data_ptr() == out[1].data_ptr() and out[1].numel():
+        out[3] = out[3].clone()
+    return tuple(out)
+
+
+def _fake_pair(x: torch.Tensor, fmt: str, block: str, fmt_t: str, block_t: str, want: bool,
+               want_t: bool) -> tuple[torch.Tensor, ...]:
+    r, c = x.shape
+    out: list[torch.Tensor] = []
+    for f, b, w, (rows, cols) in ((fmt, block, want, (r, c)), (fmt_t, block_t, want_t, (c, r))):
+        if not w:
+            out += [x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.float32)]
+            continue
+        out.append(x.new_empty((rows, cols), dtype=_FP8_DTYPES[f]))
+        out.append(x.new_empty(() if b == "tensor" else (rows,), dtype=torch.float32))
+    return tuple(out)
 
 
 def _direct_pair(x: torch.Tensor, amax: torch.Tensor | None, fmt: str, block: str, fmt_t: str,
@@ -191,9 +233,14 @@ def _direct_pair(x: torch.Tensor, amax: torch.Tensor | None, fmt: str, block: st
 
 
 def _quantize_pair(
-    t: torch.Tensor, spec: QuantSpec | None, spec_t: QuantSpec | None
+    t: torch.Tensor,
+    spec: QuantSpec | None,
+    spec_t: QuantSpec | None,
+    hist: torch.Tensor | None = None,
+    rows: tuple[int, int] = (-1, -1),
 ) -> tuple[QTensor | None, QTensor | None]:
-    """(t quantized along its last axis by `spec`, t^T by `spec_t`) through the custom op."""
+    """(t quantized along its last axis by `spec`, t^T by `spec_t`) through the custom op;
+    `hist`: delayed scaling from (and into) its `rows`, one per side."""
     a, b = spec or spec_t, spec_t or spec  # placeholders for a side not asked for
     # Tensor scaling: the op reads t's amax itself (on CUDA with lowbit.kernels' amax kernel, at
     # ~3 TB/s). Computed as graph ops instead, Inductor fused it into t's producer, which turned
@@ -201,7 +248,11 @@ def _quantize_pair(
     # Inductor's kernels took 12.7 ms more per step and the amax kernel takes 10.3 ms; alone,
     # Inductor's amax of a bf16 8192 x 14336 tensor took 438 us against our kernel's 76 us.
     want, want_t = spec is not None, spec_t is not None
-    if USE_TRITON_OP and t.is_cuda and _direct_pair(t, None, a.fmt, a.block, b.fmt, b.block, want, want_t):
+    if hist is not None:
+        d, s, d_t, s_t = torch.ops.lowbit.quantize_operand_pair_delayed(
+            t, hist, a.fmt, b.fmt, rows[0] if want else -1, rows[1] if want_t else -1
+        )
+    elif USE_TRITON_OP and t.is_cuda and _direct_pair(t, None, a.fmt, a.block, b.fmt, b.block, want, want_t):
         d, d_t, s, _ = pair_quantize_op.fp8_tensor_pair(t, None, a.fmt)
         s_t = s
     else:
@@ -243,25 +294,33 @@ def _saved(
     return None if data is None else QTensor(data, scale, spec.format, spec.block, data.shape, 1, dtype)
 
 
-def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
+def _row(gemm: str, role: int) -> int:
+    # The operand's row of QuantLinear.amax_history (QuantLinear.history: GEMMS × (A, B) order).
+    return GEMMS.index(gemm) * 2 + role - 1
+
+
+def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, hist, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
     out_dtype = output_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1])
-        qx, x_t = _quantize_pair(x2, recipe.fprop.a, recipe.wgrad.b if need_wgrad else None)
-        qw, w_t = _quantize_pair(weight, recipe.fprop.b, recipe.dgrad.b if need_dgrad else None)
+        qx, x_t = _quantize_pair(x2, recipe.fprop.a, recipe.wgrad.b if need_wgrad else None,
+                                 hist, (_row("fprop", 1), _row("wgrad", 2)))
+        qw, w_t = _quantize_pair(weight, recipe.fprop.b, recipe.dgrad.b if need_dgrad else None,
+                                 hist, (_row("fprop", 2), _row("dgrad", 2)))
         y = _gemm(qx, qw, recipe.fprop, backend, out_dtype, bias)
     ctx.save_for_backward(
         None if x_t is None else x_t.data,
         None if x_t is None else x_t.scale,
         None if w_t is None else w_t.data,
         None if w_t is None else w_t.scale,
+        hist,
     )
     ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
-    xt_data, xt_scale, wt_data, wt_scale = ctx.saved_tensors
+    xt_data, xt_scale, wt_data, wt_scale, hist = ctx.saved_tensors
     x_t = _saved(xt_data, xt_scale, recipe.wgrad.b, ctx.x_dtype)
     w_t = _saved(wt_data, wt_scale, recipe.dgrad.b, ctx.w_dtype)
     need_dx = ctx.needs_input_grad[0] and w_t is not None
@@ -270,7 +329,8 @@ def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
     with torch.autocast(grad_out.device.type, enabled=False):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         qg, qg_t = _quantize_pair(
-            g2, recipe.dgrad.a if need_dx else None, recipe.wgrad.a if need_dw else None
+            g2, recipe.dgrad.a if need_dx else None, recipe.wgrad.a if need_dw else None,
+            hist, (_row("dgrad", 1), _row("wgrad", 1)),
         )
         if need_dx:
             dx = _gemm(qg, w_t, recipe.dgrad, backend, ctx.x_dtype)
@@ -279,4 +339,4 @@ def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
             dw = _gemm(qg_t, x_t, recipe.wgrad, backend, ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
-    return dx, dw, db, None, None
+    return dx, dw, db, None, None, None

@@ -87,25 +87,24 @@ class Operand:
 class AmaxHistory:
     """Delayed scaling state of one operand (TE DelayedScaling): its last amaxes, newest first.
 
-    `row` is a device buffer (a view into the owner's history); `recorded` is kept on the host, so
-    choosing between the history and the tensor's own amax never syncs: the first call (nothing
-    recorded) scales by the tensor's own amax, later calls by the history's max, and every call
-    records the tensor's own amax. `on_record` tells the owner that this row now holds data.
+    `row` is a device buffer (a view into the owner's history). A call scales by the history's
+    max, or by the tensor's own amax while the history holds only zeros (a first call), and
+    records the tensor's own amax. The choice is made on the device (`torch.where`), so it never
+    syncs and runs unchanged inside a compiled graph or a CUDA graph; the pair kernels make the
+    same choice (lowbit.kernels.pair_quantize, `history=`). A NaN in the history propagates.
     """
 
-    def __init__(self, row: torch.Tensor, recorded: bool, on_record: Callable[[], None] | None = None):
-        self.row, self.recorded, self.on_record = row, recorded, on_record
+    def __init__(self, row: torch.Tensor):
+        self.row = row
 
-    def scale_amax(self, current: torch.Tensor | None) -> torch.Tensor | None:
-        """The amax to scale by: the history's max once recorded, else `current` (None: not known yet)."""
-        return self.row.max() if self.recorded else current
+    def scale_amax(self, current: torch.Tensor) -> torch.Tensor:
+        """The amax to scale by: the history's max unless it is 0, else `current` (t's own)."""
+        h = self.row.max()
+        return torch.where(h != 0, h, current.reshape(()).to(h.dtype))
 
     def record(self, current: torch.Tensor) -> None:
         self.row.copy_(torch.roll(self.row, 1))
         self.row[0] = current.reshape(())
-        self.recorded = True
-        if self.on_record is not None:
-            self.on_record()
 
 
 @dataclass
@@ -249,35 +248,24 @@ def _fused_pair(
     pair = _PAIR_QUANTIZERS.get(t.device.type)
     if pair is None or t.dim() != 2 or not _pair_fusable(plan, plan_t):
         return None
-    history = plan.history
-    if history is not None:
-        amax = history.scale_amax(None)
-    current = None
-    if history is not None and amax is None:  # first call: the tensor's own amax, then record it
-        amax = current = t.detach().abs().amax().float()
-    out = pair(
-        t,
-        plan.spec,
-        plan_t.spec,
-        seed=derive_seed(plan.seed, plan.role),
-        seed_t=derive_seed(plan_t.seed, plan_t.role),
-        amax=amax,
-        record=history is not None and current is None,
-    )
-    if out is None:  # the registered quantizer declined this pair (nothing recorded yet)
+    kwargs = {}
+    if plan.history is not None:  # the kernels choose the amax and record it (AmaxHistory's rules)
+        kwargs = dict(history=(plan.history.row, plan_t.history.row))
+    elif amax is not None:
+        kwargs = dict(amax=amax)
+    out = pair(t, plan.spec, plan_t.spec, seed=derive_seed(plan.seed, plan.role),
+               seed_t=derive_seed(plan_t.seed, plan_t.role), **kwargs)
+    if out is None:  # the registered quantizer declined this pair
         return None
-    q, q_t, own = out
-    if history is not None:
-        current = own if current is None else current
-        for h in (plan.history, plan_t.history):
-            h.record(current)
+    q, q_t, _ = out
     return Operand([q]), Operand([q_t])
 
 
 # A fused quantize kernel with quantize()'s signature and bit-identical results (lowbit.kernels)
 # registers here per device type; other devices use the reference.
 _QUANTIZERS: dict[str, Callable[..., QTensor]] = {}
-# pair(t, spec, spec_t, seed=, seed_t=, amax=, record=) -> (q, q_t, own amax if record) or None.
+# pair(t, spec, spec_t, seed=, seed_t=, amax=, history=(row, row_t)) -> (q, q_t, _) or None; with
+# `history` it scales and records as AmaxHistory does (lowbit.kernels.pair_quantize).
 _PAIR_QUANTIZERS: dict[str, Callable[..., tuple[QTensor, QTensor, torch.Tensor | None] | None]] = {}
 
 # rotate(t, block, signs_seed) -> fp32 t·R, and rotate_quantize(t, spec, block, signs_seed, seed=,

@@ -66,6 +66,18 @@ def _graph_call_counters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _amax_histories(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Delayed scaling's amax histories (QuantLinear.amax_history, not in the state dict): saved
+    with the checkpoint, so a resumed run scales as the uninterrupted one. Rank 0's are saved;
+    other ranks resume with them (their own X and dY amaxes differed slightly)."""
+    return {
+        name: m.amax_history
+        for name, m in model.named_modules()
+        if getattr(getattr(m, "recipe", None), "amax_history", 0) > 0
+        and isinstance(getattr(m, "amax_history", None), torch.Tensor)
+    }
+
+
 def _check_same_model(path: Path, cfg_dict: dict) -> None:
     """Refuse to resume a checkpoint of a differently shaped model, naming what differs."""
     saved = ckpt.load_torch(path / "trainer.pt").get("config", {}).get("model")
@@ -134,6 +146,7 @@ class CheckpointWriter:
             "rng": _rng_state(self.ctx.device),
             "module_rng": {k: g.get_state() for k, g in _module_generators(self.engine.module).items()},
             "module_graph_calls": {k: int(c) for k, c in _graph_call_counters(self.engine.module).items()},
+            "module_amax_history": {k: h.tolist() for k, h in _amax_histories(self.engine.module).items()},
             "world": self.ctx.world,
             "data_position": {"step": state.step, "tokens_seen": state.tokens_seen},
             "train_losses": state.train_losses,
@@ -239,6 +252,9 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
         for name, calls in _graph_call_counters(model).items():
             if name in saved.get("module_graph_calls", {}):
                 calls.fill_(saved["module_graph_calls"][name])
+        for name, hist in _amax_histories(model).items():
+            if name in saved.get("module_amax_history", {}):
+                hist.copy_(torch.tensor(saved["module_amax_history"][name], dtype=hist.dtype))
         state = LoopState(
             step=saved["step"],
             train_losses=saved["train_losses"],
