@@ -188,14 +188,18 @@ def test_delayed_scaling_uses_history():
 def test_scaled_mm_backend_matches_emulation():
     x, w, _ = _data()
     cases = [("fp8_tensorwise", 1e-6)]
-    if torch.cuda.is_available():  # per-row scales: cuBLAS only (bf16 output)
+    if torch.cuda.is_available():
         x, w = x.cuda(), w.cuda()
-        cases.append(("fp8_rowwise", 1e-2))
+        # cuBLAS's fast accumulation (the tensorwise fprop's) keeps partial sums in the tensor
+        # cores' reduced precision; per-row scales are cuBLAS only, with a bf16 output.
+        cases = [("fp8_tensorwise", 2e-3), ("fp8_rowwise", 1e-2)]
     for name, tol in cases:
         spec = RECIPES[name].fprop
         emu = quantized_gemm(x, w, spec, backend="emulate")
         fast = quantized_gemm(x, w, spec, backend="scaled_mm")
-        assert _rel(fast, emu.double()) < tol
+        err = _rel(fast, emu.double())
+        print(f"{name}: relative error {err:.2e}")
+        assert err < tol, (name, err)
     with pytest.raises(ValueError, match="scaled_mm.*fp8"):
         quantized_gemm(x, w, RECIPES["mxfp4"].fprop, backend="scaled_mm")
     with pytest.raises(ValueError, match="cublas.*valid choices"):
