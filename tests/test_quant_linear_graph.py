@@ -146,6 +146,21 @@ def test_seed_table_holds_every_derived_seed_and_offset():
         assert int(derive_seed(derive_seed(d, 1), 2)) == derive_seed(derive_seed(s, 1), 2)
 
 
+@pytest.mark.parametrize("calls,stream", [(0, 0), (1, 0xFFFFFFFF), (12345, 987654321), (2**33 + 7, 5)])
+def test_seed_kernel_is_the_torch_ops_bit_for_bit(calls, stream):
+    # The one-launch seed table (what the graph ops run where Triton runs) against the torch ops
+    # it replaces, including counters past 2^32 (the hash takes its input mod 2^32).
+    from lowbit.kernels._graph_seeds_triton import graph_seed_table
+    from lowbit.nn.quant_linear_graph import _seeds_of
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    counter = torch.tensor(calls, dtype=torch.int64, device=dev)
+    ref = _seeds_of(counter.clone(), stream)
+    got = graph_seed_table(counter, stream)
+    assert got.dtype == torch.int64 and torch.equal(got, ref)
+    assert int(counter) == calls + 1
+
+
 def test_whole_model_with_seeded_recipe_compiles_as_one_graph():
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(K, K), nn.ReLU(), nn.Linear(K, N))
