@@ -27,10 +27,12 @@ def _graph_seeds_kernel(calls_ptr, out_ptr, stream, NG: tl.constexpr, NGP: tl.co
     k = (tl.arange(0, NGP * NKP) % NKP).to(tl.int64)
     s64 = stream.to(tl.int64)
     idx = (calls * NG + g + s64).to(tl.uint32)  # int64 wraps mod 2^64; the hash takes mod 2^32
-    h = lowbias32(idx).to(tl.int64)
+    h = lowbias32(idx).to(tl.int64) & 0xFFFFFFFF
     seed = lowbias32((h + s64).to(tl.uint32)).to(tl.int64) & 0x7FFFFFFF
     value = tl.where(k == 0, seed, (seed + k * STEP) & 0x7FFFFFFF)
-    offset = (value.to(tl.uint32) * tl.full(value.shape, GOLDEN, tl.uint32)).to(tl.int64)
+    # Masked after widening: whether a uint32 widens with zeros or with its top bit differs between
+    # the interpreter and compiled Triton; the table holds offsets in [0, 2^32) as the torch ops do.
+    offset = (value.to(tl.uint32) * tl.full(value.shape, GOLDEN, tl.uint32)).to(tl.int64) & 0xFFFFFFFF
     m = (k < NK) & (g < NG)
     tl.store(out_ptr + g * NK + k, value, m)
     tl.store(out_ptr + NG * NK + g * NK + k, offset, m)
