@@ -157,6 +157,14 @@ def test_kill_and_resume_is_bitwise_for_compiled_graph_op_training(small_run, mo
     assert split["final_val_loss"] == full["final_val_loss"]
 
 
+def test_resume_under_another_recipe_warns_and_continues(small_run):
+    # Changing the recipe on resume is allowed (e.g. finishing an fp8 run in bf16), but said.
+    small_run(["train.steps=3", "run_name=rq", "train.stop_after=2", "quant=fp8_tensorwise"])
+    with pytest.warns(UserWarning, match="trained with quant=fp8_tensorwise, under quant=bf16"):
+        out = small_run(["train.steps=3", "run_name=rq"])
+    assert [s for s, _ in out["train_losses"]] == [1, 2, 3]
+
+
 def test_kill_and_resume_is_bitwise_for_compiled_delayed_scaling(small_run):
     # Compiled fp8_delayed (traced, the histories updated on the device): the checkpoint carries
     # every layer's amax history, or the resumed run would scale its first calls by their own amax.

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,18 @@ def _amax_histories(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _check_same_model(path: Path, cfg_dict: dict) -> None:
-    """Refuse to resume a checkpoint of a differently shaped model, naming what differs."""
-    saved = ckpt.load_torch(path / "trainer.pt").get("config", {}).get("model")
+    """Refuse to resume a checkpoint of a differently shaped model, naming what differs; warn when
+    the quantization recipe changed (allowed: e.g. finishing an fp8 run in bf16)."""
+    config = ckpt.load_torch(path / "trainer.pt").get("config", {})
+    saved_recipe = (config.get("quant") or {}).get("recipe")
+    now_recipe = (cfg_dict.get("quant") or {}).get("recipe")
+    if saved_recipe is not None and now_recipe is not None and saved_recipe != now_recipe:
+        warnings.warn(
+            f"resuming {path}, trained with quant={saved_recipe}, under quant={now_recipe}: the run "
+            f"continues with {now_recipe} (pass quant={saved_recipe} to keep the checkpoint's recipe)",
+            stacklevel=2,
+        )
+    saved = config.get("model")
     if saved is None:
         return
     diff = [
