@@ -291,6 +291,11 @@ def test_pair_history_rejects_bad_rows_and_an_amax_too():
         quantize_pair(x, spec, spec, history=(bad, None))
     with pytest.raises(ValueError, match="either amax or an amax history"):
         quantize_pair(x, spec, spec, history=(torch.zeros(4, device=DEV), None), amax=x.abs().amax())
-    row_spec, rows = QuantSpec("fp8_e4m3", 64), (torch.zeros(4, device=DEV), None)
+    row = torch.zeros(4, device=DEV)
+    with pytest.raises(ValueError, match="distinct and of one length"):
+        quantize_pair(x, spec, spec, history=(row, torch.zeros(3, device=DEV)))
+    with pytest.raises(ValueError, match="distinct and of one length"):
+        quantize_pair(x, spec, spec, history=(row, row))
+    row_spec, rows = QuantSpec("fp8_e4m3", 64), (row, None)
     assert "needs block='tensor'" in pq._why_not_history(x, row_spec, rows, None)
     assert pq.quantize_pair_or_none(x, spec, spec, history=(bad, None)) is None

@@ -101,7 +101,19 @@ def test_untraced_recipes_still_run_under_compile():
     assert torch.equal(torch.compile(traced)(x), eager(x))
 
 
-def test_compiled_delayed_scaling_matches_eager_step_by_step():
+@pytest.fixture(params=["reference", "kernels"])
+def pair_path(request, monkeypatch):
+    # "kernels": the Triton pair quantizer (interpreted on CPU) behind prepare_operand_pair, as on
+    # CUDA, so the history is chosen and recorded inside the kernels; else the torch reference.
+    if request.param == "kernels":
+        from lowbit.kernels.pair_quantize import quantize_pair_or_none
+        from lowbit.quant import gemm as qgemm
+
+        monkeypatch.setitem(qgemm._PAIR_QUANTIZERS, "cpu", quantize_pair_or_none)
+    return request.param
+
+
+def test_compiled_delayed_scaling_matches_eager_step_by_step(pair_path):
     # fp8_delayed traced into one graph: every call scales by its histories (the tensor's own
     # amax on the first) and records into them on the device, as the eager layer does, so the
     # outputs, gradients and the six history rows agree bit for bit over several steps, including
@@ -124,6 +136,68 @@ def test_compiled_delayed_scaling_matches_eager_step_by_step():
     assert torch.count_nonzero(traced.amax_history[0]) == 5
     assert torch.count_nonzero(traced.amax_history[2]) == 4
     assert traced.amax_history[0, 0] == x.abs().max()
+
+
+@pytest.mark.parametrize("use", ["same_input", "two_inputs", "chained"])
+def test_compiled_delayed_layer_used_twice_records_every_call(use, pair_path):
+    # One layer called twice in a graph: no call may be merged with the other (CSE) or dropped,
+    # so the compiled run keeps the eager run's outputs, gradients and histories.
+    torch._dynamo.reset()
+    square = QuantLinear(K, K, bias=False, recipe="fp8_delayed")
+    twin = QuantLinear(K, K, bias=False, recipe="fp8_delayed")
+    twin.load_state_dict(square.state_dict())
+
+    def f(layer, x):
+        if use == "same_input":
+            return layer(x) + 2 * layer(x)
+        if use == "two_inputs":
+            return layer(x) + 3 * layer(x * 3 + 1)
+        return layer(layer(x))
+
+    compiled = torch.compile(lambda x: f(twin, x), fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(16, K, generator=g) * (1 + 10 * step)
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yc = f(square, xe), compiled(xc)
+        gy = torch.randn(ye.shape, generator=g)
+        ye.backward(gy)
+        yc.backward(gy)
+        assert torch.equal(ye, yc) and torch.equal(xe.grad, xc.grad), step
+        assert torch.equal(square.amax_history, twin.amax_history), step
+
+
+def test_compiled_delayed_backward_writes_the_layer_itself(pair_path):
+    # The backward finds the history through the layer, not through a saved tensor: saved-tensor
+    # hooks that hand back copies (activation offloading) must not divert dY's records, and
+    # autograd must not see the buffer as a saved tensor modified in place (a no-grad call or a
+    # second forward between a forward and its backward). A deep copy writes its own buffer.
+    import copy
+
+    torch._dynamo.reset()
+    eager, traced = _pair("fp8_delayed", bias=False)
+    compiled = torch.compile(traced, fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+
+    def xs():
+        return torch.randn(16, K, generator=g).requires_grad_()
+
+    for _ in range(2):
+        x1, x2, x3 = xs(), xs(), xs()
+        for layer in (eager, compiled):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                y1 = layer(x1)
+                with torch.no_grad():
+                    layer(x2)
+                y3 = layer(x3)
+            (y1.sum() + y3.sum()).backward()
+        assert torch.equal(eager.amax_history, traced.amax_history)
+    assert torch.count_nonzero(traced.amax_history[2]) == 4
+    copied = copy.deepcopy(traced)
+    assert copied.history_key != traced.history_key
+    torch.compile(copied, fullgraph=True)(xs()).sum().backward()
+    assert torch.count_nonzero(copied.amax_history[2]) == 5  # its own copy of the rows
+    assert torch.count_nonzero(traced.amax_history[2]) == 4
 
 
 def test_whole_model_compiles_as_one_graph():

@@ -123,7 +123,7 @@ def quantize_pair(
     history: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[QTensor, QTensor, torch.Tensor | None]:
     """(x quantized along its columns, x^T along its columns, x's own amax if `record`)."""
-    reason = why_not_pair(x, spec, spec_t) or _why_not_history(x, spec, history, amax)
+    reason = why_not_pair(x, spec, spec_t) or _why_not_history(x, spec, history, amax, spec_t)
     if reason is not None:
         raise ValueError(f"quantize_pair: {reason}")
     return _quantize_supported_pair(
@@ -133,14 +133,19 @@ def quantize_pair(
 
 def _why_not_history(
     x: torch.Tensor, spec: QuantSpec, history: tuple[torch.Tensor, torch.Tensor | None] | None,
-    amax: torch.Tensor | None,
+    amax: torch.Tensor | None, spec_t: QuantSpec | None = None,
 ) -> str | None:
     if history is None:
         return None
-    if spec.block != "tensor":
-        return f"an amax history (delayed scaling) needs block='tensor', got {spec.block!r}"
+    for s in (spec, spec_t):
+        if s is not None and s.block != "tensor":
+            return f"an amax history (delayed scaling) needs block='tensor', got {s.block!r}"
     if amax is not None:
         return "pass either amax or an amax history, not both"
+    row, row_t = history
+    if row_t is not None and (row_t.shape != row.shape or row_t.data_ptr() == row.data_ptr()):
+        return f"the two amax-history rows must be distinct and of one length, got {tuple(row.shape)} " \
+            f"and {tuple(row_t.shape)}"
     for row in history:
         if row is not None and (row.dtype != torch.float32 or row.dim() != 1 or not row.is_contiguous()
                                 or row.device != x.device):
@@ -222,6 +227,8 @@ def quantize_pair_or_none(
 ) -> tuple[QTensor, QTensor, torch.Tensor | None] | None:
     """quantize_pair(x, spec, spec_t, **kwargs), or None where `why_not_pair` declines (the
     lowbit.quant.gemm pair seam)."""
-    if why_not_pair(x, spec, spec_t) or _why_not_history(x, spec, kwargs.get("history"), kwargs.get("amax")):
+    if why_not_pair(x, spec, spec_t) or _why_not_history(
+        x, spec, kwargs.get("history"), kwargs.get("amax"), spec_t
+    ):
         return None
     return _quantize_supported_pair(x, spec, spec_t, **kwargs)

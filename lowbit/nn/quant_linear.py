@@ -31,7 +31,13 @@ from torch import nn
 
 import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend and fused quantizer; no triton import)
 from lowbit.nn import quant_linear_graph
-from lowbit.nn.quant_linear_traced import output_dtype, traced_function, traced_quant_linear, why_not_traced
+from lowbit.nn.quant_linear_traced import (
+    output_dtype,
+    register_history_owner,
+    traced_function,
+    traced_quant_linear,
+    why_not_traced,
+)
 from lowbit.quant.gemm import (
     AmaxHistory,
     Observer,
@@ -77,10 +83,19 @@ class QuantLinear(nn.Linear):
         n_hist = self.recipe.amax_history
         # An all-zero row means nothing recorded yet (lowbit.quant.gemm.AmaxHistory, on the device).
         self.register_buffer("amax_history", torch.zeros(6, max(n_hist, 1), device=device), persistent=False)
+        # How the traced layer's backward finds this buffer (lowbit.nn.quant_linear_traced).
+        self.history_key = register_history_owner(self) if n_hist > 0 else -1
         # Calls made inside a compiled graph: the counter its seeds are hashed from (on the device:
         # lowbit.nn.quant_linear_graph). Not in the state dict; the trainer's checkpoints keep it.
         calls = torch.zeros((), dtype=torch.int64, device=device)
         self.register_buffer("graph_calls", calls, persistent=False)
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy, unpickling) gets its own history key: the original's would lead
+        # the traced backward to the original's buffer.
+        super().__setstate__(state)
+        if getattr(self, "history_key", -1) >= 0:
+            self.history_key = register_history_owner(self)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, **kwargs: Any) -> QuantLinear:
@@ -160,7 +175,7 @@ def _compile_safe() -> Callable[..., torch.Tensor]:
     """_quant_linear_eager wrapped in torch.compiler.disable, built on first use.
 
     Under torch.compile (train.compile=true) the layers that cannot be traced (`why_not_traced`:
-    seeds drawn on the host, delayed-scaling state, Triton GEMM backends) graph-break here and run
+    seeds drawn on the host, block formats, Triton GEMM backends) graph-break here and run
     eagerly with lowbit.kernels' fused kernels. Built lazily because torch.compiler.disable
     imports torch._dynamo (and Triton), which `import lowbit.nn` should not do.
     """

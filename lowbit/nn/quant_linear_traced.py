@@ -20,18 +20,22 @@ per-tensor scales; `why_not_traced`) are traced instead:
     run 49: 195.8 against 187.3 ms of GPU time per step): AOTAutograd's CSE merges the opaque op's
     identical calls (q/k/v and gate/up quantize the same X once), but not triton kernel calls,
     whose output buffers are fresh `empty`s, so those pairs ran 3 and 2 times.
-  - delayed scaling (fp8_delayed): each pair is `lowbit::quantize_operand_pair_delayed`, given
-    the layer's amax-history buffer and the two operands' rows. Its body is the eager path's
-    prepare_operand_pair with those histories, so the choice of amax (the history's max, the
-    tensor's own while the history is all zeros) and the recording happen on the device, in the
-    pair kernels on CUDA: no host state, no sync, the same in CUDA graphs. The op writes the rows
-    without declaring it: declared, AOTAutograd would have to functionalize a buffer mutated in
-    the backward graph (dY's rows). Nothing else in the graph reads the rows, the op is never
-    recomputed by the partitioner (custom ops are not), and calls on different layers or
-    operands touch different rows, so the order Inductor runs them in cannot change a result;
-    its outputs differ per call, so CSE merges none (q/k/v each keep their own scale, as in
-    eager mode). Under CUDA graphs the buffer is a static input (a module buffer forward, a
-    saved tensor backward), so the replayed kernels write the buffer itself.
+  - delayed scaling (fp8_delayed): X's and W's pairs are `lowbit::quantize_operand_pair_delayed`,
+    given the layer's amax-history buffer and the two operands' rows, and dY's pair is
+    `lowbit::quantize_gradient_pair_delayed`. Their body is the eager path's prepare_operand_pair
+    with those histories, so the choice of amax (the history's max, the tensor's own while the
+    history is all zeros) and the recording happen on the device, in the pair kernels on CUDA: no
+    host state, no sync, the same in CUDA graphs. The forward op declares that it writes the
+    buffer (AOTAutograd then keeps every call, in order, like BatchNorm's running statistics). The
+    backward op finds the buffer through the layer's `history_key` (`history_owner`) and writes
+    it without declaring it: declared, AOTAutograd would have to functionalize a buffer mutated in
+    the backward graph, and as a saved tensor the buffer would reach backward through saved-tensor
+    hooks (activation offloading), which may hand over a copy. Each backward op is also given a
+    tensor its own forward call saved (`token`), so that two calls of one layer in a graph are
+    never merged by CSE; the backward ops of such calls may run in another order than eager
+    mode's, which changes which of them sees the other's amax. Custom ops are never recomputed by
+    AOTAutograd's partitioner (activation checkpointing re-runs the forward, and records again,
+    as eager mode does).
   - the GEMMs (torch._scaled_mm on CUDA, the fp32 emulation elsewhere) are traced as they are.
 As in eager mode only the quantized X^T and W^T are saved for backward.
 """
@@ -39,7 +43,9 @@ As in eager mode only the quantized X^T and W^T are saved for backward.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -102,8 +108,11 @@ def traced_quant_linear(
     """The layer's output through its recipe's traced Function (the caller checked `why_not_traced`)."""
     grad = torch.is_grad_enabled()
     need_wgrad, need_dgrad = grad and weight.requires_grad, grad and x.requires_grad
-    hist = layer.amax_history if layer.recipe.amax_history > 0 else None
-    return traced_function(layer.recipe, layer.backend).apply(x, weight, bias, hist, need_wgrad, need_dgrad)
+    delayed = layer.recipe.amax_history > 0
+    hist = layer.amax_history if delayed else None
+    key = layer.history_key if delayed else -1
+    fn = traced_function(layer.recipe, layer.backend)
+    return fn.apply(x, weight, bias, hist, key, need_wgrad, need_dgrad)
 
 
 _FUNCTIONS: dict[tuple[Recipe, str], type[torch.autograd.Function]] = {}
@@ -123,8 +132,8 @@ def traced_function(recipe: Recipe, backend: str) -> type[torch.autograd.Functio
     key = (recipe, backend)
     if key not in _FUNCTIONS:
 
-        def forward(ctx, x, weight, bias, hist, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
-            return _forward(recipe, backend, ctx, x, weight, bias, hist, need_wgrad, need_dgrad)
+        def forward(ctx, x, weight, bias, hist, key: int, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
+            return _forward(recipe, backend, ctx, x, weight, bias, hist, key, need_wgrad, need_dgrad)
 
         def backward(ctx, grad_out):  # noqa: ANN001
             return _backward(recipe, backend, ctx, grad_out)
@@ -137,6 +146,7 @@ def traced_function(recipe: Recipe, backend: str) -> type[torch.autograd.Functio
 _FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _OP = "lowbit::quantize_operand_pair"
 _OP_DELAYED = "lowbit::quantize_operand_pair_delayed"
+_OP_DELAYED_BWD = "lowbit::quantize_gradient_pair_delayed"
 _op_registered = False
 
 
@@ -173,23 +183,61 @@ def _register_op() -> None:
     def _(x, amax, fmt, block, fmt_t, block_t, want, want_t):  # noqa: ANN001, ANN202
         return _fake_pair(x, fmt, block, fmt_t, block_t, want, want_t)
 
-    # Writes hist's rows `row` and `row_t` (-1: that side not made) without declaring it: see the
-    # module docstring.
-    @torch.library.custom_op(_OP_DELAYED, mutates_args=())
+    # Scale by and record into hist's rows `row` and `row_t` (-1: that side not made).
+    @torch.library.custom_op(_OP_DELAYED, mutates_args=("hist",))
     def quantize_operand_pair_delayed(
         x: torch.Tensor, hist: torch.Tensor, fmt: str, fmt_t: str, row: int, row_t: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        def plan(f: str, i: int, role: int) -> OperandPlan | None:
-            return None if i < 0 else OperandPlan(QuantSpec(f, "tensor"), GemmSpec(), 0, role,
-                                                  history=AmaxHistory(hist[i]))
-
-        return _flat_pair(x, prepare_operand_pair(x, plan(fmt, row, 1), plan(fmt_t, row_t, 2)))
+        return _delayed_pair(x, hist, fmt, fmt_t, row, row_t)
 
     @quantize_operand_pair_delayed.register_fake
     def _(x, hist, fmt, fmt_t, row, row_t):  # noqa: ANN001, ANN202
         return _fake_pair(x, fmt, "tensor", fmt_t, "tensor", row >= 0, row_t >= 0)
 
+    # The same for dY in backward, on the history of layer `owner`, written without declaring it;
+    # `token` only ties the call to its forward call (module docstring).
+    @torch.library.custom_op(_OP_DELAYED_BWD, mutates_args=())
+    def quantize_gradient_pair_delayed(
+        g: torch.Tensor, owner: int, token: torch.Tensor, fmt: str, fmt_t: str, row: int, row_t: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _delayed_pair(g, history_owner(owner).amax_history, fmt, fmt_t, row, row_t)
+
+    @quantize_gradient_pair_delayed.register_fake
+    def _(g, owner, token, fmt, fmt_t, row, row_t):  # noqa: ANN001, ANN202
+        return _fake_pair(g, fmt, "tensor", fmt_t, "tensor", row >= 0, row_t >= 0)
+
     _op_registered = True
+
+
+def _delayed_pair(x: torch.Tensor, hist: torch.Tensor, fmt: str, fmt_t: str, row: int,
+                  row_t: int) -> tuple[torch.Tensor, ...]:
+    def plan(f: str, i: int, role: int) -> OperandPlan | None:
+        return None if i < 0 else OperandPlan(QuantSpec(f, "tensor"), GemmSpec(), 0, role,
+                                              history=AmaxHistory(hist[i]))
+
+    return _flat_pair(x, prepare_operand_pair(x, plan(fmt, row, 1), plan(fmt_t, row_t, 2)))
+
+
+# Delayed-scaling layers by `history_key`: the backward op's way to the layer's history buffer.
+_HISTORY_OWNERS: dict[int, weakref.ref] = {}
+_history_keys = itertools.count()
+
+
+def register_history_owner(layer: torch.nn.Module) -> int:
+    """A new key under which `history_owner` finds `layer` (held weakly); QuantLinear takes one
+    when built with a delayed-scaling recipe, and a new one when copied or unpickled."""
+    key = next(_history_keys)
+    _HISTORY_OWNERS[key] = weakref.ref(layer, lambda _ref, key=key: _HISTORY_OWNERS.pop(key, None))
+    return key
+
+
+def history_owner(key: int) -> torch.nn.Module:
+    """The layer registered under `key` (register_history_owner)."""
+    layer = _HISTORY_OWNERS.get(key)
+    layer = layer() if layer is not None else None
+    if layer is None:
+        raise RuntimeError(f"no live delayed-scaling layer has history key {key}")
+    return layer
 
 
 def _flat_pair(x: torch.Tensor, ops: tuple) -> tuple[torch.Tensor, ...]:
@@ -238,9 +286,11 @@ def _quantize_pair(
     spec_t: QuantSpec | None,
     hist: torch.Tensor | None = None,
     rows: tuple[int, int] = (-1, -1),
+    owner: tuple[int, torch.Tensor] | None = None,
 ) -> tuple[QTensor | None, QTensor | None]:
     """(t quantized along its last axis by `spec`, t^T by `spec_t`) through the custom op;
-    `hist`: delayed scaling from (and into) its `rows`, one per side."""
+    delayed scaling from (and into) `rows`, one per side, of `hist` (forward) or of the history of
+    `owner` = (history key, token) (backward; module docstring)."""
     a, b = spec or spec_t, spec_t or spec  # placeholders for a side not asked for
     # Tensor scaling: the op reads t's amax itself (on CUDA with lowbit.kernels' amax kernel, at
     # ~3 TB/s). Computed as graph ops instead, Inductor fused it into t's producer, which turned
@@ -248,10 +298,11 @@ def _quantize_pair(
     # Inductor's kernels took 12.7 ms more per step and the amax kernel takes 10.3 ms; alone,
     # Inductor's amax of a bf16 8192 x 14336 tensor took 438 us against our kernel's 76 us.
     want, want_t = spec is not None, spec_t is not None
+    picked = (rows[0] if want else -1, rows[1] if want_t else -1)
     if hist is not None:
-        d, s, d_t, s_t = torch.ops.lowbit.quantize_operand_pair_delayed(
-            t, hist, a.fmt, b.fmt, rows[0] if want else -1, rows[1] if want_t else -1
-        )
+        d, s, d_t, s_t = torch.ops.lowbit.quantize_operand_pair_delayed(t, hist, a.fmt, b.fmt, *picked)
+    elif owner is not None:
+        d, s, d_t, s_t = torch.ops.lowbit.quantize_gradient_pair_delayed(t, *owner, a.fmt, b.fmt, *picked)
     elif USE_TRITON_OP and t.is_cuda and _direct_pair(t, None, a.fmt, a.block, b.fmt, b.block, want, want_t):
         d, d_t, s, _ = pair_quantize_op.fp8_tensor_pair(t, None, a.fmt)
         s_t = s
@@ -299,7 +350,8 @@ def _row(gemm: str, role: int) -> int:
     return GEMMS.index(gemm) * 2 + role - 1
 
 
-def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, hist, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
+def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, hist, key: int, need_wgrad: bool,  # noqa: ANN001
+             need_dgrad: bool):
     out_dtype = output_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1])
@@ -313,14 +365,14 @@ def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, hist, need_wgra
         None if x_t is None else x_t.scale,
         None if w_t is None else w_t.data,
         None if w_t is None else w_t.scale,
-        hist,
     )
+    ctx.history_key = key
     ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
-    xt_data, xt_scale, wt_data, wt_scale, hist = ctx.saved_tensors
+    xt_data, xt_scale, wt_data, wt_scale = ctx.saved_tensors
     x_t = _saved(xt_data, xt_scale, recipe.wgrad.b, ctx.x_dtype)
     w_t = _saved(wt_data, wt_scale, recipe.dgrad.b, ctx.w_dtype)
     need_dx = ctx.needs_input_grad[0] and w_t is not None
@@ -328,9 +380,14 @@ def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
     dx = dw = db = None
     with torch.autocast(grad_out.device.type, enabled=False):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        # Delayed scaling: the layer's history by its key, tied to this call by a tensor its
+        # forward saved (module docstring).
+        owner = None
+        if ctx.history_key >= 0:
+            owner = (ctx.history_key, xt_scale if xt_scale is not None else wt_scale)
         qg, qg_t = _quantize_pair(
             g2, recipe.dgrad.a if need_dx else None, recipe.wgrad.a if need_dw else None,
-            hist, (_row("dgrad", 1), _row("wgrad", 1)),
+            rows=(_row("dgrad", 1), _row("wgrad", 1)), owner=owner,
         )
         if need_dx:
             dx = _gemm(qg, w_t, recipe.dgrad, backend, ctx.x_dtype)
@@ -339,4 +396,4 @@ def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
             dw = _gemm(qg_t, x_t, recipe.wgrad, backend, ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
-    return dx, dw, db, None, None, None
+    return dx, dw, db, None, None, None, None

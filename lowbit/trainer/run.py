@@ -69,8 +69,9 @@ def _graph_call_counters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _amax_histories(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Delayed scaling's amax histories (QuantLinear.amax_history, not in the state dict): saved
-    with the checkpoint, so a resumed run scales as the uninterrupted one. Rank 0's are saved;
-    other ranks resume with them (their own X and dY amaxes differed slightly)."""
+    with the checkpoint, so a resumed run scales as the uninterrupted one. Rank 0's are saved and
+    every rank resumes with them: exact under DDP, which broadcasts rank 0's buffers at every
+    forward; DeepSpeed's ranks keep their own histories, so theirs then differ slightly."""
     return {
         name: m.amax_history
         for name, m in model.named_modules()
@@ -265,7 +266,14 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
                 calls.fill_(saved["module_graph_calls"][name])
         for name, hist in _amax_histories(model).items():
             if name in saved.get("module_amax_history", {}):
-                hist.copy_(torch.tensor(saved["module_amax_history"][name], dtype=hist.dtype))
+                old = torch.tensor(saved["module_amax_history"][name], dtype=hist.dtype)
+                if old.shape != hist.shape:  # another history length (a recipe changed on resume)
+                    warnings.warn(
+                        f"{name}: the checkpoint's amax history is {tuple(old.shape)}, the layer's "
+                        f"{tuple(hist.shape)}; the layer starts a new history", stacklevel=2,
+                    )
+                    continue
+                hist.copy_(old)
         state = LoopState(
             step=saved["step"],
             train_losses=saved["train_losses"],
