@@ -101,7 +101,7 @@ def test_nan_loss_stops_without_checkpoint(small_run, tmp_path):
     assert complete_checkpoints(tmp_path / "nan" / "checkpoints") == []
 
 
-def _assert_kill_and_resume_is_bitwise(small_run, extra: list[str], name: str) -> None:
+def check_kill_and_resume_is_bitwise(small_run, extra: list[str], name: str) -> None:
     # The run stopped after 2 of 4 steps (as if killed after its checkpoint) and resumed, against
     # the uninterrupted run: the same losses bit for bit.
     full = small_run([*extra, f"run_name={name}full", "checkpoint.every=0"])
@@ -122,7 +122,7 @@ def test_kill_and_resume_is_bitwise_for_quantized_training(small_run):
         "optim=adamw8bit",
         "optim.min_quant_numel=1024",
     ]
-    _assert_kill_and_resume_is_bitwise(small_run, extra, "q")
+    check_kill_and_resume_is_bitwise(small_run, extra, "q")
 
 
 def test_engine_step_leaves_the_grad_norm_on_the_device():
@@ -156,7 +156,7 @@ def test_kill_and_resume_is_bitwise_for_compiled_graph_op_training(small_run, mo
     monkeypatch.setenv("LOWBIT_GRAPH_OPS", "opaque")  # the user's choice, which the trainer keeps
     monkeypatch.setattr(quant_linear_graph, "MODE", "opaque")
     extra = ["train.steps=4", "train.eval_every=4", "quant=mxfp4", "train.compile=true"]
-    _assert_kill_and_resume_is_bitwise(small_run, extra, "g")
+    check_kill_and_resume_is_bitwise(small_run, extra, "g")
 
 
 def test_resume_under_another_recipe_warns_and_continues(small_run):
@@ -171,7 +171,7 @@ def test_kill_and_resume_is_bitwise_for_compiled_delayed_scaling(small_run):
     # Compiled fp8_delayed (traced, the histories updated on the device): the checkpoint carries
     # every layer's amax history, or the resumed run would scale its first calls by their own amax.
     extra = ["train.steps=4", "train.eval_every=4", "quant=fp8_delayed", "train.compile=true"]
-    _assert_kill_and_resume_is_bitwise(small_run, extra, "d")
+    check_kill_and_resume_is_bitwise(small_run, extra, "d")
 
 
 @pytest.mark.gpu
