@@ -138,6 +138,21 @@ def test_compiled_delayed_scaling_matches_eager_step_by_step(pair_path):
     assert traced.amax_history[0, 0] == x.abs().max()
 
 
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed"])
+def test_compiled_layer_with_only_the_bias_trainable(recipe):
+    # A frozen weight and an input without grad: backward computes only the bias gradient (no dY
+    # quantization, no GEMM), as the eager layer does.
+    torch._dynamo.reset()
+    eager, traced = _pair(recipe)
+    for layer in (eager, traced):
+        layer.weight.requires_grad_(False)
+    x = torch.randn(16, K)
+    compiled = torch.compile(traced, fullgraph=True)
+    for layer in (eager, compiled):
+        layer(x).square().sum().backward()
+    assert traced.bias.grad is not None and torch.allclose(eager.bias.grad, traced.bias.grad)
+
+
 @pytest.mark.parametrize("use", ["same_input", "two_inputs", "chained"])
 def test_compiled_delayed_layer_used_twice_records_every_call(use, pair_path):
     # One layer called twice in a graph: no call may be merged with the other (CSE) or dropped,

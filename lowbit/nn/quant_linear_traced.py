@@ -33,9 +33,14 @@ per-tensor scales; `why_not_traced`) are traced instead:
     hooks (activation offloading), which may hand over a copy. Each backward op is also given a
     tensor its own forward call saved (`token`), so that two calls of one layer in a graph are
     never merged by CSE; the backward ops of such calls may run in another order than eager
-    mode's, which changes which of them sees the other's amax. Custom ops are never recomputed by
-    AOTAutograd's partitioner (activation checkpointing re-runs the forward, and records again,
-    as eager mode does).
+    mode's, which changes which of them sees the other's amax. Known limits: the key is an int
+    Dynamo specializes on, so compiling each block separately recompiles once per block (past
+    torch's recompile limit the rest run eagerly, or fullgraph=True fails); compile the whole
+    model, as the trainer does. Under torch.utils.checkpoint inside a compiled model the
+    partitioner recomputes the forward op in backward, from the history the forward already
+    recorded into (X^T then gets another scale than X had), and a call between that forward and
+    its backward makes autograd refuse the backward; eager layers are not recomputed. The
+    registry holds layers weakly: a layer must outlive its backward.
   - the GEMMs (torch._scaled_mm on CUDA, the fp32 emulation elsewhere) are traced as they are.
 As in eager mode only the quantized X^T and W^T are saved for backward.
 """
@@ -380,20 +385,21 @@ def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
     dx = dw = db = None
     with torch.autocast(grad_out.device.type, enabled=False):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        # Delayed scaling: the layer's history by its key, tied to this call by a tensor its
-        # forward saved (module docstring).
-        owner = None
-        if ctx.history_key >= 0:
-            owner = (ctx.history_key, xt_scale if xt_scale is not None else wt_scale)
-        qg, qg_t = _quantize_pair(
-            g2, recipe.dgrad.a if need_dx else None, recipe.wgrad.a if need_dw else None,
-            rows=(_row("dgrad", 1), _row("wgrad", 1)), owner=owner,
-        )
-        if need_dx:
-            dx = _gemm(qg, w_t, recipe.dgrad, backend, ctx.x_dtype)
-            dx = dx.reshape(*grad_out.shape[:-1], dx.shape[-1])
-        if need_dw:
-            dw = _gemm(qg_t, x_t, recipe.wgrad, backend, ctx.w_dtype)
+        if need_dx or need_dw:  # (only the bias may need a gradient: then dY is not quantized)
+            # Delayed scaling: the layer's history by its key, tied to this call by a tensor its
+            # forward saved (module docstring).
+            owner = None
+            if ctx.history_key >= 0:
+                owner = (ctx.history_key, xt_scale if xt_scale is not None else wt_scale)
+            qg, qg_t = _quantize_pair(
+                g2, recipe.dgrad.a if need_dx else None, recipe.wgrad.a if need_dw else None,
+                rows=(_row("dgrad", 1), _row("wgrad", 1)), owner=owner,
+            )
+            if need_dx:
+                dx = _gemm(qg, w_t, recipe.dgrad, backend, ctx.x_dtype)
+                dx = dx.reshape(*grad_out.shape[:-1], dx.shape[-1])
+            if need_dw:
+                dw = _gemm(qg_t, x_t, recipe.wgrad, backend, ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
     return dx, dw, db, None, None, None, None
