@@ -185,6 +185,14 @@ def test_delayed_scaling_uses_history():
     assert layer.amax_history[0, 0] == pytest.approx((10 * x).abs().max().item())
 
 
+def test_delayed_scaling_history_stays_fp32_when_the_layer_is_cast():
+    layer = QuantLinear(K, N, bias=False, recipe="fp8_delayed").to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.amax_history.dtype == torch.float32
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    layer(x)
+    assert layer.amax_history[0, 0] == x.float().abs().max()  # recorded exactly, not rounded
+
+
 def test_scaled_mm_backend_matches_emulation():
     x, w, _ = _data()
     cases = [("fp8_tensorwise", 1e-6)]

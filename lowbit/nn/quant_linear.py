@@ -90,6 +90,14 @@ class QuantLinear(nn.Linear):
         calls = torch.zeros((), dtype=torch.int64, device=device)
         self.register_buffer("graph_calls", calls, persistent=False)
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> QuantLinear:
+        # model.to(torch.bfloat16) and .half() cast floating buffers too: the amax histories stay
+        # fp32 (amaxes rounded to bf16 would change the scales, and the pair kernels read fp32 rows).
+        super()._apply(fn, recurse)
+        if self.amax_history.dtype != torch.float32:
+            self.amax_history = self.amax_history.float()
+        return self
+
     def __setstate__(self, state: dict) -> None:
         # A copy (copy.deepcopy, unpickling) gets its own history key: the original's would lead
         # the traced backward to the original's buffer.
