@@ -58,6 +58,10 @@ def small_run(tmp_path):
     from lowbit.trainer.run import run
 
     def _run(extra: list[str]) -> dict:
+        # Each run as in a fresh process: compiled graphs of earlier runs (other model instances)
+        # would otherwise count towards Dynamo's recompile limit (an fp8_delayed model's graph is
+        # specialized on its layers' history keys), and past it a run falls back to eager code.
+        torch._dynamo.reset()
         return run(compose([*SMALL, f"out_dir={tmp_path}", *extra]))
 
     return _run
