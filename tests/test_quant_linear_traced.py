@@ -277,7 +277,10 @@ def test_gpu_compiled_delayed_scaling_matches_eager(mode):
     # histories and record into them on the device, so the six history rows must follow the eager
     # layer's exactly, call after call (under CUDA graphs the replays must write the module's own
     # buffer, not a copy); outputs to cuBLAS's accumulation order.
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     eager, traced = (m.cuda() for m in _pair("fp8_delayed", torch.bfloat16))
     compiled = torch.compile(traced, mode=mode, fullgraph=True)
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -291,3 +294,5 @@ def test_gpu_compiled_delayed_scaling_matches_eager(mode):
             assert err < 1e-2, (step, name, err)
         assert torch.equal(eager.amax_history, traced.amax_history), step
     assert torch.count_nonzero(traced.amax_history[2]) == 6  # dY recorded by every backward
+    # The forward op's declared write into a module buffer must not make torch skip CUDA graphs.
+    assert counters["inductor"]["cudagraph_skips"] == 0
