@@ -98,7 +98,7 @@ def _pair_rows(x, shape: str, name: str, spec, copy_bw: float, tiles: str) -> li
     ref = quantize(x.cpu(), spec, seed=1), quantize(x.cpu().t(), spec, seed=2)
     for tile in tiles.split(","):
         pq.PAIR_TILE = int(tile)
-        q, q_t, _ = quantize_pair(x, spec, spec, seed=1, seed_t=2)
+        q, q_t = quantize_pair(x, spec, spec, seed=1, seed_t=2)
         ok = _same(ref[0], _to_cpu(q)) and _same(ref[1], _to_cpu(q_t))
         t = _bench(lambda: quantize_pair(x, spec, spec, seed=1, seed_t=2))
         nbytes = x.numel() * 2 + _nbytes(q) + _nbytes(q_t)

@@ -5,7 +5,7 @@ X^T along `tokens` for wgrad, W along `in` for fprop and W^T along `out` for dgr
 `out` for dgrad and dY^T along `tokens` for wgrad. `quantize_pair(x, spec, spec_t)` reads x once
 and writes both, each bit for bit what lowbit.quant.quantize gives:
 
-    q, q_t, _ = quantize_pair(x, spec, spec_t, seed=s, seed_t=s_t, amax=a)
+    q, q_t = quantize_pair(x, spec, spec_t, seed=s, seed_t=s_t, amax=a)
     q   == quantize(x,     spec,   seed=s,   amax=a)
     q_t == quantize(x.t(), spec_t, seed=s_t, amax=a)
 
@@ -23,8 +23,7 @@ propagates as in the reference). Delayed scaling passes `history=(row, row_t)`, 
 amax-history rows (fp32 device buffers): the pass scales by the history's max (a first call, while
 the rows hold only zeros, by x's own amax: a history-gated amax launch that otherwise returns at
 once), records x's own amax in both rows without another read, and never syncs, so it runs the
-same inside CUDA graphs. (`amax=` with `record=True` is the older form: the caller picks the amax
-and records the returned one.)
+same inside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -118,16 +117,15 @@ def quantize_pair(
     seed: int = 0,
     seed_t: int = 0,
     amax: torch.Tensor | None = None,
-    record: bool = False,
     tile: tuple[int, int] | None = None,
     history: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-) -> tuple[QTensor, QTensor, torch.Tensor | None]:
-    """(x quantized along its columns, x^T along its columns, x's own amax if `record`)."""
+) -> tuple[QTensor, QTensor]:
+    """(x quantized along its columns, x^T along its columns)."""
     reason = why_not_pair(x, spec, spec_t) or _why_not_history(x, spec, history, amax, spec_t)
     if reason is not None:
         raise ValueError(f"quantize_pair: {reason}")
     return _quantize_supported_pair(
-        x, spec, spec_t, seed=seed, seed_t=seed_t, amax=amax, record=record, tile=tile, history=history
+        x, spec, spec_t, seed=seed, seed_t=seed_t, amax=amax, tile=tile, history=history
     )
 
 
@@ -154,11 +152,11 @@ def _why_not_history(
     return None
 
 
-_Pair = tuple[QTensor, QTensor, "torch.Tensor | None"]
+_Pair = tuple[QTensor, QTensor]
 
 
 def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, *, seed: int = 0,
-                             seed_t: int = 0, amax: torch.Tensor | None = None, record: bool = False,
+                             seed_t: int = 0, amax: torch.Tensor | None = None,
                              tile: tuple[int, int] | None = None,
                              history: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> _Pair:
     # quantize_pair (same arguments) once why_not_pair has said yes (the GEMM seam checks first,
@@ -189,8 +187,6 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         launch_amax_if_empty(x, rec, history[0])
     elif a == "tensor":
         g_amax = amax.float().reshape(1).to(dev) if amax is not None else tensor_amax(x)
-    if record and rec is None:
-        rec = torch.zeros(1, dtype=torch.int32, device=dev)
     # Group scales stored group-major (as lowbit.kernels.quantize does): the GEMMs read one K-group's
     # scales for a tile of rows contiguously; cuBLAS's 1x128 layout is the same.
     if ga > 0:
@@ -219,12 +215,12 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         scale_t = scale
     q = QTensor(data.view(dt), scale, fmt, a, torch.Size((r, c)), 1, x.dtype, False, None)
     q_t = QTensor(data_t.view(dt), scale_t, fmt, b, torch.Size((c, r)), 1, x.dtype, False, None)
-    return q, q_t, (rec.view(torch.float32) if record else None)
+    return q, q_t
 
 
 def quantize_pair_or_none(
     x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, **kwargs: Any
-) -> tuple[QTensor, QTensor, torch.Tensor | None] | None:
+) -> tuple[QTensor, QTensor] | None:
     """quantize_pair(x, spec, spec_t, **kwargs), or None where `why_not_pair` declines (the
     lowbit.quant.gemm pair seam)."""
     if why_not_pair(x, spec, spec_t) or _why_not_history(

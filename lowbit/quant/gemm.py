@@ -257,16 +257,16 @@ def _fused_pair(
                seed_t=derive_seed(plan_t.seed, plan_t.role), **kwargs)
     if out is None:  # the registered quantizer declined this pair
         return None
-    q, q_t, _ = out
+    q, q_t = out
     return Operand([q]), Operand([q_t])
 
 
 # A fused quantize kernel with quantize()'s signature and bit-identical results (lowbit.kernels)
 # registers here per device type; other devices use the reference.
 _QUANTIZERS: dict[str, Callable[..., QTensor]] = {}
-# pair(t, spec, spec_t, seed=, seed_t=, amax=, history=(row, row_t)) -> (q, q_t, _) or None; with
+# pair(t, spec, spec_t, seed=, seed_t=, amax=, history=(row, row_t)) -> (q, q_t) or None; with
 # `history` it scales and records as AmaxHistory does (lowbit.kernels.pair_quantize).
-_PAIR_QUANTIZERS: dict[str, Callable[..., tuple[QTensor, QTensor, torch.Tensor | None] | None]] = {}
+_PAIR_QUANTIZERS: dict[str, Callable[..., tuple[QTensor, QTensor] | None]] = {}
 
 # rotate(t, block, signs_seed) -> fp32 t·R, and rotate_quantize(t, spec, block, signs_seed, seed=,
 # amax=) -> QTensor or None, both bit for bit the reference's (lowbit.kernels.hadamard).
