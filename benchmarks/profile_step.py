@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: kernel time by category for one model and recipe (GPU).
 
 Builds the model as train.py does (Llama + convert_model for the recipe, bf16 autocast, fp32
-parameters, fused AdamW), compiles it, runs warm-up steps and profiles `--steps` steps. Kernels
+parameters, fused AdamW), compiles it with its loss, runs warm-up steps and profiles `--steps` steps. Kernels
 are grouped by name: GEMMs (cuBLAS/CUTLASS/nvjet), attention (flash/SDPA), lowbit's quantizers
 (Triton _pair/_amax/_quantize kernels), optimizer, and the rest (Inductor's fused elementwise and
 reductions, copies). Also prints wall time per step, so host-bound steps show as wall >> GPU.
@@ -44,6 +44,7 @@ def main() -> None:
 
     from lowbit.nn.convert import convert_model
     from lowbit.nn.llama import Llama, LlamaConfig
+    from lowbit.trainer.loss import LanguageModelLoss
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="1b")
@@ -64,13 +65,13 @@ def main() -> None:
         convert_model(model, args.recipe)
     model = model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model, mode=args.mode)
+    # The loss compiled with the model, as the trainer does (lowbit.trainer.loss).
+    fwd = torch.compile(LanguageModelLoss(model), mode=args.mode)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro, args.seq_len + 1), device="cuda")
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = fwd(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            loss = fwd(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -81,6 +81,9 @@ def launch(nproc: int, overrides: list[str], timeout: int = 600) -> dict:
     """Run train.py (SMALL + overrides) under torchrun with `nproc` CPU processes, or plainly when
     nproc is 1 and no dist= is given; return the run's summary.json."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    if not any(o.startswith("train.device=") for o in overrides):
+        # CPU processes on a GPU machine too: two ranks on one GPU are refused (pick_device).
+        overrides = [*overrides, "train.device=cpu"]
     if nproc == 1 and not any(o.startswith("dist=") for o in overrides):
         cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, *overrides]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -103,7 +104,9 @@ def test_nan_loss_stops_without_checkpoint(small_run, tmp_path):
 
 def check_kill_and_resume_is_bitwise(small_run, extra: list[str], name: str) -> None:
     # The run stopped after 2 of 4 steps (as if killed after its checkpoint) and resumed, against
-    # the uninterrupted run: the same losses bit for bit.
+    # the uninterrupted run: the same losses bit for bit. On a GPU that needs deterministic kernels
+    # (attention's backward adds with atomics); on the CPU the option changes nothing.
+    extra = [*extra, "train.deterministic=true"]
     full = small_run([*extra, f"run_name={name}full", "checkpoint.every=0"])
     small_run([*extra, f"run_name={name}split", "train.stop_after=2"])
     split = small_run([*extra, f"run_name={name}split"])
@@ -193,12 +196,13 @@ def test_gpu_grad_accumulation_under_cuda_graphs_sums_the_micro_batches():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     ctx = DistContext(0, 1, 0, torch.device("cuda"), DistBackend.none)
     engine = TorchEngine(model, opt, ctx, grad_accum=3, grad_clip=0.0, compile_model=True,
-                         compile_mode="reduce-overhead")
+                         compile_mode="reduce-overhead", criterion=lambda out, y: (out - y).square().mean())
     assert engine.cuda_graphs
     for _ in range(3):
         xs = [torch.randn(16, 64, device="cuda") for _ in range(3)]
+        y = torch.zeros(16, 8, device="cuda")
         for x in xs:
-            engine.backward(engine.forward(x).square().mean())
+            engine.backward(engine.loss(x, y))
         grads = [p.grad.clone() for p in model.parameters()]
         ref.zero_grad(set_to_none=True)
         for x in xs:
@@ -235,3 +239,19 @@ def test_grad_accumulation_copies_every_first_gradient_of_a_step():
     torch.testing.assert_close(b.weight.grad, ones @ x2 / 2)
     engine.step()
     assert engine._owned_grads == set()
+
+
+def test_deterministic_option_is_on_for_the_run_only(monkeypatch):
+    # train.deterministic turns torch's deterministic algorithms on inside the run and gives the
+    # caller's setting back afterwards, also when the run raises.
+    from lowbit.trainer.run import deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="boom"), deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        raise RuntimeError("boom")
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()

@@ -248,7 +248,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
                 fmt: ElementFormat, enc: int, smode: int, ga: int, gb: int, sr_a: bool, sr_b: bool,
                 same_codes: bool, tile: tuple[int, int], seed_a: int | torch.Tensor,
                 seed_b: int | torch.Tensor,
-                wrap: Callable[[Any], Any] | None = None, hist_row: torch.Tensor | None = None) -> None:
+                wrap: Callable[[Any], Any] | None = None, hist_row: torch.Tensor | None = None,
+                num_warps: int | None = None) -> None:
     # hist_row: delayed scaling; the amax is its max, or g_amax's int32 bits while it is all zeros.
     r, c = x2.shape
     br, bc = tile
@@ -267,7 +268,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast,
-        SEED_PTR=on_device, num_warps=8 if br * bc >= 16384 else 4,
+        SEED_PTR=on_device, num_warps=num_warps or (8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
     )

@@ -414,6 +414,10 @@ def _next_pow2(n: int) -> int:
 
 # Tile sizes: elements per program (GPU; the interpreter takes the same shapes, just slower).
 TILE_ELEMS = 4096
+# Columns per program for unrotated 1-D groups (MX/NV/int groups). H100 sweep (run 100 of
+# docs/BENCHMARKS.md, device time): 128-512 columns x 4096-16384 elements on 4 or 8 warps moved
+# MXFP4 / MXFP4-SR / NVFP4 by at most 0.01 of a copy, MXFP8 by +0.02 at most: left at 128.
+GROUP_COLS = 128
 # Row scaling: rows up to ROW_CHUNK elements are held in registers whole (one read); longer rows
 # are read twice in ROW_CHUNK pieces (amax, then quantize; the second read mostly from L2). H100
 # sweep (docs/BENCHMARKS.md, run 34): 4096 beat 2048 (and a whole 16384-wide row in one program)
@@ -472,7 +476,7 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         br = max(1, min(rp, 64))
         bc = max(g, hadamard, min(kp, TILE_ELEMS // br))
     else:
-        chunk = ROW_CHUNK if gmode == 1 else (ROTATED_COLS if hadamard > 1 else 128)
+        chunk = ROW_CHUNK if gmode == 1 else (ROTATED_COLS if hadamard > 1 else GROUP_COLS)
         bc = max(g, 2, hadamard, min(kp, chunk))
         br = max(1, min(rp, (ROTATED_ELEMS if hadamard > 1 else TILE_ELEMS) // bc))
     one_tile = gmode == 1 and bc >= k

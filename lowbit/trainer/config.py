@@ -88,6 +88,11 @@ class TrainConfig:
     compile: bool = False
     # torch.compile mode when compile=true (names: default, reduce_overhead, max_autotune, ...).
     compile_mode: CompileMode = CompileMode.default
+    # Deterministic kernels (torch.use_deterministic_algorithms, cuBLAS with a fixed workspace): on a
+    # GPU the same run twice, or a run killed and resumed, then gives the same losses bit for bit
+    # (CPU runs are so without it). Off by default: it can cost speed, and an op that has no
+    # deterministic form raises instead of running.
+    deterministic: bool = False
     # Stop after this many steps in this process (0 = run to `steps`); used to test kill-and-resume.
     stop_after: int = 0
 

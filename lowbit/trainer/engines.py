@@ -7,6 +7,7 @@ trainer/loop.py reads the same whatever runs underneath.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from lowbit.trainer.checkpoint import CheckpointError, load_torch, load_weights, save_torch, save_weights
 from lowbit.trainer.config import DistBackend
 from lowbit.trainer.distributed import DistContext
+from lowbit.trainer.loss import LanguageModelLoss, loss_fn
 
 
 def _optimizer_is_per_rank(opt: torch.optim.Optimizer) -> bool:
@@ -44,16 +46,18 @@ class TorchEngine:
         grad_clip: float,
         compile_model: bool,
         compile_mode: str = "default",
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn,
     ) -> None:
         self.module, self.optimizer, self.ctx = model, optimizer, ctx
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
-        fwd = model
+        # The loss is computed inside the compiled module, fused with the model's last layers.
+        fwd: nn.Module = LanguageModelLoss(model, criterion)
         self.ddp = None
         if ctx.backend is DistBackend.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            fwd = self.ddp = DDP(model, device_ids=ids)
+            fwd = self.ddp = DDP(fwd, device_ids=ids)
         # Compile the DDP wrapper rather than wrap a compiled module: dynamo then splits the graph
         # at DDP's bucket boundaries so gradient all-reduces overlap the backward pass.
         self.model = torch.compile(fwd, mode=compile_mode) if compile_model else fwd
@@ -66,8 +70,9 @@ class TorchEngine:
             return self.ddp.no_sync()
         return contextlib.nullcontext()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The criterion (by default the mean next-token cross-entropy) of the model on x against y."""
+        return self.model(x, y)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -155,8 +160,9 @@ class DeepSpeedEngine:
     def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(x)
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the model on x against y."""
+        return loss_fn(self.engine(x), y)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself

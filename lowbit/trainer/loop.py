@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.trainer.data import BatchSource
 from lowbit.trainer.distributed import DistContext, all_reduce_sum
@@ -21,10 +20,6 @@ def lr_multiplier(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 @torch.no_grad()
 def evaluate(engine, batches, autocast, ctx: DistContext) -> float:
     engine.model.eval()
@@ -32,7 +27,7 @@ def evaluate(engine, batches, autocast, ctx: DistContext) -> float:
     for x, y in batches:
         x, y = x.to(ctx.device), y.to(ctx.device)
         with autocast():
-            loss = loss_fn(engine.forward(x), y)
+            loss = engine.loss(x, y)
         total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=ctx.device)])
     engine.model.train()
     all_reduce_sum(total, ctx)
@@ -77,7 +72,7 @@ def train_loop(
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with engine.micro_context(last=micro == tc.grad_accum - 1):
                 with autocast():
-                    loss = loss_fn(engine.forward(x), y)
+                    loss = engine.loss(x, y)
                 engine.backward(loss)
             step_loss += loss.detach() / tc.grad_accum
         grad_norm = engine.step()

@@ -190,11 +190,31 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
 
     ctx = init_distributed(rc.dist, tc.device)
     try:
-        summary = _run(rc, cfg_dict, ctx)
+        with deterministic_algorithms(tc.deterministic):
+            summary = _run(rc, cfg_dict, ctx)
         barrier(ctx)  # no rank tears the process group down while a peer still uses it
         return summary
     finally:
         shutdown(ctx)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch's deterministic algorithms for the duration (train.deterministic), then the caller's
+    setting again (a run in the same process must not change it for what comes after)."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # cuBLAS's GEMMs repeat their reduction order only with a fixed workspace; the variable is read
+    # when the process first uses cuBLAS, which in train.py comes after this.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def _select_graph_ops(tc: TrainConfig, device: torch.device) -> None:
