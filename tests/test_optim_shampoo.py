@@ -6,7 +6,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lowbit.optim.shampoo import Shampoo, bjorck_orthonormalize, dequantize_eigvecs, quantize_eigvecs
+from lowbit.optim.shampoo import (
+    Shampoo,
+    bjorck_orthonormalize,
+    dequantize_eigvecs,
+    quantize_eigvecs,
+    symmetric_eigh,
+)
 
 # Tiny tensors: extra OpenMP threads only add barrier waits (conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -221,3 +227,27 @@ def test_sparse_gradient_is_a_clear_error():
     p.grad = torch.randn(8, 4).to_sparse()
     with pytest.raises(RuntimeError, match="Shampoo does not support sparse gradients"):
         opt.step()
+
+
+def test_eigh_that_lapack_fails_is_retried_and_nan_is_an_error(monkeypatch):
+    # A LAPACK build that fails to converge (as one did on a degenerate statistic, 2 DDP ranks on
+    # CPU): the retry in float64, then with distinct diagonal shifts, gives a decomposition of the
+    # same matrix. Only the failure is simulated; the decompositions are LAPACK's own.
+    g = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    mat = g @ g.T  # rank 3: nine repeated zero eigenvalues
+    eigh = torch.linalg.eigh
+    calls = []
+
+    def failing(a):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32 or torch.equal(a, mat.double()):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return eigh(a)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    lam, u = symmetric_eigh(mat)
+    assert calls == [torch.float32, torch.float64, torch.float64]  # fp32, fp64, fp64 + 1e-12 shifts
+    assert lam.dtype == u.dtype == torch.float32
+    torch.testing.assert_close((u * lam) @ u.T, mat, atol=1e-5 * mat.abs().max().item(), rtol=0)
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        symmetric_eigh(torch.full((4, 4), float("nan")))

@@ -59,6 +59,35 @@ def _numel(b: dict) -> int:
     return (b["rows"][1] - b["rows"][0]) * (b["cols"][1] - b["cols"][0])
 
 
+
+def symmetric_eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh of a symmetric statistic, robust to LAPACK's convergence failures.
+
+    The divide-and-conquer solver can fail on matrices with many (near-)repeated eigenvalues: a
+    preconditioner statistic of a few low-rank gradients is such a matrix, and one CPU LAPACK build
+    failed on it where another did not (2 ranks of DDP Shampoo, 2026-11-23). Such a matrix is
+    retried in float64, then with a tiny diagonal of distinct values added (it splits repeated
+    eigenvalues; a multiple of I would not), so a step never dies on it: the eigenvalues move by
+    at most 2e-6 of the largest diagonal entry. A non-finite matrix is an error.
+    """
+    try:
+        return torch.linalg.eigh(mat)
+    except torch.linalg.LinAlgError:
+        pass
+    if not torch.isfinite(mat).all():
+        raise FloatingPointError("Shampoo statistic holds NaN or Inf (non-finite gradients?)")
+    m64 = mat.double()
+    d = m64.shape[0]
+    size = m64.diagonal().abs().max().clamp(min=1e-30)
+    ramp = 1.0 + torch.arange(d, dtype=m64.dtype, device=m64.device) / d
+    for shift in (0.0, 1e-12, 1e-9, 1e-6):
+        try:
+            lam, u = torch.linalg.eigh(m64 + torch.diag(shift * size * ramp))
+        except torch.linalg.LinAlgError:
+            continue
+        return lam.to(mat.dtype), u.to(mat.dtype)
+    raise torch.linalg.LinAlgError(f"eigh of a {tuple(mat.shape)} Shampoo statistic failed even when shifted")
+
 class Shampoo(torch.optim.Optimizer):
     """Blocked Shampoo (`bits` ∈ {32, 8, 4} for the preconditioners) grafted to AdamW."""
 
@@ -182,14 +211,14 @@ class Shampoo(torch.optim.Optimizer):
         else:
             prev = torch.zeros_like(outer)
         mat = prev * self.beta + outer * (1 - self.beta)
-        lam, u = torch.linalg.eigh(mat)
+        lam, u = symmetric_eigh(mat)
         self._put(st, key, u, lam)
         return lam, u
 
     def _inverse_root(self, st: dict, key: str, d: int, eig: tuple | None) -> None:
         """P = (L + ε λmax I)^-1/4, stored like the statistics."""
         if self.bits == 32:
-            lam, u = torch.linalg.eigh(st[key])
+            lam, u = symmetric_eigh(st[key])
         else:
             lam, u = eig if eig is not None else self._eig(st, key, d)
         lam = lam.clamp(min=0)

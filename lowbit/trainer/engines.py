@@ -7,6 +7,7 @@ trainer/loop.py reads the same whatever runs underneath.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,11 @@ class DeepSpeedEngine:
         zero_stage: int,
         bf16: bool,
     ) -> None:
+        if ctx.device.type == "cpu":
+            # DeepSpeed picks its accelerator once, from what the machine has: on a GPU machine a
+            # CPU run (train.device=cpu) would get CUDA's, and ranks past the GPU count would fail
+            # with "invalid device ordinal". Said before the first import of deepspeed.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         self.ctx, self.zero_stage = ctx, zero_stage
