@@ -1,0 +1,98 @@
+"""Tile-size sweeps of lowbit's quantize kernels on the 1b model's shapes (GPU).
+
+    python benchmarks/tile_sweep.py pair       # fp8 pair kernel (X and X^T), tile x warps, per shape
+    python benchmarks/tile_sweep.py quantize   # 1-D group quantize (MXFP4/NVFP4/MXFP8), tile knobs
+
+`pair`: the pair kernel as the traced fp8 layers call it (e4m3, one tensor scale, amax given),
+each tile/warps choice timed with triton's do_bench against a copy of the same bytes.
+`quantize`: lowbit.kernels.quantize with its module knobs (TILE_ELEMS, GROUP_COLS, warps) varied,
+device time of 20 calls replayed in a CUDA graph against a copy likewise timed.
+Prints the current choice and the four or five best per shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PAIR_SHAPES = [
+    ("X attn", 16384, 2048, torch.bfloat16), ("X ffn-down h", 16384, 8192, torch.bfloat16),
+    ("dY kv", 16384, 512, torch.bfloat16), ("dY w13", 16384, 8192, torch.bfloat16),
+    ("W q", 2048, 2048, torch.float32), ("W k", 512, 2048, torch.float32),
+    ("W w1", 8192, 2048, torch.float32), ("W w2", 2048, 8192, torch.float32),
+]
+PAIR_TILES = [(64, 64), (64, 128), (128, 64), (128, 128), (32, 128), (128, 32), (32, 64), (64, 32)]
+
+
+def sweep_pair() -> None:
+    from triton.testing import do_bench
+
+    from lowbit.kernels._pair_quantize_triton import launch_pair
+    from lowbit.quant.formats import FORMATS
+
+    def bench(f) -> float:
+        return do_bench(f, warmup=25, rep=200, return_mode="median")
+
+    fmt = FORMATS["fp8_e4m3"]
+    for name, r, c, dt in PAIR_SHAPES:
+        x = torch.randn(r, c, device="cuda", dtype=dt)
+        nbytes = x.numel() * (x.element_size() + 2)  # read x, write X and X^T codes
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        t_copy = bench(lambda: dst.copy_(src))  # noqa: B023
+        d = torch.empty(r, c, dtype=torch.uint8, device="cuda")
+        d_t = torch.empty(c, r, dtype=torch.uint8, device="cuda")
+        s = torch.empty(1, 1, device="cuda")
+        amax = x.abs().max().float().reshape(1)
+        res = []
+        for (br, bc), w in itertools.product(PAIR_TILES, (2, 4, 8)):
+            if br * bc >= 16384 and w < 4:
+                continue
+            args = (x, d, d_t, s, s, amax, None, fmt, 0, 0, 0, 0, False, False, False, (br, bc), 1, 2)
+            t = bench(lambda args=args, w=w: launch_pair(*args, num_warps=w))
+            res.append((t, br, bc, w))
+        res.sort()
+        now = next(t for t, br, bc, w in res if (br, bc, w) == (64, 64, 4))
+        best = "; ".join(f"{br}x{bc} w{w} {t * 1e3:.1f} us ({t_copy / t:.2f})" for t, br, bc, w in res[:4])
+        print(f"{name} {r}x{c} {dt}: copy {t_copy * 1e3:.1f} us; now 64x64 w4 {now * 1e3:.1f} us = "
+              f"{t_copy / now:.2f} of a copy; best: {best}", flush=True)
+
+
+def sweep_quantize() -> None:
+    from quantize_bw import SPECS, _bench_graph, _nbytes
+
+    from lowbit.kernels import _quantize_triton as kt
+    from lowbit.kernels import quantize as kq
+
+    warps_rule = kt._warps
+    for shape in ("8192x4096", "8192x14336"):
+        r, k = map(int, shape.split("x"))
+        x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 3
+        dst = torch.empty_like(x)
+        copy_bw = 4 * x.numel() / _bench_graph(lambda: dst.copy_(x)) / 1e6  # noqa: B023
+        for name in ("mxfp4", "mxfp4_sr", "nvfp4", "mxfp8"):
+            spec = SPECS[name]
+            nbytes = x.numel() * 2 + _nbytes(kq.quantize(x, spec, seed=1))
+            res = []
+            for elems, cols, warps in itertools.product((4096, 8192, 16384), (128, 256, 512), (0, 8)):
+                kt.TILE_ELEMS, kt.GROUP_COLS = elems, cols
+                kt._warps = warps_rule if warps == 0 else (lambda *a, w=warps: w)
+                t = _bench_graph(lambda: kq.quantize(x, spec, seed=1))  # noqa: B023
+                res.append((nbytes / t / 1e6 / copy_bw, elems, cols, warps))
+            kt.TILE_ELEMS, kt.GROUP_COLS, kt._warps = 4096, 128, warps_rule
+            now = next(f for f, e, c, w in res if (e, c, w) == (4096, 128, 0))
+            res.sort(reverse=True)
+            best = "; ".join(f"{e}/{c}/w{w or 'rule'} {f:.3f}" for f, e, c, w in res[:5])
+            print(f"{shape} {name}: now {now:.3f} of a copy; best: {best}", flush=True)
+
+
+if __name__ == "__main__":
+    kind = sys.argv[1] if len(sys.argv) > 1 else ""
+    if kind not in ("pair", "quantize"):
+        raise SystemExit(f"usage: tile_sweep.py pair|quantize (got {kind!r})")
+    sweep_pair() if kind == "pair" else sweep_quantize()
