@@ -414,9 +414,10 @@ def _next_pow2(n: int) -> int:
 
 # Tile sizes: elements per program (GPU; the interpreter takes the same shapes, just slower).
 TILE_ELEMS = 4096
-# Columns per program for unrotated 1-D groups (MX/NV/int groups). H100 sweep (run 100 of
-# docs/BENCHMARKS.md, device time): 128-512 columns x 4096-16384 elements on 4 or 8 warps moved
-# MXFP4 / MXFP4-SR / NVFP4 by at most 0.01 of a copy, MXFP8 by +0.02 at most: left at 128.
+# Columns per program for unrotated 1-D groups (MX/NV/int groups). H100 sweep (run 101 of
+# docs/BENCHMARKS.md, `benchmarks/tile_sweep.py quantize`, device time): 128-512 columns x
+# 4096-16384 elements on 4 or 8 warps moved MXFP4 / MXFP4-SR / NVFP4 by at most 0.01 of a copy,
+# MXFP8 by +0.02 at most: left at 128.
 GROUP_COLS = 128
 # Row scaling: rows up to ROW_CHUNK elements are held in registers whole (one read); longer rows
 # are read twice in ROW_CHUNK pieces (amax, then quantize; the second read mostly from L2). H100

@@ -59,7 +59,6 @@ def _numel(b: dict) -> int:
     return (b["rows"][1] - b["rows"][0]) * (b["cols"][1] - b["cols"][0])
 
 
-
 def symmetric_eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.linalg.eigh of a symmetric statistic, robust to LAPACK's convergence failures.
 
@@ -87,6 +86,7 @@ def symmetric_eigh(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             continue
         return lam.to(mat.dtype), u.to(mat.dtype)
     raise torch.linalg.LinAlgError(f"eigh of a {tuple(mat.shape)} Shampoo statistic failed even when shifted")
+
 
 class Shampoo(torch.optim.Optimizer):
     """Blocked Shampoo (`bits` ∈ {32, 8, 4} for the preconditioners) grafted to AdamW."""
