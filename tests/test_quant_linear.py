@@ -273,3 +273,9 @@ def test_with_overrides_takes_a_bare_gemm_name_as_one_element_list():
     assert sr == r.with_overrides(stochastic_rounding=["dgrad"])
     with pytest.raises(ValueError, match=r"'wgard'.*fprop, dgrad, wgrad"):
         r.with_overrides(hadamard="wgard")
+
+
+def test_unknown_backend_is_refused_when_the_layer_is_built():
+    # One clear error naming the valid choices, before any forward (it used to come at the first one).
+    with pytest.raises(ValueError, match=r"backend 'bogus'; valid choices: auto, emulate.*triton"):
+        QuantLinear(64, 32, recipe="fp8_tensorwise", backend="bogus")

@@ -43,6 +43,7 @@ from lowbit.quant.gemm import (
     Observer,
     OperandPlan,
     derive_seed,
+    gemm_backends,
     gemm_operands,
     prepare_operand_pair,
 )
@@ -68,6 +69,8 @@ class QuantLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if backend not in gemm_backends():  # before any work, not at the first forward
+            raise ValueError(f"unknown GEMM backend {backend!r}; valid choices: {', '.join(gemm_backends())}")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = get_recipe(recipe)
         _compile_safe()  # build the compile-safe entry now, never while torch.compile traces
