@@ -281,6 +281,33 @@ def test_pair_with_history_scales_and_records_as_amax_history(fmt):
     assert q.scale.isnan() and hist[0, 1].isnan() and hist[1:5].eq(0).all()
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_delayed_pair_is_quantize_pair_with_history(fmt, dtype):
+    # fp8_tensor_pair_delayed_direct (the traced fp8_delayed ops' CUDA body) against quantize_pair
+    # with the same history (tested against AmaxHistory above), each on its own copy of the rows:
+    # a first call on empty rows, later calls scaled by the history (3x saturates), equal codes,
+    # scales and rows after every call.
+    from lowbit.kernels.pair_quantize_op import fp8_tensor_pair_delayed_direct
+
+    spec = QuantSpec(fmt)
+    hist, ref_hist = torch.zeros(4, 6, device=DEV), torch.zeros(4, 6, device=DEV)
+    g = torch.Generator().manual_seed(11)
+    for mag in (1.0, 3.0, 0.5):
+        x = (torch.randn(70, 131, generator=g) * mag).to(dtype).to(DEV)
+        d, s, d_t, s_t = fp8_tensor_pair_delayed_direct(x, fmt, hist[1], hist[3])
+        q, q_t = quantize_pair(x, spec, spec, history=(ref_hist[1], ref_hist[3]))
+        assert torch.equal(hist, ref_hist)
+        assert s.data_ptr() != s_t.data_ptr()  # outputs of a custom op may not alias
+        for got, got_s, ref in ((d, s, q), (d_t, s_t, q_t)):
+            assert got.dtype == ref.data.dtype and got.shape == ref.data.shape
+            assert torch.equal(got.view(torch.uint8), ref.data.view(torch.uint8))
+            assert torch.equal(got_s.reshape(()), ref.scale.reshape(()))
+    assert hist[1, :3].ne(0).all() and hist[0].eq(0).all()
+    with pytest.raises(ValueError, match="two distinct contiguous fp32"):
+        fp8_tensor_pair_delayed_direct(x, fmt, hist[1], hist[1])
+
+
 def test_pair_history_rejects_bad_rows_and_an_amax_too():
     x = torch.randn(64, 64, device=DEV)
     spec = QuantSpec("fp8_e4m3")

@@ -15,6 +15,8 @@ bits):
 Only fp8 e4m3/e5m2 on both sides with one fp32 tensor scale and nearest rounding take these
 routes. The amax is x's own (one read) or a given one; with `record=True` the triton_op also
 returns x's own amax (delayed scaling's history entry) without another read.
+`fp8_tensor_pair_delayed_direct` is the direct launch of delayed scaling on two history rows
+(the traced fp8_delayed ops' common case).
 """
 
 from __future__ import annotations
@@ -46,12 +48,19 @@ def _check(x: torch.Tensor, fmt: str) -> None:
 
 
 def _quantize(
-    wrap: Callable[[Any], Any] | None, x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool
+    wrap: Callable[[Any], Any] | None, x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool,
+    history: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    # The allocations and lowbit.kernels.pair_quantize's two launches, each kernel wrapped by
-    # `wrap` (wrap_triton inside the triton_op, None for a direct call):
-    # (data, data_t, scale, scale_t, rec).
-    from lowbit.kernels._pair_quantize_triton import launch_amax, launch_pair
+    # The allocations and lowbit.kernels.pair_quantize's launches, each kernel wrapped by `wrap`
+    # (wrap_triton inside the triton_op, None for a direct call): (data, data_t, scale, scale_t,
+    # rec). `history` (direct calls only): delayed scaling on these two rows, launched as
+    # quantize_pair(..., history=) launches it (gated amax, pair kernel, roll).
+    from lowbit.kernels._pair_quantize_triton import (
+        launch_amax,
+        launch_amax_if_empty,
+        launch_pair,
+        launch_roll,
+    )
 
     r, c = x.shape
     dev = x.device
@@ -60,15 +69,21 @@ def _quantize(
     # Two scales, not one: outputs of an operator may not alias. The kernel writes both.
     scale = torch.empty((1, 1), dtype=torch.float32, device=dev)
     scale_t = torch.empty((1, 1), dtype=torch.float32, device=dev)
-    rec = torch.zeros(1, dtype=torch.int32, device=dev) if record else None
-    if amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
+    rec = torch.zeros(1, dtype=torch.int32, device=dev) if record or history is not None else None
+    if history is not None:  # x's own amax bits: read only while the row is all zeros
+        launch_amax_if_empty(x, rec, history[0])
+        g_amax = rec
+    elif amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
         bits = torch.zeros(1, dtype=torch.int32, device=dev)
         launch_amax(x, bits, wrap)
         g_amax = bits.view(torch.float32)
     else:
         g_amax = amax.reshape(1).float()
     launch_pair(x, data, data_t, scale, scale_t, g_amax, rec, get_format(fmt), _ENC[fmt], 0, 0, 0,
-                False, False, False, (PAIR_TILE, PAIR_TILE), 0, 0, wrap)
+                False, False, False, (PAIR_TILE, PAIR_TILE), 0, 0, wrap,
+                hist_row=None if history is None else history[0])
+    if history is not None:
+        launch_roll(rec, history[0], history[1])
     dt = _DTYPE[fmt]
     rec_out = rec.view(torch.float32) if rec is not None else x.new_empty(0, dtype=torch.float32)
     return data.view(dt), data_t.view(dt), scale.reshape(()), scale_t.reshape(()), rec_out
@@ -114,4 +129,23 @@ def fp8_tensor_pair_direct(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...
     """
     _check(x, fmt)
     data, data_t, scale, scale_t, _ = _quantize(None, x, None, fmt, False)
+    return data, scale, data_t, scale_t
+
+
+def fp8_tensor_pair_delayed_direct(
+    x: torch.Tensor, fmt: str, row: torch.Tensor, row_t: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """(data, scale, data_t, scale_t) of x and x^T under delayed scaling, the kernels launched directly.
+
+    Bit for bit lowbit.kernels.pair_quantize.quantize_pair(x, spec, spec, history=(row, row_t)):
+    the scale is the max of `row` (x's own amax while the row holds only zeros), and x's amax is
+    recorded as the newest entry of both rows. The body of the traced fp8_delayed ops' common case
+    (lowbit.nn.quant_linear_traced), without the generic path's plans, checks and objects.
+    """
+    _check(x, fmt)
+    if not (row.dtype == row_t.dtype == torch.float32 and row.is_contiguous() and row_t.is_contiguous()
+            and row.shape == row_t.shape and row.dim() == 1 and row.data_ptr() != row_t.data_ptr()):
+        raise ValueError(f"{OP}: history rows must be two distinct contiguous fp32 vectors of one length, "
+                         f"got {tuple(row.shape)} {row.dtype} and {tuple(row_t.shape)} {row_t.dtype}")
+    data, data_t, scale, scale_t, _ = _quantize(None, x, None, fmt, False, (row, row_t))
     return data, scale, data_t, scale_t

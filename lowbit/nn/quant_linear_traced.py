@@ -23,10 +23,12 @@ per-tensor scales; `why_not_traced`) are traced instead:
   - delayed scaling (fp8_delayed): X's and W's pairs are `lowbit::quantize_operand_pair_delayed`,
     given the layer's amax-history buffer and the two operands' rows, and dY's pair is
     `lowbit::quantize_gradient_pair_delayed`. Their body is the eager path's prepare_operand_pair
-    with those histories, so the choice of amax (the history's max, the tensor's own while the
-    history is all zeros) and the recording happen on the device, in the pair kernels on CUDA: no
-    host state, no sync, the same in CUDA graphs. The forward op declares that it writes the
-    buffer (AOTAutograd then keeps every call, in order, like BatchNorm's running statistics). The
+    with those histories (on CUDA, when both sides are made, the same kernels launched directly:
+    pair_quantize_op.fp8_tensor_pair_delayed_direct), so the choice of amax (the history's max,
+    the tensor's own while the history is all zeros) and the recording happen on the device, in
+    the pair kernels on CUDA: no host state, no sync, the same in CUDA graphs. The forward op
+    declares that it writes the buffer (AOTAutograd then keeps every call, in order, like
+    BatchNorm's running statistics). The
     backward op finds the buffer through the layer's `history_key` (`history_owner`) and writes
     it without declaring it: declared, AOTAutograd would have to functionalize a buffer mutated in
     the backward graph, and as a saved tensor the buffer would reach backward through saved-tensor
@@ -216,6 +218,8 @@ def _register_op() -> None:
 
 def _delayed_pair(x: torch.Tensor, hist: torch.Tensor, fmt: str, fmt_t: str, row: int,
                   row_t: int) -> tuple[torch.Tensor, ...]:
+    if x.is_cuda and _direct_delayed_pair(x, hist, fmt, fmt_t, row, row_t):
+        return pair_quantize_op.fp8_tensor_pair_delayed_direct(x, fmt, hist[row], hist[row_t])
     def plan(f: str, i: int, role: int) -> OperandPlan | None:
         return None if i < 0 else OperandPlan(QuantSpec(f, "tensor"), GemmSpec(), 0, role,
                                               history=AmaxHistory(hist[i]))
@@ -282,6 +286,16 @@ def _direct_pair(x: torch.Tensor, amax: torch.Tensor | None, fmt: str, block: st
         want and want_t and amax is None and fmt == fmt_t and fmt in pair_quantize_op.FORMATS
         and block == block_t == "tensor" and x.dtype in pair_quantize_op.DTYPES
         and x.numel() > 0 and triton_available()
+    )
+
+
+def _direct_delayed_pair(x: torch.Tensor, hist: torch.Tensor, fmt: str, fmt_t: str, row: int,
+                         row_t: int) -> bool:
+    # The delayed ops' common case on CUDA: both sides, one fp8 format, the history buffer as
+    # QuantLinear keeps it (fp32, contiguous, on x's device). Same kernels as the generic path.
+    return (
+        row >= 0 and row_t >= 0 and row != row_t and hist.dtype == torch.float32 and hist.is_contiguous()
+        and hist.device == x.device and _direct_pair(x, None, fmt, "tensor", fmt_t, "tensor", True, True)
     )
 
 
