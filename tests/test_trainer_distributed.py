@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import launch
 
@@ -45,3 +47,23 @@ def test_compiled_ddp_matches_eager_ddp(tmp_path):
     for (_, l1), (_, l2) in zip(eager["train_losses"], compiled["train_losses"]):
         assert l2 == pytest.approx(l1, rel=1e-4, abs=1e-4)
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-4)
+
+
+def test_deepspeed_cpu_run_asks_for_the_cpu_accelerator_or_refuses(monkeypatch):
+    # A CPU DeepSpeed run takes DeepSpeed's CPU accelerator (on a GPU machine its own choice would
+    # be CUDA's) without leaving DS_ACCELERATOR behind; if DeepSpeed chose another accelerator
+    # earlier in the process, the run refuses instead of running on the wrong device.
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import real_accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    from lowbit.trainer.engines import _import_deepspeed_on_cpu
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", None)  # as in a fresh process
+    _import_deepspeed_on_cpu()
+    assert real_accelerator.get_accelerator().device_name() == "cpu"
+    assert "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", CUDA_Accelerator())  # chosen before
+    with pytest.raises(RuntimeError, match="already uses its 'cuda' accelerator"):
+        _import_deepspeed_on_cpu()

@@ -253,5 +253,6 @@ def test_deterministic_option_is_on_for_the_run_only(monkeypatch):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         raise RuntimeError("boom")
     assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # set for the run only
     with deterministic_algorithms(False):
         assert not torch.are_deterministic_algorithms_enabled()

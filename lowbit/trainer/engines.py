@@ -1,7 +1,7 @@
 """How a step is executed: plain/DDP PyTorch, or DeepSpeed's engine (ZeRO 0–3).
 
-Both expose the same small surface to the loop — forward context, backward, step, save, load — so
-trainer/loop.py reads the same whatever runs underneath.
+Both expose the same small surface to the loop — micro-batch context, loss, backward, step, save,
+load — so trainer/loop.py reads the same whatever runs underneath.
 """
 
 from __future__ import annotations
@@ -124,6 +124,30 @@ class TorchEngine:
         return load_torch(path / "trainer.pt")
 
 
+def _import_deepspeed_on_cpu() -> None:
+    # DeepSpeed picks its accelerator once, when it is first imported, from what the machine has:
+    # on a GPU machine a CPU run (train.device=cpu) would get CUDA's, and ranks past the GPU count
+    # would fail with "invalid device ordinal". DS_ACCELERATOR=cpu asks for the CPU for that first
+    # import only (then the caller's value is back); if this process imported DeepSpeed before with
+    # another accelerator, refuse rather than run on the wrong device.
+    before = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        name = get_accelerator().device_name()
+    finally:
+        if before is None:
+            os.environ.pop("DS_ACCELERATOR")
+        else:
+            os.environ["DS_ACCELERATOR"] = before
+    if name != "cpu":
+        raise RuntimeError(
+            f"train.device=cpu with dist=deepspeed, but DeepSpeed already uses its {name!r} accelerator in "
+            "this process (DS_ACCELERATOR, or an earlier DeepSpeed run); start a new process for a CPU run"
+        )
+
+
 class DeepSpeedEngine:
     """DeepSpeed's real engine with our optimizer passed in as the client optimizer."""
 
@@ -139,10 +163,7 @@ class DeepSpeedEngine:
         bf16: bool,
     ) -> None:
         if ctx.device.type == "cpu":
-            # DeepSpeed picks its accelerator once, from what the machine has: on a GPU machine a
-            # CPU run (train.device=cpu) would get CUDA's, and ranks past the GPU count would fail
-            # with "invalid device ordinal". Said before the first import of deepspeed.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            _import_deepspeed_on_cpu()
         import deepspeed
 
         self.ctx, self.zero_stage = ctx, zero_stage

@@ -201,20 +201,26 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool):
     """torch's deterministic algorithms for the duration (train.deterministic), then the caller's
-    setting again (a run in the same process must not change it for what comes after)."""
+    settings again (a run in the same process must not change them for what comes after)."""
     if not enabled:
         yield
         return
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    # cuBLAS's GEMMs repeat their reduction order only with a fixed workspace; the variable is read
-    # when the process first uses cuBLAS, which in train.py comes after this.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # cuBLAS repeats its reduction order with a fixed workspace, which torch sizes from this
+    # variable when the process first uses cuBLAS: in train.py that comes after this. A run started
+    # in a process that used cuBLAS before keeps that workspace (on one stream cuBLAS repeats its
+    # results anyway); torch checks the variable on every call.
+    set_workspace = "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    if set_workspace:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
+        if set_workspace:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _select_graph_ops(tc: TrainConfig, device: torch.device) -> None:
