@@ -32,11 +32,15 @@ def convert_model(
     *,
     backend: str = "auto",
     seed: int = 0,
+    fuse_feed_forward: bool = True,
 ) -> nn.Module:
     """Replace every nn.Linear whose name is not matched by `skip` with a QuantLinear (in place).
 
     Embeddings are never touched (they are not Linear layers). Layer i (in named_modules order)
     gets seed `seed + i`. Returns `model`. A recipe without quantized GEMMs (bf16) changes nothing.
+    `fuse_feed_forward`: lowbit.nn.llama.FeedForward modules whose three layers became QuantLinears
+    of a recipe `why_not_fused` accepts (fp8 delayed scaling) become QuantFeedForward modules,
+    which quantize inside SwiGLU (same Parameters, buffers and state-dict names).
     """
     recipe = get_recipe(recipe)
     if backend not in gemm_backends():
@@ -52,7 +56,27 @@ def convert_model(
         parent = model.get_submodule(parent_name) if parent_name else model
         q = QuantLinear.from_linear(linear, recipe, backend=backend, seed=seed + i)
         setattr(parent, attr, q)
+    if fuse_feed_forward:
+        _fuse_feed_forwards(model)
     return model
+
+
+def _fuse_feed_forwards(model: nn.Module) -> None:
+    # Exact FeedForward modules only: a subclass may compute something else in forward.
+    from lowbit.nn.llama import FeedForward
+    from lowbit.nn.quant_feed_forward import QuantFeedForward, why_not_fused
+
+    for name, m in list(model.named_modules()):
+        if type(m) is not FeedForward:
+            continue
+        layers = (m.w1, m.w3, m.w2)
+        if not all(type(q) is QuantLinear and q.bias is None for q in layers):
+            continue  # a skipped (high-precision) layer: left unfused
+        if len({(q.recipe, q.backend) for q in layers}) != 1 or why_not_fused(m.w1.recipe, m.w1.backend):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, QuantFeedForward(m.w1, m.w3, m.w2))
 
 
 def recipe_from_config(cfg: QuantConfig) -> Recipe:
@@ -72,5 +96,6 @@ def apply_quant_config(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         return model
     backend = str(getattr(cfg, "backend", "auto"))
     return convert_model(
-        model, recipe, skip=list(cfg.skip), backend=backend, seed=int(getattr(cfg, "seed", 0))
+        model, recipe, skip=list(cfg.skip), backend=backend, seed=int(getattr(cfg, "seed", 0)),
+        fuse_feed_forward=bool(getattr(cfg, "fuse_feed_forward", True)),
     )

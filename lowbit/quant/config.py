@@ -24,3 +24,6 @@ class QuantConfig:
     backend: str = "auto"
     # Base seed of the layers' random streams (Hadamard signs, stochastic rounding).
     seed: int = 0
+    # fp8 delayed scaling: quantize inside the SwiGLU feed-forward (lowbit.nn.quant_feed_forward);
+    # false runs its three layers as separate QuantLinears.
+    fuse_feed_forward: bool = True

@@ -1,0 +1,203 @@
+"""Triton side of the fused SwiGLU quantizers (lowbit.kernels.swiglu_pair; imported lazily).
+
+Each program loads [BR, BC] tiles of SwiGLU's inputs, computes h = silu(g) * u (forward) or its
+gradients dg, du (backward) in fp32 as lowbit.quant.swiglu does, and writes each result as the
+fp8 pair the next GEMMs read: quantized (row-major) and transposed, with one tensor scale chosen
+by delayed scaling (_pair_quantize_triton's `_delayed_amax`), recording the result's own amax.
+The per-element quantization is the pair kernel's (same helpers), so for equal fp32 values the
+codes are its codes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits
+from lowbit.kernels._quantize_triton import _abs_bits, _encode, _load_tile, _quant_values, _scaled, _scales
+from lowbit.kernels.launch import launchable
+from lowbit.kernels.quantize import interpret
+from lowbit.quant.formats import ElementFormat
+
+
+@triton.jit
+def _sigmoid(g):
+    return 1.0 / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _silu_mul(g, u):
+    # lowbit.quant.swiglu.swiglu_fp32, operation for operation.
+    return g * _sigmoid(g) * u
+
+
+@triton.jit
+def _silu_mul_grads(dh, g, u):
+    # lowbit.quant.swiglu.swiglu_grad_fp32, operation for operation: (dg, du).
+    s = _sigmoid(g)
+    du = dh * (g * s)
+    dg = dh * u * (s * (1.0 + g * (1.0 - s)))
+    return dg, du
+
+
+@triton.jit
+def _max_bits(x):
+    # Integer max of |x|'s bits over the tile (NaN on top; see _abs_bits).
+    return tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
+
+
+@triton.jit
+def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
+               MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+               HAS_INF: tl.constexpr, ENC: tl.constexpr, HW_FP8: tl.constexpr):
+    # x ([BR, BC] fp32) as fp8 codes of X (d_ptr, R x C) and of X^T (dt_ptr, C x R), one fp32
+    # tensor scale from `amax` ([1, 1]) that the first program stores for both sides.
+    s, eff = _scales(amax, 1.0, FMAX, EMAX, 0)
+    if first:
+        tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+        tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
+    if HW_FP8:  # the pair kernel's FAST form: the hardware cast rounds (see _quant_tile)
+        codes = _encode(_scaled(x, eff, 0), ENC, True)
+        codes_t = _encode(_scaled(tl.trans(x), eff, 0), ENC, True)
+    else:  # the interpreter: explicit rounding, bits assembled (its fp8 cast rounds wrongly)
+        q = _quant_values(x, eff, x, 0, False, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, 0)
+        codes = _encode(q, ENC, False)
+        codes_t = _encode(tl.trans(q), ENC, False)
+    m = (rows[:, None] < R) & (cols[None, :] < C)
+    tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+    mt = (cols[:, None] < C) & (rows[None, :] < R)
+    tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
+
+
+@triton.jit
+def _swiglu_pair_kernel(
+    g_ptr, u_ptr, sg, su, d_ptr, dt_ptr, s_ptr, st_ptr, own_ptr, rec_ptr, hist_ptr, H, R, C,
+    MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+    HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
+    HW_FP8: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    h = _silu_mul(_load_tile(g_ptr, rows, cols, R, C, sg, 1, False),
+                  _load_tile(u_ptr, rows, cols, R, C, su, 1, False))
+    tl.atomic_max(rec_ptr, _max_bits(h))  # h's own amax, for the history
+    amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, HP)
+    _emit_pair(h, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, (pid_r == 0) & (pid_c == 0),
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
+
+
+@triton.jit
+def _swiglu_grad_pairs_kernel(
+    dh_ptr, g_ptr, u_ptr, sdh, sg, su,
+    gd_ptr, gdt_ptr, gs_ptr, gst_ptr, g_own, g_rec, g_hist,
+    ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C,
+    MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+    HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
+    HW_FP8: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    dg, du = _silu_mul_grads(_load_tile(dh_ptr, rows, cols, R, C, sdh, 1, False),
+                             _load_tile(g_ptr, rows, cols, R, C, sg, 1, False),
+                             _load_tile(u_ptr, rows, cols, R, C, su, 1, False))
+    tl.atomic_max(g_rec, _max_bits(dg))
+    tl.atomic_max(u_rec, _max_bits(du))
+    first = (pid_r == 0) & (pid_c == 0)
+    amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, HP)
+    _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
+    amax_u = tl.zeros([1, 1], tl.float32) + _delayed_amax(u_hist, H, u_own, HP)
+    _emit_pair(du, rows, cols, R, C, amax_u, ud_ptr, udt_ptr, us_ptr, ust_ptr, first,
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
+
+
+@triton.jit
+def _swiglu_amax_if_empty_kernel(
+    a_ptr, b_ptr, c_ptr, sa, sb, sc, out_1, out_2, hist_1, hist_2, H, R, C,
+    GRAD: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    # A first call's own amaxes (_amax_if_empty_kernel of the pair quantizer, for SwiGLU's
+    # results): h's from (g, u) = (a, b), or GRAD: dg's and du's from (dh, g, u) = (a, b, c).
+    # Read only while a history row holds only zeros; otherwise every program returns at once.
+    empty = _history_bits(hist_1, H, HP) == 0
+    if GRAD:
+        empty = empty | (_history_bits(hist_2, H, HP) == 0)
+    if empty:
+        n_c = tl.cdiv(C, BC)
+        acc_1 = tl.zeros([BR, BC], tl.int32)
+        acc_2 = tl.zeros([BR, BC], tl.int32)
+        for t in range(tl.program_id(0), tl.cdiv(R, BR) * n_c, tl.num_programs(0)):
+            rows = (t // n_c) * BR + tl.arange(0, BR)
+            cols = (t % n_c) * BC + tl.arange(0, BC)
+            a = _load_tile(a_ptr, rows, cols, R, C, sa, 1, False)
+            b = _load_tile(b_ptr, rows, cols, R, C, sb, 1, False)
+            if GRAD:
+                dg, du = _silu_mul_grads(a, b, _load_tile(c_ptr, rows, cols, R, C, sc, 1, False))
+                acc_1 = tl.maximum(acc_1, _abs_bits(dg))
+                acc_2 = tl.maximum(acc_2, _abs_bits(du))
+            else:
+                acc_1 = tl.maximum(acc_1, _abs_bits(_silu_mul(a, b)))
+        tl.atomic_max(out_1, tl.max(tl.max(acc_1, axis=1), axis=0))
+        if GRAD:
+            tl.atomic_max(out_2, tl.max(tl.max(acc_2, axis=1), axis=0))
+
+
+# Tiles: the pair quantizer's 64 x 64 (lowbit.kernels.pair_quantize.PAIR_TILE); warps per program
+# of the forward and backward kernels (knobs for sweeps). Programs of the first-call amax launch.
+TILE = (64, 64)
+WARPS = (4, 8)
+AMAX_PROGRAMS = 264
+
+
+def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
+    return dict(MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
+                ENC=enc, HW_FP8=not interpret())
+
+
+def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...],
+                         rows: tuple[torch.Tensor, ...]) -> None:
+    """Own amax bits of SwiGLU's result(s) into `outs` (int32, zeroed) while a history row in `rows`
+    is all zeros: ins = (g, u) for h, or (dh, g, u) for (dg, du)."""
+    grad = len(ins) == 3
+    a, b, c = (*ins, ins[0]) if not grad else ins
+    r, cc = a.shape
+    br, bc = 32, min(128, triton.next_power_of_2(cc))
+    h = rows[0].numel()
+    grid = (max(1, min(AMAX_PROGRAMS, triton.cdiv(r, br) * triton.cdiv(cc, bc))),)
+    launchable(_swiglu_amax_if_empty_kernel)[grid](
+        a, b, c, a.stride(0), b.stride(0), c.stride(0), outs[0], outs[-1], rows[0], rows[-1], h, r, cc,
+        GRAD=grad, HP=triton.next_power_of_2(h), BR=br, BC=bc, num_warps=8,
+    )
+
+
+def launch_swiglu_pair(g: torch.Tensor, u: torch.Tensor, outs: tuple[torch.Tensor, ...], own: torch.Tensor,
+                       rec: torch.Tensor, row: torch.Tensor, fmt: ElementFormat, enc: int) -> None:
+    """h = silu(g) * u as the fp8 pair outs = (data, data_t, scale, scale_t), scaled by `row`'s max
+    (`own`'s bits while it is all zeros), h's own amax bits into `rec`."""
+    r, c = g.shape
+    br, bc = TILE
+    d, dt, s, st = outs
+    launchable(_swiglu_pair_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
+        g, u, g.stride(0), u.stride(0), d, dt, s, st, own, rec, row, row.numel(), r, c,
+        BR=br, BC=bc, HP=triton.next_power_of_2(row.numel()), num_warps=WARPS[0], **_fmt_kwargs(fmt, enc),
+    )
+
+
+def launch_swiglu_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                             outs_g: tuple[torch.Tensor, ...], outs_u: tuple[torch.Tensor, ...],
+                             own: tuple[torch.Tensor, torch.Tensor], rec: tuple[torch.Tensor, torch.Tensor],
+                             rows: tuple[torch.Tensor, torch.Tensor], fmt: ElementFormat, enc: int) -> None:
+    """(dg, du) of SwiGLU as two fp8 pairs (each (data, data_t, scale, scale_t)), each scaled by its
+    history row's max and recording its own amax bits (own, rec, rows: dg's then du's)."""
+    r, c = g.shape
+    br, bc = TILE
+    launchable(_swiglu_grad_pairs_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
+        dh, g, u, dh.stride(0), g.stride(0), u.stride(0),
+        *outs_g, own[0], rec[0], rows[0], *outs_u, own[1], rec[1], rows[1], rows[0].numel(), r, c,
+        BR=br, BC=bc, HP=triton.next_power_of_2(rows[0].numel()), num_warps=WARPS[1], **_fmt_kwargs(fmt, enc),
+    )

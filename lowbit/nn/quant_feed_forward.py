@@ -1,0 +1,250 @@
+"""QuantFeedForward: a SwiGLU feed-forward whose fp8 quantization is fused into SwiGLU (delayed scaling).
+
+An fp8 feed-forward y = W2 h, h = silu(X W1^T) * (X W3^T), run as three QuantLinear layers,
+quantizes per step: X twice (for W1 and for W3; same X, two histories with the same entries),
+h after Inductor wrote it in bf16, and in backward dG and dU after SwiGLU's backward wrote them
+in bf16. On the 1b model that was about half of the step's quantization traffic
+(docs/BENCHMARKS.md, twelfth pass). convert_model replaces lowbit.nn.llama.FeedForward modules
+whose three layers are fp8 delayed-scaling QuantLinears with this module, which keeps the three
+layers (same Parameters, same state-dict names, same history buffers) and runs them as one
+autograd Function:
+  - X is quantized once (X and X^T, on W1's history rows; W3's X rows receive the same entries,
+    as they would unfused);
+  - h is made by lowbit.kernels.swiglu_pair straight from the fp8 GEMMs' bf16 outputs g, u into
+    the fp8 pair (h, h^T) W2's GEMMs read, on W2's X rows: no bf16 h (its memory is not saved
+    for backward either: g and u are, as unfused);
+  - in backward one kernel makes dG's and dU's fp8 pairs from dH, g and u, on W1's and W3's dY
+    rows; dX = dG W1 + dU W3.
+h, dG and dU are rounded once, from fp32 to fp8 (unfused: to bf16, then to fp8), so the fused
+module's numbers differ from the unfused layers' in the last bits; its kernels are tested against
+lowbit.quant.swiglu + the reference quantizer. Elsewhere than CUDA the same ops run that
+reference. Every other piece (pairs of X, W, dY; GEMMs; histories; CUDA graphs, no host sync;
+the same known limits under activation checkpointing) is the traced QuantLinear path's
+(lowbit.nn.quant_linear_traced), reused. Without grad (evaluation), with a frozen weight or
+with telemetry on, the module runs its three layers unfused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.kernels import swiglu_pair
+from lowbit.kernels.quantize import triton_available
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.nn.quant_linear_traced import (
+    _delayed_pair,
+    _fake_pair,
+    _gemm,
+    _quantize_pair,
+    _register_op,
+    _row,
+    history_owner,
+    output_dtype,
+    why_not_traced,
+)
+from lowbit.quant.qtensor import QTensor
+from lowbit.quant.recipes import Recipe
+from lowbit.quant.swiglu import swiglu_fp32, swiglu_grad_fp32
+
+_OP_X = "lowbit::quantize_shared_input_pair_delayed"
+_OP_H = "lowbit::swiglu_pair_delayed"
+_OP_DH = "lowbit::swiglu_grad_pairs_delayed"
+# QuantLinear.amax_history rows: X (fprop A) and X^T (wgrad B); dY (dgrad A) and dY^T (wgrad A).
+_X, _XT = _row("fprop", 1), _row("wgrad", 2)
+_DY, _DYT = _row("dgrad", 1), _row("wgrad", 1)
+_registered = False
+
+
+def why_not_fused(recipe: Recipe, backend: str = "auto") -> str | None:
+    """Why a feed-forward of QuantLinears with this recipe and backend is not fused (None: fused)."""
+    why = why_not_traced(recipe, backend)
+    if why is not None:
+        return why
+    if recipe.amax_history <= 0:
+        return "the fused feed-forward needs delayed scaling (amax_history > 0)"
+    if recipe.fprop.a.fmt != recipe.wgrad.b.fmt or recipe.dgrad.a.fmt != recipe.wgrad.a.fmt:
+        return "an activation or gradient has different formats in its two GEMMs"
+    return None
+
+
+def _kernels(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.numel() > 0 and triton_available()
+
+
+def _swiglu_pair(g: torch.Tensor, u: torch.Tensor, hist: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
+    if _kernels(g):
+        return swiglu_pair.swiglu_pair_delayed(g, u, fmt, hist[_X], hist[_XT])
+    return _delayed_pair(swiglu_fp32(g, u), hist, fmt, fmt, _X, _XT)
+
+
+def _swiglu_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, hist_g: torch.Tensor,
+                       hist_u: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
+    if _kernels(g):
+        return swiglu_pair.swiglu_grad_pairs_delayed(
+            dh, g, u, fmt, (hist_g[_DY], hist_g[_DYT]), (hist_u[_DY], hist_u[_DYT])
+        )
+    dg, du = swiglu_grad_fp32(dh, g, u)
+    return (*_delayed_pair(dg, hist_g, fmt, fmt, _DY, _DYT), *_delayed_pair(du, hist_u, fmt, fmt, _DY, _DYT))
+
+
+def _register_ops() -> None:
+    """Register the three custom ops once (lazily, like the traced path's)."""
+    global _registered
+    if _registered:
+        return
+    _register_op()
+
+    # X's pair on `hist`'s rows; `mirror` (the other layer reading X) gets the same rows.
+    @torch.library.custom_op(_OP_X, mutates_args=("hist", "mirror"))
+    def quantize_shared_input_pair_delayed(
+        x: torch.Tensor, hist: torch.Tensor, mirror: torch.Tensor, fmt: str, fmt_t: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = _delayed_pair(x, hist, fmt, fmt_t, _X, _XT)
+        mirror[_X].copy_(hist[_X])
+        mirror[_XT].copy_(hist[_XT])
+        return out
+
+    @quantize_shared_input_pair_delayed.register_fake
+    def _(x, hist, mirror, fmt, fmt_t):  # noqa: ANN001, ANN202
+        return _fake_pair(x, fmt, "tensor", fmt_t, "tensor", True, True)
+
+    @torch.library.custom_op(_OP_H, mutates_args=("hist",))
+    def swiglu_pair_delayed(
+        g: torch.Tensor, u: torch.Tensor, hist: torch.Tensor, fmt: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _swiglu_pair(g, u, hist, fmt)
+
+    @swiglu_pair_delayed.register_fake
+    def _(g, u, hist, fmt):  # noqa: ANN001, ANN202
+        return _fake_pair(g, fmt, "tensor", fmt, "tensor", True, True)
+
+    # Backward: the histories of the layers registered under `owner_g`, `owner_u`, written without
+    # declaring them, and `token` a tensor of this call's forward (quant_linear_traced's docstring).
+    @torch.library.custom_op(_OP_DH, mutates_args=())
+    def swiglu_grad_pairs_delayed(
+        dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, owner_g: int, owner_u: int, token: torch.Tensor,
+        fmt: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        hist_g, hist_u = history_owner(owner_g).amax_history, history_owner(owner_u).amax_history
+        return _swiglu_grad_pairs(dh, g, u, hist_g, hist_u, fmt)
+
+    @swiglu_grad_pairs_delayed.register_fake
+    def _(dh, g, u, owner_g, owner_u, token, fmt):  # noqa: ANN001, ANN202
+        fake = _fake_pair(g, fmt, "tensor", fmt, "tensor", True, True)
+        return fake + tuple(t.clone() for t in fake)  # two pairs: no output may alias another
+
+    _registered = True
+
+
+def _qtensors(parts: tuple[torch.Tensor, ...], spec, spec_t, dtype: torch.dtype) -> tuple[QTensor, QTensor]:  # noqa: ANN001
+    d, s, d_t, s_t = parts
+    return (QTensor(d, s, spec.format, spec.block, d.shape, 1, dtype),
+            QTensor(d_t, s_t, spec_t.format, spec_t.block, d_t.shape, 1, dtype))
+
+
+_FUNCTIONS: dict[tuple[Recipe, str], type[torch.autograd.Function]] = {}
+
+
+def fused_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function]:
+    """The autograd Function of the fused feed-forward for one (recipe, backend): one class per
+    pair, closing over them (as lowbit.nn.quant_linear_traced.traced_function, for Dynamo)."""
+    _register_ops()
+    key = (recipe, backend)
+    if key not in _FUNCTIONS:
+
+        def forward(ctx, x, w1, w3, w2, h1, h3, h2, k1: int, k3: int, k2: int, need_dgrad: bool):  # noqa: ANN001
+            return _forward(recipe, backend, ctx, x, (w1, w3, w2), (h1, h3, h2), (k1, k3, k2), need_dgrad)
+
+        def backward(ctx, dy):  # noqa: ANN001
+            return _backward(recipe, backend, ctx, dy)
+
+        methods = dict(forward=staticmethod(forward), backward=staticmethod(backward))
+        _FUNCTIONS[key] = type(f"_FusedFeedForward_{recipe.name}", (torch.autograd.Function,), methods)
+    return _FUNCTIONS[key]
+
+
+def _forward(recipe: Recipe, backend: str, ctx, x, ws, hists, keys, need_dgrad: bool):  # noqa: ANN001
+    w1, w3, w2 = ws
+    h1, h3, h2 = hists
+    fp, dg, wg = recipe.fprop, recipe.dgrad, recipe.wgrad
+    out_dtype = output_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, x.shape[-1])
+        parts = torch.ops.lowbit.quantize_shared_input_pair_delayed(x2, h1, h3, fp.a.fmt, wg.b.fmt)
+        qx, x_t = _qtensors(parts, fp.a, wg.b, x.dtype)
+        dgrad_b = dg.b if need_dgrad else None
+        qw1, w1_t = _quantize_pair(w1, fp.b, dgrad_b, h1, (_row("fprop", 2), _row("dgrad", 2)))
+        qw3, w3_t = _quantize_pair(w3, fp.b, dgrad_b, h3, (_row("fprop", 2), _row("dgrad", 2)))
+        qw2, w2_t = _quantize_pair(w2, fp.b, dg.b, h2, (_row("fprop", 2), _row("dgrad", 2)))
+        g = _gemm(qx, qw1, fp, backend, out_dtype)
+        u = _gemm(qx, qw3, fp, backend, out_dtype)
+        qh, h_t = _qtensors(torch.ops.lowbit.swiglu_pair_delayed(g, u, h2, fp.a.fmt), fp.a, wg.b, out_dtype)
+        y = _gemm(qh, qw2, fp, backend, out_dtype)
+    ctx.save_for_backward(x_t.data, x_t.scale, w2_t.data, w2_t.scale, h_t.data, h_t.scale, g, u,
+                          *((w1_t.data, w1_t.scale, w3_t.data, w3_t.scale) if need_dgrad else ()))
+    ctx.keys, ctx.need_dgrad = keys, need_dgrad
+    ctx.dtypes = (x.dtype, w1.dtype, w3.dtype, w2.dtype)
+    return y.reshape(*x.shape[:-1], w2.shape[0])
+
+
+def _backward(recipe: Recipe, backend: str, ctx, dy):  # noqa: ANN001
+    xt_d, xt_s, w2t_d, w2t_s, ht_d, ht_s, g, u, *w13 = ctx.saved_tensors
+    k1, k3, k2 = ctx.keys
+    x_dtype, w1_dtype, w3_dtype, w2_dtype = ctx.dtypes
+    dg, wg = recipe.dgrad, recipe.wgrad
+
+    def saved(d: torch.Tensor, s: torch.Tensor, spec, dtype: torch.dtype) -> QTensor:  # noqa: ANN001
+        return QTensor(d, s, spec.format, spec.block, d.shape, 1, dtype)
+
+    x_t, h_t = saved(xt_d, xt_s, wg.b, x_dtype), saved(ht_d, ht_s, wg.b, g.dtype)
+    w2_t = saved(w2t_d, w2t_s, dg.b, w2_dtype)
+    dx = None
+    with torch.autocast(dy.device.type, enabled=False):
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        qdy, qdy_t = _quantize_pair(dy2, dg.a, wg.a, rows=(_DY, _DYT), owner=(k2, ht_s))
+        dh = _gemm(qdy, w2_t, dg, backend, g.dtype)
+        dw2 = _gemm(qdy_t, h_t, wg, backend, w2_dtype)
+        parts = torch.ops.lowbit.swiglu_grad_pairs_delayed(dh, g, u, k1, k3, xt_s, dg.a.fmt)
+        qdg, qdg_t = _qtensors(parts[:4], dg.a, wg.a, g.dtype)
+        qdu, qdu_t = _qtensors(parts[4:], dg.a, wg.a, g.dtype)
+        dw1 = _gemm(qdg_t, x_t, wg, backend, w1_dtype)
+        dw3 = _gemm(qdu_t, x_t, wg, backend, w3_dtype)
+        if ctx.need_dgrad and ctx.needs_input_grad[0]:
+            w1_t, w3_t = saved(w13[0], w13[1], dg.b, w1_dtype), saved(w13[2], w13[3], dg.b, w3_dtype)
+            dx = _gemm(qdg, w1_t, dg, backend, x_dtype) + _gemm(qdu, w3_t, dg, backend, x_dtype)
+            dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
+    return dx, dw1, dw3, dw2, None, None, None, None, None, None, None
+
+
+class QuantFeedForward(nn.Module):
+    """lowbit.nn.llama.FeedForward's SwiGLU (w1 gate, w3 up, w2 down) on three QuantLinear layers,
+    fused as the module docstring says; built by convert_model, which checked `why_not_fused`."""
+
+    def __init__(self, w1: QuantLinear, w3: QuantLinear, w2: QuantLinear) -> None:
+        super().__init__()
+        for name, layer in (("w1", w1), ("w3", w3), ("w2", w2)):
+            if not isinstance(layer, QuantLinear) or layer.bias is not None:
+                raise ValueError(f"QuantFeedForward: {name} must be a QuantLinear without bias, got {layer}")
+        if not (w1.recipe == w3.recipe == w2.recipe and w1.backend == w3.backend == w2.backend):
+            raise ValueError("QuantFeedForward: w1, w3 and w2 must share one recipe and GEMM backend")
+        why = why_not_fused(w1.recipe, w1.backend)
+        if why is not None:
+            raise ValueError(f"QuantFeedForward: recipe {w1.recipe.name} cannot be fused: {why}")
+        self.w1, self.w3, self.w2 = w1, w3, w2
+        fused_function(w1.recipe, w1.backend)  # the Function class now, not while Dynamo traces
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        layers = (self.w1, self.w3, self.w2)
+        return (torch.is_grad_enabled() and x.numel() > 0 and x.dtype in swiglu_pair.DTYPES
+                and all(m.weight.requires_grad and m.observer is None for m in layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused(x):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        fn = fused_function(w1.recipe, w1.backend)
+        return fn.apply(x, w1.weight, w3.weight, w2.weight, w1.amax_history, w3.amax_history, w2.amax_history,
+                        w1.history_key, w3.history_key, w2.history_key, x.requires_grad)
