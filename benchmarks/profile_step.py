@@ -23,18 +23,24 @@ CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     # lowbit's Triton kernels (exact names: Inductor names its own kernels after the ops they
     # fuse, e.g. "..._quantize_operand_pair_...", and those belong to "other").
-    ("quantize", ("_pair_kernel", "_amax_kernel", "_quant_kernel", "_quantize_kernel", "_rotate_kernel")),
+    ("quantize", ("_pair_kernel", "_amax_kernel", "_quant_kernel", "_quantize_kernel", "_rotate_kernel",
+                  "_amax_if_empty_kernel", "_roll_kernel")),
+    # The fused feed-forward's kernels: SwiGLU (or its backward) and the quantization of its results.
+    ("swiglu_quantize", ("_swiglu_pair_kernel", "_swiglu_grad_pairs_kernel", "_swiglu_amax_if_empty_kernel")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
 )
+
+
+_TRITON = ("quantize", "swiglu_quantize")  # matched by exact kernel name
 
 
 def category(name: str) -> str:
     low = name.lower()
     for cat, keys in CATEGORIES:
         # Inductor launches the traced layer's pair kernel as `_pair_kernel_0`, `_pair_kernel_1`, ...
-        if cat == "quantize" and name.rstrip("0123456789").rstrip("_") in keys:
+        if cat in _TRITON and name.rstrip("0123456789").rstrip("_") in keys:
             return cat
-        if cat != "quantize" and any(k in low for k in keys):
+        if cat not in _TRITON and any(k in low for k in keys):
             return cat
     return "other"
 
