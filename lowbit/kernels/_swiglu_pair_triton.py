@@ -147,9 +147,12 @@ def _swiglu_amax_if_empty_kernel(
             tl.atomic_max(out_2, tl.max(tl.max(acc_2, axis=1), axis=0))
 
 
-# Tiles: the pair quantizer's 64 x 64 (lowbit.kernels.pair_quantize.PAIR_TILE); warps per program
-# of the forward and backward kernels (knobs for sweeps). Programs of the first-call amax launch.
-TILE = (64, 64)
+# Tile (rows x columns) and warps per program of the forward and backward kernels (knobs for
+# sweeps). H100 sweep (docs/BENCHMARKS.md run 110, `benchmarks/swiglu_pair_bw.py --sweep`, 1b's
+# 16384 x 8192): 32 x 128 on 4 / 8 warps, 0.87 / 0.71 of a copy of the bytes moved, against
+# 0.84 / 0.69 for the pair quantizer's 64 x 64; 128-row tiles were slower (0.38-0.85).
+# Programs of the first-call amax launch.
+TILE = (32, 128)
 WARPS = (4, 8)
 AMAX_PROGRAMS = 264
 
