@@ -96,6 +96,20 @@ def test_swiglu_kernels_refuse_bad_inputs():
         swiglu_grad_pairs_delayed(g, g, g, "fp8_e5m2", rows, (torch.zeros(4, device=DEV),) * 2)
 
 
+@pytest.fixture(params=["reference", "kernels"])
+def ffn_path(request, monkeypatch):
+    # "kernels": the module's ops run lowbit.kernels.swiglu_pair (interpreted on CPU) as on CUDA,
+    # so the kernels' history rows are checked too; "reference": lowbit.quant.swiglu + the
+    # reference quantizer, the path off CUDA.
+    if request.param == "kernels":
+        if not triton_available() or (DEV == "cpu" and not interpret()):
+            pytest.skip("needs Triton (CUDA or its interpreter)")
+        import lowbit.nn.quant_feed_forward as qff
+
+        monkeypatch.setattr(qff, "_kernels", lambda t: t.numel() > 0)
+    return request.param
+
+
 def _ffn_pair(dtype=torch.float32, dim=64, hidden=96, with_base=False):
     cfg = LlamaConfig(dim=dim, ffn_hidden=hidden)
     base = FeedForward(cfg).to(dtype)
@@ -134,13 +148,18 @@ def test_convert_model_fuses_fp8_delayed_feed_forwards_only():
     ffn = model.layers[0].feed_forward
     with pytest.raises(ValueError, match="w2 must be a QuantLinear without bias"):
         QuantFeedForward(ffn.w1, ffn.w3, torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="three distinct layers"):
+        QuantFeedForward(ffn.w1, ffn.w1, ffn.w2)
+    bad_shape = r"weights must be .* got w1 \(192, 64\), w3 \(192, 64\), w2 \(192, 64\)"
+    with pytest.raises(ValueError, match=bad_shape):
+        QuantFeedForward(ffn.w1, ffn.w3, copy.deepcopy(ffn.w1))
     tensorwise = convert_model(Llama(cfg), "fp8_tensorwise").layers[0].feed_forward
     with pytest.raises(ValueError, match="cannot be fused: the fused feed-forward needs delayed scaling"):
         QuantFeedForward(tensorwise.w1, tensorwise.w3, tensorwise.w2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_feed_forward_matches_its_unfused_layers(dtype):
+def test_fused_feed_forward_matches_its_unfused_layers(dtype, ffn_path):
     # Same Parameters and recipe: the fused module differs only by rounding h, dg and du once
     # (fp32 -> fp8) instead of through bf16/fp32 tensors, so outputs and gradients agree to fp8's
     # resolution (e5m2 gradients: a code step is 25%), are no further from the unquantized fp32
@@ -167,7 +186,26 @@ def test_fused_feed_forward_matches_its_unfused_layers(dtype):
         assert torch.equal(fused(x), FeedForward.forward(twin, x))
 
 
-def test_compiled_fused_feed_forward_matches_eager_step_by_step():
+def test_fused_feed_forward_without_an_input_gradient_and_under_autocast():
+    # X needing no gradient (no dgrad GEMMs, no W^T made) and bf16 autocast over fp32 weights (the
+    # trainer's setting): still the unfused layers' numbers to fp8's resolution.
+    unfused, fused = _ffn_pair()
+    gen = torch.Generator().manual_seed(4)
+    for step in range(2):
+        x, gy = torch.randn(3, 16, 64, generator=gen), torch.randn(3, 16, 64, generator=gen)
+        outs = []
+        for ffn in (unfused, fused):
+            ffn.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = ffn(x)
+            y.backward(gy.to(y.dtype))
+            outs.append([y.detach()] + [getattr(ffn, n).weight.grad for n in ("w1", "w3", "w2")])
+        for name, a, b in zip(("y", "dw1", "dw3", "dw2"), outs[1], outs[0]):
+            assert a.dtype == b.dtype and _rel(a, b) < 0.06, (step, name, _rel(a, b))
+    assert outs[1][0].dtype == torch.bfloat16 and outs[1][1].dtype == torch.float32
+
+
+def test_compiled_fused_feed_forward_matches_eager_step_by_step(ffn_path):
     # One graph (fullgraph), the three custom ops inside; compiled and eager run the same ops, so
     # outputs, gradients and every history row agree bit for bit, call after call.
     torch._dynamo.reset()
@@ -213,4 +251,6 @@ def test_gpu_compiled_fused_feed_forward_matches_eager(mode):
         for n in ("w1", "w3", "w2"):
             h_eager, h_compiled = getattr(eager, n).amax_history, getattr(compiled_mod, n).amax_history
             assert torch.equal(h_eager, h_compiled), (step, n)
+            # The kernels' rows are the unfused layers' rows (amaxes to bf16 rounding of h, dG, dU).
+            torch.testing.assert_close(h_eager, getattr(unfused, n).amax_history, rtol=2e-2, atol=0)
     assert counters["inductor"]["cudagraph_skips"] == 0

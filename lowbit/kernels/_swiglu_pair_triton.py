@@ -148,12 +148,13 @@ def _swiglu_amax_if_empty_kernel(
 
 
 # Tile (rows x columns) and warps per program of the forward and backward kernels (knobs for
-# sweeps). H100 sweep (docs/BENCHMARKS.md run 110, `benchmarks/swiglu_pair_bw.py --sweep`, 1b's
-# 16384 x 8192): 32 x 128 on 4 / 8 warps, 0.87 / 0.71 of a copy of the bytes moved, against
-# 0.84 / 0.69 for the pair quantizer's 64 x 64; 128-row tiles were slower (0.38-0.85).
-# Programs of the first-call amax launch.
+# sweeps). H100 sweep (docs/BENCHMARKS.md, twelfth pass, run 110: `benchmarks/swiglu_pair_bw.py
+# --sweep` on 1b's 16384 x 8192): 32 x 128 tiles on 4 / 8 warps moved their bytes at 0.87 / 0.71
+# of a copy's speed, 64 x 64 tiles (the pair quantizer's) at 0.84 / 0.69; 128-row tiles were
+# slower (0.38-0.85).
 TILE = (32, 128)
 WARPS = (4, 8)
+# Programs of the first-call amax launch.
 AMAX_PROGRAMS = 264
 
 

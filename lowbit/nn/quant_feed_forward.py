@@ -18,7 +18,10 @@ autograd Function:
 h, dG and dU are rounded once, from fp32 to fp8 (unfused: to bf16, then to fp8), so the fused
 module's numbers differ from the unfused layers' in the last bits; its kernels are tested against
 lowbit.quant.swiglu + the reference quantizer. Elsewhere than CUDA the same ops run that
-reference. Every other piece (pairs of X, W, dY; GEMMs; histories; CUDA graphs, no host sync;
+reference. The histories receive what the unfused layers' would, to fp32 rounding of h's, dG's and
+dU's amaxes; one difference: when X needs no gradient, the unfused W1/W3 record dG/dU only in
+their wgrad rows, the fused module in both rows of each. Every other piece (pairs of X, W, dY;
+GEMMs; histories; CUDA graphs, no host sync;
 the same known limits under activation checkpointing) is the traced QuantLinear path's
 (lowbit.nn.quant_linear_traced), reused. Without grad (evaluation), with a frozen weight or
 with telemetry on, the module runs its three layers unfused.
@@ -210,6 +213,7 @@ def _backward(recipe: Recipe, backend: str, ctx, dy):  # noqa: ANN001
         parts = torch.ops.lowbit.swiglu_grad_pairs_delayed(dh, g, u, k1, k3, xt_s, dg.a.fmt)
         qdg, qdg_t = _qtensors(parts[:4], dg.a, wg.a, g.dtype)
         qdu, qdu_t = _qtensors(parts[4:], dg.a, wg.a, g.dtype)
+        # All three wgrads: the module runs fused only while every weight needs its gradient.
         dw1 = _gemm(qdg_t, x_t, wg, backend, w1_dtype)
         dw3 = _gemm(qdu_t, x_t, wg, backend, w3_dtype)
         if ctx.need_dgrad and ctx.needs_input_grad[0]:
@@ -230,6 +234,12 @@ class QuantFeedForward(nn.Module):
                 raise ValueError(f"QuantFeedForward: {name} must be a QuantLinear without bias, got {layer}")
         if not (w1.recipe == w3.recipe == w2.recipe and w1.backend == w3.backend == w2.backend):
             raise ValueError("QuantFeedForward: w1, w3 and w2 must share one recipe and GEMM backend")
+        if len({id(w1), id(w3), id(w2)}) != 3:
+            raise ValueError("QuantFeedForward: w1, w3 and w2 must be three distinct layers")
+        shapes = [tuple(m.weight.shape) for m in (w1, w3, w2)]
+        if not (shapes[0] == shapes[1] and shapes[2] == shapes[0][::-1]):
+            raise ValueError("QuantFeedForward: weights must be (hidden, dim), (hidden, dim), (dim, hidden); "
+                             f"got w1 {shapes[0]}, w3 {shapes[1]}, w2 {shapes[2]}")
         why = why_not_fused(w1.recipe, w1.backend)
         if why is not None:
             raise ValueError(f"QuantFeedForward: recipe {w1.recipe.name} cannot be fused: {why}")
