@@ -33,6 +33,7 @@ def convert_model(
     backend: str = "auto",
     seed: int = 0,
     fuse_feed_forward: bool = True,
+    share_attention_input: bool = True,
 ) -> nn.Module:
     """Replace every nn.Linear whose name is not matched by `skip` with a QuantLinear (in place).
 
@@ -41,6 +42,8 @@ def convert_model(
     `fuse_feed_forward`: lowbit.nn.llama.FeedForward modules whose three layers became QuantLinears
     of a recipe `why_not_fused` accepts (fp8 delayed scaling) become QuantFeedForward modules,
     which quantize inside SwiGLU (same Parameters, buffers and state-dict names).
+    `share_attention_input`: likewise lowbit.nn.llama.Attention modules become QuantAttention
+    modules, whose q/k/v layers quantize their one input once (lowbit.nn.quant_shared_input).
     """
     recipe = get_recipe(recipe)
     if backend not in gemm_backends():
@@ -58,7 +61,24 @@ def convert_model(
         setattr(parent, attr, q)
     if fuse_feed_forward:
         _fuse_feed_forwards(model)
+    if share_attention_input:
+        _share_attention_inputs(model)
     return model
+
+
+def _share_attention_inputs(model: nn.Module) -> None:
+    from lowbit.nn.llama import Attention
+    from lowbit.nn.quant_shared_input import QuantAttention, why_not_shared
+
+    for name, m in list(model.named_modules()):
+        layers = (getattr(m, "wq", None), getattr(m, "wk", None), getattr(m, "wv", None))
+        if type(m) is not Attention or not all(type(q) is QuantLinear and q.bias is None for q in layers):
+            continue
+        if len({(q.recipe, q.backend) for q in layers}) != 1 or why_not_shared(m.wq.recipe, m.wq.backend):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, QuantAttention(m))
 
 
 def _fuse_feed_forwards(model: nn.Module) -> None:
@@ -98,4 +118,5 @@ def apply_quant_config(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     return convert_model(
         model, recipe, skip=list(cfg.skip), backend=backend, seed=int(getattr(cfg, "seed", 0)),
         fuse_feed_forward=bool(getattr(cfg, "fuse_feed_forward", True)),
+        share_attention_input=bool(getattr(cfg, "share_attention_input", True)),
     )

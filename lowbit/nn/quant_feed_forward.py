@@ -41,17 +41,21 @@ from lowbit.nn.quant_linear_traced import (
     _fake_pair,
     _gemm,
     _quantize_pair,
-    _register_op,
     _row,
     history_owner,
     output_dtype,
-    why_not_traced,
+)
+from lowbit.nn.quant_shared_input import (
+    check_layers,
+    quantize_shared_input,
+    register_op,
+    runs_shared,
+    why_not_shared,
 )
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.recipes import Recipe
 from lowbit.quant.swiglu import swiglu_fp32, swiglu_grad_fp32
 
-_OP_X = "lowbit::quantize_shared_input_pair_delayed"
 _OP_H = "lowbit::swiglu_pair_delayed"
 _OP_DH = "lowbit::swiglu_grad_pairs_delayed"
 # QuantLinear.amax_history rows: X (fprop A) and X^T (wgrad B); dY (dgrad A) and dY^T (wgrad A).
@@ -62,11 +66,9 @@ _registered = False
 
 def why_not_fused(recipe: Recipe, backend: str = "auto") -> str | None:
     """Why a feed-forward of QuantLinears with this recipe and backend is not fused (None: fused)."""
-    why = why_not_traced(recipe, backend)
+    why = why_not_shared(recipe, backend)
     if why is not None:
         return why
-    if recipe.amax_history <= 0:
-        return "the fused feed-forward needs delayed scaling (amax_history > 0)"
     if recipe.fprop.a.fmt != recipe.wgrad.b.fmt or recipe.dgrad.a.fmt != recipe.wgrad.a.fmt:
         return "an activation or gradient has different formats in its two GEMMs"
     return None
@@ -93,25 +95,11 @@ def _swiglu_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, hist_
 
 
 def _register_ops() -> None:
-    """Register the three custom ops once (lazily, like the traced path's)."""
+    """Register the SwiGLU custom ops once (lazily, like the traced path's)."""
     global _registered
     if _registered:
         return
-    _register_op()
-
-    # X's pair on `hist`'s rows; `mirror` (the other layer reading X) gets the same rows.
-    @torch.library.custom_op(_OP_X, mutates_args=("hist", "mirror"))
-    def quantize_shared_input_pair_delayed(
-        x: torch.Tensor, hist: torch.Tensor, mirror: torch.Tensor, fmt: str, fmt_t: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = _delayed_pair(x, hist, fmt, fmt_t, _X, _XT)
-        mirror[_X].copy_(hist[_X])
-        mirror[_XT].copy_(hist[_XT])
-        return out
-
-    @quantize_shared_input_pair_delayed.register_fake
-    def _(x, hist, mirror, fmt, fmt_t):  # noqa: ANN001, ANN202
-        return _fake_pair(x, fmt, "tensor", fmt_t, "tensor", True, True)
+    register_op()
 
     @torch.library.custom_op(_OP_H, mutates_args=("hist",))
     def swiglu_pair_delayed(
@@ -176,8 +164,7 @@ def _forward(recipe: Recipe, backend: str, ctx, x, ws, hists, keys, need_dgrad: 
     out_dtype = output_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1])
-        parts = torch.ops.lowbit.quantize_shared_input_pair_delayed(x2, h1, h3, fp.a.fmt, wg.b.fmt)
-        qx, x_t = _qtensors(parts, fp.a, wg.b, x.dtype)
+        qx, x_t = quantize_shared_input(x2, [h1, h3], recipe)
         dgrad_b = dg.b if need_dgrad else None
         qw1, w1_t = _quantize_pair(w1, fp.b, dgrad_b, h1, (_row("fprop", 2), _row("dgrad", 2)))
         qw3, w3_t = _quantize_pair(w3, fp.b, dgrad_b, h3, (_row("fprop", 2), _row("dgrad", 2)))
@@ -229,13 +216,7 @@ class QuantFeedForward(nn.Module):
 
     def __init__(self, w1: QuantLinear, w3: QuantLinear, w2: QuantLinear) -> None:
         super().__init__()
-        for name, layer in (("w1", w1), ("w3", w3), ("w2", w2)):
-            if not isinstance(layer, QuantLinear) or layer.bias is not None:
-                raise ValueError(f"QuantFeedForward: {name} must be a QuantLinear without bias, got {layer}")
-        if not (w1.recipe == w3.recipe == w2.recipe and w1.backend == w3.backend == w2.backend):
-            raise ValueError("QuantFeedForward: w1, w3 and w2 must share one recipe and GEMM backend")
-        if len({id(w1), id(w3), id(w2)}) != 3:
-            raise ValueError("QuantFeedForward: w1, w3 and w2 must be three distinct layers")
+        check_layers("QuantFeedForward", [w1, w3, w2], ["w1", "w3", "w2"], same_input=False)
         shapes = [tuple(m.weight.shape) for m in (w1, w3, w2)]
         if not (shapes[0] == shapes[1] and shapes[2] == shapes[0][::-1]):
             raise ValueError("QuantFeedForward: weights must be (hidden, dim), (hidden, dim), (dim, hidden); "
@@ -246,13 +227,8 @@ class QuantFeedForward(nn.Module):
         self.w1, self.w3, self.w2 = w1, w3, w2
         fused_function(w1.recipe, w1.backend)  # the Function class now, not while Dynamo traces
 
-    def _fused(self, x: torch.Tensor) -> bool:
-        layers = (self.w1, self.w3, self.w2)
-        return (torch.is_grad_enabled() and x.numel() > 0 and x.dtype in swiglu_pair.DTYPES
-                and all(m.weight.requires_grad and m.observer is None for m in layers))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fused(x):
+        if not (runs_shared([self.w1, self.w3, self.w2], x) and x.dtype in swiglu_pair.DTYPES):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         w1, w3, w2 = self.w1, self.w3, self.w2
         fn = fused_function(w1.recipe, w1.backend)

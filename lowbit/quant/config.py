@@ -27,3 +27,6 @@ class QuantConfig:
     # fp8 delayed scaling: quantize inside the SwiGLU feed-forward (lowbit.nn.quant_feed_forward);
     # false runs its three layers as separate QuantLinears.
     fuse_feed_forward: bool = True
+    # fp8 delayed scaling: attention's q/k/v layers quantize their one input once
+    # (lowbit.nn.quant_shared_input); false quantizes it in each layer.
+    share_attention_input: bool = True
