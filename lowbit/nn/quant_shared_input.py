@@ -187,8 +187,17 @@ class QuantAttention(Attention):
         torch.nn.Module.__init__(self)
         layers = [attn.wq, attn.wk, attn.wv]
         check_layers("QuantAttention", layers, ["wq", "wk", "wv"])
-        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        self.wq, self.wk, self.wv, self.wo = attn.wq, attn.wk, attn.wv, attn.wo
+        # Everything Attention.forward may read, taken over from `attn` (not rebuilt from a config):
+        # plain attributes, its layers, any direct parameters and buffers.
+        for name, value in vars(attn).items():
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        for name, child in attn.named_children():
+            setattr(self, name, child)
+        for name, p in attn.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in attn.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in attn._non_persistent_buffers_set)
         shared_input_function(attn.wq.recipe, attn.wq.backend, 3)  # now, not while Dynamo traces
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
