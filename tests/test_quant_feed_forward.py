@@ -148,7 +148,7 @@ def test_convert_model_fuses_fp8_delayed_feed_forwards_only():
     ffn = model.layers[0].feed_forward
     with pytest.raises(ValueError, match="w2 must be a QuantLinear without bias"):
         QuantFeedForward(ffn.w1, ffn.w3, torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="w1, w3, w2 must be distinct layers"):
+    with pytest.raises(ValueError, match="w1, w3, w2 must be distinct layers with distinct weights"):
         QuantFeedForward(ffn.w1, ffn.w1, ffn.w2)
     bad_shape = r"weights must be .* got w1 \(192, 64\), w3 \(192, 64\), w2 \(192, 64\)"
     with pytest.raises(ValueError, match=bad_shape):
@@ -179,6 +179,7 @@ def test_fused_feed_forward_matches_its_unfused_layers(dtype, ffn_path):
             hf, hu = getattr(fused, n).amax_history, getattr(unfused, n).amax_history
             torch.testing.assert_close(hf, hu, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=0)
     assert torch.count_nonzero(fused.w3.amax_history[0]) == 3  # X recorded on W3's rows too
+    assert "FusedFeedForward" in type(fused(x.detach().requires_grad_(True)).grad_fn).__name__
     # Without grad the module runs its three layers unfused, as FeedForward's forward does.
     x = torch.randn(2, 24, 64, generator=gen).to(dtype)
     twin = copy.deepcopy(fused)

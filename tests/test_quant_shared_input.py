@@ -44,7 +44,7 @@ def test_convert_model_shares_attention_inputs_for_fp8_delayed_only():
     assert "delayed scaling" in why_not_shared(get_recipe("fp8_tensorwise"))
     plain = convert_model(Llama(CFG), "fp8_delayed", share_attention_input=False).layers[0].attention
     plain.wk = plain.wq
-    with pytest.raises(ValueError, match="wq, wk, wv must be distinct layers"):
+    with pytest.raises(ValueError, match="wq, wk, wv must be distinct layers with distinct weights"):
         QuantAttention(plain)
     tensorwise = convert_model(Llama(CFG), "fp8_tensorwise").layers[0].attention
     with pytest.raises(ValueError, match="cannot share the input's quantization"):
@@ -72,6 +72,40 @@ def test_shared_input_matches_three_separate_layers(dtype):
         for n in ("wq", "wk", "wv", "wo"):
             assert torch.equal(getattr(shared, n).amax_history, getattr(separate, n).amax_history), (step, n)
     assert torch.count_nonzero(shared.wv.amax_history[0]) == 3  # X recorded on wv's rows too
+    q, _, _ = shared.project_qkv(x.detach().requires_grad_(True))
+    assert "SharedInput3" in type(q.grad_fn).__name__  # the shared path ran, not the layers
+
+
+def test_shared_input_without_an_input_gradient_under_autocast_and_with_hooks():
+    # X needing no gradient (no dgrad: dY is quantized for wgrad only, as the separate layers do)
+    # under bf16 autocast: outputs, weight gradients and histories equal to the separate layers'.
+    # A hook on one layer makes the module run the layers themselves (the hook must see its call).
+    separate, shared = _attention_pair()
+    cos, sin = rotary_tables(CFG.dim // CFG.n_heads, 16, CFG.rope_theta)
+    gen = torch.Generator().manual_seed(8)
+    for step in range(2):
+        x, gy = torch.randn(2, 16, 64, generator=gen), torch.randn(2, 16, 64, generator=gen)
+        outs = []
+        for attn in (separate, shared):
+            attn.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = attn(x, cos, sin)
+            y.backward(gy.to(y.dtype))
+            outs.append([y.detach()] + [getattr(attn, n).weight.grad for n in ("wq", "wk", "wv", "wo")])
+        for name, a, b in zip(("y", "dwq", "dwk", "dwv", "dwo"), outs[1], outs[0]):
+            assert a.dtype == b.dtype and torch.equal(a, b), (step, name)
+        for n in ("wq", "wk", "wv", "wo"):
+            assert torch.equal(getattr(shared, n).amax_history, getattr(separate, n).amax_history), (step, n)
+    assert torch.count_nonzero(shared.wq.amax_history[2]) == 0  # no dgrad: dY's dgrad row untouched
+    calls = []
+    handle = shared.wk.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    q, _, _ = shared.project_qkv(x.requires_grad_(True))
+    handle.remove()
+    assert calls == [1] and "SharedInput3" not in type(q.grad_fn).__name__
+    hooked_attn = Attention(CFG)
+    hooked_attn.register_forward_hook(lambda *args: None)
+    holder = convert_model(torch.nn.ModuleDict({"attn": hooked_attn}), "fp8_delayed", skip=[])
+    assert type(holder["attn"]) is Attention  # replacing it would have dropped its hook
 
 
 def test_compiled_shared_input_matches_eager_step_by_step():

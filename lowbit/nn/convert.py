@@ -68,11 +68,13 @@ def convert_model(
 
 def _share_attention_inputs(model: nn.Module) -> None:
     from lowbit.nn.llama import Attention
-    from lowbit.nn.quant_shared_input import QuantAttention, why_not_shared
+    from lowbit.nn.quant_shared_input import QuantAttention, hooked, why_not_shared
 
     for name, m in list(model.named_modules()):
         layers = (getattr(m, "wq", None), getattr(m, "wk", None), getattr(m, "wv", None))
-        if type(m) is not Attention or not all(type(q) is QuantLinear and q.bias is None for q in layers):
+        if type(m) is not Attention or not name or hooked(m):  # as _fuse_feed_forwards
+            continue
+        if not all(type(q) is QuantLinear and q.bias is None for q in layers):
             continue
         if len({(q.recipe, q.backend) for q in layers}) != 1 or why_not_shared(m.wq.recipe, m.wq.backend):
             continue
@@ -85,9 +87,11 @@ def _fuse_feed_forwards(model: nn.Module) -> None:
     # Exact FeedForward modules only: a subclass may compute something else in forward.
     from lowbit.nn.llama import FeedForward
     from lowbit.nn.quant_feed_forward import QuantFeedForward, why_not_fused
+    from lowbit.nn.quant_shared_input import hooked
 
     for name, m in list(model.named_modules()):
-        if type(m) is not FeedForward:
+        # Not the root (it cannot be replaced in place), nor a module with hooks (they would be lost).
+        if type(m) is not FeedForward or not name or hooked(m):
             continue
         layers = (m.w1, m.w3, m.w2)
         if not all(type(q) is QuantLinear and q.bias is None for q in layers):

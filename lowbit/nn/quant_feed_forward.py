@@ -24,7 +24,8 @@ their wgrad rows, the fused module in both rows of each. Every other piece (pair
 GEMMs; histories; CUDA graphs, no host sync;
 the same known limits under activation checkpointing) is the traced QuantLinear path's
 (lowbit.nn.quant_linear_traced), reused. Without grad (evaluation), with a frozen weight or
-with telemetry on, the module runs its three layers unfused.
+with telemetry on, or with hooks on its layers (DeepSpeed ZeRO-3's among them:
+lowbit.nn.quant_shared_input.hooked), the module runs its three layers unfused.
 """
 
 from __future__ import annotations
@@ -226,6 +227,11 @@ class QuantFeedForward(nn.Module):
             raise ValueError(f"QuantFeedForward: recipe {w1.recipe.name} cannot be fused: {why}")
         self.w1, self.w3, self.w2 = w1, w3, w2
         fused_function(w1.recipe, w1.backend)  # the Function class now, not while Dynamo traces
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (or deep-copied): build the Function class now, not while Dynamo traces.
+        super().__setstate__(state)
+        fused_function(self.w1.recipe, self.w1.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (runs_shared([self.w1, self.w3, self.w2], x) and x.dtype in swiglu_pair.DTYPES):

@@ -8,8 +8,10 @@ the same entries (the same tensor's amaxes, recorded at the same calls). Here X'
 forward GEMMs, X^T for the wgrad GEMMs) is made once on the first layer's history rows, and the
 others' X rows receive the same entries (`lowbit::quantize_shared_input_pair_delayed`); every
 other piece is the traced QuantLinear path's (lowbit.nn.quant_linear_traced): W and dY pairs on
-each layer's own rows, the GEMMs, the backward's history owners. Each output is bit for bit what
-its own traced layer would give, and so is dX (the sum of the layers' dgrads, in their order).
+each layer's own rows, the GEMMs, the backward's history owners. Each output, weight gradient and
+history row is bit for bit what the separate layers give; dX is the sum of the layers' dgrads in
+their order, each rounded to X's dtype, so in bf16 it may differ from autograd's sum of the
+separate layers' dX in the last bits.
 
 `QuantAttention` (lowbit.nn.llama.Attention with its q/k/v projections run this way) is what
 convert_model builds; `lowbit.nn.quant_feed_forward` uses the op for W1 and W3.
@@ -140,7 +142,9 @@ def _backward(recipe: Recipe, backend: str, ctx, dys):  # noqa: ANN001
         for i, (dy, key) in enumerate(zip(dys, ctx.keys)):
             # The shared-input module runs only while every weight needs its gradient.
             dy2 = dy.reshape(-1, dy.shape[-1])
-            qdy, qdy_t = _quantize_pair(dy2, dg.a, wg.a, rows=(DY_ROW, DYT_ROW), owner=(key, xt_s))
+            # dY for dgrad only when dX is wanted: its row then records as the separate layers' does.
+            qdy, qdy_t = _quantize_pair(dy2, dg.a if want_dx else None, wg.a, rows=(DY_ROW, DYT_ROW),
+                                        owner=(key, xt_s))
             dws.append(_gemm(qdy_t, x_t, wg, backend, w_dtypes[i]))
             if want_dx:
                 wt_d, wt_s = wts[2 * i], wts[2 * i + 1]
@@ -158,8 +162,8 @@ def check_layers(owner: str, layers: list[QuantLinear], names: list[str], same_i
     for name, layer in zip(names, layers):
         if not isinstance(layer, QuantLinear) or layer.bias is not None:
             raise ValueError(f"{owner}: {name} must be a QuantLinear without bias, got {layer}")
-    if len({id(m) for m in layers}) != len(layers):
-        raise ValueError(f"{owner}: {', '.join(names)} must be distinct layers")
+    if len({id(m) for m in layers}) != len(layers) or len({id(m.weight) for m in layers}) != len(layers):
+        raise ValueError(f"{owner}: {', '.join(names)} must be distinct layers with distinct weights")
     if len({(m.recipe, m.backend) for m in layers}) != 1:
         raise ValueError(f"{owner}: {', '.join(names)} must share one recipe and GEMM backend")
     if same_input and len({m.in_features for m in layers}) != 1:
@@ -171,11 +175,30 @@ def check_layers(owner: str, layers: list[QuantLinear], names: list[str], same_i
         raise ValueError(f"{owner}: recipe {name} cannot share the input's quantization: {why}")
 
 
+def hooked(m: torch.nn.Module) -> bool:
+    """Whether calling m's forward would run hooks of m's own (DeepSpeed ZeRO-3's among them, which
+    gather a partitioned weight in its layer's pre-forward hook): the shared and fused paths never
+    call their layers' forward, so such layers run on their own, and convert_model leaves a module
+    with hooks as it is (replacing it would drop them)."""
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        or any(getattr(p, "ds_id", None) is not None for p in m.parameters(recurse=False))
+    )
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
+
+
 def runs_shared(layers: list[QuantLinear], x: torch.Tensor) -> bool:
     """Whether a call on x runs the shared path (else each layer on its own): with grad, every
-    weight trainable, telemetry off, a non-empty float input."""
-    return (torch.is_grad_enabled() and x.numel() > 0 and x.dtype.is_floating_point
-            and all(m.weight.requires_grad and m.observer is None for m in layers))
+    weight trainable, telemetry off, no hooks (`hooked`, nor global module hooks), a non-empty
+    float input."""
+    return (torch.is_grad_enabled() and x.numel() > 0 and x.dtype.is_floating_point and not _global_hooks()
+            and all(m.weight.requires_grad and m.observer is None and not hooked(m) for m in layers))
 
 
 class QuantAttention(Attention):
@@ -185,6 +208,9 @@ class QuantAttention(Attention):
 
     def __init__(self, attn: Attention) -> None:
         torch.nn.Module.__init__(self)
+        if hooked(attn):
+            raise ValueError("QuantAttention: the Attention has hooks, which replacing it would drop; "
+                             "convert the model before registering hooks")
         layers = [attn.wq, attn.wk, attn.wv]
         check_layers("QuantAttention", layers, ["wq", "wk", "wv"])
         # Everything Attention.forward may read, taken over from `attn` (not rebuilt from a config):
@@ -199,6 +225,11 @@ class QuantAttention(Attention):
         for name, b in attn.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in attn._non_persistent_buffers_set)
         shared_input_function(attn.wq.recipe, attn.wq.backend, 3)  # now, not while Dynamo traces
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (or deep-copied): build the Function class now, not while Dynamo traces.
+        super().__setstate__(state)
+        shared_input_function(self.wq.recipe, self.wq.backend, 3)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layers = [self.wq, self.wk, self.wv]
