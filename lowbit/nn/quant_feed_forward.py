@@ -47,6 +47,10 @@ from lowbit.nn.quant_linear_traced import (
     output_dtype,
 )
 from lowbit.nn.quant_shared_input import (
+    DY_ROW,
+    DYT_ROW,
+    X_ROW,
+    XT_ROW,
     check_layers,
     quantize_shared_input,
     register_op,
@@ -59,9 +63,6 @@ from lowbit.quant.swiglu import swiglu_fp32, swiglu_grad_fp32
 
 _OP_H = "lowbit::swiglu_pair_delayed"
 _OP_DH = "lowbit::swiglu_grad_pairs_delayed"
-# QuantLinear.amax_history rows: X (fprop A) and X^T (wgrad B); dY (dgrad A) and dY^T (wgrad A).
-_X, _XT = _row("fprop", 1), _row("wgrad", 2)
-_DY, _DYT = _row("dgrad", 1), _row("wgrad", 1)
 _registered = False
 
 
@@ -81,18 +82,19 @@ def _kernels(t: torch.Tensor) -> bool:
 
 def _swiglu_pair(g: torch.Tensor, u: torch.Tensor, hist: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
     if _kernels(g):
-        return swiglu_pair.swiglu_pair_delayed(g, u, fmt, hist[_X], hist[_XT])
-    return _delayed_pair(swiglu_fp32(g, u), hist, fmt, fmt, _X, _XT)
+        return swiglu_pair.swiglu_pair_delayed(g, u, fmt, hist[X_ROW], hist[XT_ROW])
+    return _delayed_pair(swiglu_fp32(g, u), hist, fmt, fmt, X_ROW, XT_ROW)
 
 
 def _swiglu_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, hist_g: torch.Tensor,
                        hist_u: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
     if _kernels(g):
         return swiglu_pair.swiglu_grad_pairs_delayed(
-            dh, g, u, fmt, (hist_g[_DY], hist_g[_DYT]), (hist_u[_DY], hist_u[_DYT])
+            dh, g, u, fmt, (hist_g[DY_ROW], hist_g[DYT_ROW]), (hist_u[DY_ROW], hist_u[DYT_ROW])
         )
     dg, du = swiglu_grad_fp32(dh, g, u)
-    return (*_delayed_pair(dg, hist_g, fmt, fmt, _DY, _DYT), *_delayed_pair(du, hist_u, fmt, fmt, _DY, _DYT))
+    return (*_delayed_pair(dg, hist_g, fmt, fmt, DY_ROW, DYT_ROW),
+            *_delayed_pair(du, hist_u, fmt, fmt, DY_ROW, DYT_ROW))
 
 
 def _register_ops() -> None:
@@ -195,7 +197,7 @@ def _backward(recipe: Recipe, backend: str, ctx, dy):  # noqa: ANN001
     dx = None
     with torch.autocast(dy.device.type, enabled=False):
         dy2 = dy.reshape(-1, dy.shape[-1])
-        qdy, qdy_t = _quantize_pair(dy2, dg.a, wg.a, rows=(_DY, _DYT), owner=(k2, ht_s))
+        qdy, qdy_t = _quantize_pair(dy2, dg.a, wg.a, rows=(DY_ROW, DYT_ROW), owner=(k2, ht_s))
         dh = _gemm(qdy, w2_t, dg, backend, g.dtype)
         dw2 = _gemm(qdy_t, h_t, wg, backend, w2_dtype)
         parts = torch.ops.lowbit.swiglu_grad_pairs_delayed(dh, g, u, k1, k3, xt_s, dg.a.fmt)
