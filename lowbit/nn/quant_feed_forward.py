@@ -43,6 +43,7 @@ from lowbit.nn.quant_linear_traced import (
     _gemm,
     _quantize_pair,
     _row,
+    _saved,
     history_owner,
     output_dtype,
 )
@@ -135,8 +136,7 @@ def _register_ops() -> None:
 
 def _qtensors(parts: tuple[torch.Tensor, ...], spec, spec_t, dtype: torch.dtype) -> tuple[QTensor, QTensor]:  # noqa: ANN001
     d, s, d_t, s_t = parts
-    return (QTensor(d, s, spec.format, spec.block, d.shape, 1, dtype),
-            QTensor(d_t, s_t, spec_t.format, spec_t.block, d_t.shape, 1, dtype))
+    return _saved(d, s, spec, dtype), _saved(d_t, s_t, spec_t, dtype)
 
 
 _FUNCTIONS: dict[tuple[Recipe, str], type[torch.autograd.Function]] = {}
@@ -189,11 +189,8 @@ def _backward(recipe: Recipe, backend: str, ctx, dy):  # noqa: ANN001
     x_dtype, w1_dtype, w3_dtype, w2_dtype = ctx.dtypes
     dg, wg = recipe.dgrad, recipe.wgrad
 
-    def saved(d: torch.Tensor, s: torch.Tensor, spec, dtype: torch.dtype) -> QTensor:  # noqa: ANN001
-        return QTensor(d, s, spec.format, spec.block, d.shape, 1, dtype)
-
-    x_t, h_t = saved(xt_d, xt_s, wg.b, x_dtype), saved(ht_d, ht_s, wg.b, g.dtype)
-    w2_t = saved(w2t_d, w2t_s, dg.b, w2_dtype)
+    x_t, h_t = _saved(xt_d, xt_s, wg.b, x_dtype), _saved(ht_d, ht_s, wg.b, g.dtype)
+    w2_t = _saved(w2t_d, w2t_s, dg.b, w2_dtype)
     dx = None
     with torch.autocast(dy.device.type, enabled=False):
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -207,7 +204,7 @@ def _backward(recipe: Recipe, backend: str, ctx, dy):  # noqa: ANN001
         dw1 = _gemm(qdg_t, x_t, wg, backend, w1_dtype)
         dw3 = _gemm(qdu_t, x_t, wg, backend, w3_dtype)
         if ctx.need_dgrad and ctx.needs_input_grad[0]:
-            w1_t, w3_t = saved(w13[0], w13[1], dg.b, w1_dtype), saved(w13[2], w13[3], dg.b, w3_dtype)
+            w1_t, w3_t = _saved(w13[0], w13[1], dg.b, w1_dtype), _saved(w13[2], w13[3], dg.b, w3_dtype)
             dx = _gemm(qdg, w1_t, dg, backend, x_dtype) + _gemm(qdu, w3_t, dg, backend, x_dtype)
             dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
     return dx, dw1, dw3, dw2, None, None, None, None, None, None, None

@@ -30,6 +30,7 @@ from lowbit.nn.quant_linear_traced import (
     _quantize_pair,
     _register_op,
     _row,
+    _saved,
     output_dtype,
     why_not_traced,
 )
@@ -85,8 +86,7 @@ def quantize_shared_input(
     fp, wg = recipe.fprop, recipe.wgrad
     d, s, d_t, s_t = torch.ops.lowbit.quantize_shared_input_pair_delayed(x2, hists[0], hists[1:], fp.a.fmt,
                                                                          wg.b.fmt)
-    return (QTensor(d, s, fp.a.format, fp.a.block, d.shape, 1, x2.dtype),
-            QTensor(d_t, s_t, wg.b.format, wg.b.block, d_t.shape, 1, x2.dtype))
+    return _saved(d, s, fp.a, x2.dtype), _saved(d_t, s_t, wg.b, x2.dtype)
 
 
 _FUNCTIONS: dict[tuple[Recipe, str, int], type[torch.autograd.Function]] = {}
@@ -135,7 +135,7 @@ def _backward(recipe: Recipe, backend: str, ctx, dys):  # noqa: ANN001
     xt_d, xt_s, *wts = ctx.saved_tensors
     dg, wg = recipe.dgrad, recipe.wgrad
     x_dtype, *w_dtypes = ctx.dtypes
-    x_t = QTensor(xt_d, xt_s, wg.b.format, wg.b.block, xt_d.shape, 1, x_dtype)
+    x_t = _saved(xt_d, xt_s, wg.b, x_dtype)
     want_dx = ctx.need_dgrad and ctx.needs_input_grad[0]
     dx, dws = None, []
     with torch.autocast(xt_d.device.type, enabled=False):
@@ -147,8 +147,7 @@ def _backward(recipe: Recipe, backend: str, ctx, dys):  # noqa: ANN001
                                         owner=(key, xt_s))
             dws.append(_gemm(qdy_t, x_t, wg, backend, w_dtypes[i]))
             if want_dx:
-                wt_d, wt_s = wts[2 * i], wts[2 * i + 1]
-                w_t = QTensor(wt_d, wt_s, dg.b.format, dg.b.block, wt_d.shape, 1, w_dtypes[i])
+                w_t = _saved(wts[2 * i], wts[2 * i + 1], dg.b, w_dtypes[i])
                 part = _gemm(qdy, w_t, dg, backend, x_dtype)
                 dx = part if dx is None else dx + part
         if dx is not None:
