@@ -12,7 +12,11 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from lowbit.kernels import quantize as kq  # noqa: E402
+from lowbit.kernels._quantize_triton import _e2m1_codes, _e2m1_codes_sr  # noqa: E402
 from lowbit.quant import QuantSpec, quantize  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,6 +134,80 @@ def test_packed_groups_of_bf16_read_as_words(shape, spec, monkeypatch):
     check_same_qtensor(ref, kq.quantize(x.to(DEV), spec, seed=6))
     monkeypatch.setattr(kt, "PAIRED_WORDS", False)
     check_same_qtensor(ref, kq.quantize(x.to(DEV), spec, seed=6))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"),
+                                  QuantSpec("int4", 32, "fp32", "stochastic")])
+def test_packed_words_noise_key_wraps_mod_2_32(spec):
+    # The packed-words branch forms the noise hash's key (index + seed offset) in uint32. Seed
+    # 1868860's offset is 5284 below 2^32, so the keys of this 40 x 256 matrix wrap past 2^32
+    # partway through: the codes still equal the reference's, whose sum is taken in int64.
+    from lowbit.quant.rounding import seed_offset
+
+    seed = 1868860
+    assert 2**32 - seed_offset(seed) < 40 * 256
+    x = _x((40, 256), seed=13, dtype=torch.bfloat16)
+    check_same_qtensor(quantize(x, spec, seed=seed), kq.quantize(x.to(DEV), spec, seed=seed))
+
+
+@triton.jit
+def _e2m1_codes_kernel(y_ptr, k_ptr, c_ptr, n, SR: tl.constexpr, B: tl.constexpr):
+    # The quantize kernel's fp4 code functions applied to a vector (SR: 24-bit noise k = u * 2^24).
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    m = i < n
+    y = tl.load(y_ptr + i, m, other=0.0)
+    if SR:
+        c = _e2m1_codes_sr(y, tl.load(k_ptr + i, m, other=0))
+    else:
+        c = _e2m1_codes(y)
+    tl.store(c_ptr + i, c, m)
+
+
+def _fp4_probe_values() -> torch.Tensor:
+    # Every bf16 value in [0, 8], each fp4 tie point and its fp32 neighbours, and specials; both signs.
+    grid = torch.arange(0, 0x4101, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 1.0, 2.0, 4.0])
+    up = torch.nextafter(ties, torch.tensor(float("inf")))
+    down = torch.nextafter(ties, torch.tensor(0.0))
+    special = torch.tensor([float("inf"), 1e30, 3e38, 1e-45, 1e-40, 7.0, 6.5])
+    v = torch.cat([grid, ties, up, down, special])
+    return torch.cat([v, -v])
+
+
+def test_e2m1_codes_match_ml_dtypes_and_the_reference():
+    # The fp4 code functions of the quantize kernel on their own, against ml_dtypes' float4_e2m1fn
+    # cast (round half to even, saturating) and, for stochastic rounding, the reference's
+    # round_to_format + encode with the same noise. NaN is code 0 (as lowbit.quant stores it).
+    import ml_dtypes
+    import numpy as np
+    import triton
+
+    from lowbit.quant.formats import get_format
+    from lowbit.quant.qtensor import encode
+    from lowbit.quant.rounding import round_to_format, uniform_noise
+
+    # Last, values whose noise equals their fraction (u == frac never rounds up): one per range.
+    even = torch.tensor([0.375, 0.625, 1.25, 1.625, 2.5, 3.25, 5.0, -1.25])
+    frac = torch.tensor([0.75, 0.25, 0.5, 0.25, 0.5, 0.25, 0.5, 0.5])
+    y = torch.cat([_fp4_probe_values(), torch.tensor([float("nan"), -float("nan")]), even])
+    n = y.numel()
+    u = uniform_noise(5, (n,), "cpu")
+    u[-even.numel():] = frac
+    out = {}
+    for sr in (False, True):
+        c = torch.empty(n, dtype=torch.int32, device=DEV)
+        k = (u * 2**24).to(torch.int32)  # exact: u is a 24-bit fraction
+        _e2m1_codes_kernel[(triton.cdiv(n, 1024),)](y.to(DEV), k.to(DEV), c, n, SR=sr, B=1024)
+        out[sr] = c.cpu()
+    finite = ~torch.isnan(y)
+    want = torch.from_numpy(y[finite].numpy().astype(ml_dtypes.float4_e2m1fn).view(np.uint8).astype(np.int32))
+    assert torch.equal(out[False][finite], want)
+    assert (out[False][~finite] == 0).all() and (out[True][~finite] == 0).all()
+    q = round_to_format(y, "fp4_e2m1", "stochastic", noise=u)
+    codes, packed = encode(q[:, None], get_format("fp4_e2m1"))  # one code per row: not packed
+    assert not packed
+    assert torch.equal(out[True][finite], codes[finite, 0].to(torch.int32))
+    assert not torch.equal(out[True], out[False])  # the noise moved some codes
 
 
 @pytest.mark.parametrize("in_place", [False, True])

@@ -186,29 +186,73 @@ def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constex
         # explicit rounding is skipped: it made the kernels ALU-bound (pair quantizer 0.63 -> 0.90
         # of a copy on the H100, run 22 of docs/BENCHMARKS.md). GPU tests check it bit for bit.
         return _encode(_scaled(x, eff, SMODE), ENC, True)
-    if ENC == 3 and not SR:
-        return _e2m1_codes(_scaled(x, eff, SMODE))
+    if ENC == 3:
+        y = _scaled(x, eff, SMODE)
+        if SR:
+            return _e2m1_codes_sr(y, _noise_bits(idx, seed_off))
+        return _e2m1_codes(y)
     q = _quant_values(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR, SMODE)
     return _encode(q, ENC, HW_FP8)
 
 
 @triton.jit
 def _e2m1_codes(y):
-    # FP4 E2M1 codes of scaled values y, rounded to nearest even: _round_float then _encode in
-    # about half the instructions (no per-element exponent; the fp4 quantizers were ALU-bound).
-    # The grid is 0, .5, 1, 1.5 (steps of 1/2 below 2), 2, 3 (steps of 1 below 4), 4, 6 (steps of
-    # 2): the code is round(2a), round(a) + 2 or round(a/2) + 4 by range, and halving/doubling
-    # is exact, so every tie rounds to the even code as _round_float's does. |y| saturates at 6
-    # (Inf too); NaN gives code 0, as _encode stores it.
-    a = tl.abs(y)
-    a = tl.where(a < 6.0, a, tl.where(a >= 6.0, 6.0, 0.0))
-    low = a < 2.0
-    mid = a < 4.0
-    v = tl.where(low, a * 2.0, tl.where(mid, a, a * 0.5))
-    r = (v + _TWO23) - _TWO23  # round half to even (0 <= v <= 4)
-    code = r.to(tl.int32) + tl.where(low, 0, tl.where(mid, 2, 4))
-    sign = ((y.to(tl.int32, bitcast=True) >> 31) & 1) << 3
-    return code | tl.where(y == y, sign, 0)  # a NaN's sign bit (a - b of NaNs may set it) is dropped
+    # FP4 E2M1 codes of scaled values y, rounded to nearest even, mostly in integer arithmetic on
+    # y's fp32 bits (the fp4 quantizers were ALU-bound; this is _round_float then _encode):
+    # - |y| >= 1 (codes 2..7, one mantissa bit): adding 2^21 - 1 plus the kept mantissa bit to the
+    #   bits rounds the 22 dropped bits half to even, a carry moving into the exponent as it should;
+    #   bits >> 22 is then (exponent + 127) * 2 + mantissa bit, and code = that - 252.
+    # - |y| < 1 (codes 0..2, steps of 1/2): 2|y| + 2^23 rounds 2|y| half to even, and the sum's
+    #   bits are 2^23's (0x4B000000) plus that integer: no float-to-int conversion (a slow op).
+    # |y| saturates at 6 as an integer min on the bits (Inf too); NaN gives code 0, sign dropped.
+    b = y.to(tl.int32, bitcast=True)
+    ba = b & 0x7FFFFFFF
+    bs = tl.minimum(ba, 0x40C00000)  # 6.0
+    hi = ((bs + (0x1FFFFF + ((bs >> 22) & 1))) >> 22) - 252
+    lo = (bs.to(tl.float32, bitcast=True) * 2.0 + _TWO23).to(tl.int32, bitcast=True) - 0x4B000000
+    code = tl.where(bs >= 0x3F800000, hi, lo) | ((b >> 28) & 8)
+    return tl.where(ba > 0x7F800000, 0, code)
+
+
+@triton.jit
+def _e2m1_codes_sr(y, k):
+    # FP4 E2M1 codes of scaled values y rounded stochastically with 24-bit noise k (u = k / 2^24):
+    # _round_float's SR step (floor v, then up when v's fraction exceeds u) then _encode, with v
+    # as _round_float forms it (2a below 2, a below 4, a/2 up to 6) and no float-int conversions
+    # where the bits give the answer:
+    # - |y| >= 1: floor(v)'s code is (bits >> 22) - 252 as in _e2m1_codes, and v's fraction is
+    #   the 22 bits below, so "fraction > u" is the integer test low22 * 4 > k.
+    # - |y| < 1: v = 2a < 2; floor(v) is (a >= 1/2) and the fraction 2a - floor(v) is exact.
+    # Codes are consecutive across ranges (code 3 + 1 is 2.0, 5 + 1 is 4.0), so rounding up past
+    # a range's top lands where the reference's grid value does. |y| saturates at 6 (Inf too);
+    # NaN gives code 0, sign dropped.
+    b = y.to(tl.int32, bitcast=True)
+    ba = b & 0x7FFFFFFF
+    bs = tl.minimum(ba, 0x40C00000)  # 6.0
+    hi = ((bs >> 22) - 252) + (((bs & 0x3FFFFF) << 2) > k).to(tl.int32)
+    v = bs.to(tl.float32, bitcast=True) * 2.0
+    half = v >= 1.0
+    u = k.to(tl.float32) * (1.0 / 16777216.0)
+    lo = half.to(tl.int32) + ((v - tl.where(half, 1.0, 0.0)) > u).to(tl.int32)
+    code = tl.where(bs >= 0x3F800000, hi, lo) | ((b >> 28) & 8)
+    return tl.where(ba > 0x7F800000, 0, code)
+
+
+@triton.jit
+def _noise_bits(idx, seed_off):
+    # 24-bit stochastic-rounding noise k (u = k / 2^24) from the hash of (index + seed offset)
+    # mod 2^32, as lowbit.quant.rounding's. idx: int64 indices, or uint32 keys with the offset in.
+    if idx.dtype == tl.uint32:  # already the key (the packed-words branch of _quantize_kernel)
+        key = idx
+    else:
+        key = (idx + seed_off).to(tl.uint32)
+    return (lowbias32(key) >> 8).to(tl.int32)
+
+
+@triton.jit
+def _noise(idx, seed_off):
+    # The noise as u in [0, 1).
+    return _noise_bits(idx, seed_off).to(tl.float32) * (1.0 / 16777216.0)
 
 
 @triton.jit
@@ -237,8 +281,7 @@ def _quant_values(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.const
     y = _scaled(x, eff, SMODE)
     u = y
     if SR:
-        h = lowbias32((idx + seed_off).to(tl.uint32))  # of (index + seed * golden) mod 2^32
-        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        u = _noise(idx, seed_off)  # of (index + seed * golden) mod 2^32
     if KIND_INT:
         q = _round_int(y, u, FMAX, SR)
     else:
@@ -341,7 +384,9 @@ def _quantize_kernel(
         w = tl.load(wp, wm, other=0)
         xe = (w << 16).to(tl.float32, bitcast=True)
         xo = (w & -65536).to(tl.float32, bitcast=True)
-        ie = rows.to(tl.int64)[:, None] * K + 2 * hc[None, :]
+        # Element indices for the noise hash, kept as the hash's uint32 key (index + seed offset)
+        # mod 2^32 — one 32-bit add per element instead of int64 arithmetic (SR only; unused else).
+        ie = (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
         if NG == 1:  # one group per row of the tile: 2-D (see _quant_tile on reshapes)
             amax = tl.maximum(tl.max(_abs_bits(xe), axis=1), tl.max(_abs_bits(xo), axis=1))
             s, eff = _scales(amax.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
