@@ -111,6 +111,16 @@ def test_bad_values_are_clear_errors(small_run):
         small_run(["dist=deepspeed", "dist.zero_stage=5", "run_name=x"])
 
 
+def test_wandb_logger_without_wandb_fails_before_any_work(small_run, tmp_path, monkeypatch):
+    # wandb is optional: asking for it where it does not import names the setting and the way out,
+    # before the run directory exists.
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any import of it now raises ImportError
+    for kind in ("wandb", "both"):
+        with pytest.raises(ImportError, match=f"logger.kind={kind} needs the wandb package.*console"):
+            small_run([f"logger.kind={kind}", "run_name=x"])
+    assert not any(Path(tmp_path).iterdir())
+
+
 def test_more_ranks_than_world_without_dist_is_an_error(small_run, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="dist=ddp"):

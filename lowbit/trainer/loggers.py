@@ -20,6 +20,22 @@ def wandb_mode(mode: WandbMode | str) -> str:
     return mode.value
 
 
+def check_logger_available(cfg: LoggerConfig) -> None:
+    """Fail before any work when the configured logger needs wandb (an optional package) and it
+    does not import, instead of after the run directory was made and the model built."""
+    kind = LoggerKind(cfg.kind)
+    if kind not in (LoggerKind.wandb, LoggerKind.both):
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        valid = ", ".join(k.value for k in LoggerKind)
+        raise ImportError(
+            f"logger.kind={kind.value} needs the wandb package, which did not import ({e}): "
+            f"install it (pip install 'wandb>=0.17') or pick a logger.kind without it (valid: {valid})"
+        ) from e
+
+
 class RunLogger:
     def __init__(
         self,

@@ -27,7 +27,7 @@ from lowbit.trainer.config import CompileMode, DistBackend, Precision, RunConfig
 from lowbit.trainer.data import BatchSource, eval_batches, load_data
 from lowbit.trainer.distributed import DistContext, barrier, broadcast_object, init_distributed, shutdown
 from lowbit.trainer.engines import DeepSpeedEngine, TorchEngine, uses_cuda_graphs
-from lowbit.trainer.loggers import RunLogger
+from lowbit.trainer.loggers import RunLogger, check_logger_available
 from lowbit.trainer.loop import LoopState, evaluate, train_loop
 from lowbit.trainer.metrics import device_peak_flops, format_bytes, mfu, peak_memory_bytes
 
@@ -187,6 +187,7 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
             raise ValueError(f"train.{key}={getattr(tc, key)} must be positive")
     if tc.seq_len > rc.model.max_seq_len:
         raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={rc.model.max_seq_len}")
+    check_logger_available(rc.logger)
 
     ctx = init_distributed(rc.dist, tc.device)
     try:
