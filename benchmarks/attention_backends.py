@@ -50,7 +50,8 @@ def main() -> None:
 
     q, k, v = leaf(b, h, s, d), leaf(b, kv, s, d), leaf(b, kv, s, d)
     grad_out = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    # Forward QK^T and PV, backward five matmuls of the same size: 3.5 x 2 matmuls; causal halves.
+    # 4·b·h·s²·d is the forward's two matmuls (QK^T, PV); the backward's five matmuls make 3.5x
+    # that in all; causal masking halves it.
     flops = 4 * b * h * s * s * d / 2 * 3.5
 
     def step(backend: SDPBackend | None, repeat: bool):

@@ -180,7 +180,6 @@ def test_e2m1_codes_match_ml_dtypes_and_the_reference():
     # round_to_format + encode with the same noise. NaN is code 0 (as lowbit.quant stores it).
     import ml_dtypes
     import numpy as np
-    import triton
 
     from lowbit.quant.formats import get_format
     from lowbit.quant.qtensor import encode
@@ -193,10 +192,10 @@ def test_e2m1_codes_match_ml_dtypes_and_the_reference():
     n = y.numel()
     u = uniform_noise(5, (n,), "cpu")
     u[-even.numel():] = frac
+    k = (u * 2**24).to(torch.int32)  # exact: u is a 24-bit fraction
     out = {}
     for sr in (False, True):
         c = torch.empty(n, dtype=torch.int32, device=DEV)
-        k = (u * 2**24).to(torch.int32)  # exact: u is a 24-bit fraction
         _e2m1_codes_kernel[(triton.cdiv(n, 1024),)](y.to(DEV), k.to(DEV), c, n, SR=sr, B=1024)
         out[sr] = c.cpu()
     finite = ~torch.isnan(y)
