@@ -206,6 +206,26 @@ def test_fused_feed_forward_without_an_input_gradient_and_under_autocast():
     assert outs[1][0].dtype == torch.bfloat16 and outs[1][1].dtype == torch.float32
 
 
+def test_fused_feed_forward_takes_its_input_in_the_autocast_dtype():
+    # As its layers (and nn.Linear) do under autocast: an fp32 input is used as its bf16 cast, bit
+    # for bit, and its gradient is that cast's bf16 gradient widened. The fused path runs both times.
+    _, fused = _ffn_pair()
+    twin = copy.deepcopy(fused)
+    gen = torch.Generator().manual_seed(6)
+    x, gy = torch.randn(2, 8, 64, generator=gen), torch.randn(2, 8, 64, generator=gen)
+    res = []
+    for ffn, inp in ((fused, x), (twin, x.to(torch.bfloat16))):
+        inp = inp.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ffn(inp)
+        assert "FusedFeedForward" in type(y.grad_fn).__name__
+        y.backward(gy.to(y.dtype))
+        res.append([y.detach(), inp.grad] + [getattr(ffn, n).weight.grad for n in ("w1", "w3", "w2")])
+    assert res[0][1].dtype == torch.float32 and res[1][1].dtype == torch.bfloat16  # each input's own
+    for name, a, b in zip(("y", "dx", "dw1", "dw3", "dw2"), *res):
+        assert torch.equal(a.float(), b.float()), name
+
+
 def test_compiled_fused_feed_forward_matches_eager_step_by_step(ffn_path):
     # One graph (fullgraph), the three custom ops inside; compiled and eager run the same ops, so
     # outputs, gradients and every history row agree bit for bit, call after call.

@@ -174,6 +174,30 @@ def test_autocast_output_dtype_and_fp32_grads():
     assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed", "mxfp4"])
+def test_autocast_quantizes_the_input_in_the_autocast_dtype(recipe):
+    # Under autocast nn.Linear computes with bf16(x) (TE and torchao quantize that too): so does
+    # QuantLinear. An fp32 input gives what its bf16 cast gives, bit for bit, and its gradient is
+    # that input's bf16 gradient widened (the dgrad GEMM writes bf16, half the bytes of fp32).
+    import copy
+
+    layer = QuantLinear(K, N, recipe=recipe, seed=3)
+    twin = copy.deepcopy(layer)  # the same generator state and histories
+    gen = torch.Generator().manual_seed(5)
+    x, gy = torch.randn(8, K, generator=gen), torch.randn(8, N, generator=gen)
+    grads = []
+    for mod, inp in ((layer, x), (twin, x.to(torch.bfloat16))):
+        inp = inp.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mod(inp)
+        y.backward(gy.to(y.dtype))
+        grads.append((y.detach(), inp.grad, mod.weight.grad))
+    (y32, gx32, gw32), (y16, gx16, gw16) = grads
+    assert torch.equal(y32, y16) and torch.equal(gw32, gw16)
+    assert gx32.dtype == torch.float32 and gx16.dtype == torch.bfloat16
+    assert torch.equal(gx32, gx16.float())
+
+
 def test_delayed_scaling_uses_history():
     layer = QuantLinear(K, N, bias=False, recipe="fp8_delayed")
     x = torch.randn(M, K)

@@ -76,6 +76,29 @@ def test_shared_input_matches_three_separate_layers(dtype):
     assert "SharedInput3" in type(q.grad_fn).__name__  # the shared path ran, not the layers
 
 
+def test_shared_input_takes_its_input_in_the_autocast_dtype():
+    # As the separate layers (and nn.Linear) do under autocast: an fp32 input is used as its bf16
+    # cast, bit for bit, and its gradient is that cast's bf16 gradient widened (the three dgrad
+    # GEMMs write bf16). The shared path runs both times.
+    _, shared = _attention_pair()
+    twin = copy.deepcopy(shared)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 16, 64, generator=gen)
+    gys = [torch.randn(2, 16, n, generator=gen) for n in (64, 32, 32)]
+    res = []
+    for attn, inp in ((shared, x), (twin, x.to(torch.bfloat16))):
+        inp = inp.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = attn.project_qkv(inp)
+        assert "SharedInput3" in type(outs[0].grad_fn).__name__
+        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(gys, outs)])
+        res.append([o.detach() for o in outs] + [inp.grad]
+                   + [getattr(attn, n).weight.grad for n in ("wq", "wk", "wv")])
+    assert res[0][3].dtype == torch.float32 and res[1][3].dtype == torch.bfloat16  # each input's own
+    for name, a, b in zip(("q", "k", "v", "dx", "dwq", "dwk", "dwv"), *res):
+        assert torch.equal(a.float(), b.float()), name
+
+
 def test_shared_input_without_an_input_gradient_under_autocast_and_with_hooks():
     # X needing no gradient (no dgrad: dY is quantized for wgrad only, as the separate layers do)
     # under bf16 autocast: outputs, weight gradients and histories equal to the separate layers'.

@@ -44,6 +44,7 @@ from lowbit.nn.quant_linear_traced import (
     _quantize_pair,
     _row,
     _saved,
+    autocast_input,
     history_owner,
     output_dtype,
 )
@@ -233,6 +234,7 @@ class QuantFeedForward(nn.Module):
         fused_function(self.w1.recipe, self.w1.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # as the layers would (the fallback's layers then cast nothing)
         if not (runs_shared([self.w1, self.w3, self.w2], x) and x.dtype in swiglu_pair.DTYPES):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         w1, w3, w2 = self.w1, self.w3, self.w2

@@ -32,6 +32,7 @@ from torch import nn
 import lowbit.kernels  # noqa: F401  (registers the Triton GEMM backend and fused quantizer; no triton import)
 from lowbit.nn import quant_linear_graph
 from lowbit.nn.quant_linear_traced import (
+    autocast_input,
     output_dtype,
     register_history_owner,
     traced_function,
@@ -154,6 +155,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.is_identity:
             return F.linear(x, self.weight, self.bias)
+        x = autocast_input(x)
         # Under torch.compile, fp8 tensor/row recipes are traced into the graph
         # (lowbit.nn.quant_linear_traced), most others run as graph ops of our kernels
         # (lowbit.nn.quant_linear_graph); telemetry steps and the rest run eagerly.

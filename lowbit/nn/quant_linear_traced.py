@@ -109,6 +109,20 @@ def output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x as nn.Linear computes with it: cast to the autocast dtype when autocast is on (as TE and
+    torchao also do before quantizing). The quantized layers take their input through this, so an
+    fp32 activation (the residual stream's RMSNorm output) is quantized from, and its gradient
+    returned in, bf16: half the bytes of fp32 on both sides, and the cast's own backward (fused by
+    Inductor into RMSNorm's) widens the gradient again."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype != dtype:
+            return x.to(dtype)
+    return x
+
+
 def traced_quant_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
 ) -> torch.Tensor:

@@ -31,6 +31,7 @@ from lowbit.nn.quant_linear_traced import (
     _register_op,
     _row,
     _saved,
+    autocast_input,
     output_dtype,
     why_not_traced,
 )
@@ -232,6 +233,7 @@ class QuantAttention(Attention):
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layers = [self.wq, self.wk, self.wv]
+        x = autocast_input(x)  # as each layer would (the fallback's layers then cast nothing)
         if not runs_shared(layers, x):
             return super().project_qkv(x)
         fn = shared_input_function(self.wq.recipe, self.wq.backend, 3)
