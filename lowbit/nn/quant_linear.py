@@ -15,9 +15,11 @@ data-parallel rank: runs repeat exactly, and the trainer's checkpoints save and 
 generators, so a resumed run draws the same noise as an uninterrupted one. Delayed-scaling amax
 histories are not checkpointed (a non-persistent buffer, so state dicts match across recipes).
 
-Under autocast the GEMMs still compute from the quantized values with fp32 accumulation
-(autocast is switched off inside), and the output takes the autocast dtype, as nn.Linear's would;
-cuBLAS and the Triton GEMM write that dtype (and add the bias) in their epilogue.
+Under autocast the input is first cast to the autocast dtype, as nn.Linear computes with it (TE
+and torchao quantize that cast too), so dX comes back in that dtype; the GEMMs still compute from
+the quantized values with fp32 accumulation (autocast is switched off inside), and the output
+takes the autocast dtype, as nn.Linear's would; cuBLAS and the Triton GEMM write that dtype (and
+add the bias) in their epilogue. The weight is quantized from its own dtype (fp32 master weights).
 """
 
 from __future__ import annotations
