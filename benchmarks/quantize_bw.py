@@ -40,6 +40,7 @@ SPECS = {
     "fp8_row": QuantSpec("fp8_e4m3", "row"),
     "int8_row": QuantSpec("int8", "row"),
     "int4_row": QuantSpec("int4", "row"),
+    "int4_g32": QuantSpec("int4", 32),
 }
 
 

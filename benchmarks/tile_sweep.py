@@ -2,11 +2,13 @@
 
     python benchmarks/tile_sweep.py pair       # fp8 pair kernel (X and X^T), tile x warps, per shape
     python benchmarks/tile_sweep.py quantize   # 1-D group quantize (MXFP4/NVFP4/MXFP8), tile knobs
+    python benchmarks/tile_sweep.py rows       # row-scaled quantize (fp8/int8/int4), chunk x warps
 
 `pair`: the pair kernel as the traced fp8 layers call it (e4m3, one tensor scale, amax given),
 each tile/warps choice timed with triton's do_bench against a copy of the same bytes.
 `quantize`: lowbit.kernels.quantize with its module knobs (TILE_ELEMS, GROUP_COLS, warps) varied,
 device time of 20 calls replayed in a CUDA graph against a copy likewise timed.
+`rows`: the same timing with ROW_CHUNK (rows wider are read twice) and the warps varied.
 Prints the current choice and the four or five best per shape.
 """
 
@@ -91,8 +93,37 @@ def sweep_quantize() -> None:
             print(f"{shape} {name}: now {now:.3f} of a copy; best: {best}", flush=True)
 
 
+def sweep_rows() -> None:
+    from quantize_bw import SPECS, _bench_graph, _nbytes
+
+    from lowbit.kernels import _quantize_triton as kt
+    from lowbit.kernels import quantize as kq
+
+    warps_rule = kt._warps
+    for shape in ("8192x4096", "8192x14336"):
+        r, k = map(int, shape.split("x"))
+        x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 3
+        dst = torch.empty_like(x)
+        copy_bw = 4 * x.numel() / _bench_graph(lambda: dst.copy_(x)) / 1e6  # noqa: B023
+        for name in ("fp8_row", "int8_row", "int4_row"):
+            spec = SPECS[name]
+            nbytes = x.numel() * 2 + _nbytes(kq.quantize(x, spec, seed=1))
+            res = []
+            for chunk, warps in itertools.product((2048, 4096, 8192, 16384), (0, 4, 8, 16)):
+                kt.ROW_CHUNK = chunk
+                kt._warps = warps_rule if warps == 0 else (lambda *a, w=warps: w)
+                t = _bench_graph(lambda: kq.quantize(x, spec, seed=1))  # noqa: B023
+                res.append((nbytes / t / 1e6 / copy_bw, chunk, warps))
+            kt.ROW_CHUNK, kt._warps = 4096, warps_rule
+            now = next(f for f, c, w in res if (c, w) == (4096, 0))
+            res.sort(reverse=True)
+            best = "; ".join(f"{c}/w{w or 'rule'} {f:.3f}" for f, c, w in res[:6])
+            print(f"{shape} {name}: now {now:.3f} of a copy; best: {best}", flush=True)
+
+
 if __name__ == "__main__":
     kind = sys.argv[1] if len(sys.argv) > 1 else ""
-    if kind not in ("pair", "quantize"):
-        raise SystemExit(f"usage: tile_sweep.py pair|quantize (got {kind!r})")
-    sweep_pair() if kind == "pair" else sweep_quantize()
+    sweeps = {"pair": sweep_pair, "quantize": sweep_quantize, "rows": sweep_rows}
+    if kind not in sweeps:
+        raise SystemExit(f"usage: tile_sweep.py {'|'.join(sweeps)} (got {kind!r})")
+    sweeps[kind]()

@@ -16,7 +16,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from lowbit.kernels import quantize as kq  # noqa: E402
-from lowbit.kernels._quantize_triton import _e2m1_codes, _e2m1_codes_sr  # noqa: E402
+from lowbit.kernels._quantize_triton import _e2m1_codes, _e2m1_codes_sr, _int_codes  # noqa: E402
 from lowbit.quant import QuantSpec, quantize  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,6 +122,9 @@ def test_rows_longer_than_one_tile_loop_over_chunks(spec, monkeypatch):
         ((7, 50), QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic")),  # ragged last group, NVFP4
         ((5, 256), QuantSpec("fp4_e2m1", 128, "e8m0_up")),  # one group per tile row
         ((9, 64), QuantSpec("int4", 32, "fp32", "stochastic")),
+        ((5, 250), QuantSpec("int4", "row")),  # a row in one tile, ragged
+        ((6, 3000), QuantSpec("int4", "row")),  # rows over ROW_CHUNK: two reads, ragged end
+        ((6, 3000), QuantSpec("int4", "row", "fp32", "stochastic")),
     ],
 )
 def test_packed_groups_of_bf16_read_as_words(shape, spec, monkeypatch):
@@ -129,7 +132,9 @@ def test_packed_groups_of_bf16_read_as_words(shape, spec, monkeypatch):
     # the same codes as the reference and as the element-wise read.
     import lowbit.kernels._quantize_triton as kt
 
+    monkeypatch.setattr(kt, "ROW_CHUNK", 512)
     x = _x(shape, seed=12, dtype=torch.bfloat16)
+    x.view(-1)[7] = float("nan")  # a NaN row: NaN scale, codes 0 (the reference's)
     ref = quantize(x, spec, seed=6)
     check_same_qtensor(ref, kq.quantize(x.to(DEV), spec, seed=6))
     monkeypatch.setattr(kt, "PAIRED_WORDS", False)
@@ -207,6 +212,33 @@ def test_e2m1_codes_match_ml_dtypes_and_the_reference():
     assert not packed
     assert torch.equal(out[True][finite], codes[finite, 0].to(torch.int32))
     assert not torch.equal(out[True], out[False])  # the noise moved some codes
+
+
+@triton.jit
+def _int_codes_kernel(y_ptr, c_ptr, n, FMAX: tl.constexpr, ENC: tl.constexpr, B: tl.constexpr):
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    m = i < n
+    tl.store(c_ptr + i, _int_codes(tl.load(y_ptr + i, m, other=0.0), FMAX, ENC), m)
+
+
+@pytest.mark.parametrize("fmt,fmax,enc,mask", [("int8", 127.0, 2, 0xFF), ("int4", 7.0, 4, 0xF)])
+def test_int_codes_match_torch_round(fmt, fmax, enc, mask):
+    # The integer code function of the quantize kernel on its own against torch.round (half to
+    # even) of the clamped value, two's complement in the storage width: every bf16 value in
+    # [0, 256], each tie k + 1/2 and its fp32 neighbours, specials; both signs. NaN is code 0.
+    from lowbit.kernels.quantize import _ENC
+
+    assert _ENC[fmt] == enc
+    grid = torch.arange(0, 0x4381, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    ties = torch.arange(0, 130, dtype=torch.float32) + 0.5
+    inf = torch.tensor(float("inf"))
+    special = torch.tensor([float("inf"), 3e38, 1e-45, 1e-40, fmax, fmax + 0.5, 2.0**22, 2.0**23 + 1])
+    v = torch.cat([grid, ties, torch.nextafter(ties, inf), torch.nextafter(ties, -inf), special])
+    y = torch.cat([v, -v, torch.tensor([float("nan")])])
+    c = torch.empty(y.numel(), dtype=torch.int32, device=DEV)
+    _int_codes_kernel[(triton.cdiv(y.numel(), 1024),)](y.to(DEV), c, y.numel(), FMAX=fmax, ENC=enc, B=1024)
+    want = torch.round(y.clamp(-fmax, fmax)).nan_to_num(0.0).to(torch.int32) & mask
+    assert torch.equal(c.cpu(), want)
 
 
 @pytest.mark.parametrize("in_place", [False, True])

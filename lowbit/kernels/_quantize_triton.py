@@ -191,6 +191,8 @@ def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constex
         if SR:
             return _e2m1_codes_sr(y, _noise_bits(idx, seed_off))
         return _e2m1_codes(y)
+    if KIND_INT and not SR:
+        return _int_codes(_scaled(x, eff, SMODE), FMAX, ENC)
     q = _quant_values(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR, SMODE)
     return _encode(q, ENC, HW_FP8)
 
@@ -212,6 +214,21 @@ def _e2m1_codes(y):
     lo = (bs.to(tl.float32, bitcast=True) * 2.0 + _TWO23).to(tl.int32, bitcast=True) - 0x4B000000
     code = tl.where(bs >= 0x3F800000, hi, lo) | ((b >> 28) & 8)
     return tl.where(ba > 0x7F800000, 0, code)
+
+
+@triton.jit
+def _int_codes(y, FMAX: tl.constexpr, ENC: tl.constexpr):
+    # int8 / int4 codes (two's complement, masked to the storage width) of scaled values y rounded
+    # to nearest even: _round_int then _encode without their float-to-int conversion (a slow op
+    # on sm_90): |y| clamped to FMAX (< 2^22) plus 2^23 rounds half to even, and the sum's bits
+    # are 2^23's (0x4B000000) plus the rounded magnitude. NaN gives code 0, as _encode stores it.
+    m = (tl.minimum(tl.abs(y), FMAX) + _TWO23).to(tl.int32, bitcast=True) - 0x4B000000
+    code = tl.where(y < 0, -m, m)
+    code = tl.where(y != y, 0, code)
+    if ENC == 4:
+        return code & 0xF
+    else:
+        return code & 0xFF
 
 
 @triton.jit
@@ -332,6 +349,18 @@ def _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS: tl.constex
     return _rotate_tile(x, cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS, GMODE == 0)
 
 
+@triton.jit
+def _load_words(x_ptr, rows, hc, R, K, sxr):
+    # Packed 4-bit codes of a bf16 matrix: each int32 word holds elements 2c (low half) and 2c + 1
+    # (high half), which become one byte's two nibbles. Loading words and splitting them into the
+    # even and odd columns by shifts (bf16 -> fp32 is exact as a shift) needs no register shuffle
+    # to pair the nibbles up (the [BR, BC // 2, 2] split of _store_codes). -> (even, odd, mask).
+    wm = (rows[:, None] < R) & (hc[None, :] < K // 2)
+    wp = x_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (sxr // 2) + hc[None, :]
+    w = tl.load(wp, wm, other=0)
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True), wm
+
+
 @triton.jit(do_not_specialize=["seed_off", "sign_off"])
 def _quantize_kernel(
     x_ptr, d_ptr, s_ptr, ts_ptr, ga_ptr, ta_ptr, R, K, sxr, sxk, sdr, ssr, ssc, seed_off, sign_off,
@@ -353,7 +382,25 @@ def _quantize_kernel(
     t_amax = 1.0
     if SMODE == 3:
         t_amax = tl.load(ta_ptr)  # the data's own amax (NVFP4 tensor scale), not an override
-    if GMODE == 1 and not ONE_TILE:  # long row: amax over the row, then quantize (re-read from L2)
+    if GMODE == 1 and not ONE_TILE and WORDS:  # a long row of packed codes read as words (below)
+        H: tl.constexpr = BC // 2
+        amax = tl.zeros([BR], tl.int32)
+        for h0 in range(0, K // 2, H):
+            xe, xo, wm = _load_words(x_ptr, rows, h0 + tl.arange(0, H), R, K, sxr)
+            amax = tl.maximum(amax, tl.maximum(tl.max(_abs_bits(xe), axis=1), tl.max(_abs_bits(xo), axis=1)))
+        s, eff = _scales(amax.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
+        tl.store(s_ptr + rows * ssr, s, rmask)
+        for h0 in range(0, K // 2, H):
+            hc = h0 + tl.arange(0, H)
+            xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr)
+            ie = (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
+            ce = _quant_tile(xe, eff[:, None], ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                             ENC, SR, SMODE, HW_FP8, False)
+            co = _quant_tile(xo, eff[:, None], ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                             ENC, SR, SMODE, HW_FP8, False)
+            dp = d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :]
+            tl.store(dp, (ce | (co << 4)).to(tl.uint8), wm)
+    elif GMODE == 1 and not ONE_TILE:  # long row: amax over the row, then quantize (re-read from L2)
         amax = tl.zeros([BR], tl.int32)
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
@@ -371,19 +418,11 @@ def _quantize_kernel(
             codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                                 ENC, SR, SMODE, HW_FP8, TRANS)
             _store_codes(d_ptr, codes, rows, cols, k0, R, K, sdr, BR, BC, PACK)
-    elif GMODE == 0 and WORDS:
-        # Packed 4-bit codes of a bf16 matrix. Each int32 word holds elements 2c (low half) and
-        # 2c + 1 (high half), which become one byte's two nibbles: the tile is loaded as words and
-        # split into its even and odd columns by shifts (bf16 -> fp32 is exact as a shift), so no
-        # register shuffle pairs the nibbles up (the [BR, BC // 2, 2] split of _store_codes).
+    elif WORDS:  # packed 1-D groups, or a row in one tile (G == BC then: one group per tile row)
         H: tl.constexpr = BC // 2
         NG: tl.constexpr = BC // G
         hc = pid_c * H + tl.arange(0, H)
-        wm = rmask[:, None] & (hc[None, :] < K // 2)
-        wp = x_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (sxr // 2) + hc[None, :]
-        w = tl.load(wp, wm, other=0)
-        xe = (w << 16).to(tl.float32, bitcast=True)
-        xo = (w & -65536).to(tl.float32, bitcast=True)
+        xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr)
         # Element indices for the noise hash, kept as the hash's uint32 key (index + seed offset)
         # mod 2^32 — one 32-bit add per element instead of int64 arithmetic (SR only; unused else).
         ie = (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
@@ -480,7 +519,7 @@ ROTATED_WARPS = 0
 # with SR): 8 x 512 on 8 warps best or within 5% of it among 4 x 1024 to 128 x 32 on 4 or 8 warps.
 STRIDED_TILE = (8, 512)
 STRIDED_WARPS = 8
-# Packed (fp4/int4) 1-D groups of a bf16 matrix read as int32 words of two elements.
+# Packed (fp4/int4) 1-D groups and rows of a bf16 matrix read as int32 words of two elements.
 PAIRED_WORDS = True
 
 
@@ -526,10 +565,12 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         bc = max(g, 2, hadamard, min(kp, chunk))
         br = max(1, min(rp, (ROTATED_ELEMS if hadamard > 1 else TILE_ELEMS) // bc))
     one_tile = gmode == 1 and bc >= k
-    # bf16 words of two elements for packed 1-D groups (see the kernel's WORDS branch).
-    words = (PAIRED_WORDS and packed and hadamard == 1 and gmode == 0 and not trans
+    # bf16 words of two elements for packed 1-D groups and rows (see the kernel's _load_words).
+    words = (PAIRED_WORDS and packed and hadamard == 1 and gmode in (0, 1) and not trans
              and x2.dtype == torch.bfloat16
              and x2.stride(1) == 1 and x2.stride(0) % 2 == 0 and aligned(x2, 4))
+    if words and gmode == 1:
+        g = bc  # a row in one tile is the words branch's one group per tile row
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
     warps = (strided and STRIDED_WARPS) or (hadamard > 1 and ROTATED_WARPS) or _warps(gmode, br, bc, enc)
     dummy = scale
