@@ -65,60 +65,50 @@ def sweep_pair() -> None:
               f"{t_copy / now:.2f} of a copy; best: {best}", flush=True)
 
 
-def sweep_quantize() -> None:
+def _sweep_module_knobs(names: tuple[str, ...], knobs: dict[str, tuple[int, ...]], top: int) -> None:
+    # lowbit.kernels.quantize on each spec of `names`, for every combination of the module knobs
+    # of _quantize_triton in `knobs` (their first values are the defaults) and of the warps
+    # ("rule": the module's own _warps); device time in CUDA graphs against a copy.
     from quantize_bw import SPECS, _bench_graph, _nbytes
 
     from lowbit.kernels import _quantize_triton as kt
     from lowbit.kernels import quantize as kq
 
     warps_rule = kt._warps
+    defaults = {knob: getattr(kt, knob) for knob in knobs}
     for shape in ("8192x4096", "8192x14336"):
         r, k = map(int, shape.split("x"))
         x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 3
         dst = torch.empty_like(x)
         copy_bw = 4 * x.numel() / _bench_graph(lambda: dst.copy_(x)) / 1e6  # noqa: B023
-        for name in ("mxfp4", "mxfp4_sr", "nvfp4", "mxfp8"):
+        for name in names:
             spec = SPECS[name]
             nbytes = x.numel() * 2 + _nbytes(kq.quantize(x, spec, seed=1))
             res = []
-            for elems, cols, warps in itertools.product((4096, 8192, 16384), (128, 256, 512), (0, 8)):
-                kt.TILE_ELEMS, kt.GROUP_COLS = elems, cols
+            for *values, warps in itertools.product(*knobs.values(), (0, 4, 8, 16)):
+                for knob, v in zip(knobs, values):
+                    setattr(kt, knob, v)
                 kt._warps = warps_rule if warps == 0 else (lambda *a, w=warps: w)
                 t = _bench_graph(lambda: kq.quantize(x, spec, seed=1))  # noqa: B023
-                res.append((nbytes / t / 1e6 / copy_bw, elems, cols, warps))
-            kt.TILE_ELEMS, kt.GROUP_COLS, kt._warps = 4096, 128, warps_rule
-            now = next(f for f, e, c, w in res if (e, c, w) == (4096, 128, 0))
+                res.append((nbytes / t / 1e6 / copy_bw, "/".join(map(str, values)) + f"/w{warps or 'rule'}"))
+            for knob, v in defaults.items():
+                setattr(kt, knob, v)
+            kt._warps = warps_rule
+            now_key = "/".join(map(str, defaults.values())) + "/wrule"
+            now = next(f for f, key in res if key == now_key)
             res.sort(reverse=True)
-            best = "; ".join(f"{e}/{c}/w{w or 'rule'} {f:.3f}" for f, e, c, w in res[:5])
-            print(f"{shape} {name}: now {now:.3f} of a copy; best: {best}", flush=True)
+            best = "; ".join(f"{key} {f:.3f}" for f, key in res[:top])
+            label = "/".join([*knobs, "warps"])
+            print(f"{shape} {name} ({label}): now {now:.3f} of a copy; best: {best}", flush=True)
+
+
+def sweep_quantize() -> None:
+    _sweep_module_knobs(("mxfp4", "mxfp4_sr", "nvfp4", "mxfp8"),
+                        {"TILE_ELEMS": (4096, 8192, 16384), "GROUP_COLS": (128, 256, 512)}, top=5)
 
 
 def sweep_rows() -> None:
-    from quantize_bw import SPECS, _bench_graph, _nbytes
-
-    from lowbit.kernels import _quantize_triton as kt
-    from lowbit.kernels import quantize as kq
-
-    warps_rule = kt._warps
-    for shape in ("8192x4096", "8192x14336"):
-        r, k = map(int, shape.split("x"))
-        x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 3
-        dst = torch.empty_like(x)
-        copy_bw = 4 * x.numel() / _bench_graph(lambda: dst.copy_(x)) / 1e6  # noqa: B023
-        for name in ("fp8_row", "int8_row", "int4_row"):
-            spec = SPECS[name]
-            nbytes = x.numel() * 2 + _nbytes(kq.quantize(x, spec, seed=1))
-            res = []
-            for chunk, warps in itertools.product((2048, 4096, 8192, 16384), (0, 4, 8, 16)):
-                kt.ROW_CHUNK = chunk
-                kt._warps = warps_rule if warps == 0 else (lambda *a, w=warps: w)
-                t = _bench_graph(lambda: kq.quantize(x, spec, seed=1))  # noqa: B023
-                res.append((nbytes / t / 1e6 / copy_bw, chunk, warps))
-            kt.ROW_CHUNK, kt._warps = 4096, warps_rule
-            now = next(f for f, c, w in res if (c, w) == (4096, 0))
-            res.sort(reverse=True)
-            best = "; ".join(f"{c}/w{w or 'rule'} {f:.3f}" for f, c, w in res[:6])
-            print(f"{shape} {name}: now {now:.3f} of a copy; best: {best}", flush=True)
+    _sweep_module_knobs(("fp8_row", "int8_row", "int4_row"), {"ROW_CHUNK": (4096, 2048, 8192, 16384)}, top=6)
 
 
 if __name__ == "__main__":
