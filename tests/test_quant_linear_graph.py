@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.nn import QuantLinear, convert_model
+from lowbit.nn import QuantLinear, convert_model, quant_linear_graph
 from lowbit.nn.quant_linear_graph import graph_quant_linear, next_graph_seeds, recipe_key, why_not_graph
 from lowbit.quant import RECIPES
 from lowbit.quant.gemm import OperandPlan, derive_seed, gemm_operands, prepare_operand_pair
@@ -82,8 +82,9 @@ def _check_ops(layer, device, dtype):
     seeds = seed_table(torch.tensor(host_seeds, device=device))
     key, w = recipe_key(layer.recipe), layer.weight.detach()
     b = None if layer.bias is None else layer.bias.detach()
-    y, *saved = torch.ops.lowbit.qlinear_forward(x2, w, b, seeds, key, layer.backend, True, True, dtype)
-    dx, dw = torch.ops.lowbit.qlinear_backward(
+    forward_op, backward_op = quant_linear_graph.graph_ops()
+    y, *saved = forward_op(x2, w, b, seeds, key, layer.backend, True, True, dtype)
+    dx, dw = backward_op(
         gy, *saved, seeds, key, layer.backend, True, True, T, K, dtype, w.dtype
     )
     ref_y, ref_dx, ref_dw, x_t, w_t = _building_blocks(layer, x2, gy, host_seeds)
@@ -287,8 +288,8 @@ print("ok")
 def test_gpu_opaque_ops_replayed_as_cuda_graphs_draw_new_seeds(recipe):
     # torch.compile(mode="reduce-overhead") records the opaque ops' kernels into CUDA graphs and
     # replays them: the seed counter must still advance on the device at every replay, and each
-    # call must be what the uncompiled ops compute with the same counter. (Its own process: the
-    # op form is fixed when the ops are first registered.)
+    # call must be what the uncompiled ops compute with the same counter. (Its own process, so
+    # that no earlier test's CUDA graphs or compiled code are in the way.)
     import os
     import subprocess
     import sys
@@ -299,16 +300,56 @@ def test_gpu_opaque_ops_replayed_as_cuda_graphs_draw_new_seeds(recipe):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def test_select_mode_checks_its_argument_and_the_registered_form(monkeypatch):
-    from lowbit.nn import quant_linear_graph
-
+def test_select_mode_checks_its_argument(monkeypatch):
     with pytest.raises(ValueError, match="'fast'.*valid choices: 0, recorded, opaque"):
         quant_linear_graph.select_mode("fast")
-    monkeypatch.setattr(quant_linear_graph, "_registered_form", "recorded")
-    with pytest.raises(RuntimeError, match="already registered as recorded"):
-        quant_linear_graph.select_mode("opaque")
+    monkeypatch.setattr(quant_linear_graph, "MODE", "recorded")
+    quant_linear_graph.select_mode("opaque")
+    assert quant_linear_graph.MODE == "opaque"
     quant_linear_graph.select_mode("0")  # switching the ops off is always possible
     assert quant_linear_graph.MODE == "0"
+
+
+def _compiled_call_matches_the_ops(recipe, device, dtype):
+    # One compiled fwd+bwd of a fresh layer against the uncompiled graph ops with the same seeds.
+    torch._dynamo.reset()
+    kw = dict(bias=False, recipe=recipe, device=device, dtype=dtype)
+    layer, same = QuantLinear(K, N, **kw), QuantLinear(K, N, **kw)
+    same.load_state_dict(layer.state_dict())
+    x = torch.randn(2, T // 2, K, device=device, dtype=dtype)
+    gy = torch.randn(2, T // 2, N, device=device, dtype=dtype)
+    xa, xb = (x.clone().requires_grad_(True) for _ in range(2))
+    torch.compile(layer, fullgraph=True)(xa).backward(gy)
+    graph_quant_linear(xb, same.weight, None, same).backward(gy)
+    for name, a, b in (("dx", xb.grad, xa.grad), ("dw", same.weight.grad, layer.weight.grad)):
+        err = float((a.float() - b.float()).norm() / a.float().norm())
+        assert err < 2e-3, f"{name}: relative error {err:.2e}"
+    assert int(layer.graph_calls) == 1
+
+
+def _both_forms_in_one_process(device, dtype):
+    # A "recorded" run (a benchmark) and then an "opaque" one (train.compile_mode=reduce_overhead)
+    # in one process: each form has ops of its own names, and layers built under either mode run.
+    quant_linear_graph.select_mode("recorded")
+    _compiled_call_matches_the_ops("mxfp4", device, dtype)
+    quant_linear_graph.select_mode("opaque")
+    _compiled_call_matches_the_ops("mxfp4", device, dtype)
+    quant_linear_graph.select_mode("recorded")
+    _compiled_call_matches_the_ops("mxfp4", device, dtype)
+    ops = {quant_linear_graph.graph_ops(m) for m in ("recorded", "opaque")}
+    # On CUDA the two forms are two pairs of ops; under the interpreter both are the opaque pair.
+    assert len(ops) == (1 if device == "cpu" else 2)
+
+
+@INTERPRETED
+def test_both_forms_in_one_process():
+    _both_forms_in_one_process("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gpu_both_forms_in_one_process():
+    _both_forms_in_one_process("cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -330,7 +371,6 @@ def test_trainer_runs_graph_ops_under_cuda_graphs(monkeypatch, mode, device, env
 
     # Whatever an earlier run in the process chose: the opposite of what this run should get.
     monkeypatch.setattr(quant_linear_graph, "MODE", "0" if expected == "opaque" else "opaque")
-    monkeypatch.setattr(quant_linear_graph, "_registered_form", None)
     if env is None:
         monkeypatch.delenv("LOWBIT_GRAPH_OPS", raising=False)
     else:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -158,15 +156,6 @@ def test_kill_and_resume_is_bitwise_for_compiled_graph_op_training(small_run, mo
     # device, which the checkpoint must bring back, or the resumed run would redraw used seeds.
     from lowbit.nn import quant_linear_graph
 
-    if quant_linear_graph._registered_form == "recorded":
-        # An earlier test in this process registered the ops as triton_ops (CUDA), and a process
-        # has one form (quant_linear_graph.select_mode): run this test in a process of its own.
-        # (Run 128 on the H100 failed here, after tests/test_quant_linear_graph.py.)
-        node = f"{__file__}::test_kill_and_resume_is_bitwise_for_compiled_graph_op_training"
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
-        return
     monkeypatch.setenv("LOWBIT_GRAPH_OPS", "opaque")  # the user's choice, which the trainer keeps
     monkeypatch.setattr(quant_linear_graph, "MODE", "opaque")
     extra = ["train.steps=4", "train.eval_every=4", "quant=mxfp4", "train.compile=true"]

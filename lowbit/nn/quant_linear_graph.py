@@ -61,8 +61,8 @@ if TYPE_CHECKING:
 # Backends whose kernels launch through lowbit.kernels.launch (a user-registered backend may launch
 # its own kernels directly, which a traced graph cannot record).
 GRAPH_BACKENDS = ("auto", "emulate", "reference", "scaled_mm", "triton")
-# LOWBIT_GRAPH_OPS (read when the ops are first registered): "0" (the default unless the trainer
-# selects another, `select_mode`) these recipes stay eager under torch.compile; "recorded"
+# LOWBIT_GRAPH_OPS (read at import; the trainer keeps the user's choice): "0" (the default unless
+# the trainer selects another, `select_mode`) these recipes stay eager under torch.compile; "recorded"
 # triton_ops on CUDA (Inductor launches the kernels); "opaque" custom ops whose Python runs per
 # call, or once per CUDA-graph recording (module docstring).
 MODES = ("0", "recorded", "opaque")
@@ -77,9 +77,9 @@ def mode_from_env() -> str | None:
 
 
 def select_mode(mode: str) -> None:
-    """Use graph ops of this form from now on (`MODES`), in every QuantLinear's next compiled
-    call (layers read the module's mode when traced). Before a model is built: the ops' form is
-    fixed when they are first registered, and asking for the other form afterwards raises.
+    """Use graph ops of this form from now on (`MODES`), in every QuantLinear built afterwards and
+    every layer's next compiled call (layers read the module's mode when traced). Both forms can
+    live in one process: each registers ops of its own names (`graph_ops`).
 
     The trainer selects "opaque" when the compiled model replays CUDA graphs: replayed as CUDA
     graphs the ops' Python no longer runs per call (H100, 1b mxfp4: 0.66x BF16 against the eager
@@ -87,11 +87,6 @@ def select_mode(mode: str) -> None:
     global MODE
     if mode not in MODES:
         raise ValueError(f"graph-op mode {mode!r}; valid choices: {', '.join(MODES)}")
-    if mode != "0" and _registered_form not in (None, _form(mode)):
-        raise RuntimeError(
-            f"graph ops are already registered as {_registered_form} ops in this process; "
-            f"cannot switch to {mode!r} (set LOWBIT_GRAPH_OPS before the first model is built)"
-        )
     MODE = mode
 
 
@@ -141,7 +136,7 @@ def next_graph_seeds(layer: QuantLinear) -> torch.Tensor:
     saved X^T's and W^T's)."""
     from lowbit.nn.quant_linear import _rank
 
-    _register()
+    _register_seeds()
     # Per layer and rank (a Python int; the constant keeps layer 0 / rank 0 off the hash's fixed point 0).
     stream = lowbias32_int(layer.seed * 0x10001 + _rank() * 0x3F1 + 0x5EED)
     return torch.ops.lowbit.next_graph_seeds(layer.graph_calls, stream)
@@ -154,8 +149,14 @@ def _seeds_of(calls: torch.Tensor, stream: int) -> torch.Tensor:
 
 # --- the ops ----------------------------------------------------------------------------------
 
-_FWD, _BWD, _SEEDS = "lowbit::qlinear_forward", "lowbit::qlinear_backward", "lowbit::next_graph_seeds"
-_registered_form: str | None = None  # "recorded" or "opaque" once the ops are registered
+# Op names per form: a process may register both (a "recorded" benchmark, then a CUDA-graph run).
+_OP_NAMES = {
+    "opaque": ("qlinear_forward", "qlinear_backward"),
+    "recorded": ("qlinear_forward_recorded", "qlinear_backward_recorded"),
+}
+_SEEDS = "lowbit::next_graph_seeds"
+_ops: dict[str, tuple[torch._ops.OpOverloadPacket, torch._ops.OpOverloadPacket]] = {}
+_seeds_registered = False
 
 
 def _plan(spec: QuantSpec, gemm: GemmSpec, seed: DeviceSeed, role: int, want: bool) -> OperandPlan | None:
@@ -255,28 +256,21 @@ def _backward_body(
     return dx, dw
 
 
-def _register() -> None:
-    """Define both ops once: triton_ops where Triton kernels are recorded (CUDA), else opaque
-    custom ops whose fake (shape) implementation runs the same body on fake tensors."""
-    global _registered_form
-    if _registered_form is not None:
+def graph_ops(mode: str | None = None) -> tuple[torch._ops.OpOverloadPacket, torch._ops.OpOverloadPacket]:
+    """The (forward, backward) ops of the form `mode` gives (default: the current mode's),
+    registered on first use: "recorded" on CUDA is a pair of triton_ops, anything else a pair of
+    opaque custom ops (under TRITON_INTERPRET=1 "recorded" is opaque too)."""
+    form = _form(MODE if mode is None else mode)
+    if form not in _ops:
+        _register(form)
+    return _ops[form]
+
+
+def _register_seeds() -> None:
+    global _seeds_registered
+    if _seeds_registered:
         return
-    from torch.library import custom_op, triton_op
-
-    recorded = _form(MODE) == "recorded"
-    if recorded:
-        from lowbit.kernels.launch import cache_kernel_analysis, enable_recording
-
-        enable_recording()
-        cache_kernel_analysis()
-    define = (
-        (lambda name, fn: triton_op(name, fn, mutates_args=()))
-        if recorded
-        else (lambda name, fn: custom_op(name, fn, mutates_args=()))
-    )
-
-    # The bodies themselves are the ops (their annotations give the schemas).
-    fwd, bwd = define(_FWD, _forward_body), define(_BWD, _backward_body)
+    from torch.library import custom_op
 
     @custom_op(_SEEDS, mutates_args=("calls",))
     def next_seeds(calls: torch.Tensor, stream: int) -> torch.Tensor:
@@ -292,6 +286,32 @@ def _register() -> None:
     def _(calls, stream):  # noqa: ANN001, ANN202
         return calls.new_empty((2, 3, DERIVED_STREAMS))
 
+    _seeds_registered = True
+
+
+def _register(form: str) -> None:
+    """Define the forward and backward ops of one form: triton_ops where Triton kernels are
+    recorded (CUDA), else opaque custom ops whose fake (shape) implementation runs the same body
+    on fake tensors. Once recorded ops exist, every launch goes through wrap_triton
+    (lowbit.kernels.launch.enable_recording), which outside a triton_op launches the kernel as
+    before at a few microseconds more host time."""
+    from torch.library import custom_op, triton_op
+
+    recorded = form == "recorded"
+    if recorded:
+        from lowbit.kernels.launch import cache_kernel_analysis, enable_recording
+
+        enable_recording()
+        cache_kernel_analysis()
+    define = (
+        (lambda name, fn: triton_op(name, fn, mutates_args=()))
+        if recorded
+        else (lambda name, fn: custom_op(name, fn, mutates_args=()))
+    )
+
+    # The bodies themselves are the ops (their annotations give the schemas).
+    fwd_name, bwd_name = _OP_NAMES[form]
+    fwd, bwd = define(f"lowbit::{fwd_name}", _forward_body), define(f"lowbit::{bwd_name}", _backward_body)
     if not recorded:
 
         def fake_forward(*args):  # noqa: ANN002, ANN202
@@ -304,7 +324,8 @@ def _register() -> None:
 
         fwd.register_fake(fake_forward)
         bwd.register_fake(fake_backward)
-    _registered_form = _form(MODE)
+    _register_seeds()
+    _ops[form] = (getattr(torch.ops.lowbit, fwd_name), getattr(torch.ops.lowbit, bwd_name))
 
 
 def graph_quant_linear(
@@ -323,16 +344,17 @@ def usable(layer: QuantLinear, x: torch.Tensor) -> bool:
     return why_not_graph(layer.recipe, layer.backend) is None and triton_runs_on(x)
 
 
-_FUNCTIONS: dict[tuple[Recipe, str], type[torch.autograd.Function]] = {}
+_FUNCTIONS: dict[tuple[Recipe, str, str], type[torch.autograd.Function]] = {}
 
 
 def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function]:
-    """The autograd Function around the two ops for one (recipe, backend); QuantLinear makes it
-    when built (a class first made while Dynamo traces costs a graph break)."""
-    _register()
+    """The autograd Function around the current mode's two ops for one (recipe, backend);
+    QuantLinear makes it when built (a class first made while Dynamo traces costs a graph break)."""
     if backend not in gemm_backends():
         raise ValueError(f"unknown GEMM backend {backend!r}; valid choices: {', '.join(gemm_backends())}")
-    fkey = (recipe, backend)
+    form = _form(MODE)
+    forward_op, backward_op = graph_ops(MODE)
+    fkey = (recipe, backend, form)
     if fkey in _FUNCTIONS:
         return _FUNCTIONS[fkey]
     key = recipe_key(recipe)
@@ -343,7 +365,7 @@ def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
         out_dtype = output_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            y, *saved = torch.ops.lowbit.qlinear_forward(
+            y, *saved = forward_op(
                 x2, weight, bias, seeds, key, backend, need_wgrad, need_dgrad, out_dtype
             )
         ctx.save_for_backward(*saved, seeds)
@@ -358,7 +380,7 @@ def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
         db = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            dx, dw = torch.ops.lowbit.qlinear_backward(
+            dx, dw = backward_op(
                 g2,
                 *saved,
                 seeds,
@@ -376,5 +398,5 @@ def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
         return (dx.reshape(ctx.x_shape) if need_dx else None, dw if need_dw else None, db, None, None, None)
 
     methods = dict(forward=staticmethod(forward), backward=staticmethod(backward))
-    _FUNCTIONS[fkey] = type(f"_Graph_{recipe.name}", (torch.autograd.Function,), methods)
+    _FUNCTIONS[fkey] = type(f"_Graph_{form}_{recipe.name}", (torch.autograd.Function,), methods)
     return _FUNCTIONS[fkey]
