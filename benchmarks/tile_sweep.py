@@ -3,6 +3,7 @@
     python benchmarks/tile_sweep.py pair       # fp8 pair kernel (X and X^T), tile x warps, per shape
     python benchmarks/tile_sweep.py quantize   # 1-D group quantize (MXFP4/NVFP4/MXFP8), tile knobs
     python benchmarks/tile_sweep.py rows       # row-scaled quantize (fp8/int8/int4), chunk x warps
+    python benchmarks/tile_sweep.py long_rows  # rows of 14336: order and L2 eviction of the two reads
 
 `pair`: the pair kernel as the traced fp8 layers call it (e4m3, one tensor scale, amax given),
 each tile/warps choice timed with triton's do_bench against a copy of the same bytes.
@@ -65,7 +66,9 @@ def sweep_pair() -> None:
               f"{t_copy / now:.2f} of a copy; best: {best}", flush=True)
 
 
-def _sweep_module_knobs(names: tuple[str, ...], knobs: dict[str, tuple[int, ...]], top: int) -> None:
+def _sweep_module_knobs(names: tuple[str, ...], knobs: dict[str, tuple], top: int,
+                       shapes: tuple[str, ...] = ("8192x4096", "8192x14336"),
+                       warps: tuple[int, ...] = (0, 4, 8, 16)) -> None:
     # lowbit.kernels.quantize on each spec of `names`, for every combination of the module knobs
     # of _quantize_triton in `knobs` (their first values are the defaults) and of the warps
     # ("rule": the module's own _warps); device time in CUDA graphs against a copy.
@@ -76,7 +79,7 @@ def _sweep_module_knobs(names: tuple[str, ...], knobs: dict[str, tuple[int, ...]
 
     warps_rule = kt._warps
     defaults = {knob: getattr(kt, knob) for knob in knobs}
-    for shape in ("8192x4096", "8192x14336"):
+    for shape in shapes:
         r, k = map(int, shape.split("x"))
         x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 3
         dst = torch.empty_like(x)
@@ -85,12 +88,12 @@ def _sweep_module_knobs(names: tuple[str, ...], knobs: dict[str, tuple[int, ...]
             spec = SPECS[name]
             nbytes = x.numel() * 2 + _nbytes(kq.quantize(x, spec, seed=1))
             res = []
-            for *values, warps in itertools.product(*knobs.values(), (0, 4, 8, 16)):
+            for *values, w in itertools.product(*knobs.values(), warps):
                 for knob, v in zip(knobs, values):
                     setattr(kt, knob, v)
-                kt._warps = warps_rule if warps == 0 else (lambda *a, w=warps: w)
+                kt._warps = warps_rule if w == 0 else (lambda *a, w=w: w)
                 t = _bench_graph(lambda: kq.quantize(x, spec, seed=1))  # noqa: B023
-                res.append((nbytes / t / 1e6 / copy_bw, "/".join(map(str, values)) + f"/w{warps or 'rule'}"))
+                res.append((nbytes / t / 1e6 / copy_bw, "/".join(map(str, values)) + f"/w{w or 'rule'}"))
             for knob, v in defaults.items():
                 setattr(kt, knob, v)
             kt._warps = warps_rule
@@ -111,9 +114,18 @@ def sweep_rows() -> None:
     _sweep_module_knobs(("fp8_row", "int8_row", "int4_row"), {"ROW_CHUNK": (4096, 2048, 8192, 16384)}, top=6)
 
 
+def sweep_long_rows() -> None:
+    # The order and L2 eviction policies of long rows' two reads, at two chunk widths.
+    evict = (("", ""), ("evict_last", "evict_first"), ("evict_last", ""), ("", "evict_first"))
+    knobs = {"LONG_ROW_REVERSE": (False, True), "LONG_ROW_EVICT": evict, "ROW_CHUNK": (4096, 2048)}
+    _sweep_module_knobs(("fp8_row", "int8_row", "int4_row"), knobs, top=6, shapes=("8192x14336",),
+                        warps=(0, 8))
+
+
 if __name__ == "__main__":
     kind = sys.argv[1] if len(sys.argv) > 1 else ""
-    sweeps = {"pair": sweep_pair, "quantize": sweep_quantize, "rows": sweep_rows}
+    sweeps = {"pair": sweep_pair, "quantize": sweep_quantize, "rows": sweep_rows,
+              "long_rows": sweep_long_rows}
     if kind not in sweeps:
         raise SystemExit(f"usage: tile_sweep.py {'|'.join(sweeps)} (got {kind!r})")
     sweeps[kind]()

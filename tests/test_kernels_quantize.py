@@ -104,14 +104,19 @@ def test_ragged_shapes(shape, spec):
     check_same_qtensor(quantize(x, spec, seed=9), kq.quantize(x.to(DEV), spec, seed=9))
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("fp8_e4m3", "row"),
-                                  QuantSpec("int4", "row", "fp32", "stochastic")])
-def test_rows_longer_than_one_tile_loop_over_chunks(spec, monkeypatch):
-    # Rows over ROW_CHUNK elements take the two-read loop (amax, then quantize), ragged end.
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("spec", "dtype"), [(QuantSpec("fp8_e4m3", "row"), torch.float32),
+                                             (QuantSpec("int4", "row", "fp32", "stochastic"), torch.float32),
+                                             (QuantSpec("int4", "row"), torch.bfloat16)])  # read as words
+def test_rows_longer_than_one_tile_loop_over_chunks(spec, dtype, reverse, monkeypatch):
+    # Rows over ROW_CHUNK elements take the two-read loop (amax, then quantize), ragged end; the
+    # second read in either order (LONG_ROW_REVERSE), with L2 eviction hints (no-ops here).
     import lowbit.kernels._quantize_triton as kt
 
     monkeypatch.setattr(kt, "ROW_CHUNK", 512)
-    x = _x((9, 3000), seed=8)
+    monkeypatch.setattr(kt, "LONG_ROW_REVERSE", reverse)
+    monkeypatch.setattr(kt, "LONG_ROW_EVICT", ("evict_last", "evict_first") if reverse else ("", ""))
+    x = _x((9, 3000), seed=8, dtype=dtype)
     check_same_qtensor(quantize(x, spec, seed=4), kq.quantize(x.to(DEV), spec, seed=4))
 
 

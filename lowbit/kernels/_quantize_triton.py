@@ -307,16 +307,17 @@ def _quant_values(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.const
 
 
 @triton.jit
-def _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS: tl.constexpr):
-    # [BR, BC] fp32 tile; zeros outside the matrix (they never raise an amax).
+def _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS: tl.constexpr, EV: tl.constexpr = ""):
+    # [BR, BC] fp32 tile; zeros outside the matrix (they never raise an amax). EV: the load's L2
+    # eviction policy ("": the default; long rows' two reads, see _quantize_kernel).
     if TRANS:  # rows are the contiguous axis (X^T of a row-major X): load [BC, BR], coalesced
         m = (cols[:, None] < K) & (rows[None, :] < R)
         p = x_ptr + cols.to(tl.int64)[:, None] * sxk + rows.to(tl.int64)[None, :] * sxr
-        return tl.trans(tl.load(p, m, other=0.0).to(tl.float32))
+        return tl.trans(tl.load(p, m, other=0.0, eviction_policy=EV).to(tl.float32))
     else:
         m = (rows[:, None] < R) & (cols[None, :] < K)
         p = x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxk
-        return tl.load(p, m, other=0.0).to(tl.float32)
+        return tl.load(p, m, other=0.0, eviction_policy=EV).to(tl.float32)
 
 
 @triton.jit
@@ -342,23 +343,33 @@ def _store_codes(d_ptr, codes, rows, cols, c0, R, K, sdr, BR: tl.constexpr, BC: 
 @triton.jit
 def _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr,
-                  SIGNS: tl.constexpr, GMODE: tl.constexpr):
+                  SIGNS: tl.constexpr, GMODE: tl.constexpr, EV: tl.constexpr = ""):
     # The tile, Hadamard-rotated in blocks of HAD along K when HAD > 1 (_hadamard_triton.py; the
     # shuffle form measured faster next to 1-D groups, the split/join form next to rows).
-    x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS)
+    x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS, EV)
     return _rotate_tile(x, cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS, GMODE == 0)
 
 
 @triton.jit
-def _load_words(x_ptr, rows, hc, R, K, sxr):
+def _load_words(x_ptr, rows, hc, R, K, sxr, EV: tl.constexpr = ""):
     # Packed 4-bit codes of a bf16 matrix: each int32 word holds elements 2c (low half) and 2c + 1
     # (high half), which become one byte's two nibbles. Loading words and splitting them into the
     # even and odd columns by shifts (bf16 -> fp32 is exact as a shift) needs no register shuffle
     # to pair the nibbles up (the [BR, BC // 2, 2] split of _store_codes). -> (even, odd, mask).
     wm = (rows[:, None] < R) & (hc[None, :] < K // 2)
     wp = x_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (sxr // 2) + hc[None, :]
-    w = tl.load(wp, wm, other=0)
+    w = tl.load(wp, wm, other=0, eviction_policy=EV)
     return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True), wm
+
+
+@triton.jit
+def _chunk(i, n, REVERSE: tl.constexpr):
+    # The i-th of n chunks a long row's second read visits: last first when REVERSE (the chunks
+    # read last by the first pass are the likeliest still in L2).
+    if REVERSE:
+        return n - 1 - i
+    else:
+        return i
 
 
 @triton.jit(do_not_specialize=["seed_off", "sign_off"])
@@ -368,8 +379,8 @@ def _quantize_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
-    ONE_TILE: tl.constexpr, WORDS: tl.constexpr,
-    HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
+    ONE_TILE: tl.constexpr, WORDS: tl.constexpr, REVERSE: tl.constexpr, EV1: tl.constexpr,
+    EV2: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
     SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
@@ -386,13 +397,14 @@ def _quantize_kernel(
         H: tl.constexpr = BC // 2
         amax = tl.zeros([BR], tl.int32)
         for h0 in range(0, K // 2, H):
-            xe, xo, wm = _load_words(x_ptr, rows, h0 + tl.arange(0, H), R, K, sxr)
+            xe, xo, wm = _load_words(x_ptr, rows, h0 + tl.arange(0, H), R, K, sxr, EV1)
             amax = tl.maximum(amax, tl.maximum(tl.max(_abs_bits(xe), axis=1), tl.max(_abs_bits(xo), axis=1)))
         s, eff = _scales(amax.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
         tl.store(s_ptr + rows * ssr, s, rmask)
-        for h0 in range(0, K // 2, H):
-            hc = h0 + tl.arange(0, H)
-            xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr)
+        nh = tl.cdiv(K // 2, H)
+        for i in range(0, nh):
+            hc = _chunk(i, nh, REVERSE) * H + tl.arange(0, H)
+            xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr, EV2)
             ie = (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
             ce = _quant_tile(xe, eff[:, None], ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                              ENC, SR, SMODE, HW_FP8, False)
@@ -405,15 +417,17 @@ def _quantize_kernel(
         for k0 in range(0, K, BC):
             cols = k0 + tl.arange(0, BC)
             x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE,
-                              SIGNS, GMODE)
+                              SIGNS, GMODE, EV1)
             amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=1))
         amax = amax.to(tl.float32, bitcast=True)
         s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
         tl.store(s_ptr + rows * ssr, s, rmask)
-        for k0 in range(0, K, BC):
+        nch = tl.cdiv(K, BC)
+        for i in range(0, nch):
+            k0 = _chunk(i, nch, REVERSE) * BC
             cols = k0 + tl.arange(0, BC)
             x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE,
-                              SIGNS, GMODE)
+                              SIGNS, GMODE, EV2)
             idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
             codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                                 ENC, SR, SMODE, HW_FP8, TRANS)
@@ -519,6 +533,11 @@ ROTATED_WARPS = 0
 # with SR): 8 x 512 on 8 warps best or within 5% of it among 4 x 1024 to 128 x 32 on 4 or 8 warps.
 STRIDED_TILE = (8, 512)
 STRIDED_WARPS = 8
+# Long rows' two reads (rows wider than ROW_CHUNK): the second visits the chunks last-first
+# (LONG_ROW_REVERSE), and the two reads' L2 eviction policies (LONG_ROW_EVICT: "" for the default,
+# or the first read's and the second's, e.g. ("evict_last", "evict_first")).
+LONG_ROW_REVERSE = False
+LONG_ROW_EVICT = ("", "")
 # Packed (fp4/int4) 1-D groups and rows of a bf16 matrix read as int32 words of two elements.
 PAIRED_WORDS = True
 
@@ -583,5 +602,6 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
+        REVERSE=LONG_ROW_REVERSE, EV1=LONG_ROW_EVICT[0], EV2=LONG_ROW_EVICT[1],
         SIGNS=sign_off is not None, SEED_PTR=on_device, **rotation_constants(hadamard), num_warps=warps,
     )
