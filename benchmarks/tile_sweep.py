@@ -119,7 +119,7 @@ def sweep_long_rows() -> None:
     evict = (("", ""), ("evict_last", "evict_first"), ("evict_last", ""), ("", "evict_first"))
     knobs = {"LONG_ROW_REVERSE": (False, True), "LONG_ROW_EVICT": evict, "ROW_CHUNK": (4096, 2048)}
     _sweep_module_knobs(("fp8_row", "int8_row", "int4_row"), knobs, top=6, shapes=("8192x14336",),
-                        warps=(0, 8))
+                        warps=(0,))
 
 
 if __name__ == "__main__":
