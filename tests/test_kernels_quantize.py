@@ -16,7 +16,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from lowbit.kernels import quantize as kq  # noqa: E402
-from lowbit.kernels._quantize_triton import _e2m1_codes, _e2m1_codes_sr, _int_codes  # noqa: E402
+from lowbit.kernels._quant_math_triton import _e2m1_codes, _e2m1_codes_sr, _int_codes  # noqa: E402
 from lowbit.quant import QuantSpec, quantize  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,5 +1,5 @@
 """Triton side of the pair quantizer and of the tensor amax (imported lazily, like every Triton
-module here). The per-element steps are those of the fused quantize kernel (_quantize_triton.py),
+module here). The per-element steps are those of the fused quantize kernel (_quant_math_triton.py),
 reused, so the pair's outputs are bit for bit what that kernel and the reference produce.
 
 One program loads one [BR, BC] tile of X and writes it twice: quantized along the columns (X, the
@@ -16,15 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._quantize_triton import (
-    _abs_bits,
-    _encode,
-    _load_tile,
-    _quant_tile,
-    _quant_values,
-    _scaled,
-    _scales,
-)
+from lowbit.kernels._quant_math_triton import _encode, _quant_tile, _quant_values, _scaled, _scales
+from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable, seed_args
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
