@@ -131,7 +131,7 @@ def test_quant_linear_triton_backend_matches_emulation(recipe, monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
 
 
-def test_backend_declines_cpu_and_leverage_sampling():
+def test_backend_declines_cpu_and_leverage_sampling(monkeypatch):
     from lowbit.quant.gemm import prepare_operand
     from lowbit.quant.recipes import get_recipe
 
@@ -140,14 +140,22 @@ def test_backend_declines_cpu_and_leverage_sampling():
     a = prepare_operand(t, spec.a, spec, 0, 1)
     b = prepare_operand(t, spec.b, spec, 0, 2)
     assert kb.triton_gemm_backend(a, b, spec) is None  # CPU without the interpreter switch
+    assert "runs on CUDA tensors" in kb.why_not_triton(a, b, spec)
     wg = get_recipe("int4_hq").wgrad
     a = prepare_operand(t, wg.a, wg, 0, 1)
     b = prepare_operand(t, wg.b, wg, 0, 2)
-    kb.ALLOW_INTERPRETER_ON_CPU = True
-    try:
-        assert kb.triton_gemm_backend(a, b, wg) is None
-    finally:
-        kb.ALLOW_INTERPRETER_ON_CPU = False
+    monkeypatch.setattr(kb, "ALLOW_INTERPRETER_ON_CPU", True)
+    assert kb.triton_gemm_backend(a, b, wg) is None
+    assert "leverage sampling" in kb.why_not_triton(a, b, wg)
+
+
+def test_a_layer_that_names_a_declining_backend_says_why():
+    # backend="triton" with CPU tensors (no interpreter switch): one error at the first forward
+    # that names the GEMM's formats and the reason, not a silent fallback to emulation.
+    layer = QuantLinear(64, 48, recipe="mxfp8", backend="triton")
+    msg = r"'triton' does not run this GEMM \(fp8_e4m3/32/e8m0 x fp8_e4m3/32/e8m0\): the operands are on cpu"
+    with pytest.raises(ValueError, match=msg):
+        layer(torch.randn(4, 64))
 
 
 def test_auto_emulates_fp8_where_cublas_fp8_fails(monkeypatch):

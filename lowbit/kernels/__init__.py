@@ -13,12 +13,12 @@ from __future__ import annotations
 def register() -> None:
     """Register the Triton GEMM backend ("triton"; tried first by backend="auto") and quantizer."""
     import lowbit.quant.gemm as qgemm
-    from lowbit.kernels.backend import triton_gemm_backend
+    from lowbit.kernels.backend import triton_gemm_backend, why_not_triton
     from lowbit.kernels.hadamard import hadamard_rotate, rotate_quantize
     from lowbit.kernels.pair_quantize import quantize_pair_or_none
     from lowbit.kernels.quantize import quantize
 
-    qgemm.register_gemm_backend("triton", triton_gemm_backend)
+    qgemm.register_gemm_backend("triton", triton_gemm_backend, why_not_triton)
     qgemm.register_quantize_backend(quantize, "cuda")
     qgemm.register_pair_quantize_backend(quantize_pair_or_none, "cuda")
     qgemm.register_rotation_backend(hadamard_rotate, rotate_quantize, "cuda")

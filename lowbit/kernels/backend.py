@@ -28,6 +28,33 @@ def _runnable(a: Operand) -> bool:
     return a.is_cuda or (ALLOW_INTERPRETER_ON_CPU and interpret())
 
 
+def why_not_triton(a: Operand, b: Operand, gemm: GemmSpec) -> str | None:
+    """Why triton_gemm_backend declines this GEMM (None: it runs it)."""
+    if a.hp is not None or b.hp is not None:
+        return "an operand is kept in high precision"
+    if gemm.leverage_sampling:
+        return "leverage sampling (int4_hq's wgrad) is emulated"
+    if len(b.parts) != 1:
+        return "B is split into parts"
+    if not triton_available():
+        return "Triton is not installed"
+    if not _runnable(a):
+        return f"the operands are on {a.parts[0].data.device}; the Triton GEMM runs on CUDA tensors"
+    from lowbit.kernels.gemm import why_not
+
+    qb = b.parts[0]
+    for qa in a.parts:
+        reason = why_not(qa, qb, _bf16_exact(gemm))
+        if reason is not None:
+            return reason
+    return None
+
+
+def _bf16_exact(gemm: GemmSpec) -> bool:
+    # Power-of-two (e8m0) and E4M3 group scales times the elements are exact in bf16.
+    return all(s is None or s.scale in ("e8m0", "e8m0_up", "e4m3") for s in (gemm.a, gemm.b))
+
+
 def triton_gemm_backend(
     a: Operand,
     b: Operand,
@@ -35,18 +62,12 @@ def triton_gemm_backend(
     out_dtype: torch.dtype = torch.float32,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """A·B^T (+ bias) of two prepared operands on the Triton GEMM, None to decline."""
-    if a.hp is not None or b.hp is not None or gemm.leverage_sampling or len(b.parts) != 1:
+    """A·B^T (+ bias) of two prepared operands on the Triton GEMM, None to decline (`why_not_triton`)."""
+    if why_not_triton(a, b, gemm) is not None:
         return None
-    if not _runnable(a):
-        return None
-    from lowbit.kernels.gemm import scaled_gemm, why_not
+    from lowbit.kernels.gemm import scaled_gemm
 
-    qb = b.parts[0]
-    # Power-of-two (e8m0) and E4M3 group scales times the elements are exact in bf16.
-    exact = all(s is None or s.scale in ("e8m0", "e8m0_up", "e4m3") for s in (gemm.a, gemm.b))
-    if any(why_not(qa, qb, exact) is not None for qa in a.parts):
-        return None
+    qb, exact = b.parts[0], _bf16_exact(gemm)
     if len(a.parts) == 1:
         dt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
         return scaled_gemm(a.parts[0], qb, bias=bias, out_dtype=dt, bf16_exact=exact)

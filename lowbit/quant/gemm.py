@@ -305,12 +305,28 @@ GemmBackend = Callable[
     [Operand, Operand, GemmSpec, torch.dtype, "torch.Tensor | None"], "torch.Tensor | None"
 ]
 _BACKENDS: dict[str, GemmBackend] = {}
+# Why a backend declines a GEMM (None: it does not), for the error when it was asked for by name.
+GemmDeclineReason = Callable[[Operand, Operand, GemmSpec], "str | None"]
+_DECLINE_REASONS: dict[str, GemmDeclineReason] = {}
 BACKEND_CHOICES = ("auto", "emulate", "reference", "scaled_mm")  # reference = emulate
 
 
-def register_gemm_backend(name: str, fn: GemmBackend) -> None:
-    """Plug in a GEMM implementation (e.g. lowbit.kernels' Triton block-scaled GEMM)."""
+def register_gemm_backend(name: str, fn: GemmBackend, why_not: GemmDeclineReason | None = None) -> None:
+    """Plug in a GEMM implementation (e.g. lowbit.kernels' Triton block-scaled GEMM). `why_not`,
+    when given, says why `fn` declines a GEMM; a layer that named the backend raises with it."""
     _BACKENDS[name] = fn
+    _DECLINE_REASONS.pop(name, None)
+    if why_not is not None:
+        _DECLINE_REASONS[name] = why_not
+
+
+def _describe(gemm: GemmSpec) -> str:
+    # The operands' formats in a line ("fp4_e2m1/32/e8m0 x fp4_e2m1/32/e8m0, Hadamard 32").
+    def side(q: QuantSpec | None) -> str:
+        return "high precision" if q is None else f"{q.fmt}/{q.block}/{q.scale}"
+
+    text = f"{side(gemm.a)} x {side(gemm.b)}"
+    return text + (f", Hadamard {gemm.hadamard}" if gemm.hadamard else "")
 
 
 def gemm_backends() -> list[str]:
@@ -466,7 +482,12 @@ def gemm_operands(
     if backend in _BACKENDS:
         out = _BACKENDS[backend](a, b, gemm, out_dtype, bias)
         if out is None:
-            raise ValueError(f"GEMM backend {backend!r} does not support {gemm}")
+            why = _DECLINE_REASONS.get(backend, lambda *_: None)(a, b, gemm)
+            raise ValueError(
+                f"GEMM backend {backend!r} does not run this GEMM ({_describe(gemm)})"
+                + (f": {why}" if why else "")
+                + "; backend='auto' picks one that does"
+            )
         return out.to(out_dtype)
     use_scaled = backend == "scaled_mm" or (backend == "auto" and a.is_cuda)
     if use_scaled and _scaled_mm_ok(a, b, gemm):
