@@ -209,6 +209,26 @@ def test_delayed_scaling_uses_history():
     assert layer.amax_history[0, 0] == pytest.approx((10 * x).abs().max().item())
 
 
+@pytest.mark.parametrize("recipe", ["fp8_delayed", "fp8_tensorwise", "mxfp4", "nvfp4", "int4_hq"])
+def test_a_call_without_tokens_gives_empty_outputs_and_zero_weight_grads(recipe):
+    # A batch with no tokens (e.g. an expert that was routed none): empty output and input grad,
+    # a zero weight grad, and delayed scaling's histories of X and dY as they were (no amax of
+    # nothing).
+    layer = QuantLinear(K, N, recipe=recipe)
+    if recipe == "fp8_delayed":
+        layer(torch.randn(M, K))
+    history = layer.amax_history.clone() if recipe == "fp8_delayed" else None
+    x = torch.randn(0, K, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, N) and x.grad.shape == (0, K)
+    assert torch.equal(layer.weight.grad, torch.zeros(N, K)) and torch.equal(layer.bias.grad, torch.zeros(N))
+    if history is not None:  # rows (GEMM, operand): X and dY's as they were; W's record W's amax
+        data_rows = [0, 2, 4, 5]  # fprop A, dgrad A, wgrad A and B
+        assert torch.equal(layer.amax_history[data_rows], history[data_rows])
+        assert layer.amax_history[1, 0] == layer.weight.detach().abs().max()
+
+
 def test_delayed_scaling_history_stays_fp32_when_the_layer_is_cast():
     layer = QuantLinear(K, N, bias=False, recipe="fp8_delayed").to(torch.bfloat16)
     assert layer.weight.dtype == torch.bfloat16 and layer.amax_history.dtype == torch.float32

@@ -159,9 +159,10 @@ def prepare_operand(
     if spec.block != "tensor":
         amax = None
     if amax_history is not None and spec.block == "tensor":
-        current = t.detach().abs().amax().float()
+        current = _abs_max(t)
         amax = amax_history.scale_amax(current)
-        amax_history.record(current)
+        if t.numel():  # an empty call leaves the history as it was
+            amax_history.record(current)
     quant = _QUANTIZERS.get(t.device.type, quantize)
     q = quant(t, spec, -1, seed=derive_seed(seed, role), amax=amax)
     if observe is not None:
@@ -193,6 +194,14 @@ def _pair_fusable(plan: OperandPlan, plan_t: OperandPlan) -> bool:
     return _shared_tensor_history(plan, plan_t)
 
 
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    # max |t| in fp32 for an amax history; 0 for an empty t (e.g. a layer that got no tokens),
+    # which the history does not record.
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=t.device)
+    return t.detach().abs().amax().float()
+
+
 def prepare_operand_pair(
     t: torch.Tensor, plan: OperandPlan | None, plan_t: OperandPlan | None, amax: torch.Tensor | None = None
 ) -> tuple[Operand | None, Operand | None]:
@@ -213,7 +222,7 @@ def prepare_operand_pair(
         return out
     shared = both and _shared_tensor_history(plan, plan_t)
     if shared:
-        current = t.detach().abs().amax().float()
+        current = _abs_max(t)
         amax = plan.history.scale_amax(current)
 
     def prep(p: OperandPlan, x: torch.Tensor) -> Operand:
@@ -226,7 +235,7 @@ def prepare_operand_pair(
 
     op = prep(plan, t) if plan is not None else None
     op_t = prep(plan_t, t.t()) if plan_t is not None else None
-    if shared:
+    if shared and t.numel():  # an empty call leaves the histories as they were
         plan.history.record(current)
         plan_t.history.record(current)
     return op, op_t
