@@ -209,20 +209,34 @@ def test_delayed_scaling_uses_history():
     assert layer.amax_history[0, 0] == pytest.approx((10 * x).abs().max().item())
 
 
-@pytest.mark.parametrize("recipe", ["fp8_delayed", "fp8_tensorwise", "mxfp4", "nvfp4", "int4_hq"])
+_EMPTY_RECIPES = ["fp8_delayed", "fp8_tensorwise", "mxfp4", "nvfp4", "int4_hq"]
+
+
+@pytest.mark.parametrize("recipe", _EMPTY_RECIPES)
 def test_a_call_without_tokens_gives_empty_outputs_and_zero_weight_grads(recipe):
+    _check_call_without_tokens(recipe, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe", _EMPTY_RECIPES)
+def test_gpu_a_call_without_tokens(recipe):
+    _check_call_without_tokens(recipe, "cuda")
+
+
+def _check_call_without_tokens(recipe, device):
     # A batch with no tokens (e.g. an expert that was routed none): empty output and input grad,
     # a zero weight grad, and delayed scaling's histories of X and dY as they were (no amax of
     # nothing).
-    layer = QuantLinear(K, N, recipe=recipe)
+    layer = QuantLinear(K, N, recipe=recipe, device=device)
     if recipe == "fp8_delayed":
-        layer(torch.randn(M, K))
+        layer(torch.randn(M, K, device=device))
     history = layer.amax_history.clone() if recipe == "fp8_delayed" else None
-    x = torch.randn(0, K, requires_grad=True)
+    x = torch.randn(0, K, device=device, requires_grad=True)
     y = layer(x)
     y.sum().backward()
     assert y.shape == (0, N) and x.grad.shape == (0, K)
-    assert torch.equal(layer.weight.grad, torch.zeros(N, K)) and torch.equal(layer.bias.grad, torch.zeros(N))
+    assert not layer.weight.grad.any() and not layer.bias.grad.any()
     if history is not None:  # rows (GEMM, operand): X and dY's as they were; W's record W's amax
         data_rows = [0, 2, 4, 5]  # fprop A, dgrad A, wgrad A and B
         assert torch.equal(layer.amax_history[data_rows], history[data_rows])
