@@ -32,7 +32,7 @@ def _amax_kernel(x_ptr, out_ptr, R, C, sxr, sxc, BR: tl.constexpr, BC: tl.conste
     acc = tl.zeros([BR, BC], tl.int32)
     for i in range(ITERS):
         rows = (pid_r * ITERS + i) * BR + tl.arange(0, BR)
-        acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)))
+        acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")))
     tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0))
 
 
@@ -64,7 +64,7 @@ def _amax_if_empty_kernel(x_ptr, out_ptr, hist_ptr, H, R, C, sxr, sxc, HP: tl.co
         for t in range(tl.program_id(0), tl.cdiv(R, BR) * n_c, tl.num_programs(0)):
             rows = (t // n_c) * BR + tl.arange(0, BR)
             cols = (t % n_c) * BC + tl.arange(0, BC)
-            acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)))
+            acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")))
         tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0))
 
 
@@ -145,7 +145,7 @@ def _pair_kernel(
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
-    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False)
+    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
     tamax = tl.zeros([1, 1], tl.float32)
     if GA == 0:  # one tensor amax: given, or delayed scaling's choice
         if HIST:

@@ -18,7 +18,7 @@ from lowbit.quant.formats import ElementFormat
 
 
 @triton.jit
-def _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS: tl.constexpr, EV: tl.constexpr = ""):
+def _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS: tl.constexpr, EV: tl.constexpr):
     # [BR, BC] fp32 tile; zeros outside the matrix (they never raise an amax). EV: the load's L2
     # eviction policy ("": the default; long rows' two reads, see _quantize_kernel).
     if TRANS:  # rows are the contiguous axis (X^T of a row-major X): load [BC, BR], coalesced
@@ -54,7 +54,7 @@ def _store_codes(d_ptr, codes, rows, cols, c0, R, K, sdr, BR: tl.constexpr, BC: 
 @triton.jit
 def _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr,
-                  SIGNS: tl.constexpr, GMODE: tl.constexpr, EV: tl.constexpr = ""):
+                  SIGNS: tl.constexpr, GMODE: tl.constexpr, EV: tl.constexpr):
     # The tile, Hadamard-rotated in blocks of HAD along K when HAD > 1 (_hadamard_triton.py; the
     # shuffle form measured faster next to 1-D groups, the split/join form next to rows).
     x = _load_tile(x_ptr, rows, cols, R, K, sxr, sxk, TRANS, EV)
@@ -62,7 +62,7 @@ def _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS: tl.constex
 
 
 @triton.jit
-def _load_words(x_ptr, rows, hc, R, K, sxr, EV: tl.constexpr = ""):
+def _load_words(x_ptr, rows, hc, R, K, sxr, EV: tl.constexpr):
     # Packed 4-bit codes of a bf16 matrix: each int32 word holds elements 2c (low half) and 2c + 1
     # (high half), which become one byte's two nibbles. Loading words and splitting them into the
     # even and odd columns by shifts (bf16 -> fp32 is exact as a shift) needs no register shuffle
@@ -147,7 +147,7 @@ def _quantize_kernel(
         H: tl.constexpr = BC // 2
         NG: tl.constexpr = BC // G
         hc = pid_c * H + tl.arange(0, H)
-        xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr)
+        xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr, "")
         # Element indices for the noise hash, kept as the hash's uint32 key (index + seed offset)
         # mod 2^32 — one 32-bit add per element instead of int64 arithmetic (SR only; unused else).
         ie = (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
@@ -177,7 +177,7 @@ def _quantize_kernel(
     else:
         cols = pid_c * BC + tl.arange(0, BC)
         x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE, SIGNS,
-                          GMODE)
+                          GMODE, "")
         idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
         if GMODE == 1 or BC == G:  # a row that fits one tile (one read), or one 1-D group per row:
             # 2-D; a row's program has pid_c == 0, so both store their scale at rows * ssr.

@@ -82,8 +82,8 @@ def _swiglu_pair_kernel(
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
-    h = _silu_mul(_load_tile(g_ptr, rows, cols, R, C, sg, 1, False),
-                  _load_tile(u_ptr, rows, cols, R, C, su, 1, False))
+    h = _silu_mul(_load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
+                  _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
     tl.atomic_max(rec_ptr, _max_bits(h))  # h's own amax, for the history
     amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, HP)
     _emit_pair(h, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, (pid_r == 0) & (pid_c == 0),
@@ -103,9 +103,9 @@ def _swiglu_grad_pairs_kernel(
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
-    dg, du = _silu_mul_grads(_load_tile(dh_ptr, rows, cols, R, C, sdh, 1, False),
-                             _load_tile(g_ptr, rows, cols, R, C, sg, 1, False),
-                             _load_tile(u_ptr, rows, cols, R, C, su, 1, False))
+    dg, du = _silu_mul_grads(_load_tile(dh_ptr, rows, cols, R, C, sdh, 1, False, ""),
+                             _load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
+                             _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
     tl.atomic_max(g_rec, _max_bits(dg))
     tl.atomic_max(u_rec, _max_bits(du))
     first = (pid_r == 0) & (pid_c == 0)
@@ -135,10 +135,10 @@ def _swiglu_amax_if_empty_kernel(
         for t in range(tl.program_id(0), tl.cdiv(R, BR) * n_c, tl.num_programs(0)):
             rows = (t // n_c) * BR + tl.arange(0, BR)
             cols = (t % n_c) * BC + tl.arange(0, BC)
-            a = _load_tile(a_ptr, rows, cols, R, C, sa, 1, False)
-            b = _load_tile(b_ptr, rows, cols, R, C, sb, 1, False)
+            a = _load_tile(a_ptr, rows, cols, R, C, sa, 1, False, "")
+            b = _load_tile(b_ptr, rows, cols, R, C, sb, 1, False, "")
             if GRAD:
-                dg, du = _silu_mul_grads(a, b, _load_tile(c_ptr, rows, cols, R, C, sc, 1, False))
+                dg, du = _silu_mul_grads(a, b, _load_tile(c_ptr, rows, cols, R, C, sc, 1, False, ""))
                 acc_1 = tl.maximum(acc_1, _abs_bits(dg))
                 acc_2 = tl.maximum(acc_2, _abs_bits(du))
             else:
