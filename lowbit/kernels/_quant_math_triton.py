@@ -195,20 +195,21 @@ def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constex
 
 @triton.jit
 def _e2m1_codes(y):
-    # FP4 E2M1 codes of scaled values y, rounded to nearest even, mostly in integer arithmetic on
-    # y's fp32 bits (the fp4 quantizers were ALU-bound; this is _round_float then _encode):
-    # - |y| >= 1 (codes 2..7, one mantissa bit): adding 2^21 - 1 plus the kept mantissa bit to the
-    #   bits rounds the 22 dropped bits half to even, a carry moving into the exponent as it should;
-    #   bits >> 22 is then (exponent + 127) * 2 + mantissa bit, and code = that - 252.
-    # - |y| < 1 (codes 0..2, steps of 1/2): 2|y| + 2^23 rounds 2|y| half to even, and the sum's
-    #   bits are 2^23's (0x4B000000) plus that integer: no float-to-int conversion (a slow op).
+    # FP4 E2M1 codes of scaled values y, rounded to nearest even, in a few integer and one float
+    # op on y's fp32 bits (the fp4 quantizers were ALU-bound: this is _round_float then _encode).
+    # With e = max(exponent of |y|, 0), the grid step q is 2^(e-1) throughout (0.5 below 2: the
+    # subnormals 0, 0.5 and 1, 1.5; then 1, then 2), so adding M = q * 2^23 to |y| rounds |y| / q
+    # half to even into the sum's low bits: n = bits(|y| + M) - bits(M), in 0..4. Then the code is
+    # n + 2e (n = 4 is a carry into the next binade: 1.75 -> code 4, 2.0). M's bits are those of
+    # max(|y|, 1)'s exponent plus 22 << 23, and 2e is that exponent field >> 22, minus 254.
     # |y| saturates at 6 as an integer min on the bits (Inf too); NaN gives code 0, sign dropped.
     b = y.to(tl.int32, bitcast=True)
     ba = b & 0x7FFFFFFF
     bs = tl.minimum(ba, 0x40C00000)  # 6.0
-    hi = ((bs + (0x1FFFFF + ((bs >> 22) & 1))) >> 22) - 252
-    lo = (bs.to(tl.float32, bitcast=True) * 2.0 + _TWO23).to(tl.int32, bitcast=True) - 0x4B000000
-    code = tl.where(bs >= 0x3F800000, hi, lo) | ((b >> 28) & 8)
+    eb = tl.maximum(bs, 0x3F800000) & 0x7F800000  # max(|y|, 1)'s exponent field
+    mb = eb + (22 << 23)
+    n = (bs.to(tl.float32, bitcast=True) + mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - mb
+    code = (n + ((eb >> 22) - 254)) | ((b >> 28) & 8)
     return tl.where(ba > 0x7F800000, 0, code)
 
 
@@ -233,8 +234,9 @@ def _e2m1_codes_sr(y, k):
     # _round_float's SR step (floor v, then up when v's fraction exceeds u) then _encode, with v
     # as _round_float forms it (2a below 2, a below 4, a/2 up to 6) and no float-int conversions
     # where the bits give the answer:
-    # - |y| >= 1: floor(v)'s code is (bits >> 22) - 252 as in _e2m1_codes, and v's fraction is
-    #   the 22 bits below, so "fraction > u" is the integer test low22 * 4 > k.
+    # - |y| >= 1: floor(v)'s code is (bits >> 22) - 252 (bits >> 22: the exponent field and the
+    #   kept mantissa bit), and v's fraction is the 22 bits below, so "fraction > u" is the
+    #   integer test low22 * 4 > k.
     # - |y| < 1: v = 2a < 2; floor(v) is (a >= 1/2) and the fraction 2a - floor(v) is exact.
     # Codes are consecutive across ranges (code 3 + 1 is 2.0, 5 + 1 is 4.0), so rounding up past
     # a range's top lands where the reference's grid value does. |y| saturates at 6 (Inf too);
