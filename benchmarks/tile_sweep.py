@@ -4,6 +4,7 @@
     python benchmarks/tile_sweep.py quantize   # 1-D group quantize (MXFP4/NVFP4/MXFP8), tile knobs
     python benchmarks/tile_sweep.py rows       # row-scaled quantize (fp8/int8/int4), chunk x warps
     python benchmarks/tile_sweep.py long_rows  # rows of 14336: order and L2 eviction of the two reads
+    python benchmarks/tile_sweep.py tile2d     # NVFP4 weights' 16 x 16 blocks: blocks per tile x warps
 
 `pair`: the pair kernel as the traced fp8 layers call it (e4m3, one tensor scale, amax given),
 each tile/warps choice timed with triton's do_bench against a copy of the same bytes.
@@ -122,10 +123,17 @@ def sweep_long_rows() -> None:
                         warps=(0,))
 
 
+def sweep_tile2d() -> None:
+    # Small 2-D blocks grouped into tiles (TILE2D_SMALL) on the 1b model's weight shapes.
+    tiles = ((16, 256), (32, 128), (64, 64), (16, 512), (32, 256), (16, 1024))
+    _sweep_module_knobs(("nvfp4_w16x16",), {"TILE2D_SMALL": tiles}, top=6,
+                        shapes=("4096x4096", "14336x4096", "4096x14336"), warps=(0, 8, 16))
+
+
 if __name__ == "__main__":
     kind = sys.argv[1] if len(sys.argv) > 1 else ""
     sweeps = {"pair": sweep_pair, "quantize": sweep_quantize, "rows": sweep_rows,
-              "long_rows": sweep_long_rows}
+              "long_rows": sweep_long_rows, "tile2d": sweep_tile2d}
     if kind not in sweeps:
         raise SystemExit(f"usage: tile_sweep.py {'|'.join(sweeps)} (got {kind!r})")
     sweeps[kind]()

@@ -258,6 +258,21 @@ def test_bf16_input_strided_transpose_and_axis(in_place, monkeypatch):
     check_same_qtensor(quantize(x, spec, axis=0, seed=5), kq.quantize(x.to(DEV), spec, axis=0, seed=5))
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("fp4_e2m1", (16, 16), "e4m3", "stochastic"),
+                                  QuantSpec("fp8_e4m3", (8, 32), "fp32")])
+def test_small_2d_blocks_several_per_tile(spec):
+    # Blocks smaller than a tile are grouped (TILE2D_SMALL): tiles of many blocks, ragged on both
+    # axes, several tile rows and columns; and the same from an X^T view read in place (the tile
+    # shape swapped), whose blocks are X's blocks transposed.
+    import lowbit.kernels._quantize_triton as kt
+
+    x = _x((70, 600), seed=11, dtype=torch.bfloat16)
+    br, bc = spec.block
+    assert br * bc < kt.TILE_ELEMS and kt.TILE2D_SMALL[0] * kt.TILE2D_SMALL[1] > br * bc
+    check_same_qtensor(quantize(x, spec, seed=6), kq.quantize(x.to(DEV), spec, seed=6))
+    check_same_qtensor(quantize(x.t(), spec, seed=6), kq.quantize(x.to(DEV).t(), spec, seed=6))
+
+
 def test_special_values_and_delayed_amax():
     x = _x((8, 64), seed=4)
     x[0, 3] = float("nan")

@@ -89,7 +89,8 @@ def _quantize_kernel(
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, PACK: tl.constexpr,
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, TRANS: tl.constexpr, HW_FP8: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, BLK_R: tl.constexpr, BLK_C: tl.constexpr,
+    TRANS: tl.constexpr, HW_FP8: tl.constexpr,
     ONE_TILE: tl.constexpr, WORDS: tl.constexpr, REVERSE: tl.constexpr, EV1: tl.constexpr,
     EV2: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
     SEED_PTR: tl.constexpr = False,
@@ -200,14 +201,23 @@ def _quantize_kernel(
         else:
             if GMODE == 2:  # tensor: amax from the pre-pass (or the delayed-scaling history)
                 amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
-            else:  # 2-D tile: this program's whole [BR, BC] tile is one group
+                s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
+                if (pid_r == 0) & (pid_c == 0):
+                    tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+            elif BLK_R == BR and BLK_C == BC:  # 2-D block: this program's whole tile is one
                 a = tl.max(tl.max(_abs_bits(x), axis=1), axis=0).to(tl.float32, bitcast=True)
-                amax = a + tl.zeros([1, 1], tl.float32)
-            s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
-            if GMODE == 3:
+                s, eff = _scales(a + tl.zeros([1, 1], tl.float32), t_amax, FMAX, EMAX, SMODE)
                 tl.store(s_ptr + pid_r * ssr + pid_c * ssc + tl.zeros([1, 1], tl.int32), s)
-            elif (pid_r == 0) & (pid_c == 0):
-                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+            else:  # small 2-D blocks (NVFP4's 16 x 16): several per tile, as [NBR, BLK_R, NBC, BLK_C]
+                NBR: tl.constexpr = BR // BLK_R
+                NBC: tl.constexpr = BC // BLK_C
+                a = tl.max(tl.max(tl.reshape(_abs_bits(x), [NBR, BLK_R, NBC, BLK_C]), axis=3), axis=1)
+                s, e = _scales(a.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
+                br_ = pid_r * NBR + tl.arange(0, NBR)
+                bc_ = pid_c * NBC + tl.arange(0, NBC)
+                bm = (br_[:, None] < (R + BLK_R - 1) // BLK_R) & (bc_[None, :] < (K + BLK_C - 1) // BLK_C)
+                tl.store(s_ptr + br_[:, None] * ssr + bc_[None, :] * ssc, s, bm)
+                eff = tl.reshape(tl.broadcast_to(e[:, None, :, None], [NBR, BLK_R, NBC, BLK_C]), [BR, BC])
             codes = _quant_tile(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR,
                                 SMODE, HW_FP8, TRANS)
         _store_codes(d_ptr, codes, rows, cols, pid_c * BC, R, K, sdr, BR, BC, PACK)
@@ -257,6 +267,10 @@ PAIRED_WORDS = True
 # docs/BENCHMARKS.md), device time: 16 warps 0.86-0.91 of a copy on four shapes; 4 and 8 warps
 # 0.68-0.83, 32 warps 0.64-0.68.
 TILE2D_WARPS = 16
+# 2-D blocks smaller than TILE_ELEMS (NVFP4 weights' 16 x 16) are grouped into tiles of this many
+# rows x columns (columns x rows for an X^T read); one block per program ran at 0.21 of a copy
+# (run 137).
+TILE2D_SMALL = (16, 256)
 
 
 def _warps(gmode: int, br: int, bc: int, enc: int) -> int:
@@ -284,6 +298,9 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     g = int(block) if gmode == 0 else 1
     if gmode == 3:
         br, bc = int(block[0]), int(block[1])
+        if br * bc < TILE_ELEMS:  # small blocks: whole blocks per program, the tile's shape capped
+            tr, tc = TILE2D_SMALL[::-1] if trans else TILE2D_SMALL  # by the matrix's (powers of 2)
+            br, bc = max(br, min(rp, tr)), max(bc, min(kp, tc))
     elif strided:
         bc = max(g, hadamard, min(kp, STRIDED_TILE[1]))
         br = max(1, min(rp, STRIDED_TILE[0] * STRIDED_TILE[1] // bc))
@@ -312,7 +329,8 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         seed_arg, sign_arg,
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
-        BR=br, BC=bc, G=g, TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
+        BR=br, BC=bc, G=g, BLK_R=int(block[0]) if gmode == 3 else 1, BLK_C=int(block[1]) if gmode == 3 else 1,
+        TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
         REVERSE=LONG_ROW_REVERSE, EV1=LONG_ROW_EVICT[0], EV2=LONG_ROW_EVICT[1],
         SIGNS=sign_off is not None, SEED_PTR=on_device, **rotation_constants(hadamard), num_warps=warps,
     )
