@@ -74,6 +74,26 @@ def _load_words(x_ptr, rows, hc, R, K, sxr, EV: tl.constexpr):
 
 
 @triton.jit
+def _word_key(rows, hc, K, seed_off):
+    # Noise-hash keys of the even elements of words hc (odd: + 1), kept as the hash's uint32 key
+    # (index + seed offset) mod 2^32: one 32-bit add per element instead of int64 arithmetic
+    # (SR only; unused else).
+    return (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
+
+
+@triton.jit
+def _word_codes(xe, xo, eff, ie, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
+                SR: tl.constexpr, SMODE: tl.constexpr, HW_FP8: tl.constexpr):
+    # One byte per word: the even element's code in the low nibble, the odd one's in the high.
+    ce = _quant_tile(xe, eff, ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
+                     HW_FP8, False)
+    co = _quant_tile(xo, eff, ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
+                     HW_FP8, False)
+    return (ce | (co << 4)).to(tl.uint8)
+
+
+@triton.jit
 def _chunk(i, n, REVERSE: tl.constexpr):
     # The i-th of n chunks a long row's second read visits: last first when REVERSE (the chunks
     # read last by the first pass are the likeliest still in L2).
@@ -117,13 +137,9 @@ def _quantize_kernel(
         for i in range(0, nh):
             hc = _chunk(i, nh, REVERSE) * H + tl.arange(0, H)
             xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr, EV2)
-            ie = (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
-            ce = _quant_tile(xe, eff[:, None], ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                             ENC, SR, SMODE, HW_FP8, False)
-            co = _quant_tile(xo, eff[:, None], ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                             ENC, SR, SMODE, HW_FP8, False)
-            dp = d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :]
-            tl.store(dp, (ce | (co << 4)).to(tl.uint8), wm)
+            b = _word_codes(xe, xo, eff[:, None], _word_key(rows, hc, K, seed_off), seed_off, KIND_INT, MBITS,
+                            EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
+            tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], b, wm)
     elif GMODE == 1 and not ONE_TILE:  # long row: amax over the row, then quantize (re-read from L2)
         amax = tl.zeros([BR], tl.int32)
         for k0 in range(0, K, BC):
@@ -149,17 +165,13 @@ def _quantize_kernel(
         NG: tl.constexpr = BC // G
         hc = pid_c * H + tl.arange(0, H)
         xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr, "")
-        # Element indices for the noise hash, kept as the hash's uint32 key (index + seed offset)
-        # mod 2^32 — one 32-bit add per element instead of int64 arithmetic (SR only; unused else).
-        ie = (rows.to(tl.int64) * K + seed_off).to(tl.uint32)[:, None] + (2 * hc).to(tl.uint32)[None, :]
+        ie = _word_key(rows, hc, K, seed_off)
         if NG == 1:  # one group per row of the tile: 2-D (see _quant_tile on reshapes)
             amax = tl.maximum(tl.max(_abs_bits(xe), axis=1), tl.max(_abs_bits(xo), axis=1))
             s, eff = _scales(amax.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
             tl.store(s_ptr + rows * ssr + pid_c * ssc, s, rmask)
-            ce = _quant_tile(xe, eff[:, None], ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                             ENC, SR, SMODE, HW_FP8, False)
-            co = _quant_tile(xo, eff[:, None], ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                             ENC, SR, SMODE, HW_FP8, False)
+            b = _word_codes(xe, xo, eff[:, None], ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                            ENC, SR, SMODE, HW_FP8)
         else:
             GH: tl.constexpr = G // 2
             xe3 = tl.reshape(xe, [BR, NG, GH])
@@ -169,12 +181,10 @@ def _quantize_kernel(
             gcols = pid_c * NG + tl.arange(0, NG)
             gm = rmask[:, None] & (gcols[None, :] < (K + G - 1) // G)
             tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
-            i3 = tl.reshape(ie, [BR, NG, GH])
-            ce = tl.reshape(_quant_tile(xe3, eff[:, :, None], i3, seed_off, KIND_INT, MBITS, EMIN, EMAX,
-                                        FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, False), [BR, H])
-            co = tl.reshape(_quant_tile(xo3, eff[:, :, None], i3 + 1, seed_off, KIND_INT, MBITS, EMIN,
-                                        EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, False), [BR, H])
-        tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], (ce | (co << 4)).to(tl.uint8), wm)
+            b = tl.reshape(_word_codes(xe3, xo3, eff[:, :, None], tl.reshape(ie, [BR, NG, GH]), seed_off,
+                                       KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8),
+                           [BR, H])
+        tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], b, wm)
     else:
         cols = pid_c * BC + tl.arange(0, BC)
         x = _load_rotated(x_ptr, rows, cols, R, K, sxr, sxk, sign_off, TRANS, BR, BC, HAD, LOG, SCALE, SIGNS,
