@@ -214,7 +214,7 @@ def _quantize_kernel(
                 s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
                 if (pid_r == 0) & (pid_c == 0):
                     tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-            elif BLK_R == BR and BLK_C == BC:  # 2-D block: this program's whole tile is one
+            elif BLK_R == BR and BLK_C == BC:  # one 2-D block: this program's whole tile
                 a = tl.max(tl.max(_abs_bits(x), axis=1), axis=0).to(tl.float32, bitcast=True)
                 s, eff = _scales(a + tl.zeros([1, 1], tl.float32), t_amax, FMAX, EMAX, SMODE)
                 tl.store(s_ptr + pid_r * ssr + pid_c * ssc + tl.zeros([1, 1], tl.int32), s)
@@ -308,8 +308,9 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     g = int(block) if gmode == 0 else 1
     if gmode == 3:
         br, bc = int(block[0]), int(block[1])
-        if br * bc < TILE_ELEMS:  # small blocks: whole blocks per program, the tile's shape capped
-            tr, tc = TILE2D_SMALL[::-1] if trans else TILE2D_SMALL  # by the matrix's (powers of 2)
+        if br * bc < TILE_ELEMS:  # small blocks: several whole blocks per program (TILE2D_SMALL,
+            # capped by the matrix's padded size; all powers of two, so whole blocks still)
+            tr, tc = TILE2D_SMALL[::-1] if trans else TILE2D_SMALL
             br, bc = max(br, min(rp, tr)), max(bc, min(kp, tc))
     elif strided:
         bc = max(g, hadamard, min(kp, STRIDED_TILE[1]))
