@@ -343,6 +343,35 @@ def test_gpu_large_matches_reference(fmt, block, scale):
                         kq.quantize(xc.t(), spec.with_rounding("nearest")))
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("fp4_e2m1", 32, "e8m0"), QuantSpec("fp4_e2m1", 32, "e8m0_up"),
+                                  QuantSpec("fp4_e2m1", 16, "e4m3"), QuantSpec("fp4_e2m1", 16, "fp32")])
+def test_fp4_words_ties_signs_and_cleared_groups_as_the_reference(spec):
+    # The packed-words FP4 codes (bf16 input, nearest) take magnitudes from |x|, signs from x's
+    # bits and clear whole groups whose divisor is NaN or 0 with one mask: every E2M1 tie and its
+    # bf16 neighbours, both signs and -0, a NaN group, an Inf group, and (NVFP4) blocks whose
+    # e4m3 scale underflows next to a large block (+0 codes, negative values included).
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.bfloat16)
+    bits = mids.view(torch.int16)
+    below, above = (bits - 1).view(torch.bfloat16), (bits + 1).view(torch.bfloat16)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 5.97, 6.5, 7.9], dtype=torch.bfloat16)
+    v = torch.cat([mids, below, above, grid]).float()
+    vals = torch.cat([v, -v, torch.tensor([-0.0, 1e-30, -1e-30, 0.0, 3.0, -2.0])])  # 70 -> 64 below
+    x = torch.stack([vals[:64] * 4.0, vals[:64] / 8.0, vals[:64].flip(0), vals[:64]]).repeat(2, 1)
+    x[2, 40] = float("nan")
+    x[3, 5] = float("inf")
+    x[4, :16] = torch.tensor([1e-30, -1e-30, -0.0, 2e-30] * 4)  # tiny next to row 5's 1e3: NVFP4 zero blocks
+    x[5, 20] = 1e3
+    x = x.to(torch.bfloat16)
+    finite = x.nan_to_num(1.0, 1.0)  # NVFP4: a NaN or Inf anywhere makes every scale NaN
+    import lowbit.kernels._quantize_triton as kt
+
+    assert kt.PAIRED_WORDS
+    for m in (x, finite):
+        check_same_qtensor(quantize(m, spec), kq.quantize(m.to(DEV), spec))
+    if spec.scale == "e4m3":  # the case is real: a block scale of 0 with nonzero values in it
+        assert (quantize(finite, spec).scale.float()[4] == 0).any()
+
+
 @pytest.mark.parametrize("scale", ["e8m0", "e4m3"])
 def test_fp4_ties_saturation_and_specials_round_as_the_reference(scale):
     # Every E2M1 rounding tie (midpoints 0.25 .. 5), its fp32 neighbours, the saturation edge and

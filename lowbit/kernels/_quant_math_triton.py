@@ -195,22 +195,30 @@ def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constex
 
 @triton.jit
 def _e2m1_codes(y):
-    # FP4 E2M1 codes of scaled values y, rounded to nearest even, in a few integer and one float
-    # op on y's fp32 bits (the fp4 quantizers were ALU-bound: this is _round_float then _encode).
-    # With e = max(exponent of |y|, 0), the grid step q is 2^(e-1) throughout (0.5 below 2: the
-    # subnormals 0, 0.5 and 1, 1.5; then 1, then 2), so adding M = q * 2^23 to |y| rounds |y| / q
-    # half to even into the sum's low bits: n = bits(|y| + M) - bits(M), in 0..4. Then the code is
-    # n + 2e (n = 4 is a carry into the next binade: 1.75 -> code 4, 2.0). M's bits are those of
-    # max(|y|, 1)'s exponent plus 22 << 23, and 2e is that exponent field >> 22, minus 254.
-    # |y| saturates at 6 as an integer min on the bits (Inf too); NaN gives code 0, sign dropped.
+    # FP4 E2M1 codes of scaled values y, rounded to nearest even: _e2m1_magnitude's code of |y|
+    # with y's sign as bit 3. NaN gives code 0, sign dropped.
     b = y.to(tl.int32, bitcast=True)
     ba = b & 0x7FFFFFFF
+    code = _e2m1_magnitude(ba) | ((b >> 28) & 8)
+    return tl.where(ba > 0x7F800000, 0, code)
+
+
+@triton.jit
+def _e2m1_magnitude(ba):
+    # E2M1 code (0..7) of the fp32 value with bits ba >= 0, rounded to nearest even, in a few
+    # integer and one float op on the bits (the fp4 quantizers were ALU-bound: this is
+    # _round_float then _encode). With e = max(exponent, 0), the grid step q is 2^(e-1)
+    # throughout (0.5 below 2: the subnormals 0, 0.5 and 1, 1.5; then 1, then 2), so adding
+    # M = q * 2^23 rounds the value / q half to even into the sum's low bits:
+    # n = bits(value + M) - bits(M), in 0..4. Then the code is n + 2e (n = 4 is a carry into the
+    # next binade: 1.75 -> code 4, 2.0). M's bits are those of max(value, 1)'s exponent plus
+    # 22 << 23, and 2e is that exponent field >> 22, minus 254. The value saturates at 6 as an
+    # integer min on the bits (Inf too; a NaN gives 7: callers clear NaN codes).
     bs = tl.minimum(ba, 0x40C00000)  # 6.0
-    eb = tl.maximum(bs, 0x3F800000) & 0x7F800000  # max(|y|, 1)'s exponent field
+    eb = tl.maximum(bs, 0x3F800000) & 0x7F800000  # max(value, 1)'s exponent field
     mb = eb + (22 << 23)
     n = (bs.to(tl.float32, bitcast=True) + mb.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - mb
-    code = (n + ((eb >> 22) - 254)) | ((b >> 28) & 8)
-    return tl.where(ba > 0x7F800000, 0, code)
+    return n + ((eb >> 22) - 254)
 
 
 @triton.jit

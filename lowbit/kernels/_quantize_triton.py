@@ -11,7 +11,7 @@ import triton.language as tl
 
 from lowbit.kernels import quantize as kq
 from lowbit.kernels._hadamard_triton import _rotate_tile, rotation_constants
-from lowbit.kernels._quant_math_triton import _quant_tile, _scales, _tensor_scale
+from lowbit.kernels._quant_math_triton import _e2m1_magnitude, _quant_tile, _scales, _tensor_scale
 from lowbit.kernels.launch import aligned, launchable, seed_args
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
@@ -86,11 +86,37 @@ def _word_codes(xe, xo, eff, ie, seed_off, KIND_INT: tl.constexpr, MBITS: tl.con
                 EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
                 SR: tl.constexpr, SMODE: tl.constexpr, HW_FP8: tl.constexpr):
     # One byte per word: the even element's code in the low nibble, the odd one's in the high.
+    if ENC == 3 and not SR:
+        # FP4 rounded to nearest, in ~3 fewer integer ops an element than _quant_tile's codes (this
+        # kernel is ALU-bound for FP4): the magnitudes' codes from |x| (the bits the group amax
+        # already formed) scaled; both signs straight from x's bits (y = x / scale keeps x's sign);
+        # and no per-element NaN test: every byte of a group whose divisor is NaN (a NaN or Inf in
+        # the group, or a NaN tensor scale) or 0 (an NVFP4 block scale that underflowed) is cleared
+        # by one AND, as the reference stores code 0 for all of them (+0 for the zero blocks).
+        be = xe.to(tl.int32, bitcast=True)
+        bo = xo.to(tl.int32, bitcast=True)
+        me = _e2m1_magnitude(_scaled_bits(be & 0x7FFFFFFF, eff, SMODE))
+        mo = _e2m1_magnitude(_scaled_bits(bo & 0x7FFFFFFF, eff, SMODE))
+        keep = tl.where((eff == eff) & (eff != 0.0), 0xFF, 0)
+        sign = ((be >> 28) & 8) | ((bo >> 24) & 0x80)
+        return ((me | (mo << 4) | sign) & keep).to(tl.uint8)
     ce = _quant_tile(xe, eff, ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
                      HW_FP8, False)
     co = _quant_tile(xo, eff, ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
                      HW_FP8, False)
     return (ce | (co << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _scaled_bits(ba, eff, SMODE: tl.constexpr):
+    # Bits of |x| / scale from |x|'s bits ba: a multiply by the exact reciprocal for e8m0 scales,
+    # else an IEEE division (by 0 in an underflowed NVFP4 block: Inf or NaN, cleared by the caller).
+    a = ba.to(tl.float32, bitcast=True)
+    if SMODE == 1 or SMODE == 2:
+        y = a * eff
+    else:
+        y = tl.div_rn(a, eff)
+    return y.to(tl.int32, bitcast=True)
 
 
 @triton.jit
