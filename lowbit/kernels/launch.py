@@ -21,17 +21,25 @@ from typing import Any
 
 import torch
 
+from lowbit.kernels.fast_launch import fast
+
 _WRAP: Callable[[Any], Any] | None = getattr(torch.library, "wrap_triton", None)
 
 
 def launchable(kernel: Any) -> Any:
     """`kernel`, wrapped by torch.library.wrap_triton where that records it (inside a triton_op);
-    a launcher that does nothing while `shapes_only` (an opaque op's fake implementation)."""
+    a launcher that does nothing while `shapes_only` (an opaque op's fake implementation); else
+    `kernel` behind lowbit.kernels.fast_launch (on a GPU)."""
     if _shapes_only:
         return _NO_LAUNCH
     # wrap_triton costs ~20 us a call on a slow host (its imports and checks): asked only once a
-    # recording op exists (`enable_recording`).
-    return _WRAP(kernel) if _recording and _WRAP is not None else kernel
+    # recording op exists (`enable_recording`). Where it hands back the kernel itself (no
+    # tracing), eager launches skip Triton's per-call binding (lowbit.kernels.fast_launch).
+    if _recording and _WRAP is not None:
+        wrapped = _WRAP(kernel)
+        if wrapped is not kernel:
+            return wrapped
+    return fast(kernel)
 
 
 _recording = False
