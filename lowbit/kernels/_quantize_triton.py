@@ -88,8 +88,9 @@ def _word_codes(xe, xo, eff, ie, seed_off, KIND_INT: tl.constexpr, MBITS: tl.con
     # One byte per word: the even element's code in the low nibble, the odd one's in the high.
     if ENC == 3 and not SR:
         # FP4 rounded to nearest, in ~3 fewer integer ops an element than _quant_tile's codes (this
-        # kernel is ALU-bound for FP4): the magnitudes' codes from |x| (the bits the group amax
-        # already formed) scaled; both signs straight from x's bits (y = x / scale keeps x's sign);
+        # kernel is ALU-bound for FP4): the magnitudes' codes from |x| scaled (where the group amax
+        # came from the same tile, |x|'s bits are shared with it); both signs straight from x's
+        # bits (y = x / scale keeps x's sign);
         # and no per-element NaN test: every byte of a group whose divisor is NaN (a NaN or Inf in
         # the group, or a NaN tensor scale) or 0 (an NVFP4 block scale that underflowed) is cleared
         # by one AND, as the reference stores code 0 for all of them (+0 for the zero blocks).

@@ -4,7 +4,8 @@ Inside a `torch.library.triton_op` (QuantLinear's graph ops, lowbit.nn.quant_lin
 a kernel must be launched through `torch.library.wrap_triton`, so that tracing records the launch
 in the graph and Inductor launches it from its generated code, with none of our Python per call.
 Outside such an op (and always under TRITON_INTERPRET=1) wrap_triton hands back the kernel itself,
-so every launcher goes through `launchable` and the eager path is unchanged.
+so every launcher goes through `launchable`; on a GPU an eager launch then skips Triton's per-call
+argument binding (lowbit.kernels.fast_launch).
 
 Seeds. The eager layers draw one seed per GEMM call on the host and pass kernels the hash offset
 seed * golden mod 2^32 as an int32 argument. A traced graph cannot draw on the host: its seeds are
