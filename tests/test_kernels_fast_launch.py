@@ -22,6 +22,34 @@ def test_runtime_key_separates_what_triton_specializes_on():
     assert runtime_key([1, 2]) is runtime_key((3,))  # not keyed: such calls are never cached
 
 
+def _bind_kernel(a, b, n, off, C: "tl.constexpr", D: "tl.constexpr" = 3, E: "tl.constexpr" = "x"):  # noqa: ANN001, ANN202, F821
+    pass
+
+
+def test_bind_orders_arguments_as_python_binds_them():
+    # What FastLauncher passes to a compiled kernel: every parameter in the kernel's order with
+    # defaults filled in, as inspect's binding of the same call gives; launch options kept apart.
+    import inspect
+
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    from lowbit.kernels.fast_launch import FastLauncher
+
+    fl = FastLauncher(JITFunction(_bind_kernel))
+    assert [fl.kernel.params[i].name for i in fl.runtime] == ["a", "b", "n", "off"]
+    sig = inspect.signature(_bind_kernel)
+    calls = [((1, 2, 3, 4, 5), {}), ((1, 2), dict(n=3, off=4, C=5, E="y", num_warps=4)),
+             ((1,), dict(C=7, off=9, b=8, n=6, D=0, num_stages=2, num_warps=8))]
+    for args, kwargs in calls:
+        params = {k: v for k, v in kwargs.items() if k in sig.parameters}
+        want = sig.bind(*args, **params)
+        want.apply_defaults()
+        vals, opts = fl.bind(args, kwargs)
+        assert vals == list(want.arguments.values())
+        assert dict(opts) == {k: v for k, v in kwargs.items() if k not in sig.parameters}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels)")
 def test_gpu_fast_launches_match_triton_and_key_every_specialization():
     import triton

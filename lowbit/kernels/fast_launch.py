@@ -28,6 +28,7 @@ import torch
 
 ENABLED = os.environ.get("LOWBIT_FAST_LAUNCH", "1") != "0"
 
+MAX_KEYS = 4096  # compiled kernels kept per kernel; beyond it, new specializations go through Triton
 _UNKEYED = object()  # an argument of a type not keyed: that call is not cached
 _EMPTY = inspect.Parameter.empty  # a parameter without an argument or default: Triton raises
 _I32, _I64 = 1 << 31, 1 << 63
@@ -52,16 +53,14 @@ class FastLauncher:
     """`launcher[grid](*args, **kwargs)` with the semantics of `kernel[grid](...)` (a JITFunction)."""
 
     def __init__(self, kernel: Any) -> None:
-        from triton.runtime.driver import driver
-
         self.kernel = kernel
         params = kernel.params
         self.index = {p.name: i for i, p in enumerate(params)}
         self.defaults = [p.default for p in params]
         self.runtime = [i for i, p in enumerate(params) if not p.is_constexpr]
         self.cache: dict[tuple, Any] = {}
-        self._device = driver.active.get_current_device
-        self._stream = driver.active.get_current_stream
+        self._device: Callable[[], int] | None = None  # Triton's driver, asked at the first launch
+        self._stream: Callable[[int], int] | None = None
         try:
             from triton import knobs
 
@@ -75,7 +74,9 @@ class FastLauncher:
 
         return launch
 
-    def _launch(self, grid: Any, args: tuple, kwargs: dict) -> Any:
+    def bind(self, args: tuple, kwargs: dict) -> tuple[list, tuple]:
+        """(every parameter's value in the kernel's order, defaults filled in, as Triton passes
+        them to the compiled kernel; the launch options among kwargs, as (name, value) pairs)."""
         vals = list(args)
         if len(vals) < len(self.defaults):
             vals.extend(self.defaults[len(vals):])
@@ -86,9 +87,17 @@ class FastLauncher:
                 opts += ((k, v),)
             else:
                 vals[i] = v
+        return vals, opts
+
+    def _launch(self, grid: Any, args: tuple, kwargs: dict) -> Any:
+        vals, opts = self.bind(args, kwargs)
         key_parts = list(vals)
         for i in self.runtime:
             key_parts[i] = runtime_key(vals[i])
+        if self._device is None:
+            from triton.runtime.driver import driver
+
+            self._device, self._stream = driver.active.get_current_device, driver.active.get_current_stream
         dev = self._device()
         key: tuple | None = (dev, opts, *key_parts)
         try:
@@ -101,6 +110,8 @@ class FastLauncher:
                 key is not None and not callable(grid) and not getattr(self.kernel, "pre_run_hooks", None)
                 and not any(p is _UNKEYED for p in key_parts) and not any(v is _EMPTY for v in vals)
             )
+            # Bounded: a key that never compares equal (a NaN constexpr) must not grow it forever.
+            cacheable = cacheable and len(self.cache) < MAX_KEYS
             if cacheable and hasattr(compiled, "run") and hasattr(compiled, "function"):
                 self.cache[key] = compiled
             return compiled
