@@ -11,7 +11,7 @@ import triton.language as tl
 
 from lowbit.kernels import quantize as kq
 from lowbit.kernels._hadamard_triton import _rotate_tile, rotation_constants
-from lowbit.kernels._quant_math_triton import _e2m1_magnitude, _quant_tile, _scales, _tensor_scale
+from lowbit.kernels._quant_math_triton import _e2m1_magnitude, _quant_tile, _scaled, _scales, _tensor_scale
 from lowbit.kernels.launch import aligned, launchable, seed_args
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
@@ -96,8 +96,10 @@ def _word_codes(xe, xo, eff, ie, seed_off, KIND_INT: tl.constexpr, MBITS: tl.con
         # by one AND, as the reference stores code 0 for all of them (+0 for the zero blocks).
         be = xe.to(tl.int32, bitcast=True)
         bo = xo.to(tl.int32, bitcast=True)
-        me = _e2m1_magnitude(_scaled_bits(be & 0x7FFFFFFF, eff, SMODE))
-        mo = _e2m1_magnitude(_scaled_bits(bo & 0x7FFFFFFF, eff, SMODE))
+        ae = (be & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        ao = (bo & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        me = _e2m1_magnitude(_scaled(ae, eff, SMODE).to(tl.int32, bitcast=True))
+        mo = _e2m1_magnitude(_scaled(ao, eff, SMODE).to(tl.int32, bitcast=True))
         keep = tl.where((eff == eff) & (eff != 0.0), 0xFF, 0)
         sign = ((be >> 28) & 8) | ((bo >> 24) & 0x80)
         return ((me | (mo << 4) | sign) & keep).to(tl.uint8)
@@ -106,18 +108,6 @@ def _word_codes(xe, xo, eff, ie, seed_off, KIND_INT: tl.constexpr, MBITS: tl.con
     co = _quant_tile(xo, eff, ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
                      HW_FP8, False)
     return (ce | (co << 4)).to(tl.uint8)
-
-
-@triton.jit
-def _scaled_bits(ba, eff, SMODE: tl.constexpr):
-    # Bits of |x| / scale from |x|'s bits ba: a multiply by the exact reciprocal for e8m0 scales,
-    # else an IEEE division (by 0 in an underflowed NVFP4 block: Inf or NaN, cleared by the caller).
-    a = ba.to(tl.float32, bitcast=True)
-    if SMODE == 1 or SMODE == 2:
-        y = a * eff
-    else:
-        y = tl.div_rn(a, eff)
-    return y.to(tl.int32, bitcast=True)
 
 
 @triton.jit
