@@ -1,5 +1,9 @@
 """lowbit.kernels.fast_launch: the specialization key (CPU) and launches against Triton's own (GPU)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -20,6 +24,14 @@ def test_runtime_key_separates_what_triton_specializes_on():
     assert runtime_key(x[1:]) != runtime_key(x)  # 4 bytes off: not 16-byte aligned
     assert runtime_key(x.to(torch.bfloat16)) != runtime_key(x)
     assert runtime_key([1, 2]) is runtime_key((3,))  # not keyed: such calls are never cached
+
+
+def test_a_bad_setting_is_refused_naming_the_choices():
+    env = {**os.environ, "LOWBIT_FAST_LAUNCH": "yes"}
+    out = subprocess.run([sys.executable, "-c", "import lowbit.kernels.fast_launch"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "LOWBIT_FAST_LAUNCH='yes'; valid choices: 0, 1" in out.stderr
 
 
 def _bind_kernel(a, b, n, off, C: "tl.constexpr", D: "tl.constexpr" = 3, E: "tl.constexpr" = "x"):  # noqa: ANN001, ANN202, F821

@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
-ENABLED = os.environ.get("LOWBIT_FAST_LAUNCH", "1") != "0"
+_SETTING = os.environ.get("LOWBIT_FAST_LAUNCH", "1")
+if _SETTING not in ("0", "1"):
+    raise ValueError(f"LOWBIT_FAST_LAUNCH={_SETTING!r}; valid choices: 0, 1")
+ENABLED = _SETTING == "1"
 
 MAX_KEYS = 4096  # compiled kernels kept per kernel; beyond it, new specializations go through Triton
 _UNKEYED = object()  # an argument of a type not keyed: that call is not cached
