@@ -12,7 +12,8 @@ import triton.language as tl
 from lowbit.kernels import quantize as kq
 from lowbit.kernels._hadamard_triton import _rotate_tile, rotation_constants
 from lowbit.kernels._quant_math_triton import _e2m1_magnitude, _quant_tile, _scaled, _scales, _tensor_scale
-from lowbit.kernels.launch import aligned, launchable, seed_args
+from lowbit.kernels.fast_launch import aligned
+from lowbit.kernels.launch import launchable, seed_args
 from lowbit.kernels.quantize import interpret
 from lowbit.quant.formats import ElementFormat
 

@@ -32,7 +32,7 @@ if _SETTING not in ("0", "1"):
 ENABLED = _SETTING == "1"
 
 MAX_KEYS = 4096  # compiled kernels kept per kernel; beyond it, new specializations go through Triton
-_UNKEYED = object()  # an argument of a type not keyed: that call is not cached
+UNKEYED = object()  # runtime_key of an argument of a type not keyed: that call is not cached
 _EMPTY = inspect.Parameter.empty  # a parameter without an argument or default: Triton raises
 _I32, _I64 = 1 << 31, 1 << 63
 
@@ -48,8 +48,18 @@ def runtime_key(v: Any) -> Any:
     if t is float:
         return float
     if isinstance(v, torch.Tensor):
-        return (v.dtype, v.data_ptr() % 16 == 0)
-    return _UNKEYED
+        return (v.dtype, aligned(v, 16))
+    return UNKEYED
+
+
+def aligned(x: torch.Tensor, nbytes: int) -> bool:
+    """Whether x's first element sits at a multiple of `nbytes`. While a graph is traced the
+    tensors have no address; torch's allocations (and Inductor's) are 16-byte aligned, so the
+    storage offset then decides."""
+    try:
+        return x.data_ptr() % nbytes == 0
+    except RuntimeError:  # a FakeTensor / FunctionalTensor
+        return (x.storage_offset() * x.element_size()) % nbytes == 0
 
 
 class FastLauncher:
@@ -111,7 +121,7 @@ class FastLauncher:
             compiled = self.kernel[grid](*args, **kwargs)
             cacheable = (
                 key is not None and not callable(grid) and not getattr(self.kernel, "pre_run_hooks", None)
-                and not any(p is _UNKEYED for p in key_parts) and not any(v is _EMPTY for v in vals)
+                and not any(p is UNKEYED for p in key_parts) and not any(v is _EMPTY for v in vals)
             )
             # Bounded: a key that never compares equal (a NaN constexpr) must not grow it forever.
             cacheable = cacheable and len(self.cache) < MAX_KEYS
@@ -134,7 +144,7 @@ class FastLauncher:
         # Triton refuses a launch once a global the kernel read at compile time has changed; a hit
         # here must not launch the stale kernel instead (the slow path raises Triton's error).
         for (name, _), (val, globals_dict) in getattr(self.kernel, "used_global_vals", {}).items():
-            if globals_dict.get(name, _UNKEYED) != val:
+            if globals_dict.get(name, UNKEYED) != val:
                 return False
         return True
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lowbit.kernels.fast_launch import fast
+from lowbit.kernels.fast_launch import UNKEYED, fast, runtime_key
 
 _WRAP: Callable[[Any], Any] | None = getattr(torch.library, "wrap_triton", None)
 
@@ -103,27 +103,13 @@ def seed_args(*offsets: int | torch.Tensor | None) -> tuple[list[int | torch.Ten
     return [_offset_tensor(0 if o is None else o, dev) for o in offsets], True
 
 
-def aligned(x: torch.Tensor, nbytes: int) -> bool:
-    """Whether x's first element sits at a multiple of `nbytes`. While a graph is traced the
-    tensors have no address; torch's allocations (and Inductor's) are 16-byte aligned, so the
-    storage offset then decides."""
-    try:
-        return x.data_ptr() % nbytes == 0
-    except RuntimeError:  # a FakeTensor / FunctionalTensor
-        return (x.storage_offset() * x.element_size()) % nbytes == 0
-
-
 def _spec_key(v: Any, exact: bool) -> Any:
-    # What Triton specializes a runtime argument on: a tensor by dtype and 16-byte alignment, an
-    # int by being 1 or a multiple of 16 (the TTIR, and so which tensors it writes, depends on no
-    # more). Constexprs (`exact`) by value.
-    if isinstance(v, torch.Tensor):
-        return ("T", v.dtype, (v.storage_offset() * v.element_size()) % 16 == 0)
-    if isinstance(v, (bool, float, str, type(None))) or (exact and isinstance(v, int)):
+    # What Triton specializes an argument on (fast_launch.runtime_key; the TTIR, and so which
+    # tensors it writes, depends on no more); constexprs (`exact`) by value.
+    if exact and not isinstance(v, torch.Tensor):
         return v
-    if isinstance(v, int):
-        return ("I", v == 1, v % 16 == 0)
-    return ("?", id(v))
+    key = runtime_key(v)
+    return ("?", id(v)) if key is UNKEYED else key
 
 
 def _constexpr_names(kernel: Any) -> frozenset[str] | None:
