@@ -8,6 +8,11 @@ equal the reference's, computed on the CPU (NaN sign aside).
 
     python benchmarks/quantize_bw.py --out $OUT/quantize_bw.json
     python benchmarks/quantize_bw.py --hadamard 32 --specs mxfp4_sr,int4_row --graph
+    python benchmarks/quantize_bw.py --ab FAST_DIVISION --specs nvfp4,int8_row --pair
+
+--ab KNOB times each case (and its pair, with --pair) in CUDA graphs with the boolean launch knob
+lowbit.kernels._quantize_triton.KNOB off and on, alternating three times in one process (this
+host's timings drift between processes), and reports the median device time of each.
 
 --hadamard B times the rotate-and-quantize kernel (lowbit.kernels.hadamard.rotate_quantize, blocks
 of B, random signs) against two unfused forms: the Triton rotation writing fp32 then the quantize
@@ -154,6 +159,46 @@ def _hadamard_rows(
     return out
 
 
+def _ab_rows(x, shape: str, name: str, spec, knob: str, pair: bool, copy_graph_bw: float) -> list[dict]:
+    # Device time (CUDA graphs) with the launch knob off and on, interleaved: three rounds, medians.
+    import statistics
+
+    from lowbit.kernels import _quantize_triton as kt
+
+    if not isinstance(getattr(kt, knob, None), bool):
+        raise SystemExit(f"--ab: {knob!r} is not a boolean knob of lowbit.kernels._quantize_triton")
+    cases = {name: (lambda: kq.quantize(x, spec, seed=1), False)}
+    if pair and why_not_pair(x, spec, spec) is None:
+        cases[f"{name} pair"] = (lambda: quantize_pair(x, spec, spec, seed=1, seed_t=2), True)
+    ref = quantize(x.cpu(), spec, seed=1)
+    ref_t = quantize(x.cpu().t(), spec, seed=2)
+    default, out = getattr(kt, knob), []
+    try:
+        for case, (fn, is_pair) in cases.items():
+            times: dict[bool, list[float]] = {False: [], True: []}
+            exact = True
+            for _ in range(3):
+                for on in (False, True):
+                    setattr(kt, knob, on)
+                    got = fn()
+                    if is_pair:
+                        exact &= _same(ref, _to_cpu(got[0])) and _same(ref_t, _to_cpu(got[1]))
+                    else:
+                        exact &= _same(ref, _to_cpu(got))
+                    times[on].append(_bench_graph(fn))
+            got = fn()
+            nbytes = x.numel() * 2 + (_nbytes(got[0]) + _nbytes(got[1]) if is_pair else _nbytes(got))
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            row = dict(shape=shape, spec=case, knob=knob, off_ms=off, on_ms=on, speedup=off / on,
+                       off_frac=nbytes / off / 1e6 / copy_graph_bw, on_frac=nbytes / on / 1e6 / copy_graph_bw,
+                       bitexact=bool(exact))
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        setattr(kt, knob, default)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="8192x4096,8192x14336")
@@ -167,8 +212,11 @@ def main() -> None:
                    help="also time each call inside a CUDA graph (device time without host overhead)")
     p.add_argument("--hadamard", type=int, default=0,
                    help="time rotate-and-quantize with Hadamard blocks of this size instead")
+    p.add_argument("--ab", default="", help="A/B a boolean knob of lowbit.kernels._quantize_triton")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    if args.ab:
+        args.graph = True
     import triton
 
     rows = []
@@ -189,6 +237,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         for name in args.specs.split(","):
             spec = SPECS[name]
+            if args.ab:
+                rows += _ab_rows(x, shape, name, spec, args.ab, args.pair, copy_graph_bw)
+                continue
             if args.hadamard:
                 rows += _hadamard_rows(x, shape, name, spec, args.hadamard, copy_bw, copy_graph_bw)
                 continue
@@ -218,6 +269,11 @@ def main() -> None:
     print(f"\n{meta}\n{'shape':>11} {'spec':>13} {'T':>1} {'ms':>7} {'GB/s':>6} {'copy':>6} {'frac':>5} "
           f"{'ref':>5} {'graph':>5} exact")
     for r in rows:
+        if "knob" in r:
+            print(f"{r['shape']:>11} {r['spec']:>13} {r['knob']} off {r['off_ms']:.4f} ms "
+                  f"({r['off_frac']:.2f}) on {r['on_ms']:.4f} ms ({r['on_frac']:.2f}) "
+                  f"x{r['speedup']:.3f} {r['bitexact']}")
+            continue
         ref = f"{r['ref_frac_of_copy']:.2f}" if "ref_frac_of_copy" in r else "-"
         graph = f"{r['graph_frac_of_copy']:.2f}" if "graph_frac_of_copy" in r else "-"
         print(f"{r['shape']:>11} {r['spec']:>13} {'T' if r['transposed'] else '-':>1} {r['ms']:7.3f} "

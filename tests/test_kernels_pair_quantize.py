@@ -100,16 +100,20 @@ def test_pair_nan_inf_and_delayed_amax():
 def test_pair_saturates_and_keeps_specials_under_a_small_amax(fmt):
     # An amax below the data's (delayed scaling) pushes values past the format's max, into the
     # range the GPU's saturating cast must round as the reference does; ±Inf, NaN, ±0 and values
-    # that land in the subnormals are mixed in.
+    # that land in the subnormals are mixed in. Amaxes far below the data give quotients past
+    # 2^100 (1e20 / (1e-16 / 448) overflows fp32) and scales under 2^-64 (1e-30): the tiles whose
+    # reciprocal division would not be exact (_div_scale) must divide as the reference does.
     spec = QuantSpec(fmt)
     x = _matrix(96, 130, torch.float32, seed=5)
     x[0, :8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-30, -3e-4, 7.0])
+    x[70, 100:103] = torch.tensor([1e20, -1e20, 3e9])
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(dtype)
-        amax = torch.tensor([2.0])
-        q, q_t = quantize_pair(xd, spec, spec, amax=amax)
-        check_same_qtensor(q, quantize(xd.cpu(), spec, amax=amax))
-        check_same_qtensor(q_t, quantize(xd.cpu().t(), spec, amax=amax))
+        for a in (2.0, 1e-16, 1e-30):
+            amax = torch.tensor([a])
+            q, q_t = quantize_pair(xd, spec, spec, amax=amax)
+            check_same_qtensor(q, quantize(xd.cpu(), spec, amax=amax))
+            check_same_qtensor(q_t, quantize(xd.cpu().t(), spec, amax=amax))
 
 
 def test_tensor_amax_matches_reference():

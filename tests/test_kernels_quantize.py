@@ -285,10 +285,14 @@ def test_special_values_and_delayed_amax():
                  QuantSpec("fp4_e2m1", 16, "e4m3"), QuantSpec("fp4_e2m1", 32, "e8m0"),
                  QuantSpec("int8", "row")]:
         check_same_qtensor(quantize(x, spec), kq.quantize(x.to(DEV), spec))
-    y = _x((8, 64), seed=5)
-    spec = QuantSpec("fp8_e4m3")
-    amax = torch.tensor(3.0)
-    check_same_qtensor(quantize(y, spec, amax=amax), kq.quantize(y.to(DEV), spec, amax=amax.to(DEV)))
+    # Delayed amaxes: 3 (quotients up to ~1e6), 1e-16 (quotients past 2^100 where y holds 1e20:
+    # they overflow), 1e-30 (a scale under 2^-64): divided as the reference does (_div_scale).
+    y = _x((64, 64), seed=5)
+    y[40, 7:9] = torch.tensor([1e20, -1e20])
+    for spec in [QuantSpec("fp8_e4m3"), QuantSpec("int8"), QuantSpec("fp8_e5m2")]:
+        for a in (3.0, 1e-16, 1e-30):
+            amax = torch.tensor(a)
+            check_same_qtensor(quantize(y, spec, amax=amax), kq.quantize(y.to(DEV), spec, amax=amax.to(DEV)))
 
 
 def test_group_scales_of_tiny_groups_divide_exactly():

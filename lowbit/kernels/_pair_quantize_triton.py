@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import _quantize_triton
 from lowbit.kernels._quant_math_triton import _encode, _quant_tile, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable, seed_args
@@ -87,10 +88,11 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
           BR: tl.constexpr, BC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
           EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, KIND_INT: tl.constexpr,
           ENC: tl.constexpr, SMODE: tl.constexpr, SR: tl.constexpr, HW_FP8: tl.constexpr,
-          TRANSPOSED: tl.constexpr):
+          TRANSPOSED: tl.constexpr, DIV: tl.constexpr):
     # Codes of one [BR, BC] tile (rows of length C in the whole matrix) quantized along its columns.
     # G > 0: 1-D groups of G along the columns; G == 0: the tensor amax `tamax` ([1, 1]); G == -1:
     # the whole tile is one group (2-D tile scaling). Scales go to s_ptr with strides (ssr, ssc).
+    # DIV: _div_scale's form of the division (0 for the transposed side, see _quant_tile).
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
     idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -99,7 +101,7 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
         s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
         tl.store(s_ptr + rows * ssr + (c0 // G) * ssc, s, rows < R)
         codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                            ENC, SR, SMODE, HW_FP8, TRANSPOSED)
+                            ENC, SR, SMODE, HW_FP8, TRANSPOSED, DIV)
     elif G > 0:
         NG: tl.constexpr = BC // G
         x3 = tl.reshape(x, [BR, NG, G])
@@ -110,7 +112,7 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
         tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
         codes = tl.reshape(_quant_tile(x3, eff[:, :, None], tl.reshape(idx, [BR, NG, G]), seed_off,
                                        KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8,
-                                       TRANSPOSED), [BR, BC])
+                                       TRANSPOSED, DIV), [BR, BC])
     else:
         if G == 0:
             amax = tamax
@@ -123,7 +125,7 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
         elif (r0 == 0) & (c0 == 0):
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         codes = _quant_tile(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR,
-                            SMODE, HW_FP8, TRANSPOSED)
+                            SMODE, HW_FP8, TRANSPOSED, DIV)
     return codes
 
 
@@ -135,7 +137,8 @@ def _pair_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    HW_FP8: tl.constexpr, FAST: tl.constexpr, hist_ptr, H, HP: tl.constexpr, HIST: tl.constexpr,
+    HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, hist_ptr, H, HP: tl.constexpr,
+    HIST: tl.constexpr,
     SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
@@ -162,7 +165,7 @@ def _pair_kernel(
         if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
             tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
-        codes = _encode(_scaled(x, eff, SMODE), ENC, True)
+        codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
     elif SAME_CODES:
         # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
         # values are transposed and then encoded (transposing the codes made by the hardware e4m3
@@ -170,11 +173,11 @@ def _pair_kernel(
         s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
         if (pid_r == 0) & (pid_c == 0):
             tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-        q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE)
+        q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE, DIV)
         codes = _encode(q, ENC, HW_FP8)
     else:
         codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
-                      MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False)
+                      MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV)
     m = (rows[:, None] < R) & (cols[None, :] < C)
     tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
     if FAST:
@@ -186,7 +189,7 @@ def _pair_kernel(
     else:
         codes_t = _side(tl.trans(x), pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
                         GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
-                        True)
+                        True, 0)
     mt = (cols[:, None] < C) & (rows[None, :] < R)
     tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
@@ -242,8 +245,9 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
                 same_codes: bool, tile: tuple[int, int], seed_a: int | torch.Tensor,
                 seed_b: int | torch.Tensor,
                 wrap: Callable[[Any], Any] | None = None, hist_row: torch.Tensor | None = None,
-                num_warps: int | None = None) -> None:
+                num_warps: int | None = None, own_amax: bool = True) -> None:
     # hist_row: delayed scaling; the amax is its max, or g_amax's int32 bits while it is all zeros.
+    # own_amax: a tensor amax (g_amax, no history) is x2's own, so x2 / scale is bounded.
     r, c = x2.shape
     br, bc = tile
     grid = (triton.cdiv(r, br), triton.cdiv(c, bc))
@@ -251,6 +255,10 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     hw = not interpret()
     # fp32 tensor scale only: see _quant_tile on casting a transposed tile with an e8m0 scale.
     fast = hw and enc in (0, 1) and smode == 0 and ga == 0 and gb == 0 and not (sr_a or sr_b or same_codes)
+    # Side A's division (side B's is transposed: IEEE division, see _quant_tile): guarded where a
+    # tensor amax from a history or an override leaves the quotients unbounded.
+    unbounded = ga == 0 and (hist_row is not None or not own_amax)
+    div = 0 if not _quantize_triton.FAST_DIVISION else (2 if unbounded else 1)
     kernel = (wrap or launchable)(_pair_kernel)
     (seed_a, seed_b), on_device = seed_args(seed_a, seed_b)
     kernel[grid](
@@ -260,7 +268,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         seed_a, seed_b,
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
-        SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast,
+        SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         SEED_PTR=on_device, num_warps=num_warps or (8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,

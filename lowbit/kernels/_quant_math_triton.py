@@ -162,14 +162,16 @@ def _scales(amax, t_amax, FMAX: tl.constexpr, EMAX: tl.constexpr, SMODE: tl.cons
 @triton.jit
 def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                 EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
-                SR: tl.constexpr, SMODE: tl.constexpr, HW_FP8: tl.constexpr, TRANSPOSED: tl.constexpr):
+                SR: tl.constexpr, SMODE: tl.constexpr, HW_FP8: tl.constexpr, TRANSPOSED: tl.constexpr,
+                DIV: tl.constexpr = 0):
     # x: fp32 tile of any rank, eff: its divisors (reciprocals for e8m0) broadcastable to x, idx:
     # the elements' flat indices (x's shape; stochastic rounding) -> int32 codes of x's shape.
     # Callers pass 2-D tiles with [BR, 1] or [1, 1] scales where a group spans whole rows, and
     # [BR, NG, G] tiles only for 1-D groups: on Triton 3.6 a reshape to [BR, 1, BC] next to the
     # tile's own reductions made the layout pass give each thread whole rows (fp8 1x128: 255
     # registers, 30 spills, 0.12 of a copy on the H100; the pair kernel's 0.74 before its FAST form).
-    # TRANSPOSED: x came out of tl.trans.
+    # TRANSPOSED: x came out of tl.trans. DIV: _div_scale's form of the division (eff one scale
+    # per group; 0 for transposed tiles, whose multiplied forms Triton 3.6 miscompiled, below).
     fp8 = (ENC == 0 and MBITS == 3 and EMIN == -6 and EMAX == 8) or ENC == 1
     # Not for a transposed tile with a multiplied (e8m0) scale: on the H100 (Triton 3.6) the cast
     # of tl.trans(x) * s came out with other rows' values in it (run 30, a 64 x 256 pair; run 22
@@ -181,15 +183,15 @@ def _quant_tile(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constex
         # `satfinite` saturation to the largest finite value; _encode keeps Inf for e5m2), so the
         # explicit rounding is skipped: it made the kernels ALU-bound (pair quantizer 0.63 -> 0.90
         # of a copy on the H100, run 22 of docs/BENCHMARKS.md). GPU tests check it bit for bit.
-        return _encode(_scaled(x, eff, SMODE), ENC, True)
+        return _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
     if ENC == 3:
-        y = _scaled(x, eff, SMODE)
+        y = _scaled(x, eff, SMODE, DIV)
         if SR:
             return _e2m1_codes_sr(y, _noise_bits(idx, seed_off))
         return _e2m1_codes(y)
     if KIND_INT and not SR:
-        return _int_codes(_scaled(x, eff, SMODE), FMAX, ENC)
-    q = _quant_values(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR, SMODE)
+        return _int_codes(_scaled(x, eff, SMODE, DIV), FMAX, ENC)
+    q = _quant_values(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR, SMODE, DIV)
     return _encode(q, ENC, HW_FP8)
 
 
@@ -278,9 +280,52 @@ def _noise(idx, seed_off):
     return _noise_bits(idx, seed_off).to(tl.float32) * (1.0 / 16777216.0)
 
 
+# The reciprocal form of _div_scale takes divisors from 2^-64 up (as int32 bits; see there).
+_DIV_MIN_BITS: tl.constexpr = tl.constexpr((127 - 64) << 23)
+# ... and, with GUARD, quotients up to 2^100 (no overflow of x * r in any step).
+_DIV_MAX_QUOTIENT: tl.constexpr = tl.constexpr(2.0**100)
+
+
 @triton.jit
-def _scaled(x, eff, SMODE: tl.constexpr):
-    # x divided by its scale: a multiply by the exact reciprocal for e8m0, else an IEEE division.
+def _div_scale(x, d, DIV: tl.constexpr):
+    # x / d rounded as tl.div_rn (IEEE), for d holding one divisor per group (shape broadcastable to
+    # x's, not broadcast: its reciprocals are one division per group). DIV 0: tl.div_rn per element.
+    # DIV 1 or 2: r = 1/d rounded, q = x * r, then one correction with the exact residual
+    # x - q * d (an fma): q + (x - q * d) * r rounded once is the correctly rounded quotient
+    # (Markstein's theorem: r within half an ulp of 1/d, q within one ulp of x/d). Three float ops
+    # an element instead of div.rn's ~10, whose reciprocal (MUFU) runs at 1/8 of the FMA rate; the
+    # quantizers that divide are ALU-bound. It holds where nothing under- or overflows: with
+    # d >= 2^-64 and a quotient |y| >= 2^-20 the residual is exact (the exponents of q and d sum
+    # past e_min + p - 1 = -103), and smaller quotients round to a zero code in every format
+    # (the least nonzero step, e5m2's, is 2^-16), keeping their sign. DIV 1: the caller's quotients
+    # are bounded (the scales came from these values' own amax); DIV 2: they may be any size (an
+    # amax given from outside, as delayed scaling's), so the tile's largest quotient is checked too.
+    # A program whose divisors or quotients fall outside takes tl.div_rn (or NaN: d NaN or x
+    # non-finite). So the result is div_rn's bit for bit wherever |y| >= 2^-20, and below that it
+    # has div_rn's sign and stays under 2^-19: the codes are the same. tests/test_kernels_div_scale.py
+    # checks it on the CPU against numpy's division; benchmarks/div_scale_check.py on a GPU for
+    # every pair of fp32 significands.
+    if DIV == 0:
+        y = tl.div_rn(x, d)
+    else:
+        r = tl.div_rn(tl.zeros_like(d) + 1.0, d)
+        ok = tl.min(d.to(tl.int32, bitcast=True)) >= _DIV_MIN_BITS  # d > 0 or NaN: bits order them
+        if DIV == 2:  # |x| max times r max, from their bits (NaN and Inf on top: not ok)
+            xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+            rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+            ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
+        if ok:
+            q = x * r
+            y = tl.fma(tl.fma(-q, d, x), r, q)
+        else:
+            y = tl.div_rn(x, d)
+    return y
+
+
+@triton.jit
+def _scaled(x, eff, SMODE: tl.constexpr, DIV: tl.constexpr = 0):
+    # x divided by its scale: a multiply by the exact reciprocal for e8m0, else an IEEE division
+    # (DIV: _div_scale's form; eff then holds one scale per group, not broadcast).
     if SMODE == 1 or SMODE == 2:
         y = x * eff
     elif SMODE == 3:
@@ -290,18 +335,18 @@ def _scaled(x, eff, SMODE: tl.constexpr):
         # Elsewhere y * 1 + (-0) == y exactly (-0 kept); in a zero block (x / 1) * 0 + 0 == +0.
         zero = eff == 0
         neg0 = (tl.where(zero, 0, 1) << 31).to(tl.float32, bitcast=True)  # +0 in zero blocks, else -0
-        y = tl.div_rn(x, tl.where(zero, 1.0, eff)) * tl.where(zero, 0.0, 1.0) + neg0
+        y = _div_scale(x, tl.where(zero, 1.0, eff), DIV) * tl.where(zero, 0.0, 1.0) + neg0
     else:  # fp32 scales are never 0 (scaling.compute_scale maps 0 to 1)
-        y = tl.div_rn(x, eff)
+        y = _div_scale(x, eff, DIV)
     return y
 
 
 @triton.jit
 def _quant_values(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                   EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, SR: tl.constexpr,
-                  SMODE: tl.constexpr):
+                  SMODE: tl.constexpr, DIV: tl.constexpr = 0):
     # The rounded grid values (fp32, x's shape) that _quant_tile encodes.
-    y = _scaled(x, eff, SMODE)
+    y = _scaled(x, eff, SMODE, DIV)
     u = y
     if SR:
         u = _noise(idx, seed_off)  # of (index + seed * golden) mod 2^32

@@ -85,7 +85,7 @@ def _word_key(rows, hc, K, seed_off):
 @triton.jit
 def _word_codes(xe, xo, eff, ie, seed_off, KIND_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                 EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
-                SR: tl.constexpr, SMODE: tl.constexpr, HW_FP8: tl.constexpr):
+                SR: tl.constexpr, SMODE: tl.constexpr, HW_FP8: tl.constexpr, DIV: tl.constexpr):
     # One byte per word: the even element's code in the low nibble, the odd one's in the high.
     if ENC == 3 and not SR:
         # FP4 rounded to nearest, in ~3 fewer integer ops an element than _quant_tile's codes (this
@@ -99,15 +99,15 @@ def _word_codes(xe, xo, eff, ie, seed_off, KIND_INT: tl.constexpr, MBITS: tl.con
         bo = xo.to(tl.int32, bitcast=True)
         ae = (be & 0x7FFFFFFF).to(tl.float32, bitcast=True)
         ao = (bo & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        me = _e2m1_magnitude(_scaled(ae, eff, SMODE).to(tl.int32, bitcast=True))
-        mo = _e2m1_magnitude(_scaled(ao, eff, SMODE).to(tl.int32, bitcast=True))
+        me = _e2m1_magnitude(_scaled(ae, eff, SMODE, DIV).to(tl.int32, bitcast=True))
+        mo = _e2m1_magnitude(_scaled(ao, eff, SMODE, DIV).to(tl.int32, bitcast=True))
         keep = tl.where((eff == eff) & (eff != 0.0), 0xFF, 0)
         sign = ((be >> 28) & 8) | ((bo >> 24) & 0x80)
         return ((me | (mo << 4) | sign) & keep).to(tl.uint8)
     ce = _quant_tile(xe, eff, ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
-                     HW_FP8, False)
+                     HW_FP8, False, DIV)
     co = _quant_tile(xo, eff, ie + 1, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
-                     HW_FP8, False)
+                     HW_FP8, False, DIV)
     return (ce | (co << 4)).to(tl.uint8)
 
 
@@ -129,7 +129,8 @@ def _quantize_kernel(
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, BLK_R: tl.constexpr, BLK_C: tl.constexpr,
     TRANS: tl.constexpr, HW_FP8: tl.constexpr,
-    ONE_TILE: tl.constexpr, WORDS: tl.constexpr, REVERSE: tl.constexpr, EV1: tl.constexpr,
+    ONE_TILE: tl.constexpr, WORDS: tl.constexpr, REVERSE: tl.constexpr, EV1: tl.constexpr, DIV: tl.constexpr,
+    FLIP: tl.constexpr,
     EV2: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
     SEED_PTR: tl.constexpr = False,
 ):
@@ -138,6 +139,9 @@ def _quantize_kernel(
         sign_off = tl.load(sign_off)
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if FLIP:  # tiles last-first: the amax pre-pass read the last tiles last (likeliest in L2)
+        pid_r = tl.num_programs(0) - 1 - pid_r
+        pid_c = tl.num_programs(1) - 1 - pid_c
     rows = pid_r * BR + tl.arange(0, BR)
     rmask = rows < R
     t_amax = 1.0
@@ -156,7 +160,7 @@ def _quantize_kernel(
             hc = _chunk(i, nh, REVERSE) * H + tl.arange(0, H)
             xe, xo, wm = _load_words(x_ptr, rows, hc, R, K, sxr, EV2)
             b = _word_codes(xe, xo, eff[:, None], _word_key(rows, hc, K, seed_off), seed_off, KIND_INT, MBITS,
-                            EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8)
+                            EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, DIV)
             tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], b, wm)
     elif GMODE == 1 and not ONE_TILE:  # long row: amax over the row, then quantize (re-read from L2)
         amax = tl.zeros([BR], tl.int32)
@@ -176,7 +180,7 @@ def _quantize_kernel(
                               SIGNS, GMODE, EV2)
             idx = rows.to(tl.int64)[:, None] * K + cols[None, :]
             codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                                ENC, SR, SMODE, HW_FP8, TRANS)
+                                ENC, SR, SMODE, HW_FP8, TRANS, DIV)
             _store_codes(d_ptr, codes, rows, cols, k0, R, K, sdr, BR, BC, PACK)
     elif WORDS:  # packed 1-D groups, or a row in one tile (G == BC then: one group per tile row)
         H: tl.constexpr = BC // 2
@@ -189,7 +193,7 @@ def _quantize_kernel(
             s, eff = _scales(amax.to(tl.float32, bitcast=True), t_amax, FMAX, EMAX, SMODE)
             tl.store(s_ptr + rows * ssr + pid_c * ssc, s, rmask)
             b = _word_codes(xe, xo, eff[:, None], ie, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                            ENC, SR, SMODE, HW_FP8)
+                            ENC, SR, SMODE, HW_FP8, DIV)
         else:
             GH: tl.constexpr = G // 2
             xe3 = tl.reshape(xe, [BR, NG, GH])
@@ -200,8 +204,8 @@ def _quantize_kernel(
             gm = rmask[:, None] & (gcols[None, :] < (K + G - 1) // G)
             tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
             b = tl.reshape(_word_codes(xe3, xo3, eff[:, :, None], tl.reshape(ie, [BR, NG, GH]), seed_off,
-                                       KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8),
-                           [BR, H])
+                                       KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8,
+                                       DIV), [BR, H])
         tl.store(d_ptr + rows.to(tl.int64)[:, None] * sdr + hc[None, :], b, wm)
     else:
         cols = pid_c * BC + tl.arange(0, BC)
@@ -214,7 +218,7 @@ def _quantize_kernel(
             s, eff = _scales(amax, t_amax, FMAX, EMAX, SMODE)
             tl.store(s_ptr + rows * ssr + pid_c * ssc, s, rmask)
             codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX,
-                                HAS_INF, ENC, SR, SMODE, HW_FP8, TRANS)
+                                HAS_INF, ENC, SR, SMODE, HW_FP8, TRANS, DIV)
         elif GMODE == 0:  # several 1-D groups of G along K: the tile reshaped once to [BR, NG, G]
             NG: tl.constexpr = BC // G
             x3 = tl.reshape(x, [BR, NG, G])
@@ -225,7 +229,7 @@ def _quantize_kernel(
             tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
             codes = tl.reshape(_quant_tile(x3, eff[:, :, None], tl.reshape(idx, [BR, NG, G]), seed_off,
                                            KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE,
-                                           HW_FP8, TRANS), [BR, BC])
+                                           HW_FP8, TRANS, DIV), [BR, BC])
         else:
             if GMODE == 2:  # tensor: amax from the pre-pass (or the delayed-scaling history)
                 amax = tl.load(ga_ptr) + tl.zeros([1, 1], tl.float32)
@@ -247,7 +251,7 @@ def _quantize_kernel(
                 tl.store(s_ptr + br_[:, None] * ssr + bc_[None, :] * ssc, s, bm)
                 eff = tl.reshape(tl.broadcast_to(e[:, None, :, None], [NBR, BLK_R, NBC, BLK_C]), [BR, BC])
             codes = _quant_tile(x, eff, idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR,
-                                SMODE, HW_FP8, TRANS)
+                                SMODE, HW_FP8, TRANS, DIV)
         _store_codes(d_ptr, codes, rows, cols, pid_c * BC, R, K, sdr, BR, BC, PACK)
     if SMODE == 3:
         if (pid_r == 0) & (pid_c == 0):
@@ -289,6 +293,12 @@ LONG_ROW_REVERSE = False
 LONG_ROW_EVICT = ("", "")
 # Packed (fp4/int4) 1-D groups and rows of a bf16 matrix read as int32 words of two elements.
 PAIRED_WORDS = True
+# Divisions by fp32 scales (and NVFP4's e4m3 x fp32) as a reciprocal per group and one fma
+# correction an element (_quant_math_triton._div_scale), bit-identical to the IEEE division.
+FAST_DIVISION = True
+# Tiles whose scales hang on a tensor amax read by a pre-pass (NVFP4; a tensor scale of the data's
+# own) are visited last-first: the pre-pass read the last tiles last, so those may still be in L2.
+TENSOR_AMAX_FLIP = True
 
 
 # Warps of a 2-D tile program (128 x 128 weight blocks: 16384 elements). H100 sweep (run 43 of
@@ -312,10 +322,11 @@ def _warps(gmode: int, br: int, bc: int, enc: int) -> int:
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
            g_amax: torch.Tensor | None, t_amax: torch.Tensor | None, fmt: ElementFormat, enc: int,
            packed: bool, smode: int, gmode: int, block, sr: bool, seed_off: int | torch.Tensor,
-           hadamard: int = 1, sign_off: int | torch.Tensor | None = None) -> None:
+           hadamard: int = 1, sign_off: int | torch.Tensor | None = None, own_amax: bool = True) -> None:
     """Quantize x2 into the given buffers (quantize.py's quantize_2d allocates them). `hadamard`
     > 1 rotates K in blocks of that size first (random signs from `sign_off` when given); the
-    caller checks that the tiles below hold whole blocks (K a multiple of it, 2-D tiles' widths)."""
+    caller checks that the tiles below hold whole blocks (K a multiple of it, 2-D tiles' widths).
+    `own_amax`: g_amax is x2's own (not an override), so x2 / scale is bounded."""
     r, k = x2.shape
     kp, rp = _next_pow2(k), _next_pow2(r)
     # A rotated view not contiguous along K is loaded by plain strided tiles (quantize.py's
@@ -348,6 +359,11 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     if words and gmode == 1:
         g = bc  # a row in one tile is the words branch's one group per tile row
     grid = (triton.cdiv(r, br), 1 if gmode == 1 else triton.cdiv(k, bc))
+    # The division's form: none for transposed tiles (_quant_tile) or a scale broadcast per element
+    # (small 2-D blocks); a guarded one where an outside tensor amax leaves quotients unbounded.
+    small_blocks = gmode == 3 and (br, bc) != (int(block[0]), int(block[1]))
+    div = 0 if not FAST_DIVISION or trans or small_blocks else (2 if gmode == 2 and not own_amax else 1)
+    flip = TENSOR_AMAX_FLIP and gmode != 1 and (smode == 3 or (gmode == 2 and own_amax))
     warps = (strided and STRIDED_WARPS) or (hadamard > 1 and ROTATED_WARPS) or _warps(gmode, br, bc, enc)
     dummy = scale
     (seed_arg, sign_arg), on_device = seed_args(seed_off, sign_off)
@@ -360,6 +376,6 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, GMODE=gmode, SR=sr,
         BR=br, BC=bc, G=g, BLK_R=int(block[0]) if gmode == 3 else 1, BLK_C=int(block[1]) if gmode == 3 else 1,
         TRANS=trans, HW_FP8=not interpret(), ONE_TILE=one_tile, WORDS=words,
-        REVERSE=LONG_ROW_REVERSE, EV1=LONG_ROW_EVICT[0], EV2=LONG_ROW_EVICT[1],
+        REVERSE=LONG_ROW_REVERSE, EV1=LONG_ROW_EVICT[0], EV2=LONG_ROW_EVICT[1], DIV=div, FLIP=flip,
         SIGNS=sign_off is not None, SEED_PTR=on_device, **rotation_constants(hadamard), num_warps=warps,
     )

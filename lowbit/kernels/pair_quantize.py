@@ -206,6 +206,7 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         x, data, data_t, scale, scale_t, g_amax, rec, fmt, enc, _SMODE[spec.scale], ga, gb,
         spec.rounding == "stochastic", spec_t.rounding == "stochastic", nearest and ga == 0 and SHARE_CODES,
         (br, bc), seed_offset(seed), seed_offset(seed_t), hist_row=None if history is None else history[0],
+        own_amax=amax is None,
     )
     if history is not None:
         launch_roll(rec, history[0], history[1])

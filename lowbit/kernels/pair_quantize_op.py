@@ -81,7 +81,7 @@ def _quantize(
         g_amax = amax.reshape(1).float()
     launch_pair(x, data, data_t, scale, scale_t, g_amax, rec, get_format(fmt), _ENC[fmt], 0, 0, 0,
                 False, False, False, (PAIR_TILE, PAIR_TILE), 0, 0, wrap,
-                hist_row=None if history is None else history[0])
+                hist_row=None if history is None else history[0], own_amax=amax is None)
     if history is not None:
         launch_roll(rec, history[0], history[1])
     dt = _DTYPE[fmt]

@@ -179,7 +179,7 @@ def quantize_2d(
     tscale = torch.empty((1,), dtype=torch.float32, device=dev) if spec.scale == "e4m3" else None
     launch(
         x2, data, scale, tscale, g_amax, t_amax, fmt, enc, packed, _SCALE[spec.scale], gmode, b,
-        spec.rounding == "stochastic", seed_offset(seed), hadamard, sign_off,
+        spec.rounding == "stochastic", seed_offset(seed), hadamard, sign_off, own_amax=amax is None,
     )
     data = data.view(ddtype) if ddtype != torch.uint8 else data
     if gmode == _GROW:
