@@ -12,7 +12,8 @@ equal the reference's, computed on the CPU (NaN sign aside).
 
 --ab KNOB times each case (and its pair, with --pair) in CUDA graphs with the boolean launch knob
 lowbit.kernels._quantize_triton.KNOB off and on, alternating three times in one process (this
-host's timings drift between processes), and reports the median device time of each.
+host's timings drift between processes), and reports the median device time of each;
+--ab "KNOB=A;B" does the same for two values of any knob (Python literals, e.g. "ROW_WARPS=(8,4);(8,8)").
 
 --hadamard B times the rotate-and-quantize kernel (lowbit.kernels.hadamard.rotate_quantize, blocks
 of B, random signs) against two unfused forms: the Triton rotation writing fp32 then the quantize
@@ -159,14 +160,33 @@ def _hadamard_rows(
     return out
 
 
-def _ab_rows(x, shape: str, name: str, spec, knob: str, pair: bool, copy_graph_bw: float) -> list[dict]:
-    # Device time (CUDA graphs) with the launch knob off and on, interleaved: three rounds, medians.
+def _ab_values(ab: str) -> tuple[str, tuple]:
+    """--ab's knob name and its two values (False, True for a bare boolean knob)."""
+    import ast
+
+    from lowbit.kernels import _quantize_triton as kt
+
+    knob, _, values = ab.partition("=")
+    if not hasattr(kt, knob) or not knob.isupper():
+        raise SystemExit(f"--ab: {knob!r} is not a launch knob of lowbit.kernels._quantize_triton")
+    if not values:
+        if not isinstance(getattr(kt, knob), bool):
+            raise SystemExit(f"--ab: {knob} is not boolean; give two values, e.g. --ab \"{knob}=A;B\"")
+        return knob, (False, True)
+    parts = values.split(";")
+    if len(parts) != 2:
+        raise SystemExit(f"--ab: give exactly two values separated by ';', got {values!r}")
+    return knob, tuple(ast.literal_eval(v) for v in parts)
+
+
+def _ab_rows(x, shape: str, name: str, spec, ab: str, pair: bool, copy_graph_bw: float) -> list[dict]:
+    # Device time (CUDA graphs) with the launch knob at its two values (a, b), interleaved: three
+    # rounds, medians.
     import statistics
 
     from lowbit.kernels import _quantize_triton as kt
 
-    if not isinstance(getattr(kt, knob, None), bool):
-        raise SystemExit(f"--ab: {knob!r} is not a boolean knob of lowbit.kernels._quantize_triton")
+    knob, values = _ab_values(ab)
     cases = {name: (lambda: kq.quantize(x, spec, seed=1), False)}
     if pair and why_not_pair(x, spec, spec) is None:
         cases[f"{name} pair"] = (lambda: quantize_pair(x, spec, spec, seed=1, seed_t=2), True)
@@ -175,11 +195,11 @@ def _ab_rows(x, shape: str, name: str, spec, knob: str, pair: bool, copy_graph_b
     default, out = getattr(kt, knob), []
     try:
         for case, (fn, is_pair) in cases.items():
-            times: dict[bool, list[float]] = {False: [], True: []}
+            times: dict[int, list[float]] = {0: [], 1: []}
             exact = True
             for _ in range(3):
-                for on in (False, True):
-                    setattr(kt, knob, on)
+                for on in (0, 1):
+                    setattr(kt, knob, values[on])
                     got = fn()
                     if is_pair:
                         exact &= _same(ref, _to_cpu(got[0])) and _same(ref_t, _to_cpu(got[1]))
@@ -188,8 +208,9 @@ def _ab_rows(x, shape: str, name: str, spec, knob: str, pair: bool, copy_graph_b
                     times[on].append(_bench_graph(fn))
             got = fn()
             nbytes = x.numel() * 2 + (_nbytes(got[0]) + _nbytes(got[1]) if is_pair else _nbytes(got))
-            off, on = statistics.median(times[False]), statistics.median(times[True])
-            row = dict(shape=shape, spec=case, knob=knob, off_ms=off, on_ms=on, speedup=off / on,
+            off, on = statistics.median(times[0]), statistics.median(times[1])
+            row = dict(shape=shape, spec=case, knob=knob, a=repr(values[0]), b=repr(values[1]),
+                       off_ms=off, on_ms=on, speedup=off / on,
                        off_frac=nbytes / off / 1e6 / copy_graph_bw, on_frac=nbytes / on / 1e6 / copy_graph_bw,
                        bitexact=bool(exact))
             out.append(row)
@@ -215,7 +236,10 @@ def main() -> None:
     p.add_argument("--ab", default="", help="A/B a boolean knob of lowbit.kernels._quantize_triton")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("quantize_bw: needs a CUDA GPU (it times kernels against a device copy)")
     if args.ab:
+        _ab_values(args.ab)  # a bad knob fails here, before any timing
         args.graph = True
     import triton
 
@@ -270,8 +294,8 @@ def main() -> None:
           f"{'ref':>5} {'graph':>5} exact")
     for r in rows:
         if "knob" in r:
-            print(f"{r['shape']:>11} {r['spec']:>13} {r['knob']} off {r['off_ms']:.4f} ms "
-                  f"({r['off_frac']:.2f}) on {r['on_ms']:.4f} ms ({r['on_frac']:.2f}) "
+            print(f"{r['shape']:>11} {r['spec']:>13} {r['knob']} {r['a']}: {r['off_ms']:.4f} ms "
+                  f"({r['off_frac']:.2f}) {r['b']}: {r['on_ms']:.4f} ms ({r['on_frac']:.2f}) "
                   f"x{r['speedup']:.3f} {r['bitexact']}")
             continue
         ref = f"{r['ref_frac_of_copy']:.2f}" if "ref_frac_of_copy" in r else "-"

@@ -311,12 +311,18 @@ TILE2D_WARPS = 16
 TILE2D_SMALL = (16, 256)
 
 
+# Warps of a row program (one 4096-wide tile or chunk at a time) for fp8 and for integer rows.
+# fp8: 8 (runs 34 and 44: 0.97 of a copy at 4096 wide, 0.84 against 0.80 at 14336); int: 4 (no
+# better at 8 or 16 in run 44, with the IEEE division of that time).
+ROW_WARPS = (8, 4)
+
+
 def _warps(gmode: int, br: int, bc: int, enc: int) -> int:
     if gmode == 3 and br * bc > 4096:
         return TILE2D_WARPS
-    # fp8 rows, one 4096-wide tile or chunk at a time: 8 warps (runs 34 and 44: 0.97 of a copy at
-    # 4096 wide, 0.84 against 0.80 at 14336); int rows and 1-D groups: 4 (no better at 8 or 16).
-    return 8 if (gmode == 1 and br == 1 and enc in (0, 1)) or br * bc > 4096 else 4
+    if gmode == 1 and br == 1:
+        return ROW_WARPS[0] if enc in (0, 1) else ROW_WARPS[1]
+    return 8 if br * bc > 4096 else 4
 
 
 def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: torch.Tensor | None,
