@@ -311,17 +311,21 @@ TILE2D_WARPS = 16
 TILE2D_SMALL = (16, 256)
 
 
-# Warps of a row program (one 4096-wide tile or chunk at a time) for fp8 and for integer rows.
-# fp8: 8 (runs 34 and 44: 0.97 of a copy at 4096 wide, 0.84 against 0.80 at 14336); int: 4 (no
-# better at 8 or 16 in run 44, with the IEEE division of that time).
+# Warps of a row program, for fp8 and for integer rows: a row in one 4096-wide tile (ROW_WARPS),
+# a longer row read twice in 4096-wide chunks (LONG_ROW_WARPS). fp8: 8 (runs 34 and 44: 0.97 of a
+# copy at 4096 wide, 0.84 against 0.80 at 14336). int: 4 in one tile, 8 for long rows (run 148,
+# with _div_scale's division: int8 / int4 rows of 14336 0.82 / 0.70 of a copy on 8 warps against
+# 0.72 / 0.66 on 4; rows of 4096 0.94 / 0.83 on 8 against 0.97 / 0.89 on 4).
 ROW_WARPS = (8, 4)
+LONG_ROW_WARPS = (8, 8)
 
 
-def _warps(gmode: int, br: int, bc: int, enc: int) -> int:
+def _warps(gmode: int, br: int, bc: int, enc: int, one_tile: bool) -> int:
     if gmode == 3 and br * bc > 4096:
         return TILE2D_WARPS
     if gmode == 1 and br == 1:
-        return ROW_WARPS[0] if enc in (0, 1) else ROW_WARPS[1]
+        warps = ROW_WARPS if one_tile else LONG_ROW_WARPS
+        return warps[0] if enc in (0, 1) else warps[1]
     return 8 if br * bc > 4096 else 4
 
 
@@ -370,7 +374,8 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
     small_blocks = gmode == 3 and (br, bc) != (int(block[0]), int(block[1]))
     div = 0 if not FAST_DIVISION or trans or small_blocks else (2 if gmode == 2 and not own_amax else 1)
     flip = TENSOR_AMAX_FLIP and gmode != 1 and (smode == 3 or (gmode == 2 and own_amax))
-    warps = (strided and STRIDED_WARPS) or (hadamard > 1 and ROTATED_WARPS) or _warps(gmode, br, bc, enc)
+    warps = ((strided and STRIDED_WARPS) or (hadamard > 1 and ROTATED_WARPS)
+             or _warps(gmode, br, bc, enc, one_tile))
     dummy = scale
     (seed_arg, sign_arg), on_device = seed_args(seed_off, sign_off)
     launchable(_quantize_kernel)[grid](
