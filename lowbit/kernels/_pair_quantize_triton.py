@@ -137,8 +137,8 @@ def _pair_kernel(
     HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-    HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, hist_ptr, H, HP: tl.constexpr,
-    HIST: tl.constexpr,
+    HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
+    HP: tl.constexpr, HIST: tl.constexpr,
     SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
@@ -146,6 +146,9 @@ def _pair_kernel(
         seed_b = tl.load(seed_b)
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if FLIP:  # tiles last-first, after an amax pass over x (see _quantize_triton.TENSOR_AMAX_FLIP)
+        pid_r = tl.num_programs(0) - 1 - pid_r
+        pid_c = tl.num_programs(1) - 1 - pid_c
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
     x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
@@ -259,6 +262,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     # tensor amax from a history or an override leaves the quotients unbounded.
     unbounded = ga == 0 and (hist_row is not None or not own_amax)
     div = 0 if not _quantize_triton.FAST_DIVISION else (2 if unbounded else 1)
+    # x's own tensor amax was read just before (tensor_amax): visit the tiles last-first.
+    flip = _quantize_triton.TENSOR_AMAX_FLIP and ga == 0 and own_amax and hist_row is None
     kernel = (wrap or launchable)(_pair_kernel)
     (seed_a, seed_b), on_device = seed_args(seed_a, seed_b)
     kernel[grid](
@@ -269,7 +274,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
-        SEED_PTR=on_device, num_warps=num_warps or (8 if br * bc >= 16384 else 4),
+        FLIP=flip, SEED_PTR=on_device, num_warps=num_warps or (8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
     )
