@@ -188,8 +188,14 @@ def _ab_rows(x, shape: str, name: str, spec, ab: str, pair: bool, copy_graph_bw:
 
     knob, values = _ab_values(ab)
     cases = {name: (lambda: kq.quantize(x, spec, seed=1), False)}
+    if spec.block == "tensor":  # the amax given (as delayed scaling gives it): its own value
+        a = tensor_amax(x)
+        cases[f"{name} amax given"] = (lambda: kq.quantize(x, spec, seed=1, amax=a), False)
     if pair and why_not_pair(x, spec, spec) is None:
         cases[f"{name} pair"] = (lambda: quantize_pair(x, spec, spec, seed=1, seed_t=2), True)
+        if spec.block == "tensor":
+            cases[f"{name} pair amax given"] = (
+                lambda: quantize_pair(x, spec, spec, seed=1, seed_t=2, amax=a), True)
     ref = quantize(x.cpu(), spec, seed=1)
     ref_t = quantize(x.cpu().t(), spec, seed=2)
     default, out = getattr(kt, knob), []
