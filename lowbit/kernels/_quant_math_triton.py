@@ -14,6 +14,7 @@ import triton.language as tl
 from lowbit.kernels._hash_triton import lowbias32
 
 _TWO23: tl.constexpr = tl.constexpr(8388608.0)
+_ONE_AND_HALF_TWO23: tl.constexpr = tl.constexpr(12582912.0)
 # Inf tests are written `|v| > FLT_MAX`, not `== inf`: Inductor, which launches the pair kernel in
 # the traced layer (lowbit.kernels.pair_quantize_op), copies module constants into its generated
 # source by repr, and repr(inf) is not a Python name there.
@@ -227,11 +228,13 @@ def _e2m1_magnitude(ba):
 def _int_codes(y, FMAX: tl.constexpr, ENC: tl.constexpr):
     # int8 / int4 codes (two's complement, masked to the storage width) of scaled values y rounded
     # to nearest even: _round_int then _encode without their float-to-int conversion (a slow op
-    # on sm_90): |y| clamped to FMAX (< 2^22) plus 2^23 rounds half to even, and the sum's bits
-    # are 2^23's (0x4B000000) plus the rounded magnitude. NaN gives code 0, as _encode stores it.
-    m = (tl.minimum(tl.abs(y), FMAX) + _TWO23).to(tl.int32, bitcast=True) - 0x4B000000
-    code = tl.where(y < 0, -m, m)
-    code = tl.where(y != y, 0, code)
+    # on sm_90), in four ops and a NaN test. y clamped to +-FMAX (< 2^22) plus M = 1.5 * 2^23 is
+    # rounded to an integer (the sum's ulp is 1; M is even, so the sum's tie goes where y's
+    # does), and the sum's bits are M's (0x4B400000) plus round(y) as a signed integer, carries
+    # and borrows included: their low byte is round(y)'s two's complement byte, as M's is 0.
+    # NaN gives code 0, as _encode stores it (whatever the clamp made of it).
+    v = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+    code = tl.where(y != y, 0, (v + _ONE_AND_HALF_TWO23).to(tl.int32, bitcast=True))
     if ENC == 4:
         return code & 0xF
     else:
