@@ -6,6 +6,10 @@ tests run on CUDA when a GPU is present.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -328,3 +332,14 @@ def test_pair_history_rejects_bad_rows_and_an_amax_too():
     row_spec, rows = QuantSpec("fp8_e4m3", 64), (row, None)
     assert "needs block='tensor'" in pq._why_not_history(x, row_spec, rows, None)
     assert pq.quantize_pair_or_none(x, spec, spec, history=(bad, None)) is None
+
+
+def test_pair_groups_setting_accepts_only_0_or_1():
+    env = {**os.environ, "LOWBIT_PAIR_GROUPS": "on"}
+    out = subprocess.run([sys.executable, "-c", "import lowbit.kernels.pair_quantize"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "LOWBIT_PAIR_GROUPS='on'; valid choices: 0, 1" in out.stderr
+    env["LOWBIT_PAIR_GROUPS"] = "0"
+    code = "import lowbit.kernels.pair_quantize as pq; assert pq.GROUPS_ON_CUDA is False"
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0

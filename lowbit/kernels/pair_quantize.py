@@ -9,8 +9,8 @@ and writes both, each bit for bit what lowbit.quant.quantize gives:
     q   == quantize(x,     spec,   seed=s,   amax=a)
     q_t == quantize(x.t(), spec_t, seed=s_t, amax=a)
 
-Supported pairs (`why_not_pair` names what is not; on CUDA tensor scaling only, GROUPS_ON_CUDA
-below says why): fp8 e4m3/e5m2 or int8 elements, the same
+Supported pairs (`why_not_pair` names what is not; GROUPS_ON_CUDA below turns group and tile
+scaling off on CUDA): fp8 e4m3/e5m2 or int8 elements, the same
 format and scale format on both sides (fp32, e8m0, e8m0_up); blocks "tensor" on both sides (one
 amax), 1-D groups along each side's K (powers of two up to MAX_GROUP = 64: the tile holds whole
 groups both ways), or a 2-D tile on both sides that is the transpose of the other. With one tensor or tile
@@ -54,10 +54,16 @@ PAIR_TILE = 64
 # need, spilled registers on the H100 (fp8_blockwise layer 47 ms instead of ~3 ms; Triton 3.6):
 # such pairs go to two calls of the single quantize kernel instead.
 MAX_GROUP = 64
-# Group- and tile-scaled pairs on CUDA. Off: on the H100 (Triton 3.6) compiling them did not finish
-# within 90 s for 64-wide groups (and a 32-group / 128-tile variant), while the interpreter runs
-# them bit-exact (tests). Tensor-scaled pairs (fp8_tensorwise, fp8_delayed) are measured and on.
-GROUPS_ON_CUDA = False
+# Group- and tile-scaled pairs on CUDA (LOWBIT_PAIR_GROUPS=0: off, X^T then goes through the single
+# quantize kernel on the transposed view). Early on (second pass) compiling them did not finish
+# within 90 s on the H100 (Triton 3.6); since the per-element helpers keep 2-D tiles (the layouts
+# that blew up are gone) they compile in ~3 s, bit-exact, and on 8192 x 4096 / x 14336 bf16 an
+# MXFP8 pair takes 0.087 / 0.294 ms against 0.324 / 1.148 ms for the two single quantizes
+# (run 153, docs/BENCHMARKS.md).
+_GROUPS = os.environ.get("LOWBIT_PAIR_GROUPS", "1")
+if _GROUPS not in ("0", "1"):
+    raise ValueError(f"LOWBIT_PAIR_GROUPS={_GROUPS!r}; valid choices: 0, 1")
+GROUPS_ON_CUDA = _GROUPS == "1"
 
 
 def _runnable(x: torch.Tensor) -> bool:
