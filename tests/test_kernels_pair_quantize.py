@@ -28,6 +28,8 @@ PAIRS = {
     "fp8_tensor_e8m0": (QuantSpec("fp8_e4m3", "tensor", "e8m0"), QuantSpec("fp8_e4m3", "tensor", "e8m0")),
     "fp8_1x64": (QuantSpec("fp8_e4m3", 64), QuantSpec("fp8_e4m3", 64)),
     "fp8_tile64": (QuantSpec("fp8_e4m3", (64, 64)), QuantSpec("fp8_e4m3", (64, 64))),
+    "fp8_1x128": (QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128)),  # fp8_blockwise's X, dY
+    "fp8_tile128": (QuantSpec("fp8_e4m3", (128, 128)), QuantSpec("fp8_e4m3", (128, 128))),  # its W
     "mxfp8": (QuantSpec("fp8_e4m3", 32, "e8m0"), QuantSpec("fp8_e4m3", 32, "e8m0")),
     "mxfp8_up_sr": (
         QuantSpec("fp8_e4m3", 32, "e8m0_up", "stochastic"),
@@ -143,7 +145,8 @@ def test_why_not_pair_names_the_problem():
     assert "transposes" in why_not_pair(x, QuantSpec("fp8_e4m3", (16, 32)), QuantSpec("fp8_e4m3", (16, 32)))
     assert "row" in why_not_pair(x, QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", "row"))
     assert "fp4_e2m1" in why_not_pair(x, QuantSpec("fp4_e2m1", 32, "e8m0"), QuantSpec("fp4_e2m1", 32, "e8m0"))
-    assert "up to 64" in why_not_pair(x, QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128))
+    assert "up to 128" in why_not_pair(x, QuantSpec("fp8_e4m3", 256), QuantSpec("fp8_e4m3", 256))
+    assert why_not_pair(x, QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128)) is None
     assert why_not_pair(x, e5, e5) is None
     with pytest.raises(ValueError, match="formats differ"):
         quantize_pair(x, e4, e5)

@@ -12,7 +12,7 @@ and writes both, each bit for bit what lowbit.quant.quantize gives:
 Supported pairs (`why_not_pair` names what is not; GROUPS_ON_CUDA below turns group and tile
 scaling off on CUDA): fp8 e4m3/e5m2 or int8 elements, the same
 format and scale format on both sides (fp32, e8m0, e8m0_up); blocks "tensor" on both sides (one
-amax), 1-D groups along each side's K (powers of two up to MAX_GROUP = 64: the tile holds whole
+amax), 1-D groups along each side's K (powers of two up to MAX_GROUP = 128: the tile holds whole
 groups both ways), or a 2-D tile on both sides that is the transpose of the other. With one tensor or tile
 scale and nearest rounding x^T's grid values are x's transposed and are rounded once
 (SHARE_CODES).
@@ -50,10 +50,11 @@ _SMODE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2}
 SHARE_CODES = os.environ.get("LOWBIT_PAIR_SHARE", "0") == "1"
 # Tile side for tensor and 1-D group scaling (groups wider than this widen the tile).
 PAIR_TILE = 64
-# Widest group (and 2-D tile side) taken. A 128 x 128 tile, which 1x128 groups along both axes
-# need, spilled registers on the H100 (fp8_blockwise layer 47 ms instead of ~3 ms; Triton 3.6):
-# such pairs go to two calls of the single quantize kernel instead.
-MAX_GROUP = 64
+# Widest group (and 2-D tile side) taken: 128, so 1x128 groups (a 128 x 128 tile) and 128 x 128
+# tiles pair up (fp8_blockwise). Early on such a tile spilled registers on the H100 (an
+# fp8_blockwise layer took 47 ms); run 154 found both bit-exact and 2.7-2.8x (1x128) and 3.3-3.5x
+# (128 x 128) faster than two single quantizes on 8192 x 4096 / x 14336 bf16.
+MAX_GROUP = 128
 # Group- and tile-scaled pairs on CUDA (LOWBIT_PAIR_GROUPS=0: off, X^T then goes through the single
 # quantize kernel on the transposed view). Early on (second pass) compiling them did not finish
 # within 90 s on the H100 (Triton 3.6); since the per-element helpers keep 2-D tiles (the layouts
