@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lowbit.kernels import pair_quantize as pq
+from lowbit.kernels import quantize as kq
 from lowbit.kernels.pair_quantize import quantize_pair, tensor_amax, why_not_pair
 from lowbit.nn import QuantLinear
 from lowbit.quant import gemm as qgemm
@@ -70,6 +71,13 @@ def test_pair_equals_two_reference_calls(name, shape):
         q, q_t = quantize_pair(x, spec, spec_t, seed=11, seed_t=22)
         check_same_qtensor(q, quantize(x.cpu(), spec, seed=11))
         check_same_qtensor(q_t, quantize(x.cpu().t(), spec_t, seed=22))
+        # Scales laid out as the single kernel's (a graph op's fake outputs are those), and X^T's
+        # not a view of X's (outputs of an op may not alias) unless one tensor scale serves both.
+        single, single_t = kq.quantize(x, spec, seed=11), kq.quantize(x.t(), spec_t, seed=22)
+        assert q.scale.stride() == single.scale.stride()
+        assert q_t.scale.stride() == single_t.scale.stride()
+        if spec.block != "tensor":
+            assert q_t.scale.untyped_storage().data_ptr() != q.scale.untyped_storage().data_ptr()
 
 
 def test_shared_codes_path(monkeypatch):

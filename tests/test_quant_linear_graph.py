@@ -233,7 +233,7 @@ def test_gpu_ops_are_the_building_blocks(recipe):
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "mxfp8", "int8"])
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "mxfp8", "int8", "fp8_blockwise"])
 def test_gpu_compiled_layer_is_the_uncompiled_ops(recipe):
     # Inductor launches the recorded kernels; the same seeds must give the same codes, and cuBLAS
     # may sum in another order for the compiled graph's layouts (compared to a few BF16 ulps).
@@ -277,25 +277,29 @@ for call in range(4):  # warm-up, recording, then replays of the CUDA graphs
         assert err < 2e-3, (call, err)
     grads.append(layer.weight.grad.clone())
     assert int(layer.graph_calls) == call + 1, int(layer.graph_calls)
-assert all(not torch.equal(grads[i], grads[i + 1]) for i in range(3))
+if {stochastic}:  # stochastic rounding with fresh seeds: every call's gradients differ
+    assert all(not torch.equal(grads[i], grads[i + 1]) for i in range(3))
 print("ok")
 """
 
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "fp8_blockwise"])
 def test_gpu_opaque_ops_replayed_as_cuda_graphs_draw_new_seeds(recipe):
     # torch.compile(mode="reduce-overhead") records the opaque ops' kernels into CUDA graphs and
     # replays them: the seed counter must still advance on the device at every replay, and each
     # call must be what the uncompiled ops compute with the same counter. (Its own process, so
-    # that no earlier test's CUDA graphs or compiled code are in the way.)
+    # that no earlier test's CUDA graphs or compiled code are in the way.) fp8_blockwise (no
+    # stochastic rounding): its operands are group- and tile-scaled pairs, whose outputs must
+    # match the ops' fake (shapes-only) outputs, strides included (run 155 met a mismatch).
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, LOWBIT_GRAPH_OPS="opaque", TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", _CUDA_GRAPH_SCRIPT.format(recipe=recipe)],
+    script = _CUDA_GRAPH_SCRIPT.format(recipe=recipe, stochastic=recipe != "fp8_blockwise")
+    proc = subprocess.run([sys.executable, "-c", script],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
