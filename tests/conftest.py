@@ -23,6 +23,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)  # tests never reach the network
 
 
+def import_with_env(module: str, var: str, value: str, check: str = "") -> subprocess.CompletedProcess:
+    """`import module` (then the statement `check`) in a fresh interpreter with var=value set."""
+    env = {**os.environ, var: value}
+    code = f"import {module}" + (f"; {check}" if check else "")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

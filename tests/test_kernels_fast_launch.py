@@ -1,11 +1,8 @@
 """lowbit.kernels.fast_launch: the specialization key (CPU) and launches against Triton's own (GPU)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import import_with_env
 
 from lowbit.kernels.fast_launch import runtime_key
 
@@ -27,9 +24,7 @@ def test_runtime_key_separates_what_triton_specializes_on():
 
 
 def test_a_bad_setting_is_refused_naming_the_choices():
-    env = {**os.environ, "LOWBIT_FAST_LAUNCH": "yes"}
-    out = subprocess.run([sys.executable, "-c", "import lowbit.kernels.fast_launch"], env=env,
-                         capture_output=True, text=True)
+    out = import_with_env("lowbit.kernels.fast_launch", "LOWBIT_FAST_LAUNCH", "yes")
     assert out.returncode != 0
     assert "LOWBIT_FAST_LAUNCH='yes'; valid choices: 0, 1" in out.stderr
 

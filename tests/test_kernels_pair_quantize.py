@@ -6,12 +6,9 @@ tests run on CUDA when a GPU is present.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import import_with_env
 
 from lowbit.kernels import pair_quantize as pq
 from lowbit.kernels import quantize as kq
@@ -346,11 +343,9 @@ def test_pair_history_rejects_bad_rows_and_an_amax_too():
 
 
 def test_pair_groups_setting_accepts_only_0_or_1():
-    env = {**os.environ, "LOWBIT_PAIR_GROUPS": "on"}
-    out = subprocess.run([sys.executable, "-c", "import lowbit.kernels.pair_quantize"], env=env,
-                         capture_output=True, text=True)
+    out = import_with_env("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "on")
     assert out.returncode != 0
     assert "LOWBIT_PAIR_GROUPS='on'; valid choices: 0, 1" in out.stderr
-    env["LOWBIT_PAIR_GROUPS"] = "0"
-    code = "import lowbit.kernels.pair_quantize as pq; assert pq.GROUPS_ON_CUDA is False"
-    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    check = "assert lowbit.kernels.pair_quantize.GROUPS_ON_CUDA is False"
+    out = import_with_env("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "0", check)
+    assert out.returncode == 0, out.stderr
