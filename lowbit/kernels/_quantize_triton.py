@@ -129,10 +129,9 @@ def _quantize_kernel(
     SMODE: tl.constexpr, GMODE: tl.constexpr, SR: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr, G: tl.constexpr, BLK_R: tl.constexpr, BLK_C: tl.constexpr,
     TRANS: tl.constexpr, HW_FP8: tl.constexpr,
-    ONE_TILE: tl.constexpr, WORDS: tl.constexpr, REVERSE: tl.constexpr, EV1: tl.constexpr, DIV: tl.constexpr,
-    FLIP: tl.constexpr,
+    ONE_TILE: tl.constexpr, WORDS: tl.constexpr, REVERSE: tl.constexpr, EV1: tl.constexpr,
     EV2: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr, SCALE: tl.constexpr, SIGNS: tl.constexpr,
-    SEED_PTR: tl.constexpr = False,
+    DIV: tl.constexpr, FLIP: tl.constexpr, SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_off = tl.load(seed_off)
