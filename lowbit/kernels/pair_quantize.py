@@ -203,8 +203,9 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         scale = torch.empty((1, 1), dtype=torch.float32, device=dev)
         scale_t = scale  # one scale for both (side B may skip its store when its codes are A's)
     else:  # a 2-D tile per program: each side stores its own copy of the tile's scale, laid out as
-        # the single kernel lays out x^T's (group-major), not as a view of X's: a graph op's fake
-        # (shapes-only) outputs are the single path's, and its outputs may not alias each other.
+        # the single kernel lays out x^T's (group-major). As a view of X's it made a compiled graph
+        # op's real outputs differ in stride from its fake ones (run 155 of docs/BENCHMARKS.md),
+        # and an op's outputs may not alias each other.
         scale = torch.empty((-(-c // bc), -(-r // br)), dtype=torch.float32, device=dev).t()
         scale_t = torch.empty((-(-r // br), -(-c // bc)), dtype=torch.float32, device=dev).t()
     # Two allocations, not one: QuantLinear frees X's codes after fprop but keeps X^T's for wgrad.
