@@ -6,6 +6,12 @@ replaces (the second reads X^T as a transposed view), and the pair's bytes as a 
 
     python benchmarks/pair_groups_bw.py
     python benchmarks/pair_groups_bw.py --specs mxfp8 --shapes 8192x4096
+    python benchmarks/pair_groups_bw.py --sweep --out $OUT/pair_sweep.json
+
+--sweep times the pair kernel's launch knobs (lowbit.kernels._pair_quantize_triton: TRANSPOSED_DIV,
+TRANSPOSE_RAW, PAIR_WARPS, and the tile) in one process: first the two boolean knobs at the default
+tile and warps, then tiles x warps with the fastest of those. Every setting is checked bit for bit
+against the reference (ragged shapes) and against the default setting's output (the large shapes).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantize_bw import _bench_graph, _nbytes, _same, _to_cpu  # noqa: E402
 
+from lowbit.kernels import _pair_quantize_triton as pqt  # noqa: E402
 from lowbit.kernels import pair_quantize as pq  # noqa: E402
 from lowbit.kernels import quantize as kq  # noqa: E402
 from lowbit.quant import QuantSpec, quantize  # noqa: E402
@@ -65,10 +72,87 @@ def _run(name: str, spec: QuantSpec, shapes: list[tuple[int, int]]) -> dict:
     return out
 
 
+_SMALL = [((200, 136), torch.float32), ((200, 136), torch.bfloat16), ((3, 40), torch.bfloat16)]
+
+
+def _tiles(spec: QuantSpec) -> list[tuple[int, int]]:
+    # Tiles holding whole groups both ways (a 2-D block is its own tile).
+    if isinstance(spec.block, tuple):
+        return [spec.block]
+    g = spec.block
+    cands = [(32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (128, 128), (64, 256), (256, 64)]
+    return [(br, bc) for br, bc in cands if br >= g and bc >= g]
+
+
+def _setting(knobs: dict, fn):
+    # fn() with the pair kernel's launch knobs set, restored afterwards.
+    old = {k: getattr(pqt, k) for k in knobs}
+    try:
+        for k, v in knobs.items():
+            setattr(pqt, k, v)
+        return fn()
+    finally:
+        for k, v in old.items():
+            setattr(pqt, k, v)
+
+
+def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]]) -> dict:
+    # One row per setting: bit-exactness and device time (CUDA graphs) per shape, fraction of a copy.
+    small = []
+    for shape, dtype in _SMALL:
+        g = torch.Generator().manual_seed(1)
+        x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])).to(dtype)
+        small.append((x.cuda(), quantize(x, spec, seed=11), quantize(x.t(), spec, seed=22)))
+    big = [torch.randn(r, c, device="cuda", dtype=torch.bfloat16) for r, c in shapes]
+    base = [pq.quantize_pair(x, spec, spec, seed=11, seed_t=22) for x in big]
+    copy_bw = []
+    for x in big:
+        dst = torch.empty_like(x)
+        copy_bw.append(4 * x.numel() / _bench_graph(lambda x=x, dst=dst: dst.copy_(x)) / 1e6)
+
+    def measure(knobs: dict, tile: tuple[int, int] | None) -> dict:
+        def run() -> dict:
+            row: dict = dict(knobs, tile=tile)
+            exact = True
+            for x, ref, ref_t in small:
+                q, q_t = pq.quantize_pair(x, spec, spec, seed=11, seed_t=22, tile=tile)
+                exact &= _same(ref, _to_cpu(q)) and _same(ref_t, _to_cpu(q_t))
+            for x, (b, b_t), (r, c), bw in zip(big, base, shapes, copy_bw):
+                q, q_t = pq.quantize_pair(x, spec, spec, seed=11, seed_t=22, tile=tile)
+                exact &= _same(b, q) and _same(b_t, q_t)
+                ms = _bench_graph(lambda x=x: pq.quantize_pair(x, spec, spec, seed=11, seed_t=22, tile=tile))
+                nbytes = 2 * x.numel() + _nbytes(q) + _nbytes(q_t)
+                row[f"{r}x{c}"] = dict(ms=round(ms, 4), frac_of_copy=round(nbytes / ms / 1e6 / bw, 3))
+            row["bitexact"] = bool(exact)
+            return row
+        return _setting(knobs, run)
+
+    def total(row: dict) -> float:
+        return sum(row[f"{r}x{c}"]["ms"] for r, c in shapes) if row["bitexact"] else float("inf")
+
+    rows = []
+    divs = (False, True) if spec.scale == "fp32" else (False,)
+    for div_t in divs:
+        for raw in (False, True):
+            rows.append(measure(dict(TRANSPOSED_DIV=div_t, TRANSPOSE_RAW=raw), None))
+            print(json.dumps(dict(spec=name, **rows[-1])), flush=True)
+    best = min(rows, key=total)
+    knobs = {k: best[k] for k in ("TRANSPOSED_DIV", "TRANSPOSE_RAW")}
+    for tile in _tiles(spec):
+        for warps in (2, 4, 8, 16):
+            if not 16 <= tile[0] * tile[1] // (32 * warps) <= 256:  # elements per thread
+                continue
+            rows.append(measure(dict(knobs, PAIR_WARPS=warps), tile))
+            print(json.dumps(dict(spec=name, **rows[-1])), flush=True)
+    return dict(spec=name, best=min(rows, key=total), rows=rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from {', '.join(SPECS)}")
     ap.add_argument("--shapes", default="8192x4096,8192x14336")
+    ap.add_argument("--sweep", action="store_true", help="time the pair kernel's launch knobs")
+    ap.add_argument("--out", default=None, help="write the sweep's rows here (JSON)")
     args = ap.parse_args()
     names = args.specs.split(",")
     bad = [n for n in names if n not in SPECS]
@@ -77,10 +161,17 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("pair_groups_bw: needs a CUDA GPU")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    results: list[dict] = []
     for name in names:
         if pq.why_not_pair(torch.empty(64, 64, device="cuda"), SPECS[name], SPECS[name]) is not None:
             raise SystemExit(f"pair_groups_bw: {name} pairs are off (LOWBIT_PAIR_GROUPS=0?)")
-        print(json.dumps(_run(name, SPECS[name], shapes)), flush=True)
+        if args.sweep:
+            results.append(_sweep(name, SPECS[name], shapes))
+            print(json.dumps(dict(best=results[-1]["best"])), flush=True)
+        else:
+            print(json.dumps(_run(name, SPECS[name], shapes)), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
     print(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
 

@@ -11,8 +11,9 @@ equal the reference's, computed on the CPU (NaN sign aside).
     python benchmarks/quantize_bw.py --ab FAST_DIVISION --specs nvfp4,int8_row --pair
 
 --ab KNOB times each case (and its pair, with --pair) in CUDA graphs with the boolean launch knob
-lowbit.kernels._quantize_triton.KNOB off and on, alternating three times in one process (this
-host's timings drift between processes), and reports the median device time of each;
+KNOB of lowbit.kernels._quantize_triton (or of the pair kernel's _pair_quantize_triton) off and
+on, alternating three times in one process (this host's timings drift between processes), and
+reports the median device time of each;
 --ab "KNOB=A;B" does the same for two values of any knob (Python literals, e.g. "ROW_WARPS=(8,4);(8,8)").
 
 --hadamard B times the rotate-and-quantize kernel (lowbit.kernels.hadamard.rotate_quantize, blocks
@@ -160,15 +161,24 @@ def _hadamard_rows(
     return out
 
 
+def _knob_module(knob: str):
+    """The module whose launch knob `knob` is: lowbit.kernels._quantize_triton or the pair kernel's."""
+    from lowbit.kernels import _pair_quantize_triton as pqt
+    from lowbit.kernels import _quantize_triton as kt
+
+    for mod in (kt, pqt):
+        if knob.isupper() and hasattr(mod, knob):
+            return mod
+    raise SystemExit(f"--ab: {knob!r} is not a launch knob of lowbit.kernels._quantize_triton "
+                     "or lowbit.kernels._pair_quantize_triton")
+
+
 def _ab_values(ab: str) -> tuple[str, tuple]:
     """--ab's knob name and its two values (False, True for a bare boolean knob)."""
     import ast
 
-    from lowbit.kernels import _quantize_triton as kt
-
     knob, _, values = ab.partition("=")
-    if not hasattr(kt, knob) or not knob.isupper():
-        raise SystemExit(f"--ab: {knob!r} is not a launch knob of lowbit.kernels._quantize_triton")
+    kt = _knob_module(knob)
     if not values:
         if not isinstance(getattr(kt, knob), bool):
             raise SystemExit(f"--ab: {knob} is not boolean; give two values, e.g. --ab \"{knob}=A;B\"")
@@ -184,9 +194,8 @@ def _ab_rows(x, shape: str, name: str, spec, ab: str, pair: bool, copy_graph_bw:
     # rounds, medians.
     import statistics
 
-    from lowbit.kernels import _quantize_triton as kt
-
     knob, values = _ab_values(ab)
+    kt = _knob_module(knob)
     cases = {name: (lambda: kq.quantize(x, spec, seed=1), False)}
     if spec.block == "tensor":  # the amax given (as delayed scaling gives it): its own value
         a = tensor_amax(x)

@@ -138,7 +138,7 @@ def _pair_kernel(
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
-    HP: tl.constexpr, HIST: tl.constexpr,
+    HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, TRANS_RAW: tl.constexpr = False,
     SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
@@ -151,7 +151,13 @@ def _pair_kernel(
         pid_c = tl.num_programs(1) - 1 - pid_c
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
-    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+    m = (rows[:, None] < R) & (cols[None, :] < C)
+    xr = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxc, m, other=0.0)
+    x = xr.to(tl.float32)
+    if TRANS_RAW:  # X^T's tile transposed in the input's dtype (half the bytes through shared memory)
+        xt = tl.trans(xr).to(tl.float32)
+    else:
+        xt = tl.trans(x)
     tamax = tl.zeros([1, 1], tl.float32)
     if GA == 0:  # one tensor amax: given, or delayed scaling's choice
         if HIST:
@@ -181,18 +187,17 @@ def _pair_kernel(
     else:
         codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
                       MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV)
-    m = (rows[:, None] < R) & (cols[None, :] < C)
     tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
     if FAST:
-        codes_t = _encode(_scaled(tl.trans(x), eff, SMODE), ENC, True)
+        codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
     elif SAME_CODES:
         # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
         # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
         codes_t = _encode(tl.trans(q), ENC, False)
     else:
-        codes_t = _side(tl.trans(x), pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
+        codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
                         GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
-                        True, 0)
+                        True, DIV_T)
     mt = (cols[:, None] < C) & (rows[None, :] < R)
     tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
@@ -242,6 +247,17 @@ def launch_roll(own_bits: torch.Tensor, row: torch.Tensor, row_t: torch.Tensor |
     )
 
 
+# Launch knobs of the pair kernel, measured by `benchmarks/pair_groups_bw.py --sweep`:
+# TRANSPOSED_DIV: X^T's division by an fp32 scale in _div_scale's reciprocal form too (else
+# tl.div_rn; X^T's tile comes out of tl.trans, see _quant_tile on Triton 3.6 and transposes).
+TRANSPOSED_DIV = False
+# TRANSPOSE_RAW: X^T's tile transposed in the input's dtype, then widened to fp32 (a bf16 input
+# moves half the bytes through shared memory).
+TRANSPOSE_RAW = False
+# PAIR_WARPS: warps per program; None: 8 for tiles of 16384 elements or more, else 4.
+PAIR_WARPS: int | None = None
+
+
 def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scale: torch.Tensor,
                 scale_t: torch.Tensor, g_amax: torch.Tensor | None, rec_bits: torch.Tensor | None,
                 fmt: ElementFormat, enc: int, smode: int, ga: int, gb: int, sr_a: bool, sr_b: bool,
@@ -274,7 +290,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
-        FLIP=flip, SEED_PTR=on_device, num_warps=num_warps or (8 if br * bc >= 16384 else 4),
+        FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, TRANS_RAW=TRANSPOSE_RAW,
+        num_warps=num_warps or PAIR_WARPS or (8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
     )
