@@ -9,9 +9,10 @@ replaces (the second reads X^T as a transposed view), and the pair's bytes as a 
     python benchmarks/pair_groups_bw.py --sweep --out $OUT/pair_sweep.json
 
 --sweep times the pair kernel's launch knobs (lowbit.kernels._pair_quantize_triton: TRANSPOSED_DIV,
-TRANSPOSE_RAW, PAIR_WARPS, and the tile) in one process: first the two boolean knobs at the default
-tile and warps, then tiles x warps with the fastest of those. Every setting is checked bit for bit
-against the reference (ragged shapes) and against the default setting's output (the large shapes).
+PAIR_WARPS, and the tile) in one process: first TRANSPOSED_DIV (fp32 scales) at the default tile and
+warps, then tiles x warps (--sweep-tiles, --sweep-warps) with the faster of the two. Every setting
+is checked bit for bit against the reference (ragged shapes) and against the default setting's
+output (the large shapes).
 """
 
 from __future__ import annotations
@@ -75,13 +76,14 @@ def _run(name: str, spec: QuantSpec, shapes: list[tuple[int, int]]) -> dict:
 _SMALL = [((200, 136), torch.float32), ((200, 136), torch.bfloat16), ((3, 40), torch.bfloat16)]
 
 
-def _tiles(spec: QuantSpec) -> list[tuple[int, int]]:
-    # Tiles holding whole groups both ways (a 2-D block is its own tile).
+_TILES = [(32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (128, 128), (64, 256), (256, 64)]
+
+
+def _holds_groups(spec: QuantSpec, tile: tuple[int, int]) -> bool:
+    # The tile holds whole groups both ways (a 2-D block is its own tile).
     if isinstance(spec.block, tuple):
-        return [spec.block]
-    g = spec.block
-    cands = [(32, 64), (64, 64), (32, 128), (64, 128), (128, 64), (128, 128), (64, 256), (256, 64)]
-    return [(br, bc) for br, bc in cands if br >= g and bc >= g]
+        return tile == spec.block
+    return min(tile) >= spec.block
 
 
 def _setting(knobs: dict, fn):
@@ -96,7 +98,8 @@ def _setting(knobs: dict, fn):
             setattr(pqt, k, v)
 
 
-def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]]) -> dict:
+def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]],
+           tiles: list[tuple[int, int]] | None, warps_list: list[int]) -> dict:
     # One row per setting: bit-exactness and device time (CUDA graphs) per shape, fraction of a copy.
     small = []
     for shape, dtype in _SMALL:
@@ -131,15 +134,13 @@ def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]]) -> dict:
         return sum(row[f"{r}x{c}"]["ms"] for r, c in shapes) if row["bitexact"] else float("inf")
 
     rows = []
-    divs = (False, True) if spec.scale == "fp32" else (False,)
-    for div_t in divs:
-        for raw in (False, True):
-            rows.append(measure(dict(TRANSPOSED_DIV=div_t, TRANSPOSE_RAW=raw), None))
-            print(json.dumps(dict(spec=name, **rows[-1])), flush=True)
-    best = min(rows, key=total)
-    knobs = {k: best[k] for k in ("TRANSPOSED_DIV", "TRANSPOSE_RAW")}
-    for tile in _tiles(spec):
-        for warps in (2, 4, 8, 16):
+    for div_t in (False, True) if spec.scale == "fp32" else (False,):
+        rows.append(measure(dict(TRANSPOSED_DIV=div_t), None))
+        print(json.dumps(dict(spec=name, **rows[-1])), flush=True)
+    knobs = dict(TRANSPOSED_DIV=min(rows, key=total)["TRANSPOSED_DIV"])
+    candidates = tiles or _TILES + ([spec.block] if isinstance(spec.block, tuple) else [])
+    for tile in [t for t in candidates if _holds_groups(spec, t)]:
+        for warps in warps_list:
             if not 16 <= tile[0] * tile[1] // (32 * warps) <= 256:  # elements per thread
                 continue
             rows.append(measure(dict(knobs, PAIR_WARPS=warps), tile))
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from {', '.join(SPECS)}")
     ap.add_argument("--shapes", default="8192x4096,8192x14336")
     ap.add_argument("--sweep", action="store_true", help="time the pair kernel's launch knobs")
+    ap.add_argument("--sweep-tiles", default="", help="tiles to sweep, e.g. 32x128,32x256 (default: a set)")
+    ap.add_argument("--sweep-warps", default="1,2,4,8,16", help="warps to sweep")
     ap.add_argument("--out", default=None, help="write the sweep's rows here (JSON)")
     args = ap.parse_args()
     names = args.specs.split(",")
@@ -166,12 +169,14 @@ def main() -> None:
         if pq.why_not_pair(torch.empty(64, 64, device="cuda"), SPECS[name], SPECS[name]) is not None:
             raise SystemExit(f"pair_groups_bw: {name} pairs are off (LOWBIT_PAIR_GROUPS=0?)")
         if args.sweep:
-            results.append(_sweep(name, SPECS[name], shapes))
+            tiles = [tuple(int(v) for v in t.split("x")) for t in args.sweep_tiles.split(",") if t]
+            warps = [int(w) for w in args.sweep_warps.split(",")]
+            results.append(_sweep(name, SPECS[name], shapes, tiles, warps))
+            if args.out:  # after each spec: a later one may not finish
+                Path(args.out).write_text(json.dumps(results, indent=1))
             print(json.dumps(dict(best=results[-1]["best"])), flush=True)
         else:
             print(json.dumps(_run(name, SPECS[name], shapes)), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     print(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
 

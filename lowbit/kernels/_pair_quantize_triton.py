@@ -138,7 +138,7 @@ def _pair_kernel(
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
-    HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, TRANS_RAW: tl.constexpr = False,
+    HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
@@ -151,13 +151,8 @@ def _pair_kernel(
         pid_c = tl.num_programs(1) - 1 - pid_c
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
-    m = (rows[:, None] < R) & (cols[None, :] < C)
-    xr = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + cols.to(tl.int64)[None, :] * sxc, m, other=0.0)
-    x = xr.to(tl.float32)
-    if TRANS_RAW:  # X^T's tile transposed in the input's dtype (half the bytes through shared memory)
-        xt = tl.trans(xr).to(tl.float32)
-    else:
-        xt = tl.trans(x)
+    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+    xt = tl.trans(x)
     tamax = tl.zeros([1, 1], tl.float32)
     if GA == 0:  # one tensor amax: given, or delayed scaling's choice
         if HIST:
@@ -187,6 +182,7 @@ def _pair_kernel(
     else:
         codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
                       MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV)
+    m = (rows[:, None] < R) & (cols[None, :] < C)
     tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
     if FAST:
         codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
@@ -249,11 +245,10 @@ def launch_roll(own_bits: torch.Tensor, row: torch.Tensor, row_t: torch.Tensor |
 
 # Launch knobs of the pair kernel, measured by `benchmarks/pair_groups_bw.py --sweep`:
 # TRANSPOSED_DIV: X^T's division by an fp32 scale in _div_scale's reciprocal form too (else
-# tl.div_rn; X^T's tile comes out of tl.trans, see _quant_tile on Triton 3.6 and transposes).
-TRANSPOSED_DIV = False
-# TRANSPOSE_RAW: X^T's tile transposed in the input's dtype, then widened to fp32 (a bf16 input
-# moves half the bytes through shared memory).
-TRANSPOSE_RAW = False
+# tl.div_rn). X^T's tile comes out of tl.trans, where Triton 3.6 miscompiled a multiplied scale
+# before the fp8 cast (see _quant_tile); this form was bit-exact on every shape of run 157, and took
+# the 1x128 pair from 0.39 to 0.44 of a copy and the fp8 tensor pair (amax given) 0.89 -> 0.91.
+TRANSPOSED_DIV = True
 # PAIR_WARPS: warps per program; None: 8 for tiles of 16384 elements or more, else 4.
 PAIR_WARPS: int | None = None
 
@@ -290,7 +285,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
-        FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, TRANS_RAW=TRANSPOSE_RAW,
+        FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0,
         num_warps=num_warps or PAIR_WARPS or (8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
