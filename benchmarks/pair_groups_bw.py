@@ -9,8 +9,9 @@ replaces (the second reads X^T as a transposed view), and the pair's bytes as a 
     python benchmarks/pair_groups_bw.py --sweep --out $OUT/pair_sweep.json
 
 --sweep times the pair kernel's launch knobs (lowbit.kernels._pair_quantize_triton: TRANSPOSED_DIV,
-PAIR_WARPS, and the tile) in one process: first TRANSPOSED_DIV (fp32 scales) at the default tile and
-warps, then tiles x warps (--sweep-tiles, --sweep-warps) with the faster of the two. Every setting
+PAIR_STRIP_ROWS, PAIR_WARPS, and the tile) in one process: first TRANSPOSED_DIV (fp32 scales) at the
+default tile and warps, then tiles x strips x warps (--sweep-tiles, --sweep-strips, --sweep-warps)
+with the faster of the two. Every setting
 is checked bit for bit against the reference (ragged shapes) and against the default setting's
 output (the large shapes).
 """
@@ -18,6 +19,7 @@ output (the large shapes).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -35,6 +37,7 @@ from lowbit.kernels import pair_quantize as pq  # noqa: E402
 from lowbit.kernels import quantize as kq  # noqa: E402
 from lowbit.quant import QuantSpec, quantize  # noqa: E402
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SPECS = {
     "mxfp8": QuantSpec("fp8_e4m3", 32, "e8m0"),
     "fp8_1x64": QuantSpec("fp8_e4m3", 64),
@@ -43,7 +46,7 @@ SPECS = {
 }
 
 
-def _run(name: str, spec: QuantSpec, shapes: list[tuple[int, int]]) -> dict:
+def _run(name: str, spec: QuantSpec, shapes: list[tuple[int, int]], dtype: str) -> dict:
     out: dict = dict(spec=name)
     t0 = time.perf_counter()
     exact = True
@@ -60,13 +63,13 @@ def _run(name: str, spec: QuantSpec, shapes: list[tuple[int, int]]) -> dict:
         exact &= _same(quantize(x.cpu().t(), spec, seed=22), _to_cpu(q_t))
     out["bitexact"] = bool(exact)
     for r, c in shapes:
-        x = torch.randn(r, c, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(r, c, device="cuda", dtype=DTYPES[dtype])
         pair = _bench_graph(lambda x=x: pq.quantize_pair(x, spec, spec, seed=11, seed_t=22))
         two = _bench_graph(lambda x=x: (kq.quantize(x, spec, seed=11), kq.quantize(x.t(), spec, seed=22)))
         dst = torch.empty_like(x)
-        copy_bw = 4 * x.numel() / _bench_graph(lambda x=x, dst=dst: dst.copy_(x)) / 1e6
+        copy_bw = 2 * x.numel() * x.element_size() / _bench_graph(lambda x=x, dst=dst: dst.copy_(x)) / 1e6
         q, q_t = pq.quantize_pair(x, spec, spec, seed=11, seed_t=22)
-        nbytes = 2 * x.numel() + _nbytes(q) + _nbytes(q_t)
+        nbytes = x.numel() * x.element_size() + _nbytes(q) + _nbytes(q_t)
         out[f"{r}x{c}"] = dict(pair_ms=round(pair, 4), two_single_ms=round(two, 4),
                                pair_frac_of_copy=round(nbytes / pair / 1e6 / copy_bw, 3),
                                speedup=round(two / pair, 3))
@@ -99,19 +102,21 @@ def _setting(knobs: dict, fn):
 
 
 def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]],
-           tiles: list[tuple[int, int]] | None, warps_list: list[int]) -> dict:
+           tiles: list[tuple[int, int]] | None, warps_list: list[int], strips: list[int],
+           dtype: str) -> dict:
     # One row per setting: bit-exactness and device time (CUDA graphs) per shape, fraction of a copy.
     small = []
     for shape, dtype in _SMALL:
         g = torch.Generator().manual_seed(1)
         x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])).to(dtype)
         small.append((x.cuda(), quantize(x, spec, seed=11), quantize(x.t(), spec, seed=22)))
-    big = [torch.randn(r, c, device="cuda", dtype=torch.bfloat16) for r, c in shapes]
+    big = [torch.randn(r, c, device="cuda", dtype=DTYPES[dtype]) for r, c in shapes]
     base = [pq.quantize_pair(x, spec, spec, seed=11, seed_t=22) for x in big]
     copy_bw = []
     for x in big:
         dst = torch.empty_like(x)
-        copy_bw.append(4 * x.numel() / _bench_graph(lambda x=x, dst=dst: dst.copy_(x)) / 1e6)
+        ms = _bench_graph(lambda x=x, dst=dst: dst.copy_(x))
+        copy_bw.append(2 * x.numel() * x.element_size() / ms / 1e6)
 
     def measure(knobs: dict, tile: tuple[int, int] | None) -> dict:
         def run() -> dict:
@@ -124,7 +129,7 @@ def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]],
                 q, q_t = pq.quantize_pair(x, spec, spec, seed=11, seed_t=22, tile=tile)
                 exact &= _same(b, q) and _same(b_t, q_t)
                 ms = _bench_graph(lambda x=x: pq.quantize_pair(x, spec, spec, seed=11, seed_t=22, tile=tile))
-                nbytes = 2 * x.numel() + _nbytes(q) + _nbytes(q_t)
+                nbytes = x.numel() * x.element_size() + _nbytes(q) + _nbytes(q_t)
                 row[f"{r}x{c}"] = dict(ms=round(ms, 4), frac_of_copy=round(nbytes / ms / 1e6 / bw, 3))
             row["bitexact"] = bool(exact)
             return row
@@ -140,10 +145,11 @@ def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]],
     knobs = dict(TRANSPOSED_DIV=min(rows, key=total)["TRANSPOSED_DIV"])
     candidates = tiles or _TILES + ([spec.block] if isinstance(spec.block, tuple) else [])
     for tile in [t for t in candidates if _holds_groups(spec, t)]:
-        for warps in warps_list:
-            if not 16 <= tile[0] * tile[1] // (32 * warps) <= 256:  # elements per thread
-                continue
-            rows.append(measure(dict(knobs, PAIR_WARPS=warps), tile))
+        for strip, warps in itertools.product(strips, warps_list):
+            held = strip if 0 < strip < tile[0] else tile[0]  # rows in registers at a time
+            if not 16 <= held * tile[1] // (32 * warps) <= 256 or (strip and strip >= tile[0]):
+                continue  # elements per thread; strips only shorter than the tile
+            rows.append(measure(dict(knobs, PAIR_STRIP_ROWS=strip, PAIR_WARPS=warps), tile))
             print(json.dumps(dict(spec=name, **rows[-1])), flush=True)
     return dict(spec=name, best=min(rows, key=total), rows=rows)
 
@@ -152,9 +158,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default=",".join(SPECS), help=f"comma-separated, from {', '.join(SPECS)}")
     ap.add_argument("--shapes", default="8192x4096,8192x14336")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="the large shapes' dtype")
     ap.add_argument("--sweep", action="store_true", help="time the pair kernel's launch knobs")
     ap.add_argument("--sweep-tiles", default="", help="tiles to sweep, e.g. 32x128,32x256 (default: a set)")
     ap.add_argument("--sweep-warps", default="1,2,4,8,16", help="warps to sweep")
+    ap.add_argument("--sweep-strips", default="0", help="PAIR_STRIP_ROWS values to sweep (0: whole tiles)")
     ap.add_argument("--out", default=None, help="write the sweep's rows here (JSON)")
     args = ap.parse_args()
     names = args.specs.split(",")
@@ -171,12 +179,13 @@ def main() -> None:
         if args.sweep:
             tiles = [tuple(int(v) for v in t.split("x")) for t in args.sweep_tiles.split(",") if t]
             warps = [int(w) for w in args.sweep_warps.split(",")]
-            results.append(_sweep(name, SPECS[name], shapes, tiles, warps))
+            strips = [int(v) for v in args.sweep_strips.split(",")]
+            results.append(_sweep(name, SPECS[name], shapes, tiles, warps, strips, args.dtype))
             if args.out:  # after each spec: a later one may not finish
                 Path(args.out).write_text(json.dumps(results, indent=1))
             print(json.dumps(dict(best=results[-1]["best"])), flush=True)
         else:
-            print(json.dumps(_run(name, SPECS[name], shapes)), flush=True)
+            print(json.dumps(_run(name, SPECS[name], shapes, args.dtype)), flush=True)
     print(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
 

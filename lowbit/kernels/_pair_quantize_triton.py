@@ -129,6 +129,57 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
     return codes
 
 
+@triton.jit
+def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, sstr, sstc, seed_a, seed_b,
+                 r0, c0, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+                 HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
+                 GA: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr, BR: tl.constexpr,
+                 BC: tl.constexpr, STRIP: tl.constexpr, HW_FP8: tl.constexpr, DIV: tl.constexpr,
+                 DIV_T: tl.constexpr):
+    # The pair of one [BR, BC] tile whose X^T groups span all BR rows (1-D groups of BR along X^T's
+    # rows, GA > 0 with X's groups within a row; or one 2-D tile scale, GA == -1), in strips of
+    # STRIP rows: whole 128 x 128 tiles need 8 warps and reached only 0.45-0.53 of a copy, where
+    # 32-row tiles on 2 warps reach 0.84 (runs 157-158). Pass 1 reads each strip for the column
+    # (or tile) amax, and quantizes X's side where its scale is known (1-D groups); pass 2 reads
+    # the strips again (the tile is still in L1/L2) for the rest.
+    cols = c0 + tl.arange(0, BC)
+    acc = tl.zeros([BC], tl.int32)
+    for i in range(BR // STRIP):
+        rows = r0 + i * STRIP + tl.arange(0, STRIP)
+        x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+        acc = tl.maximum(acc, tl.max(_abs_bits(x), axis=0))
+        if GA > 0:
+            codes = _side(x, r0 + i * STRIP, c0, R, C, tl.zeros([1, 1], tl.float32), s_ptr, ssr, ssc,
+                          seed_a, GA, STRIP, BC, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE,
+                          SR_A, HW_FP8, False, DIV)
+            m = (rows[:, None] < R) & (cols[None, :] < C)
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+    if GA > 0:  # X^T's row groups: one per column of the tile
+        s_t, eff_t = _scales(acc.to(tl.float32, bitcast=True)[:, None], 1.0, FMAX, EMAX, SMODE)
+        tl.store(st_ptr + cols[:, None] * sstr + (r0 // BR) * sstc, s_t, cols[:, None] < C)
+        eff = eff_t
+    else:  # one scale for the tile, both sides
+        amax = tl.max(acc, axis=0).to(tl.float32, bitcast=True) + tl.zeros([1, 1], tl.float32)
+        s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
+        tl.store(s_ptr + (r0 // BR) * ssr + (c0 // BC) * ssc + tl.zeros([1, 1], tl.int32), s)
+        tl.store(st_ptr + (c0 // BC) * sstr + (r0 // BR) * sstc + tl.zeros([1, 1], tl.int32), s)
+        eff_t = eff
+    for i in range(BR // STRIP):
+        rows = r0 + i * STRIP + tl.arange(0, STRIP)
+        x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+        if GA < 0:
+            idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
+            codes = _quant_tile(x, eff, idx, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR_A,
+                                SMODE, HW_FP8, False, DIV)
+            m = (rows[:, None] < R) & (cols[None, :] < C)
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+        idx_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
+        codes_t = _quant_tile(tl.trans(x), eff_t, idx_t, seed_b, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                              ENC, SR_B, SMODE, HW_FP8, True, DIV_T)
+        mt = (cols[:, None] < C) & (rows[None, :] < R)
+        tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
+
+
 @triton.jit(do_not_specialize=["seed_a", "seed_b"])
 def _pair_kernel(
     x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, ga_ptr, rec_ptr, R, C, sxr, sxc,
@@ -138,7 +189,7 @@ def _pair_kernel(
     GA: tl.constexpr, GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
-    HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0,
+    HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
@@ -149,53 +200,59 @@ def _pair_kernel(
     if FLIP:  # tiles last-first, after an amax pass over x (see _quantize_triton.TENSOR_AMAX_FLIP)
         pid_r = tl.num_programs(0) - 1 - pid_r
         pid_c = tl.num_programs(1) - 1 - pid_c
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
-    xt = tl.trans(x)
-    tamax = tl.zeros([1, 1], tl.float32)
-    if GA == 0:  # one tensor amax: given, or delayed scaling's choice
-        if HIST:
-            tamax += _delayed_amax(hist_ptr, H, ga_ptr, HP)
+    if STRIP > 0:  # X^T's groups span the tile's BR rows: strips of STRIP rows, read twice
+        _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, sstr, sstc, seed_a,
+                     seed_b, pid_r * BR, pid_c * BC, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE,
+                     GA, SR_A, SR_B, BR, BC, STRIP, HW_FP8, DIV, DIV_T)
+    else:
+        rows = pid_r * BR + tl.arange(0, BR)
+        cols = pid_c * BC + tl.arange(0, BC)
+        x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+        xt = tl.trans(x)
+        tamax = tl.zeros([1, 1], tl.float32)
+        if GA == 0:  # one tensor amax: given, or delayed scaling's choice
+            if HIST:
+                tamax += _delayed_amax(hist_ptr, H, ga_ptr, HP)
+            else:
+                tamax += tl.load(ga_ptr)
+        if RECORD:  # delayed scaling: this tensor's own amax, for the history
+            tl.atomic_max(rec_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+        if FAST:
+            # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
+            # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
+            # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
+            s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
+            if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
+                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+                tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
+            codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
+        elif SAME_CODES:
+            # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
+            # values are transposed and then encoded (transposing the codes made by the hardware e4m3
+            # cast came out wrong on the H100, Triton 3.6).
+            s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
+            if (pid_r == 0) & (pid_c == 0):
+                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+            q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE,
+                              DIV)
+            codes = _encode(q, ENC, HW_FP8)
         else:
-            tamax += tl.load(ga_ptr)
-    if RECORD:  # delayed scaling: this tensor's own amax, for the history
-        tl.atomic_max(rec_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
-    if FAST:
-        # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
-        # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
-        # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
-        s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
-        if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
-            tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-            tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
-        codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
-    elif SAME_CODES:
-        # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
-        # values are transposed and then encoded (transposing the codes made by the hardware e4m3
-        # cast came out wrong on the H100, Triton 3.6).
-        s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
-        if (pid_r == 0) & (pid_c == 0):
-            tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-        q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE, DIV)
-        codes = _encode(q, ENC, HW_FP8)
-    else:
-        codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
-                      MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV)
-    m = (rows[:, None] < R) & (cols[None, :] < C)
-    tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    if FAST:
-        codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
-    elif SAME_CODES:
-        # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
-        # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
-        codes_t = _encode(tl.trans(q), ENC, False)
-    else:
-        codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
-                        GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
-                        True, DIV_T)
-    mt = (cols[:, None] < C) & (rows[None, :] < R)
-    tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
+            codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
+                          MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV)
+        m = (rows[:, None] < R) & (cols[None, :] < C)
+        tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+        if FAST:
+            codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
+        elif SAME_CODES:
+            # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
+            # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
+            codes_t = _encode(tl.trans(q), ENC, False)
+        else:
+            codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
+                            GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
+                            True, DIV_T)
+        mt = (cols[:, None] < C) & (rows[None, :] < R)
+        tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
 
 def amax_launch_shape(r: int, c: int) -> tuple[tuple[int, int], dict]:
@@ -249,7 +306,11 @@ def launch_roll(own_bits: torch.Tensor, row: torch.Tensor, row_t: torch.Tensor |
 # before the fp8 cast (see _quant_tile); this form was bit-exact on every shape of run 157, and took
 # the 1x128 pair from 0.39 to 0.44 of a copy and the fp8 tensor pair (amax given) 0.89 -> 0.91.
 TRANSPOSED_DIV = True
-# PAIR_WARPS: warps per program; None: 8 for tiles of 16384 elements or more, else 4.
+# PAIR_STRIP_ROWS: tiles whose X^T groups span all their rows (1x128 groups, 128 x 128 tiles) in
+# strips of this many rows, read twice (_pair_strips); 0: whole tiles in registers.
+PAIR_STRIP_ROWS = 0
+# PAIR_WARPS: warps per program, over the caller's; None: the caller's, or 8 for tiles of 16384
+# elements or more, else 4.
 PAIR_WARPS: int | None = None
 
 
@@ -275,6 +336,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     div = 0 if not _quantize_triton.FAST_DIVISION else (2 if unbounded else 1)
     # x's own tensor amax was read just before (tensor_amax): visit the tiles last-first.
     flip = _quantize_triton.TENSOR_AMAX_FLIP and ga == 0 and own_amax and hist_row is None
+    # Strips where X^T's groups span the tile's rows (see _pair_strips).
+    strip = PAIR_STRIP_ROWS if ga != 0 and br > PAIR_STRIP_ROWS > 0 and (ga < 0 or gb == br) else 0
     kernel = (wrap or launchable)(_pair_kernel)
     (seed_a, seed_b), on_device = seed_args(seed_a, seed_b)
     kernel[grid](
@@ -285,8 +348,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
-        FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0,
-        num_warps=num_warps or PAIR_WARPS or (8 if br * bc >= 16384 else 4),
+        FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
+        num_warps=PAIR_WARPS or num_warps or (8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
     )

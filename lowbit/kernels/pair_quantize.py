@@ -50,6 +50,12 @@ _SMODE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2}
 SHARE_CODES = os.environ.get("LOWBIT_PAIR_SHARE", "0") == "1"
 # Tile side for tensor and 1-D group scaling (groups wider than this widen the tile).
 PAIR_TILE = 64
+# 1-D groups of up to 32 both ways (MXFP8): 32 x 128 tiles on 2 warps. Run 158 of docs/BENCHMARKS.md
+# (`benchmarks/pair_groups_bw.py --sweep`) took the MXFP8 pair from 0.56-0.57 of a copy on 64 x 64
+# tiles and 4 warps to 0.82-0.84 (bf16 8192 x 4096 / x 14336); 32 x 256 on 2 warps gave 0.72-0.77,
+# 64 x 64 on 2 warps 0.64-0.65, and more warps were slower for every tile.
+SMALL_GROUP_TILE = (32, 128)
+SMALL_GROUP_WARPS = 2
 # Widest group (and 2-D tile side) taken: 128, so 1x128 groups (a 128 x 128 tile) and 128 x 128
 # tiles pair up (fp8_blockwise). Early on such a tile spilled registers on the H100 (an
 # fp8_blockwise layer took 47 ms); run 154 found both bit-exact and 2.7-2.8x (1x128) and 3.3-3.5x
@@ -179,13 +185,16 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
     dev = x.device
     fmt, enc = spec.format, _ENC[spec.fmt]
     a, b = spec.block, spec_t.block
+    warps = None
     if isinstance(a, tuple):
         ga = gb = -1
         br, bc = a
     else:
         ga = a if isinstance(a, int) else 0
         gb = b if isinstance(b, int) else 0
-        br, bc = tile or (max(PAIR_TILE, gb), max(PAIR_TILE, ga))
+        small = 0 < min(ga, gb) and max(ga, gb) <= SMALL_GROUP_TILE[0]
+        br, bc = tile or (SMALL_GROUP_TILE if small else (max(PAIR_TILE, gb), max(PAIR_TILE, ga)))
+        warps = SMALL_GROUP_WARPS if small and tile is None else None
         if ga > bc or gb > br or bc % max(ga, 1) or br % max(gb, 1):
             raise ValueError(f"tile {(br, bc)} does not hold whole groups {ga} × {gb}")
     g_amax = rec = None
@@ -216,7 +225,7 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         x, data, data_t, scale, scale_t, g_amax, rec, fmt, enc, _SMODE[spec.scale], ga, gb,
         spec.rounding == "stochastic", spec_t.rounding == "stochastic", nearest and ga == 0 and SHARE_CODES,
         (br, bc), seed_offset(seed), seed_offset(seed_t), hist_row=None if history is None else history[0],
-        own_amax=amax is None,
+        own_amax=amax is None, num_warps=warps,
     )
     if history is not None:
         launch_roll(rec, history[0], history[1])
