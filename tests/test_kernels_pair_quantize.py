@@ -77,6 +77,31 @@ def test_pair_equals_two_reference_calls(name, shape):
             assert q_t.scale.untyped_storage().data_ptr() != q.scale.untyped_storage().data_ptr()
 
 
+STRIP_PAIRS = ["fp8_1x64", "fp8_tile64", "fp8_1x128", "fp8_tile128"]
+
+
+@pytest.mark.parametrize("name", STRIP_PAIRS + ["stochastic_tiles", "int8_1x64"])
+@pytest.mark.parametrize("strip", [0, 16])
+def test_pair_in_strips_equals_two_reference_calls(name, strip, monkeypatch):
+    # Tiles whose X^T groups span all their rows, read in strips of rows twice (_pair_strips): the
+    # same bits as whole tiles and as the reference. 16-row strips put 4-8 strips in each tile;
+    # strip 0 is the whole-tile path on the same inputs. A special value sits in a later strip.
+    from lowbit.kernels import _pair_quantize_triton as pqt
+
+    monkeypatch.setattr(pqt, "PAIR_STRIP_ROWS", strip)
+    spec, spec_t = {
+        "stochastic_tiles": (QuantSpec("fp8_e5m2", (64, 64), "e8m0", "stochastic"),) * 2,
+        "int8_1x64": (QuantSpec("int8", 64), QuantSpec("int8", 64, rounding="stochastic")),
+    }.get(name) or PAIRS[name]
+    cases = (((200, 136), torch.float32), ((150, 136), torch.bfloat16), ((3, 40), torch.bfloat16))
+    for shape, dtype in cases:
+        x = _matrix(*shape, dtype)
+        x[min(40, shape[0] - 1), 0] = 3e4  # one large value in a later strip sets a group's scale
+        q, q_t = quantize_pair(x, spec, spec_t, seed=11, seed_t=22)
+        check_same_qtensor(q, quantize(x.cpu(), spec, seed=11))
+        check_same_qtensor(q_t, quantize(x.cpu().t(), spec_t, seed=22))
+
+
 def test_shared_codes_path(monkeypatch):
     monkeypatch.setattr(pq, "SHARE_CODES", True)
     for spec in (QuantSpec("fp8_e4m3"), QuantSpec("fp8_e5m2"), QuantSpec("int8")):
