@@ -50,11 +50,11 @@ def _run(name: str, spec: QuantSpec, shapes: list[tuple[int, int]], dtype: str) 
     out: dict = dict(spec=name)
     t0 = time.perf_counter()
     exact = True
-    for i, (shape, dtype) in enumerate([((200, 136), torch.float32), ((200, 136), torch.bfloat16),
-                                        ((64, 256), torch.bfloat16), ((3, 40), torch.float32),
-                                        ((8192, 4096), torch.bfloat16)]):
+    small = [((200, 136), torch.float32), ((200, 136), torch.bfloat16), ((64, 256), torch.bfloat16),
+             ((3, 40), torch.float32), ((8192, 4096), torch.bfloat16)]
+    for i, (shape, small_dtype) in enumerate(small):
         g = torch.Generator().manual_seed(1)
-        x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])).to(dtype).cuda()
+        x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])).to(small_dtype).cuda()
         q, q_t = pq.quantize_pair(x, spec, spec, seed=11, seed_t=22)
         if i == 0:
             torch.cuda.synchronize()
@@ -106,9 +106,9 @@ def _sweep(name: str, spec: QuantSpec, shapes: list[tuple[int, int]],
            dtype: str) -> dict:
     # One row per setting: bit-exactness and device time (CUDA graphs) per shape, fraction of a copy.
     small = []
-    for shape, dtype in _SMALL:
+    for shape, small_dtype in _SMALL:
         g = torch.Generator().manual_seed(1)
-        x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])).to(dtype)
+        x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[1])).to(small_dtype)
         small.append((x.cuda(), quantize(x, spec, seed=11), quantize(x.t(), spec, seed=22)))
     big = [torch.randn(r, c, device="cuda", dtype=DTYPES[dtype]) for r, c in shapes]
     base = [pq.quantize_pair(x, spec, spec, seed=11, seed_t=22) for x in big]
