@@ -89,6 +89,7 @@ def test_pair_in_strips_equals_two_reference_calls(name, strip, monkeypatch):
     from lowbit.kernels import _pair_quantize_triton as pqt
 
     monkeypatch.setattr(pqt, "PAIR_STRIP_ROWS", strip)
+    monkeypatch.setattr(pqt, "STRIP_MIN_ROWS", 0)  # 64-row tiles in strips too
     spec, spec_t = {
         "stochastic_tiles": (QuantSpec("fp8_e5m2", (64, 64), "e8m0", "stochastic"),) * 2,
         "int8_1x64": (QuantSpec("int8", 64), QuantSpec("int8", 64, rounding="stochastic")),

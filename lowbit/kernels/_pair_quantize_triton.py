@@ -307,8 +307,14 @@ def launch_roll(own_bits: torch.Tensor, row: torch.Tensor, row_t: torch.Tensor |
 # the 1x128 pair from 0.39 to 0.44 of a copy and the fp8 tensor pair (amax given) 0.89 -> 0.91.
 TRANSPOSED_DIV = True
 # PAIR_STRIP_ROWS: tiles whose X^T groups span all their rows (1x128 groups, 128 x 128 tiles) in
-# strips of this many rows, read twice (_pair_strips); 0: whole tiles in registers.
-PAIR_STRIP_ROWS = 0
+# strips of this many rows, read twice (_pair_strips), on STRIP_WARPS warps; 0: whole tiles in
+# registers. Run 160 (`benchmarks/pair_groups_bw.py --sweep`, bf16 8192 x 4096): the 1x128 pair
+# 0.44 of a copy as whole tiles on 8 warps, 0.60 in 32-row strips on 2 warps (16-row strips 0.32-0.34,
+# 64-row 0.21-0.56 on 1-4 warps). 1x64 pairs (64-row tiles) were slower in strips (0.58 -> 0.53),
+# so strips start at 128-row tiles.
+PAIR_STRIP_ROWS = 32
+STRIP_WARPS = 2
+STRIP_MIN_ROWS = 128
 # PAIR_WARPS: warps per program, over the caller's; None: the caller's, or 8 for tiles of 16384
 # elements or more, else 4.
 PAIR_WARPS: int | None = None
@@ -337,7 +343,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     # x's own tensor amax was read just before (tensor_amax): visit the tiles last-first.
     flip = _quantize_triton.TENSOR_AMAX_FLIP and ga == 0 and own_amax and hist_row is None
     # Strips where X^T's groups span the tile's rows (see _pair_strips).
-    strip = PAIR_STRIP_ROWS if ga != 0 and br > PAIR_STRIP_ROWS > 0 and (ga < 0 or gb == br) else 0
+    strip = PAIR_STRIP_ROWS if ga != 0 and br >= STRIP_MIN_ROWS and br > PAIR_STRIP_ROWS > 0 and (
+        ga < 0 or gb == br) else 0
     kernel = (wrap or launchable)(_pair_kernel)
     (seed_a, seed_b), on_device = seed_args(seed_a, seed_b)
     kernel[grid](
@@ -349,7 +356,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
-        num_warps=PAIR_WARPS or num_warps or (8 if br * bc >= 16384 else 4),
+        num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
     )
