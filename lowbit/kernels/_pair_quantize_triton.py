@@ -303,15 +303,16 @@ def launch_roll(own_bits: torch.Tensor, row: torch.Tensor, row_t: torch.Tensor |
 # Launch knobs of the pair kernel, measured by `benchmarks/pair_groups_bw.py --sweep`:
 # TRANSPOSED_DIV: X^T's division by an fp32 scale in _div_scale's reciprocal form too (else
 # tl.div_rn). X^T's tile comes out of tl.trans, where Triton 3.6 miscompiled a multiplied scale
-# before the fp8 cast (see _quant_tile); this form was bit-exact on every shape of run 157, and took
-# the 1x128 pair from 0.39 to 0.44 of a copy and the fp8 tensor pair (amax given) 0.89 -> 0.91.
+# before the fp8 cast (see _quant_tile); this form was bit-exact on every case of runs 157-161 and
+# in the GPU tests, and took the 1x128 pair from 0.39 to 0.44 of a copy, 128 x 128 tiles from 0.45
+# to 0.53, and the fp8 tensor pair (amax given) from 0.89 to 0.91.
 TRANSPOSED_DIV = True
 # PAIR_STRIP_ROWS: tiles whose X^T groups span all their rows (1x128 groups, 128 x 128 tiles) in
 # strips of this many rows, read twice (_pair_strips), on STRIP_WARPS warps; 0: whole tiles in
 # registers. Run 160 (`benchmarks/pair_groups_bw.py --sweep`, bf16 8192 x 4096): the 1x128 pair
 # 0.44 of a copy as whole tiles on 8 warps, 0.60 in 32-row strips on 2 warps (16-row strips 0.32-0.34,
-# 64-row 0.21-0.56 on 1-4 warps). 1x64 pairs (64-row tiles) were slower in strips (0.58 -> 0.53),
-# so strips start at 128-row tiles.
+# 64-row 0.21-0.56 on 1-4 warps); run 161: 128 x 128 tiles 0.53 -> 0.68. 1x64 pairs (64-row
+# tiles) were slower in strips (0.58 -> 0.48-0.53), so strips start at 128-row tiles.
 PAIR_STRIP_ROWS = 32
 STRIP_WARPS = 2
 STRIP_MIN_ROWS = 128
