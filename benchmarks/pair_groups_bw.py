@@ -171,11 +171,13 @@ def main() -> None:
         raise SystemExit(f"pair_groups_bw: unknown spec {bad[0]!r}; valid choices: {', '.join(SPECS)}")
     if not torch.cuda.is_available():
         raise SystemExit("pair_groups_bw: needs a CUDA GPU")
+    pq.GROUPS_ON_CUDA = True  # what this measures (opt-in in training: LOWBIT_PAIR_GROUPS=1)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     results: list[dict] = []
     for name in names:
-        if pq.why_not_pair(torch.empty(64, 64, device="cuda"), SPECS[name], SPECS[name]) is not None:
-            raise SystemExit(f"pair_groups_bw: {name} pairs are off (LOWBIT_PAIR_GROUPS=0?)")
+        reason = pq.why_not_pair(torch.empty(64, 64, device="cuda"), SPECS[name], SPECS[name])
+        if reason is not None:
+            raise SystemExit(f"pair_groups_bw: {name} does not pair: {reason}")
         if args.sweep:
             tiles = [tuple(int(v) for v in t.split("x")) for t in args.sweep_tiles.split(",") if t]
             warps = [int(w) for w in args.sweep_warps.split(",")]

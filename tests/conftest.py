@@ -23,9 +23,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("WANDB_API_KEY", None)  # tests never reach the network
 
 
-def import_with_env(module: str, var: str, value: str, check: str = "") -> subprocess.CompletedProcess:
-    """`import module` (then the statement `check`) in a fresh interpreter with var=value set."""
-    env = {**os.environ, var: value}
+def import_with_env(module: str, var: str, value: str | None, check: str = "") -> subprocess.CompletedProcess:
+    """`import module` (then the statement `check`) in a fresh interpreter with var=value set (None:
+    var unset)."""
+    env = {k: v for k, v in os.environ.items() if k != var}
+    if value is not None:
+        env[var] = value
     code = f"import {module}" + (f"; {check}" if check else "")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 

@@ -368,10 +368,31 @@ def test_pair_history_rejects_bad_rows_and_an_amax_too():
     assert pq.quantize_pair_or_none(x, spec, spec, history=(bad, None)) is None
 
 
-def test_pair_groups_setting_accepts_only_0_or_1():
+def test_pair_groups_setting_is_off_by_default_and_accepts_only_0_or_1():
     out = import_with_env("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "on")
     assert out.returncode != 0
     assert "LOWBIT_PAIR_GROUPS='on'; valid choices: 0, 1" in out.stderr
-    check = "assert lowbit.kernels.pair_quantize.GROUPS_ON_CUDA is False"
-    out = import_with_env("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "0", check)
-    assert out.returncode == 0, out.stderr
+    for value, on in ((None, False), ("0", False), ("1", True)):
+        check = f"assert lowbit.kernels.pair_quantize.GROUPS_ON_CUDA is {on}"
+        out = import_with_env("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", value, check)
+        assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("name", ["fp8_tensor", "e5m2_tensor", "fp8_1x128", "fp8_tile128", "int8_64_32sr"])
+def test_transposed_reciprocal_division_equals_two_reference_calls(name, monkeypatch):
+    # X^T's division in _div_scale's reciprocal form (the TRANSPOSED_DIV knob, off by default): the
+    # reference's bits, with the tensor's own amax, a tiny given amax (the guarded form's fallback)
+    # and a given amax under the data's.
+    from lowbit.kernels import _pair_quantize_triton as pqt
+
+    monkeypatch.setattr(pqt, "TRANSPOSED_DIV", True)
+    spec, spec_t = PAIRS[name]
+    if DEV == "cuda" and spec.block != "tensor" and not pq.GROUPS_ON_CUDA:
+        pytest.skip("group/tile pairs are off on CUDA (pair_quantize.GROUPS_ON_CUDA)")
+    amaxes = (None, torch.tensor([1e-30]), torch.tensor([0.5])) if spec.block == "tensor" else (None,)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _matrix(150, 136, dtype)
+        for amax in amaxes:
+            q, q_t = quantize_pair(x, spec, spec_t, seed=11, seed_t=22, amax=amax)
+            check_same_qtensor(q, quantize(x.cpu(), spec, seed=11, amax=amax))
+            check_same_qtensor(q_t, quantize(x.cpu().t(), spec_t, seed=22, amax=amax))
