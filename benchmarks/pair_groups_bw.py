@@ -11,9 +11,11 @@ replaces (the second reads X^T as a transposed view), and the pair's bytes as a 
 --sweep times the pair kernel's launch knobs (lowbit.kernels._pair_quantize_triton: TRANSPOSED_DIV,
 PAIR_STRIP_ROWS, PAIR_WARPS, and the tile) in one process: first TRANSPOSED_DIV (fp32 scales) at the
 default tile and warps, then tiles x strips x warps (--sweep-tiles, --sweep-strips, --sweep-warps)
-with the faster of the two. Every setting
-is checked bit for bit against the reference (ragged shapes) and against the default setting's
-output (the large shapes).
+with the faster of the two. Every setting is checked bit for bit against the reference (ragged
+shapes) and against the default setting's output (the large shapes).
+
+Group and tile pairs are opt-in in training (LOWBIT_PAIR_GROUPS=1, see
+lowbit.kernels.pair_quantize.GROUPS_ON_CUDA); this benchmark turns them on for itself.
 """
 
 from __future__ import annotations
