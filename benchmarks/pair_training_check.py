@@ -12,12 +12,17 @@ the trainer (log_every=1).
     python benchmarks/pair_training_check.py --steps 3
     python benchmarks/pair_training_check.py --model 1b --recipe fp8_blockwise --micro 8 --steps 2
     python benchmarks/pair_training_check.py --pairs off --steps 20   # the same run without them
+
+By default the layers run as the graph ops that CUDA-graph training (train.compile_mode=
+reduce_overhead) uses, here without the CUDA graphs, so that their bodies run eagerly and can be
+checked; --graph-ops 0 runs them as eager layers instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -75,16 +80,25 @@ def main() -> None:
     ap.add_argument("--compile", choices=["off", "on"], default="on",
                     help="torch.compile (the graph ops run eagerly inside; no CUDA graphs here)")
     ap.add_argument("--pairs", choices=["on", "off"], default="on", help="the group and tile pairs")
+    ap.add_argument("--graph-ops", choices=["opaque", "0"], default="opaque",
+                    help="LOWBIT_GRAPH_OPS: the layers as the graph ops that CUDA-graph training runs "
+                         "(opaque), or as eager layers (0)")
     ap.add_argument("--out", default="/tmp/pair_training_check")
     ap.add_argument("overrides", nargs="*", help="more train.py overrides (key=value)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("pair_training_check: needs a CUDA GPU")
 
+    os.environ["LOWBIT_GRAPH_OPS"] = args.graph_ops  # read when lowbit.nn is first imported (below)
     from hydra import compose, initialize_config_dir
 
+    from lowbit.nn import quant_linear_graph
     from lowbit.trainer.config import register_configs
     from lowbit.trainer.run import run
+
+    if quant_linear_graph.MODE != args.graph_ops:
+        mode = quant_linear_graph.MODE
+        raise SystemExit(f"pair_training_check: graph ops are {mode!r}, not {args.graph_ops!r}")
 
     pq.GROUPS_ON_CUDA = args.pairs == "on"
     stats: Counter = Counter()
