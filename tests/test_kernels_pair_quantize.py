@@ -85,7 +85,7 @@ STRIP_PAIRS = ["fp8_1x64", "fp8_tile64", "fp8_1x128", "fp8_tile128"]
 def test_pair_in_strips_equals_two_reference_calls(name, strip, monkeypatch):
     # Tiles whose X^T groups span all their rows, read in strips of rows twice (_pair_strips): the
     # same bits as whole tiles and as the reference. 16-row strips put 4-8 strips in each tile;
-    # strip 0 is the whole-tile path on the same inputs. A special value sits in a later strip.
+    # strip 0 is the whole-tile path on the same inputs. A large value sits in a later strip.
     from lowbit.kernels import _pair_quantize_triton as pqt
 
     monkeypatch.setattr(pqt, "PAIR_STRIP_ROWS", strip)
