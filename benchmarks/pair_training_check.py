@@ -50,8 +50,9 @@ def _bytes_differ(a, b) -> int:
     return n + (int((sa != sb).sum()) if sa.shape == sb.shape else sa.numel())
 
 
-def install_check(stats: Counter, bad: Counter) -> None:
-    """Wrap the pair quantizer so that each eager call is compared with the two single quantizes."""
+def install_check(stats: Counter, bad: Counter, repeat: int = 0) -> None:
+    """Wrap the pair quantizer so that each eager call is compared with the two single quantizes,
+    and with `repeat` more runs of itself on the same input (a race would make those differ)."""
     original = pq._quantize_supported_pair
 
     def checked(x, spec, spec_t, *, seed=0, seed_t=0, amax=None, tile=None, history=None):
@@ -63,6 +64,9 @@ def install_check(stats: Counter, bad: Counter) -> None:
         single = kq.quantize(x, spec, seed=seed, amax=amax)
         single_t = kq.quantize(x.t(), spec_t, seed=seed_t, amax=amax)
         n = _bytes_differ(out[0], single) + _bytes_differ(out[1], single_t)
+        for _ in range(repeat):
+            again = original(x, spec, spec_t, seed=seed, seed_t=seed_t, amax=amax, tile=tile)
+            n += _bytes_differ(out[0], again[0]) + _bytes_differ(out[1], again[1])
         if n:
             bad[key] += 1
             print(f"pair_training_check: {n} bytes differ, call {stats[key]} of {key}", flush=True)
@@ -83,6 +87,7 @@ def main() -> None:
     ap.add_argument("--graph-ops", choices=["opaque", "0"], default="opaque",
                     help="LOWBIT_GRAPH_OPS: the layers as the graph ops that CUDA-graph training runs "
                          "(opaque), or as eager layers (0)")
+    ap.add_argument("--repeat", type=int, default=3, help="reruns of each checked pair call (races)")
     ap.add_argument("--out", default="/tmp/pair_training_check")
     ap.add_argument("overrides", nargs="*", help="more train.py overrides (key=value)")
     args = ap.parse_args()
@@ -104,7 +109,7 @@ def main() -> None:
     stats: Counter = Counter()
     bad: Counter = Counter()
     if args.pairs == "on":
-        install_check(stats, bad)
+        install_check(stats, bad, args.repeat)
     register_configs()
     overrides = [
         f"model={args.model}", f"quant={args.recipe}", f"train.steps={args.steps}",
