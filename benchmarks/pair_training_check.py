@@ -75,6 +75,19 @@ def install_check(stats: Counter, bad: Counter, repeat: int = 0) -> None:
     pq._quantize_supported_pair = checked
 
 
+def set_knobs(settings: list[str]) -> None:
+    """NAME=INT for module-level knobs of the pair kernel's launcher (the sweep's knobs)."""
+    from lowbit.kernels import _pair_quantize_triton as pqt
+
+    for item in settings:
+        name, _, value = item.partition("=")
+        if not hasattr(pqt, name) or not name.isupper() or not value.lstrip("-").isdigit():
+            knobs = sorted(k for k in vars(pqt) if k.isupper() and isinstance(getattr(pqt, k), (bool, int)))
+            raise SystemExit(f"pair_training_check: bad --knob {item!r}; NAME=INT with NAME one of {knobs}")
+        old = getattr(pqt, name)
+        setattr(pqt, name, type(old)(int(value)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1b")
@@ -88,6 +101,8 @@ def main() -> None:
                     help="LOWBIT_GRAPH_OPS: the layers as the graph ops that CUDA-graph training runs "
                          "(opaque), or as eager layers (0)")
     ap.add_argument("--repeat", type=int, default=3, help="reruns of each checked pair call (races)")
+    ap.add_argument("--knob", action="append", default=[], metavar="NAME=INT",
+                    help="set a launch knob of lowbit.kernels._pair_quantize_triton (e.g. TRANSPOSED_DIV=1)")
     ap.add_argument("--out", default="/tmp/pair_training_check")
     ap.add_argument("overrides", nargs="*", help="more train.py overrides (key=value)")
     args = ap.parse_args()
@@ -106,6 +121,7 @@ def main() -> None:
         raise SystemExit(f"pair_training_check: graph ops are {mode!r}, not {args.graph_ops!r}")
 
     pq.GROUPS_ON_CUDA = args.pairs == "on"
+    set_knobs(args.knob)
     stats: Counter = Counter()
     bad: Counter = Counter()
     if args.pairs == "on":
