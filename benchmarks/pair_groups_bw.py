@@ -14,7 +14,7 @@ default tile and warps, then tiles x strips x warps (--sweep-tiles, --sweep-stri
 with the faster of the two. Every setting is checked bit for bit against the reference (ragged
 shapes) and against the default setting's output (the large shapes).
 
-Group and tile pairs are opt-in in training (LOWBIT_PAIR_GROUPS=1, see
+Group and tile pairs can be turned off in training (LOWBIT_PAIR_GROUPS=0, see
 lowbit.kernels.pair_quantize.GROUPS_ON_CUDA); this benchmark turns them on for itself.
 """
 
@@ -171,7 +171,7 @@ def main() -> None:
         raise SystemExit(f"pair_groups_bw: unknown spec {bad[0]!r}; valid choices: {', '.join(SPECS)}")
     if not torch.cuda.is_available():
         raise SystemExit("pair_groups_bw: needs a CUDA GPU")
-    pq.GROUPS_ON_CUDA = True  # what this measures (opt-in in training: LOWBIT_PAIR_GROUPS=1)
+    pq.GROUPS_ON_CUDA = True  # what this measures (whatever LOWBIT_PAIR_GROUPS says)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     results: list[dict] = []
     for name in names:

@@ -368,11 +368,11 @@ def test_pair_history_rejects_bad_rows_and_an_amax_too():
     assert pq.quantize_pair_or_none(x, spec, spec, history=(bad, None)) is None
 
 
-def test_pair_groups_setting_is_off_by_default_and_accepts_only_0_or_1():
+def test_pair_groups_setting_is_on_by_default_and_accepts_only_0_or_1():
     out = import_with_env("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "on")
     assert out.returncode != 0
     assert "LOWBIT_PAIR_GROUPS='on'; valid choices: 0, 1" in out.stderr
-    for value, on in ((None, False), ("0", False), ("1", True)):
+    for value, on in ((None, True), ("0", False), ("1", True)):
         check = f"assert lowbit.kernels.pair_quantize.GROUPS_ON_CUDA is {on}"
         out = import_with_env("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", value, check)
         assert out.returncode == 0, out.stderr
@@ -380,7 +380,7 @@ def test_pair_groups_setting_is_off_by_default_and_accepts_only_0_or_1():
 
 @pytest.mark.parametrize("name", ["fp8_tensor", "e5m2_tensor", "fp8_1x128", "fp8_tile128", "int8_64_32sr"])
 def test_transposed_reciprocal_division_equals_two_reference_calls(name, monkeypatch):
-    # X^T's division in _div_scale's reciprocal form (the TRANSPOSED_DIV knob, off by default): the
+    # X^T's division in _div_scale's reciprocal form (the TRANSPOSED_DIV knob, set here): the
     # reference's bits, with the tensor's own amax, a tiny given amax (the guarded form's fallback)
     # and a given amax under the data's.
     from lowbit.kernels import _pair_quantize_triton as pqt
