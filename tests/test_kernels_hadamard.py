@@ -70,8 +70,9 @@ def test_rotate_quantize_matches_rotate_then_quantize(spec, block, dtype):
 
 
 def test_rotate_quantize_long_rows_read_in_chunks(monkeypatch):
-    # Rows longer than ROW_CHUNK are read twice (amax, then quantize): both reads rotate.
-    monkeypatch.setattr(kqt, "ROW_CHUNK", 64)
+    # Rotated rows longer than ROTATED_ROW_CHUNK are read twice (amax, then quantize): both reads
+    # rotate.
+    monkeypatch.setattr(kqt, "ROTATED_ROW_CHUNK", 64)
     x = _x((9, 320), seed=3).to(DEV)
     for spec in (QuantSpec("int4", "row"), QuantSpec("fp8_e4m3", "row", rounding="stochastic")):
         check_same_qtensor(_reference(x.cpu(), spec, 32, None, 2), rotate_quantize(x, spec, 32, None, seed=2))

@@ -270,10 +270,16 @@ TILE_ELEMS = 4096
 # MXFP8 by +0.02 at most: left at 128.
 GROUP_COLS = 128
 # Row scaling: rows up to ROW_CHUNK elements are held in registers whole (one read); longer rows
-# are read twice in ROW_CHUNK pieces (amax, then quantize; the second read mostly from L2). H100
-# sweep (docs/BENCHMARKS.md, run 34): 4096 beat 2048 (and a whole 16384-wide row in one program)
-# at 8192 x 14336 (fp8 0.80 of a copy, against 0.58 and 0.72).
-ROW_CHUNK = 4096
+# are read twice in ROW_CHUNK pieces (amax, then quantize; the second read mostly from L2). H100,
+# `benchmarks/quantize_bw.py --graph --ab "ROW_CHUNK=4096;8192"` (run 169 of docs/BENCHMARKS.md,
+# both settings interleaved in one process, bit-exact): 8192 over 4096 took rows of 14336 from 0.92
+# / 0.83 / 0.72 of a copy to 0.99 / 0.93 / 0.78 (fp8 / int8 / int4) and rows of 8192 (now one
+# tile) from 0.98 / 0.91 / 0.81 to 1.00 / 0.96 / 0.89; 16384 (a whole row of 14336 in one tile) gave
+# fp8 rows of 14336 0.73, integer rows within 0.02 of 8192. (Runs 34 and 133, before the integer
+# codes from fp32 bits and _div_scale, had found 8192 no better than 4096.) Rows rotated by a
+# fused Hadamard keep 4096 (ROTATED_ROW_CHUNK): 8192 was not measured for them.
+ROW_CHUNK = 8192
+ROTATED_ROW_CHUNK = 4096
 # Rotated (Hadamard) 1-D-group tiles: columns and elements per program, and warps (0: as
 # unrotated). Knobs for sweeps: H100 run 60 tried 16-512 columns, 2048-8192 elements, 4 or 8 warps,
 # and none moved the fused kernel beyond +-0.03 of a copy (docs/BENCHMARKS.md, seventh pass).
@@ -310,11 +316,12 @@ TILE2D_WARPS = 16
 TILE2D_SMALL = (16, 256)
 
 
-# Warps of a row program, for fp8 and for integer rows: a row in one 4096-wide tile (ROW_WARPS),
-# a longer row read twice in 4096-wide chunks (LONG_ROW_WARPS). fp8: 8 (runs 34 and 44: 0.97 of a
-# copy at 4096 wide, 0.84 against 0.80 at 14336). int: 4 in one tile, 8 for long rows (run 148,
-# with _div_scale's division: int8 / int4 rows of 14336 0.82 / 0.70 of a copy on 8 warps against
-# 0.72 / 0.66 on 4; rows of 4096 0.94 / 0.83 on 8 against 0.97 / 0.89 on 4).
+# Warps of a row program, for fp8 and for integer rows: a row in one tile (ROW_WARPS), a longer
+# row read twice in ROW_CHUNK-wide chunks (LONG_ROW_WARPS). Measured with 4096-wide chunks: fp8 8
+# (runs 34 and 44: 0.97 of a copy at 4096 wide, 0.84 against 0.80 at 14336); int 4 in one tile,
+# 8 for long rows (run 148, with _div_scale's division: int8 / int4 rows of 14336 0.82 / 0.70 of a
+# copy on 8 warps against 0.72 / 0.66 on 4, and 0.76 / 0.60 on 16 in run 168; rows of 4096 0.94 /
+# 0.83 on 8 against 0.97 / 0.89 on 4).
 ROW_WARPS = (8, 4)
 LONG_ROW_WARPS = (8, 8)
 
@@ -357,7 +364,10 @@ def launch(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, tscale: to
         br = max(1, min(rp, 64))
         bc = max(g, hadamard, min(kp, TILE_ELEMS // br))
     else:
-        chunk = ROW_CHUNK if gmode == 1 else (ROTATED_COLS if hadamard > 1 else GROUP_COLS)
+        if gmode == 1:
+            chunk = ROTATED_ROW_CHUNK if hadamard > 1 else ROW_CHUNK
+        else:
+            chunk = ROTATED_COLS if hadamard > 1 else GROUP_COLS
         bc = max(g, 2, hadamard, min(kp, chunk))
         br = max(1, min(rp, (ROTATED_ELEMS if hadamard > 1 else TILE_ELEMS) // bc))
     one_tile = gmode == 1 and bc >= k
