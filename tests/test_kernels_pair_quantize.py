@@ -81,16 +81,14 @@ STRIP_PAIRS = ["fp8_1x64", "fp8_tile64", "fp8_1x128", "fp8_tile128"]
 
 
 @pytest.mark.parametrize("name", STRIP_PAIRS + ["stochastic_tiles", "int8_1x64"])
-@pytest.mark.parametrize("strip,codes_t", [(0, False), (16, False), (16, True)])
-def test_pair_in_strips_equals_two_reference_calls(name, strip, codes_t, monkeypatch):
+@pytest.mark.parametrize("strip", [0, 16])
+def test_pair_in_strips_equals_two_reference_calls(name, strip, monkeypatch):
     # Tiles whose X^T groups span all their rows, read in strips of rows twice (_pair_strips): the
     # same bits as whole tiles and as the reference. 16-row strips put 4-8 strips in each tile;
     # strip 0 is the whole-tile path on the same inputs. A large value sits in a later strip.
-    # codes_t: X^T's codes formed in X's layout and transposed as bytes (STRIP_CODES_T).
     from lowbit.kernels import _pair_quantize_triton as pqt
 
     monkeypatch.setattr(pqt, "PAIR_STRIP_ROWS", strip)
-    monkeypatch.setattr(pqt, "STRIP_CODES_T", codes_t)
     monkeypatch.setattr(pqt, "STRIP_MIN_ROWS", 0)  # 64-row tiles in strips too
     spec, spec_t = {
         "stochastic_tiles": (QuantSpec("fp8_e5m2", (64, 64), "e8m0", "stochastic"),) * 2,

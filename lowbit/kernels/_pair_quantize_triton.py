@@ -135,7 +135,7 @@ def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, 
                  HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
                  GA: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr, BR: tl.constexpr,
                  BC: tl.constexpr, STRIP: tl.constexpr, HW_FP8: tl.constexpr, DIV: tl.constexpr,
-                 DIV_T: tl.constexpr, CODES_T: tl.constexpr = False):
+                 DIV_T: tl.constexpr):
     # The pair of one [BR, BC] tile whose X^T groups span all BR rows (1-D groups of BR along X^T's
     # rows, GA > 0 with X's groups within a row; or one 2-D tile scale, GA == -1), in strips of
     # STRIP rows: whole 128 x 128 tiles need 8 warps and reached only 0.45-0.53 of a copy, where
@@ -154,11 +154,7 @@ def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, 
                           SR_A, HW_FP8, False, DIV)
             m = (rows[:, None] < R) & (cols[None, :] < C)
             tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    if GA > 0 and CODES_T:  # X^T's row groups: one per column of the tile, laid out as a row of x
-        s_t, eff_t = _scales(acc.to(tl.float32, bitcast=True)[None, :], 1.0, FMAX, EMAX, SMODE)
-        tl.store(st_ptr + cols[None, :] * sstr + (r0 // BR) * sstc, s_t, cols[None, :] < C)
-        eff = eff_t
-    elif GA > 0:  # the same, as a column of x^T
+    if GA > 0:  # X^T's row groups: one per column of the tile
         s_t, eff_t = _scales(acc.to(tl.float32, bitcast=True)[:, None], 1.0, FMAX, EMAX, SMODE)
         tl.store(st_ptr + cols[:, None] * sstr + (r0 // BR) * sstc, s_t, cols[:, None] < C)
         eff = eff_t
@@ -177,16 +173,9 @@ def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, 
                                 SMODE, HW_FP8, False, DIV)
             m = (rows[:, None] < R) & (cols[None, :] < C)
             tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-        if CODES_T and GA < 0 and not SR_A and not SR_B:  # one scale, nearest: X^T's codes are X's
-            codes_t = tl.trans(codes.to(tl.uint8))
-        elif CODES_T:  # X^T's codes formed in x's layout (its element indices too), then transposed
-            idx_t = cols.to(tl.int64)[None, :] * R + rows[:, None]
-            codes_t = tl.trans(_quant_tile(x, eff_t, idx_t, seed_b, KIND_INT, MBITS, EMIN, EMAX, FMAX,
-                                           HAS_INF, ENC, SR_B, SMODE, HW_FP8, False, DIV_T).to(tl.uint8))
-        else:
-            idx_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
-            codes_t = _quant_tile(tl.trans(x), eff_t, idx_t, seed_b, KIND_INT, MBITS, EMIN, EMAX, FMAX,
-                                  HAS_INF, ENC, SR_B, SMODE, HW_FP8, True, DIV_T)
+        idx_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
+        codes_t = _quant_tile(tl.trans(x), eff_t, idx_t, seed_b, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                              ENC, SR_B, SMODE, HW_FP8, True, DIV_T)
         mt = (cols[:, None] < C) & (rows[None, :] < R)
         tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
@@ -201,7 +190,7 @@ def _pair_kernel(
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
-    SEED_PTR: tl.constexpr = False, CODES_T: tl.constexpr = False,
+    SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_a = tl.load(seed_a)
@@ -214,7 +203,7 @@ def _pair_kernel(
     if STRIP > 0:  # X^T's groups span the tile's BR rows: strips of STRIP rows, read twice
         _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, sstr, sstc, seed_a,
                      seed_b, pid_r * BR, pid_c * BC, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE,
-                     GA, SR_A, SR_B, BR, BC, STRIP, HW_FP8, DIV, DIV_T, CODES_T)
+                     GA, SR_A, SR_B, BR, BC, STRIP, HW_FP8, DIV, DIV_T)
     else:
         rows = pid_r * BR + tl.arange(0, BR)
         cols = pid_c * BC + tl.arange(0, BC)
@@ -327,11 +316,6 @@ TRANSPOSED_DIV = True
 # tiles) were slower in strips (0.58 -> 0.48-0.53), so strips start at 128-row tiles.
 PAIR_STRIP_ROWS = 32
 STRIP_WARPS = 2
-# STRIP_CODES_T: in strips, X^T's codes are formed in x's layout and the bytes transposed (tl.trans
-# of uint8 codes moves a quarter of the fp32 tile's bytes through shared memory); with one tile
-# scale and nearest rounding they are X's codes, transposed. Experimental, off: the hardware e4m3
-# cast followed by a transpose of its codes gave other rows' codes on the H100 once (runs 5-11).
-STRIP_CODES_T = False
 STRIP_MIN_ROWS = 128
 # PAIR_WARPS: warps per program, over the caller's; None: the caller's, or 8 for tiles of 16384
 # elements or more, else 4.
@@ -374,7 +358,6 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
-        CODES_T=STRIP_CODES_T and strip > 0,
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
