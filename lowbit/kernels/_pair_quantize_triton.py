@@ -130,81 +130,30 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
 
 
 @triton.jit
-def _strip_first(x_ptr, d_ptr, s_ptr, R, C, sxr, sxc, ssr, ssc, seed_a, acc, r0, c0, i,
-                 MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
-                 HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
-                 GA: tl.constexpr, SR_A: tl.constexpr, BC: tl.constexpr, STRIP: tl.constexpr,
-                 HW_FP8: tl.constexpr, DIV: tl.constexpr):
-    # _pair_strips' first read of strip i: the column amax so far, and X's codes for 1-D groups.
-    rows = r0 + i * STRIP + tl.arange(0, STRIP)
-    cols = c0 + tl.arange(0, BC)
-    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
-    acc = tl.maximum(acc, tl.max(_abs_bits(x), axis=0))
-    if GA > 0:
-        codes = _side(x, r0 + i * STRIP, c0, R, C, tl.zeros([1, 1], tl.float32), s_ptr, ssr, ssc,
-                      seed_a, GA, STRIP, BC, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE,
-                      SR_A, HW_FP8, False, DIV)
-        m = (rows[:, None] < R) & (cols[None, :] < C)
-        tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    return acc
-
-
-@triton.jit
-def _strip_second(x_ptr, d_ptr, dt_ptr, R, C, sxr, sxc, seed_a, seed_b, eff, eff_t, r0, c0, i,
-                  MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
-                  HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
-                  GA: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr, BC: tl.constexpr,
-                  STRIP: tl.constexpr, HW_FP8: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr):
-    # _pair_strips' second read of strip i: X^T's codes (and X's, for one tile scale).
-    rows = r0 + i * STRIP + tl.arange(0, STRIP)
-    cols = c0 + tl.arange(0, BC)
-    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
-    if GA < 0:
-        idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        codes = _quant_tile(x, eff, idx, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR_A,
-                            SMODE, HW_FP8, False, DIV)
-        m = (rows[:, None] < R) & (cols[None, :] < C)
-        tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    idx_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
-    codes_t = _quant_tile(tl.trans(x), eff_t, idx_t, seed_b, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                          ENC, SR_B, SMODE, HW_FP8, True, DIV_T)
-    mt = (cols[:, None] < C) & (rows[None, :] < R)
-    tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
-
-
-@triton.jit
 def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, sstr, sstc, seed_a, seed_b,
                  r0, c0, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
                  HAS_INF: tl.constexpr, KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr,
                  GA: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr, BR: tl.constexpr,
                  BC: tl.constexpr, STRIP: tl.constexpr, HW_FP8: tl.constexpr, DIV: tl.constexpr,
-                 DIV_T: tl.constexpr, LOOP: tl.constexpr = 0):
+                 DIV_T: tl.constexpr):
     # The pair of one [BR, BC] tile whose X^T groups span all BR rows (1-D groups of BR along X^T's
     # rows, GA > 0 with X's groups within a row; or one 2-D tile scale, GA == -1), in strips of
     # STRIP rows: whole 128 x 128 tiles need 8 warps and reached only 0.45-0.53 of a copy, where
     # 32-row tiles on 2 warps reach 0.84 (runs 157-158). Pass 1 reads each strip for the column
     # (or tile) amax, and quantizes X's side where its scale is known (1-D groups); pass 2 reads
-    # the strips again (the tile is still in L1/L2) for the rest. Forming X^T's codes in X's layout
-    # and transposing the bytes (a quarter of the shared-memory traffic of tl.trans on fp32) was
-    # bit-exact on the H100 and no faster (run 170). LOOP: how the strip loops run (STRIP_LOOP).
-    NS: tl.constexpr = BR // STRIP
-    acc = tl.zeros([BC], tl.int32)
-    if LOOP == 0:
-        for i in range(NS):
-            acc = _strip_first(x_ptr, d_ptr, s_ptr, R, C, sxr, sxc, ssr, ssc, seed_a, acc, r0, c0, i,
-                               MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, GA, SR_A, BC, STRIP,
-                               HW_FP8, DIV)
-    elif LOOP == 1:
-        for i in tl.static_range(NS):
-            acc = _strip_first(x_ptr, d_ptr, s_ptr, R, C, sxr, sxc, ssr, ssc, seed_a, acc, r0, c0, i,
-                               MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, GA, SR_A, BC, STRIP,
-                               HW_FP8, DIV)
-    else:
-        for i in tl.range(0, NS, num_stages=LOOP):
-            acc = _strip_first(x_ptr, d_ptr, s_ptr, R, C, sxr, sxc, ssr, ssc, seed_a, acc, r0, c0, i,
-                               MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, GA, SR_A, BC, STRIP,
-                               HW_FP8, DIV)
+    # the strips again (the tile is still in L1/L2) for the rest.
     cols = c0 + tl.arange(0, BC)
+    acc = tl.zeros([BC], tl.int32)
+    for i in range(BR // STRIP):
+        rows = r0 + i * STRIP + tl.arange(0, STRIP)
+        x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+        acc = tl.maximum(acc, tl.max(_abs_bits(x), axis=0))
+        if GA > 0:
+            codes = _side(x, r0 + i * STRIP, c0, R, C, tl.zeros([1, 1], tl.float32), s_ptr, ssr, ssc,
+                          seed_a, GA, STRIP, BC, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE,
+                          SR_A, HW_FP8, False, DIV)
+            m = (rows[:, None] < R) & (cols[None, :] < C)
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
     if GA > 0:  # X^T's row groups: one per column of the tile
         s_t, eff_t = _scales(acc.to(tl.float32, bitcast=True)[:, None], 1.0, FMAX, EMAX, SMODE)
         tl.store(st_ptr + cols[:, None] * sstr + (r0 // BR) * sstc, s_t, cols[:, None] < C)
@@ -215,21 +164,20 @@ def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, 
         tl.store(s_ptr + (r0 // BR) * ssr + (c0 // BC) * ssc + tl.zeros([1, 1], tl.int32), s)
         tl.store(st_ptr + (c0 // BC) * sstr + (r0 // BR) * sstc + tl.zeros([1, 1], tl.int32), s)
         eff_t = eff
-    if LOOP == 0:
-        for i in range(NS):
-            _strip_second(x_ptr, d_ptr, dt_ptr, R, C, sxr, sxc, seed_a, seed_b, eff, eff_t, r0, c0, i, MBITS,
-                          EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, GA, SR_A, SR_B, BC, STRIP, HW_FP8,
-                          DIV, DIV_T)
-    elif LOOP == 1:
-        for i in tl.static_range(NS):
-            _strip_second(x_ptr, d_ptr, dt_ptr, R, C, sxr, sxc, seed_a, seed_b, eff, eff_t, r0, c0, i, MBITS,
-                          EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, GA, SR_A, SR_B, BC, STRIP, HW_FP8,
-                          DIV, DIV_T)
-    else:
-        for i in tl.range(0, NS, num_stages=LOOP):
-            _strip_second(x_ptr, d_ptr, dt_ptr, R, C, sxr, sxc, seed_a, seed_b, eff, eff_t, r0, c0, i, MBITS,
-                          EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, GA, SR_A, SR_B, BC, STRIP, HW_FP8,
-                          DIV, DIV_T)
+    for i in range(BR // STRIP):
+        rows = r0 + i * STRIP + tl.arange(0, STRIP)
+        x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+        if GA < 0:
+            idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
+            codes = _quant_tile(x, eff, idx, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR_A,
+                                SMODE, HW_FP8, False, DIV)
+            m = (rows[:, None] < R) & (cols[None, :] < C)
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+        idx_t = cols.to(tl.int64)[:, None] * R + rows[None, :]
+        codes_t = _quant_tile(tl.trans(x), eff_t, idx_t, seed_b, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                              ENC, SR_B, SMODE, HW_FP8, True, DIV_T)
+        mt = (cols[:, None] < C) & (rows[None, :] < R)
+        tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
 
 @triton.jit(do_not_specialize=["seed_a", "seed_b"])
@@ -242,7 +190,7 @@ def _pair_kernel(
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
-    SEED_PTR: tl.constexpr = False, LOOP: tl.constexpr = 0,
+    SEED_PTR: tl.constexpr = False,
 ):
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_a = tl.load(seed_a)
@@ -255,7 +203,7 @@ def _pair_kernel(
     if STRIP > 0:  # X^T's groups span the tile's BR rows: strips of STRIP rows, read twice
         _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, sstr, sstc, seed_a,
                      seed_b, pid_r * BR, pid_c * BC, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE,
-                     GA, SR_A, SR_B, BR, BC, STRIP, HW_FP8, DIV, DIV_T, LOOP)
+                     GA, SR_A, SR_B, BR, BC, STRIP, HW_FP8, DIV, DIV_T)
     else:
         rows = pid_r * BR + tl.arange(0, BR)
         cols = pid_c * BC + tl.arange(0, BC)
@@ -368,9 +316,6 @@ TRANSPOSED_DIV = True
 # tiles) were slower in strips (0.58 -> 0.48-0.53), so strips start at 128-row tiles.
 PAIR_STRIP_ROWS = 32
 STRIP_WARPS = 2
-# STRIP_LOOP: the strip loops as a plain loop (0), unrolled (1: tl.static_range, every strip's load
-# in sight of the scheduler), or software-pipelined over N stages (N >= 2: tl.range(num_stages=N)).
-STRIP_LOOP = 0
 STRIP_MIN_ROWS = 128
 # PAIR_WARPS: warps per program, over the caller's; None: the caller's, or 8 for tiles of 16384
 # elements or more, else 4.
@@ -413,7 +358,6 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
-        LOOP=STRIP_LOOP if strip else 0,
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
