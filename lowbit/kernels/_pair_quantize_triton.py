@@ -141,7 +141,11 @@ def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, 
     # STRIP rows: whole 128 x 128 tiles need 8 warps and reached only 0.45-0.53 of a copy, where
     # 32-row tiles on 2 warps reach 0.84 (runs 157-158). Pass 1 reads each strip for the column
     # (or tile) amax, and quantizes X's side where its scale is known (1-D groups); pass 2 reads
-    # the strips again (the tile is still in L1/L2) for the rest.
+    # the strips again (the tile is still in L1/L2) for the rest. Tried on the H100 and no faster,
+    # all bit-exact: X^T's codes formed in X's layout and the bytes transposed (a quarter of the
+    # shared-memory traffic of tl.trans on fp32; run 170), and these loops unrolled
+    # (tl.static_range: 1x128 0.60 -> 0.37-0.39 of a copy) or software-pipelined (tl.range with 2 or
+    # 3 stages: 0.55-0.62; run 171).
     cols = c0 + tl.arange(0, BC)
     acc = tl.zeros([BC], tl.int32)
     for i in range(BR // STRIP):
