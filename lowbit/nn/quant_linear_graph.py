@@ -31,6 +31,12 @@ them on CUDA). Two forms:
 Under TRITON_INTERPRET=1 (CPU tests) both are opaque custom ops running the same body: interpreted
 kernels cannot be recorded.
 
+Where X and X^T need no seed (`shares_input`: mxfp8, fp8_blockwise, int8, int4), the forward is two
+ops instead: `lowbit::qlinear_input_pair` quantizes X and X^T from X alone, and
+`lowbit::qlinear_forward_quantized` runs the rest. Layers that read one input (q/k/v, w1/w3) then
+make identical input-pair calls, which AOTAutograd's common-subexpression pass merges, so X is
+quantized and its X^T saved once per input rather than once per layer.
+
 Seeds: a graph cannot draw from the layer's host generator, so the traced layer keeps a call
 counter on the device (`QuantLinear.graph_calls`) and hashes (layer seed, rank, call, GEMM) into
 the three GEMM seeds (`next_graph_seeds`), passed to the ops as an int64 table of every seed and
@@ -151,11 +157,14 @@ def _seeds_of(calls: torch.Tensor, stream: int) -> torch.Tensor:
 
 # Op names per form: a process may register both (a "recorded" benchmark, then a CUDA-graph run).
 _OP_NAMES = {
-    "opaque": ("qlinear_forward", "qlinear_backward"),
-    "recorded": ("qlinear_forward_recorded", "qlinear_backward_recorded"),
+    "opaque": ("qlinear_forward", "qlinear_backward", "qlinear_input_pair", "qlinear_forward_quantized"),
+    "recorded": (
+        "qlinear_forward_recorded", "qlinear_backward_recorded", "qlinear_input_pair_recorded",
+        "qlinear_forward_quantized_recorded",
+    ),
 }
 _SEEDS = "lowbit::next_graph_seeds"
-_ops: dict[str, tuple[torch._ops.OpOverloadPacket, torch._ops.OpOverloadPacket]] = {}
+_ops: dict[str, tuple[torch._ops.OpOverloadPacket, ...]] = {}
 _seeds_registered = False
 
 
@@ -195,6 +204,8 @@ def _operand(
 # The forward op's outputs: Y, then X^T's and W^T's (codes, scales, tensor scale).
 _T = torch.Tensor
 _Outputs = tuple[_T, _T, _T, _T, _T, _T, _T]
+_Outputs6 = tuple[_T, _T, _T, _T, _T, _T]
+_Outputs4 = tuple[_T, _T, _T, _T]
 
 
 def _forward_body(
@@ -218,6 +229,53 @@ def _forward_body(
     )
     y = gemm_operands(a, b, r.fprop, s_f, backend, out_dtype=out_dtype, bias=bias)
     return (y, *_flat(x_t, x2), *_flat(w_t, weight))
+
+
+def shares_input(recipe: Recipe) -> bool:
+    """Whether X's two operands (X for fprop, X^T for wgrad) need no seed: both rounded to nearest,
+    no rotation and no bit split of X. Such layers quantize X in an op of its own that takes X alone
+    (`_input_pair_body`), so that layers reading one input (q/k/v, w1/w3) make one identical call,
+    which AOTAutograd's common-subexpression pass merges: X is quantized and saved once."""
+    fp, wg = recipe.fprop, recipe.wgrad
+    return (
+        fp.a is not None and wg.b is not None and fp.a.rounding == wg.b.rounding == "nearest"
+        and not fp.hadamard and not wg.hadamard and not fp.bit_split
+    )
+
+
+def _input_pair_body(x2: torch.Tensor, key: str, need_wgrad: bool) -> _Outputs6:
+    # X for fprop and X^T for wgrad, (codes, scales, tensor scale) each, for a `shares_input` recipe
+    # (nearest rounding: the seed is not read).
+    r = _RECIPES[key]
+    a, x_t = prepare_operand_pair(
+        x2, _plan(r.fprop.a, r.fprop, 0, 1, True), _plan(r.wgrad.b, r.wgrad, 0, 2, need_wgrad)
+    )
+    return (*_flat(a, x2), *_flat(x_t, x2))
+
+
+def _forward_quantized_body(
+    a_data: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_tscale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seeds: torch.Tensor,
+    key: str,
+    backend: str,
+    need_dgrad: bool,
+    out_dtype: torch.dtype,
+    x_dtype: torch.dtype,
+) -> _Outputs4:
+    # _forward_body from X already quantized by _input_pair_body: Y, then W^T's (codes, scales,
+    # tensor scale).
+    r = _RECIPES[key]
+    s_f, s_d = DeviceSeed(seeds, 0), DeviceSeed(seeds, 1)
+    a = _operand(a_data, a_scale, a_tscale, r.fprop.a, r.fprop, a_data.shape[0], weight.shape[1], x_dtype)
+    b, w_t = prepare_operand_pair(
+        weight, _plan(r.fprop.b, r.fprop, s_f, 2, True), _plan(r.dgrad.b, r.dgrad, s_d, 2, need_dgrad)
+    )
+    y = gemm_operands(a, b, r.fprop, s_f, backend, out_dtype=out_dtype, bias=bias)
+    return (y, *_flat(w_t, weight))
 
 
 def _backward_body(
@@ -263,7 +321,16 @@ def graph_ops(mode: str | None = None) -> tuple[torch._ops.OpOverloadPacket, tor
     form = _form(MODE if mode is None else mode)
     if form not in _ops:
         _register(form)
-    return _ops[form]
+    return _ops[form][:2]
+
+
+def input_ops(mode: str | None = None) -> tuple[torch._ops.OpOverloadPacket, torch._ops.OpOverloadPacket]:
+    """The ops `shares_input` recipes run instead of the forward op, of the form `mode` gives:
+    (X's pair alone from X, the forward from X's quantized operand)."""
+    form = _form(MODE if mode is None else mode)
+    if form not in _ops:
+        _register(form)
+    return _ops[form][2:]
 
 
 def _register_seeds() -> None:
@@ -310,22 +377,23 @@ def _register(form: str) -> None:
     )
 
     # The bodies themselves are the ops (their annotations give the schemas).
-    fwd_name, bwd_name = _OP_NAMES[form]
-    fwd, bwd = define(f"lowbit::{fwd_name}", _forward_body), define(f"lowbit::{bwd_name}", _backward_body)
-    if not recorded:
-
-        def fake_forward(*args):  # noqa: ANN002, ANN202
-            with shapes_only():
-                return _forward_body(*args)
-
-        def fake_backward(*args):  # noqa: ANN002, ANN202
-            with shapes_only():
-                return _backward_body(*args)
-
-        fwd.register_fake(fake_forward)
-        bwd.register_fake(fake_backward)
+    names = _OP_NAMES[form]
+    bodies = (_forward_body, _backward_body, _input_pair_body, _forward_quantized_body)
+    for name, body in zip(names, bodies):
+        op = define(f"lowbit::{name}", body)
+        if not recorded:
+            op.register_fake(_shapes_only(body))
     _register_seeds()
-    _ops[form] = (getattr(torch.ops.lowbit, fwd_name), getattr(torch.ops.lowbit, bwd_name))
+    _ops[form] = tuple(getattr(torch.ops.lowbit, name) for name in names)
+
+
+def _shapes_only(body):  # noqa: ANN001, ANN202
+    # An op's fake (shape) implementation: its body on fake tensors, launching no kernel.
+    def fake(*args):  # noqa: ANN002, ANN202
+        with shapes_only():
+            return body(*args)
+
+    return fake
 
 
 def graph_quant_linear(
@@ -359,15 +427,26 @@ def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
         return _FUNCTIONS[fkey]
     key = recipe_key(recipe)
 
+    shared = shares_input(recipe)
+    input_op, forward_quantized_op = input_ops(MODE)
+
     def forward(ctx, x, weight, bias, seeds, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
         from lowbit.nn.quant_linear_traced import output_dtype
 
         out_dtype = output_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            y, *saved = forward_op(
-                x2, weight, bias, seeds, key, backend, need_wgrad, need_dgrad, out_dtype
-            )
+            if shared:  # X's pair in an op of its own, merged across layers that read one x
+                a_data, a_scale, a_tscale, *x_t = input_op(x2, key, need_wgrad)
+                y, *w_t = forward_quantized_op(
+                    a_data, a_scale, a_tscale, weight, bias, seeds, key, backend, need_dgrad, out_dtype,
+                    x2.dtype,
+                )
+                saved = [*x_t, *w_t]
+            else:
+                y, *saved = forward_op(
+                    x2, weight, bias, seeds, key, backend, need_wgrad, need_dgrad, out_dtype
+                )
         ctx.save_for_backward(*saved, seeds)
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.has_bias, ctx.need = bias is not None, (need_dgrad, need_wgrad)
