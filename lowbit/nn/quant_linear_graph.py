@@ -318,19 +318,21 @@ def graph_ops(mode: str | None = None) -> tuple[torch._ops.OpOverloadPacket, tor
     """The (forward, backward) ops of the form `mode` gives (default: the current mode's),
     registered on first use: "recorded" on CUDA is a pair of triton_ops, anything else a pair of
     opaque custom ops (under TRITON_INTERPRET=1 "recorded" is opaque too)."""
-    form = _form(MODE if mode is None else mode)
-    if form not in _ops:
-        _register(form)
-    return _ops[form][:2]
+    return _ops_of(mode)[:2]
 
 
 def input_ops(mode: str | None = None) -> tuple[torch._ops.OpOverloadPacket, torch._ops.OpOverloadPacket]:
     """The ops `shares_input` recipes run instead of the forward op, of the form `mode` gives:
     (X's pair alone from X, the forward from X's quantized operand)."""
+    return _ops_of(mode)[2:]
+
+
+def _ops_of(mode: str | None) -> tuple[torch._ops.OpOverloadPacket, ...]:
+    # Every op of the form `mode` gives (default: the current mode's), registered on first use.
     form = _form(MODE if mode is None else mode)
     if form not in _ops:
         _register(form)
-    return _ops[form][2:]
+    return _ops[form]
 
 
 def _register_seeds() -> None:
