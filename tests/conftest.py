@@ -78,6 +78,16 @@ def small_run(tmp_path):
 
 
 @pytest.fixture
+def graph_ops_on(monkeypatch):
+    """QuantLinear's graph ops switched on (they are opt-in: LOWBIT_GRAPH_OPS, or the trainer's
+    choice under CUDA graphs). Under the interpreter (CPU) they register as opaque custom ops, on
+    CUDA as triton_ops."""
+    from lowbit.nn import quant_linear_graph
+
+    monkeypatch.setattr(quant_linear_graph, "MODE", "recorded")
+
+
+@pytest.fixture
 def single_thread():
     """Run a test with one intra-op thread: on tiny tensors (and small LAPACK calls) extra OpenMP
     threads only add barrier waits, which stall for up to a second per op on a busy machine."""

@@ -27,15 +27,6 @@ INTERPRETED = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def graph_ops_on(monkeypatch):
-    # The graph ops are opt-in (LOWBIT_GRAPH_OPS=recorded); these tests switch them on. Under the
-    # interpreter (CPU) they register as opaque custom ops, on CUDA as triton_ops.
-    from lowbit.nn import quant_linear_graph
-
-    monkeypatch.setattr(quant_linear_graph, "MODE", "recorded")
-
-
 def test_graph_ops_are_off_by_default(monkeypatch):
     from lowbit.nn import quant_linear_graph
 

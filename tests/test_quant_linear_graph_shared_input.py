@@ -23,11 +23,6 @@ INTERPRETED = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def graph_ops_on(monkeypatch):
-    monkeypatch.setattr(quant_linear_graph, "MODE", "recorded")
-
-
 def test_which_recipes_quantize_their_input_alone():
     shared = {name for name, r in RECIPES.items() if not r.is_identity and shares_input(r)}
     assert set(SHARED) <= shared
