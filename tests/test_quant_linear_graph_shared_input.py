@@ -2,8 +2,6 @@
 `shares_input`): the split ops compute what the eager layer's building blocks compute, bit for bit,
 and layers that read one input (q/k/v, w1/w3) quantize it once in a compiled graph."""
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -13,14 +11,11 @@ from lowbit.nn import QuantLinear, quant_linear_graph
 from lowbit.nn.quant_linear_graph import graph_quant_linear, input_ops, recipe_key, shares_input
 from lowbit.quant import RECIPES
 from lowbit.quant.rounding import seed_table
-from tests.test_quant_linear_graph import _bits, _building_blocks
+from tests.test_quant_linear_graph import INTERPRETED, _bits, _building_blocks
 
 pytestmark = pytest.mark.usefixtures("single_thread", "graph_ops_on")
 K, N, T = 64, 96, 48
 SHARED = ["mxfp8", "fp8_blockwise", "int8", "int4"]
-INTERPRETED = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors through Triton's interpreter"
-)
 
 
 def test_which_recipes_quantize_their_input_alone():
