@@ -84,12 +84,33 @@ def _roll_kernel(ha_ptr, hb_ptr, own_ptr, H, HP: tl.constexpr, TWO: tl.constexpr
 
 
 @triton.jit
+def _code_values(codes, ENC: tl.constexpr):
+    # fp32 values of e4m3 (0) / e5m2 (1) codes: the exact upcast the dequantize kernel reads them by.
+    b = codes.to(tl.uint8)
+    if ENC == 1:
+        return b.to(tl.float8e5, bitcast=True).to(tl.float32)
+    return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _bf16_rne(v):
+    # v rounded to bf16, to nearest even, on its bits: the same as the hardware cast (exact where v
+    # is, as an fp8 value x a power-of-two scale is), with no float downcast (the interpreter's is
+    # wrong; Triton 3.6 miscompiled casts of transposed tiles, see _quant_tile).
+    # A NaN stays a quiet NaN (GPUs write 0x7FFFFFFF, which the rounding add would carry to -0).
+    b = v.to(tl.uint32, bitcast=True)
+    r = tl.where(v != v, (b >> 16) | 0x40, (b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
           BR: tl.constexpr, BC: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
           EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, KIND_INT: tl.constexpr,
           ENC: tl.constexpr, SMODE: tl.constexpr, SR: tl.constexpr, HW_FP8: tl.constexpr,
-          TRANSPOSED: tl.constexpr, DIV: tl.constexpr):
+          TRANSPOSED: tl.constexpr, DIV: tl.constexpr, VALS: tl.constexpr = False):
     # Codes of one [BR, BC] tile (rows of length C in the whole matrix) quantized along its columns.
+    # VALS: their fp32 values (code value x its group's scale, exact) instead, scales not stored.
     # G > 0: 1-D groups of G along the columns; G == 0: the tensor amax `tamax` ([1, 1]); G == -1:
     # the whole tile is one group (2-D tile scaling). Scales go to s_ptr with strides (ssr, ssc).
     # DIV: _div_scale's form of the division (0 for the transposed side, see _quant_tile).
@@ -99,9 +120,12 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
     if G == BC:  # one group per row of the tile: 2-D (see _quant_tile on reshapes)
         amax = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)
         s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
-        tl.store(s_ptr + rows * ssr + (c0 // G) * ssc, s, rows < R)
+        if not VALS:
+            tl.store(s_ptr + rows * ssr + (c0 // G) * ssc, s, rows < R)
         codes = _quant_tile(x, eff[:, None], idx, seed_off, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF,
                             ENC, SR, SMODE, HW_FP8, TRANSPOSED, DIV)
+        if VALS:
+            codes = _code_values(codes, ENC) * s[:, None]
     elif G > 0:
         NG: tl.constexpr = BC // G
         x3 = tl.reshape(x, [BR, NG, G])
@@ -109,10 +133,14 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
         s, eff = _scales(amax, 1.0, FMAX, EMAX, SMODE)
         gcols = c0 // G + tl.arange(0, NG)
         gm = (rows[:, None] < R) & (gcols[None, :] < (C + G - 1) // G)
-        tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
-        codes = tl.reshape(_quant_tile(x3, eff[:, :, None], tl.reshape(idx, [BR, NG, G]), seed_off,
-                                       KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8,
-                                       TRANSPOSED, DIV), [BR, BC])
+        if not VALS:
+            tl.store(s_ptr + rows[:, None] * ssr + gcols[None, :] * ssc, s, gm)
+        c3 = _quant_tile(x3, eff[:, :, None], tl.reshape(idx, [BR, NG, G]), seed_off, KIND_INT, MBITS,
+                         EMIN, EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, TRANSPOSED, DIV)
+        if VALS:
+            codes = tl.reshape(_code_values(c3, ENC) * s[:, :, None], [BR, BC])
+        else:
+            codes = tl.reshape(c3, [BR, BC])
     else:
         if G == 0:
             amax = tamax
@@ -194,8 +222,10 @@ def _pair_kernel(
     SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
-    SEED_PTR: tl.constexpr = False,
+    SEED_PTR: tl.constexpr = False, VALS_A: tl.constexpr = False, VALS_B: tl.constexpr = False,
 ):
+    # VALS_A / VALS_B: that side is written as its exact values in bf16 (d_ptr / dt_ptr bf16), for
+    # a GEMM on BF16 operands, and its scales are not stored (1-D group scaling only).
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_a = tl.load(seed_a)
         seed_b = tl.load(seed_b)
@@ -242,9 +272,13 @@ def _pair_kernel(
             codes = _encode(q, ENC, HW_FP8)
         else:
             codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
-                          MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV)
+                          MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV,
+                          VALS_A)
         m = (rows[:, None] < R) & (cols[None, :] < C)
-        tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+        if VALS_A:
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _bf16_rne(codes), m)
+        else:
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
         if FAST:
             codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
         elif SAME_CODES:
@@ -254,9 +288,12 @@ def _pair_kernel(
         else:
             codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
                             GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
-                            True, DIV_T)
+                            True, DIV_T, VALS_B)
         mt = (cols[:, None] < C) & (rows[None, :] < R)
-        tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
+        if VALS_B:
+            tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], _bf16_rne(codes_t), mt)
+        else:
+            tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
 
 def amax_launch_shape(r: int, c: int) -> tuple[tuple[int, int], dict]:
@@ -332,8 +369,10 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
                 same_codes: bool, tile: tuple[int, int], seed_a: int | torch.Tensor,
                 seed_b: int | torch.Tensor,
                 wrap: Callable[[Any], Any] | None = None, hist_row: torch.Tensor | None = None,
-                num_warps: int | None = None, own_amax: bool = True) -> None:
+                num_warps: int | None = None, own_amax: bool = True,
+                values: tuple[bool, bool] = (False, False)) -> None:
     # hist_row: delayed scaling; the amax is its max, or g_amax's int32 bits while it is all zeros.
+    # values: which sides are written as bf16 values (_pair_kernel's VALS_A / VALS_B).
     # own_amax: a tensor amax (g_amax, no history) is x2's own, so x2 / scale is bounded.
     r, c = x2.shape
     br, bc = tile
@@ -362,6 +401,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
+        VALS_A=values[0], VALS_B=values[1],
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,

@@ -173,9 +173,11 @@ _Pair = tuple[QTensor, QTensor]
 def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, *, seed: int = 0,
                              seed_t: int = 0, amax: torch.Tensor | None = None,
                              tile: tuple[int, int] | None = None,
-                             history: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> _Pair:
+                             history: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                             values: tuple[bool, bool] = (False, False)) -> _Pair:
     # quantize_pair (same arguments) once why_not_pair has said yes (the GEMM seam checks first,
-    # and the check is a sizeable part of the host time of a pair on a small layer).
+    # and the check is a sizeable part of the host time of a pair on a small layer). `values`:
+    # quantize_pair_values' sides written as bf16 values (returned as tensors, not QTensors).
     from lowbit.kernels._pair_quantize_triton import launch_amax_if_empty, launch_pair, launch_roll
 
     if amax is not None and spec.block != "tensor":
@@ -220,14 +222,14 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         scale = torch.empty((-(-c // bc), -(-r // br)), dtype=torch.float32, device=dev).t()
         scale_t = torch.empty((-(-r // br), -(-c // bc)), dtype=torch.float32, device=dev).t()
     # Two allocations, not one: QuantLinear frees X's codes after fprop but keeps X^T's for wgrad.
-    data = torch.empty((r, c), dtype=torch.uint8, device=dev)
-    data_t = torch.empty((c, r), dtype=torch.uint8, device=dev)
+    data = torch.empty((r, c), dtype=torch.bfloat16 if values[0] else torch.uint8, device=dev)
+    data_t = torch.empty((c, r), dtype=torch.bfloat16 if values[1] else torch.uint8, device=dev)
     nearest = spec.rounding == "nearest" and spec_t.rounding == "nearest"
     launch_pair(
         x, data, data_t, scale, scale_t, g_amax, rec, fmt, enc, _SMODE[spec.scale], ga, gb,
         spec.rounding == "stochastic", spec_t.rounding == "stochastic", nearest and ga == 0 and SHARE_CODES,
         (br, bc), seed_offset(seed), seed_offset(seed_t), hist_row=None if history is None else history[0],
-        own_amax=amax is None, num_warps=warps,
+        own_amax=amax is None, num_warps=warps, values=values,
     )
     if history is not None:
         launch_roll(rec, history[0], history[1])
@@ -235,9 +237,40 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
     if ga == 0:
         scale = scale.reshape(())
         scale_t = scale
-    q = QTensor(data.view(dt), scale, fmt, a, torch.Size((r, c)), 1, x.dtype, False, None)
-    q_t = QTensor(data_t.view(dt), scale_t, fmt, b, torch.Size((c, r)), 1, x.dtype, False, None)
+    size, size_t = torch.Size((r, c)), torch.Size((c, r))
+    q = data if values[0] else QTensor(data.view(dt), scale, fmt, a, size, 1, x.dtype, False, None)
+    q_t = data_t if values[1] else QTensor(data_t.view(dt), scale_t, fmt, b, size_t, 1, x.dtype, False, None)
     return q, q_t
+
+
+def why_not_values(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec) -> str | None:
+    """None when quantize_pair_values handles (x, spec, spec_t); else the reason."""
+    reason = why_not_pair(x, spec, spec_t)
+    if reason is not None:
+        return reason
+    if spec.fmt not in ("fp8_e4m3", "fp8_e5m2") or spec.scale not in ("e8m0", "e8m0_up"):
+        return f"values are written for fp8 with power-of-two scales, got {spec.fmt} with {spec.scale} scales"
+    groups = (spec.block, spec_t.block)
+    if not all(isinstance(g, int) and g <= SMALL_GROUP_TILE[0] for g in groups):
+        return f"values are written for 1-D groups of up to {SMALL_GROUP_TILE[0]}, got {groups}"
+    if "nearest" != spec.rounding or "nearest" != spec_t.rounding:
+        return "values are written for nearest rounding (no seeds)"
+    return None
+
+
+def quantize_pair_values(
+    x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, values: tuple[bool, bool]
+) -> tuple[QTensor | torch.Tensor, QTensor | torch.Tensor]:
+    """quantize_pair(x, spec, spec_t), except that a side with `values` True comes back as its
+    exact values in bf16 (q.dequantize_lastdim() as bf16) instead of a QTensor: what a GEMM on
+    BF16 operands reads, without the dequantize pass (lowbit.kernels.dequant) that would read the
+    codes back. MX-style fp8 groups only (`why_not_values`). Exact: an fp8 value times a
+    power-of-two scale has at most 4 significant bits, except where it falls below bf16's smallest
+    subnormal (groups whose amax is below ~2^-118), where it rounds to nearest even."""
+    reason = why_not_values(x, spec, spec_t)
+    if reason is not None:
+        raise ValueError(f"quantize_pair_values: {reason}")
+    return _quantize_supported_pair(x, spec, spec_t, values=values)
 
 
 def quantize_pair_or_none(

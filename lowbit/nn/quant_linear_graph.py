@@ -55,6 +55,7 @@ import torch
 
 from lowbit.kernels.launch import shapes_only
 from lowbit.kernels.quantize import interpret, triton_runs_on
+from lowbit.nn import quant_linear_values as values
 from lowbit.quant.gemm import Operand, OperandPlan, gemm_backends, gemm_operands, prepare_operand_pair
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec
@@ -247,6 +248,9 @@ def _input_pair_body(x2: torch.Tensor, key: str, need_wgrad: bool) -> _Outputs6:
     # X for fprop and X^T for wgrad, (codes, scales, tensor scale) each, for a `shares_input` recipe
     # (nearest rounding: the seed is not read).
     r = _RECIPES[key]
+    if need_wgrad and values.uses_values(r, x2):  # X as bf16 values for the GEMM, X^T as codes
+        a16, x_t = values.pair(x2, r.fprop.a, r.wgrad.b, (True, False))
+        return (a16, x2.new_empty(0), x2.new_empty(0), *_flat(Operand([x_t]), x2))
     a, x_t = prepare_operand_pair(
         x2, _plan(r.fprop.a, r.fprop, 0, 1, True), _plan(r.wgrad.b, r.wgrad, 0, 2, need_wgrad)
     )
@@ -269,6 +273,10 @@ def _forward_quantized_body(
     # _forward_body from X already quantized by _input_pair_body: Y, then W^T's (codes, scales,
     # tensor scale).
     r = _RECIPES[key]
+    if a_data.dtype == torch.bfloat16:  # X came as values (quant_linear_values): W likewise
+        w16, w_t = values.pair(weight, r.fprop.b, r.dgrad.b, (True, False))
+        y = values.matmul(a_data, w16, bias, out_dtype)
+        return (y, *_flat(Operand([w_t]) if need_dgrad else None, weight))
     s_f, s_d = DeviceSeed(seeds, 0), DeviceSeed(seeds, 1)
     a = _operand(a_data, a_scale, a_tscale, r.fprop.a, r.fprop, a_data.shape[0], weight.shape[1], x_dtype)
     b, w_t = prepare_operand_pair(
@@ -299,6 +307,13 @@ def _backward_body(
     r = _RECIPES[key]
     s_d, s_w = DeviceSeed(seeds, 1), DeviceSeed(seeds, 2)
     out_features = g2.shape[1]
+    if need_dx and need_dw and values.uses_values(r, g2):  # dY and dY^T as bf16 values
+        g16, gt16 = values.pair(g2, r.dgrad.a, r.wgrad.a, (True, True))
+        w_t = _operand(wt_data, wt_scale, wt_tscale, r.dgrad.b, r.dgrad, in_features, out_features, w_dtype)
+        x_t = _operand(xt_data, xt_scale, xt_tscale, r.wgrad.b, r.wgrad, in_features, tokens, x_dtype)
+        dx = values.matmul(g16, values.dequantized(w_t.parts[0]), None, x_dtype)
+        dw = values.matmul(gt16, values.dequantized(x_t.parts[0]), None, w_dtype)
+        return dx, dw
     a, a_t = prepare_operand_pair(
         g2, _plan(r.dgrad.a, r.dgrad, s_d, 1, need_dx), _plan(r.wgrad.a, r.wgrad, s_w, 1, need_dw)
     )
