@@ -56,6 +56,9 @@ PAIR_TILE = 64
 # 64 x 64 on 2 warps 0.64-0.65, and more warps were slower for every tile.
 SMALL_GROUP_TILE = (32, 128)
 SMALL_GROUP_WARPS = 2
+# The same pairs with a side written as bf16 values (quantize_pair_values).
+VALUES_TILE = (32, 128)
+VALUES_WARPS = 2
 # Widest group (and 2-D tile side) taken: 128, so 1x128 groups (a 128 x 128 tile) and 128 x 128
 # tiles pair up (fp8_blockwise). Early on such a tile spilled registers on the H100 (an
 # fp8_blockwise layer took 47 ms); run 154 found both bit-exact and 2.7-2.8x (1x128) and 3.3-3.5x
@@ -197,8 +200,10 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         ga = a if isinstance(a, int) else 0
         gb = b if isinstance(b, int) else 0
         small = 0 < min(ga, gb) and max(ga, gb) <= SMALL_GROUP_TILE[0]
-        br, bc = tile or (SMALL_GROUP_TILE if small else (max(PAIR_TILE, gb), max(PAIR_TILE, ga)))
-        warps = SMALL_GROUP_WARPS if small and tile is None else None
+        small_tile, small_warps = (VALUES_TILE, VALUES_WARPS) if any(values) else (SMALL_GROUP_TILE,
+                                                                                    SMALL_GROUP_WARPS)
+        br, bc = tile or (small_tile if small else (max(PAIR_TILE, gb), max(PAIR_TILE, ga)))
+        warps = small_warps if small and tile is None else None
         if ga > bc or gb > br or bc % max(ga, 1) or br % max(gb, 1):
             raise ValueError(f"tile {(br, bc)} does not hold whole groups {ga} × {gb}")
     g_amax = rec = None
