@@ -56,9 +56,12 @@ PAIR_TILE = 64
 # 64 x 64 on 2 warps 0.64-0.65, and more warps were slower for every tile.
 SMALL_GROUP_TILE = (32, 128)
 SMALL_GROUP_WARPS = 2
-# The same pairs with a side written as bf16 values (quantize_pair_values).
+# The same pairs with a side written as bf16 values (quantize_pair_values): 32 x 128 tiles on 4
+# warps. Run 178 (`benchmarks/pair_values_bw.py --sweep`, bf16 16384 x 2048 / x 8192): 0.82-0.83 of
+# a copy on 4 warps against 0.70-0.75 on 2; 64 x 64, 64 x 128, 32 x 256 and 128 x 64 tiles on 2-8
+# warps 0.34-0.75.
 VALUES_TILE = (32, 128)
-VALUES_WARPS = 2
+VALUES_WARPS = 4
 # Widest group (and 2-D tile side) taken: 128, so 1x128 groups (a 128 x 128 tile) and 128 x 128
 # tiles pair up (fp8_blockwise). Early on such a tile spilled registers on the H100 (an
 # fp8_blockwise layer took 47 ms); run 154 found both bit-exact and 2.7-2.8x (1x128) and 3.3-3.5x
