@@ -9,7 +9,8 @@ Backward: swiglu_grad_pairs_delayed (reads dh, g, u; writes dg, du and their tra
 against Inductor's SwiGLU backward in bf16 followed by two pair quantizers. Histories already
 hold an entry (a training step's case: no amax pass). Each is timed with triton's do_bench, and
 the fused kernels also as a fraction of a device copy of the bytes they must move. `--sweep` tries
-tile shapes and warps of the fused kernels (the module knobs TILE and WARPS).
+tile shapes and warps of the fused kernels (the module knobs TILE, GRAD_TILE and WARPS), each
+checked bit for bit against the default setting's outputs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> None:
     ap.add_argument("--fmt", default="fp8_e4m3")
     ap.add_argument("--grad-fmt", default="fp8_e5m2")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--tiles", default="64x64,32x128,128x64,64x128,32x64", help="--sweep's tiles")
+    ap.add_argument("--warps", default="4,8", help="--sweep's warps (both kernels)")
     args = ap.parse_args()
     import triton
     from triton.testing import do_bench
@@ -80,11 +83,26 @@ def main() -> None:
         rows.append(dict(what=name, shape=args.shape, ms=round(ms, 4), of_copy=round(copy / ms, 3)))
         print(json.dumps(rows[-1]), flush=True)
     if args.sweep:
-        for (br, bc), w in itertools.product([(64, 64), (32, 128), (128, 64), (64, 128), (32, 64)], (4, 8)):
-            kt.TILE, kt.WARPS = (br, bc), (w, w)
-            tf, tb = bench(fwd_fused), bench(bwd_fused)
-            res = dict(tile=[br, bc], warps=w, fwd_ms=round(tf, 4), fwd_copy=round(copy_fwd / tf, 3),
-                       bwd_ms=round(tb, 4), bwd_copy=round(copy_bwd / tb, 3))
+        def outputs(f) -> list[torch.Tensor]:
+            f()  # the histories settle after one call (its amax recorded), so later calls repeat
+            return [t.view(torch.uint8) if t.element_size() == 1 else t for t in f()]
+
+        ref_f, ref_b = outputs(fwd_fused), outputs(bwd_fused)
+        default = kt.TILE, kt.GRAD_TILE, kt.WARPS
+        tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
+        for (br, bc), w in itertools.product(tiles, (int(v) for v in args.warps.split(","))):
+            kt.TILE = kt.GRAD_TILE = (br, bc)
+            kt.WARPS = (w, w)
+            try:
+                same = [all(torch.equal(a, b) for a, b in zip(ref, outputs(f)))
+                        for ref, f in ((ref_f, fwd_fused), (ref_b, bwd_fused))]
+                tf, tb = bench(fwd_fused), bench(bwd_fused)
+                res = dict(tile=[br, bc], warps=w, fwd_ms=round(tf, 4), fwd_copy=round(copy_fwd / tf, 3),
+                           bwd_ms=round(tb, 4), bwd_copy=round(copy_bwd / tb, 3), bitexact=same)
+            except Exception as e:  # a setting Triton cannot compile: say so, go on
+                res = dict(tile=[br, bc], warps=w, error=repr(e)[:200])
+            finally:
+                kt.TILE, kt.GRAD_TILE, kt.WARPS = default
             print(json.dumps(res), flush=True)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__})
 

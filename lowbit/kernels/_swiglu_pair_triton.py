@@ -155,6 +155,8 @@ def _swiglu_amax_if_empty_kernel(
 # slower (0.38-0.85).
 TILE = (32, 128)
 WARPS = (4, 8)
+# The backward kernel's tile (it reads three tiles and writes four, two of them transposed).
+GRAD_TILE = (32, 128)
 # Programs of the first-call amax launch.
 AMAX_PROGRAMS = 264
 
@@ -200,7 +202,7 @@ def launch_swiglu_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
     """(dg, du) of SwiGLU as two fp8 pairs (each (data, data_t, scale, scale_t)), each scaled by its
     history row's max and recording its own amax bits (own, rec, rows: dg's then du's)."""
     r, c = g.shape
-    br, bc = TILE
+    br, bc = GRAD_TILE
     launchable(_swiglu_grad_pairs_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
         dh, g, u, dh.stride(0), g.stride(0), u.stride(0),
         *outs_g, own[0], rec[0], rows[0], *outs_u, own[1], rec[1], rows[1], rows[0].numel(), r, c,
