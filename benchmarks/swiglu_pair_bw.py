@@ -84,7 +84,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     if args.sweep:
         def outputs(f) -> list[torch.Tensor]:
-            f()  # the histories settle after one call (its amax recorded), so later calls repeat
+            # From one history state: timed calls roll other amaxes in (the unfused path's bf16 h
+            # has a slightly different amax), so the scales would differ between settings.
+            hist.fill_(4.0)
             return [t.view(torch.uint8) if t.element_size() == 1 else t for t in f()]
 
         ref_f, ref_b = outputs(fwd_fused), outputs(bwd_fused)
