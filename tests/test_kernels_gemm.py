@@ -297,3 +297,31 @@ def test_gpu_int4_as_int8_is_bitwise_the_int4_kernel(spec, monkeypatch):
     want = scaled_gemm(qa, qb)
     monkeypatch.setattr(kg, "INT4_AS_INT8", True)
     assert torch.equal(scaled_gemm(qa, qb), want)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_scales", [0, 1, 2])
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+def test_scale_output_is_the_eager_epilogue_bit_for_bit(out_dtype, n_scales, bias_dtype):
+    # The dequantized-cuBLAS path's epilogue (tensor scales, bias, cast) in one kernel pass, against
+    # the eager ops it replaced; on CUDA launched without fp fusion (no fma of the last multiply
+    # and the bias add).
+    from lowbit.kernels.dequant import scale_output
+
+    gen = torch.Generator().manual_seed(4)
+    out = torch.randn(37, 300, generator=gen) * 1e3
+    out[0, 0], out[1, 1], out[2, 2] = float("nan"), float("inf"), 1e-40
+    scales = [torch.tensor(0.37), torch.tensor(3.3e-3)][:n_scales]
+    bias = None if bias_dtype is None else torch.randn(300, generator=gen).to(bias_dtype)
+    out, scales = out.to(DEV), [s.to(DEV) for s in scales]
+    bias = None if bias is None else bias.to(DEV)
+    ref = out.clone()
+    for s in scales:
+        ref.mul_(s)
+    if bias is not None:
+        ref.add_(bias.float())
+    ref = ref.to(out_dtype)
+    got = scale_output(out.clone(), scales, bias, out_dtype)
+    nan = ref.isnan()
+    assert got.dtype == out_dtype and torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan], ref[~nan])

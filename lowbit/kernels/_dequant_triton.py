@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._gemm_triton import _load_operand
+from lowbit.kernels._quant_math_triton import _bf16_rne
 
 
 @triton.jit
@@ -35,3 +36,25 @@ def _unpack_int4_kernel(d_ptr, out_ptr, R, K, sdr, sor, BR: tl.constexpr, BC: tl
     v = _load_operand(d_ptr, rows, R, sdr, tl.program_id(1) * BC, K, BR, BC, 3)
     m = (rows[:, None] < R) & (cols[None, :] < K)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * sor + cols[None, :], v, m)
+
+
+@triton.jit
+def _scale_output_kernel(o_ptr, y_ptr, ta_ptr, tb_ptr, b_ptr, R, C, sor, syr, NS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BF16: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    # y = (o * ta) * tb + bias, in that order and rounded after each step as torch's in-place ops
+    # do (launched without fp fusion), then bf16 (to nearest even) or fp32.
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (rows[:, None] < R) & (cols[None, :] < C)
+    v = tl.load(o_ptr + rows.to(tl.int64)[:, None] * sor + cols[None, :], m, other=0.0)
+    if NS >= 1:
+        v = v * tl.load(ta_ptr)
+    if NS >= 2:
+        v = v * tl.load(tb_ptr)
+    if HAS_BIAS:
+        v = v + tl.load(b_ptr + cols, cols < C, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + rows.to(tl.int64)[:, None] * syr + cols[None, :]
+    if BF16:
+        tl.store(out, _bf16_rne(v), m)
+    else:
+        tl.store(out, v, m)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import _quantize_triton
-from lowbit.kernels._quant_math_triton import _encode, _quant_tile, _quant_values, _scaled, _scales
+from lowbit.kernels._quant_math_triton import _bf16_rne, _encode, _quant_tile, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable, seed_args
 from lowbit.kernels.quantize import interpret
@@ -90,17 +90,6 @@ def _code_values(codes, ENC: tl.constexpr):
     if ENC == 1:
         return b.to(tl.float8e5, bitcast=True).to(tl.float32)
     return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _bf16_rne(v):
-    # v rounded to bf16, to nearest even, on its bits: the same as the hardware cast (exact where v
-    # is, as an fp8 value x a power-of-two scale is), with no float downcast (the interpreter's is
-    # wrong; Triton 3.6 miscompiled casts of transposed tiles, see _quant_tile).
-    # A NaN stays a quiet NaN (GPUs write 0x7FFFFFFF, which the rounding add would carry to -0).
-    b = v.to(tl.uint32, bitcast=True)
-    r = tl.where(v != v, (b >> 16) | 0x40, (b + 0x7FFF + ((b >> 16) & 1)) >> 16)
-    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

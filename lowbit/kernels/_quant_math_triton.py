@@ -358,3 +358,14 @@ def _quant_values(x, eff, idx, seed_off, KIND_INT: tl.constexpr, MBITS: tl.const
     else:
         q = _round_float(y, u, MBITS, EMIN, EMAX, FMAX, HAS_INF, SR)
     return q
+
+
+@triton.jit
+def _bf16_rne(v):
+    # fp32 v rounded to bf16, to nearest even, on its bits: what the hardware cast and torch's
+    # .to(torch.bfloat16) give, without a float downcast (the interpreter's is wrong; Triton 3.6
+    # miscompiled casts of transposed tiles, see _quant_tile).
+    # A NaN stays a quiet NaN (GPUs write 0x7FFFFFFF, which the rounding add would carry to -0).
+    b = v.to(tl.uint32, bitcast=True)
+    r = tl.where(v != v, (b >> 16) | 0x40, (b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)

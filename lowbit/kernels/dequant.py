@@ -61,3 +61,33 @@ def unpack_int4(q: QTensor) -> QTensor:
     grid = (-(-r // br), -(-k // bc))
     launchable(_unpack_int4_kernel)[grid](d, out, r, k, d.stride(0), out.stride(0), BR=br, BC=bc, num_warps=4)
     return dataclasses.replace(q, data=out, packed=False)  # still int4 values: decode reads int8 data
+
+
+def scale_output(
+    out: torch.Tensor, scales: list[torch.Tensor], bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The fp32 GEMM output's epilogue in one pass: out times each 1-element scale in turn, plus
+    bias, in out_dtype: bit for bit `out.mul_(s)` for each s, `out.add_(bias.float())`,
+    `out.to(out_dtype)`. Those eager ops were one pass each over an fp32 matrix, and the multiplies
+    by a 0-d device tensor took torch's slow broadcasting kernel: on the H100 they came to 104 ms of
+    a 459 ms 1b nvfp4 step (docs/BENCHMARKS.md, run 182). fp32 outputs are scaled in place."""
+    from lowbit.kernels._dequant_triton import _scale_output_kernel
+
+    plain = out.dim() == 2 and out.stride(1) == 1 and out.dtype == torch.float32
+    if out_dtype not in (torch.bfloat16, torch.float32) or len(scales) > 2 or not plain:
+        for s in scales:
+            out.mul_(s)
+        if bias is not None:
+            out.add_(bias.float())
+        return out.to(out_dtype)
+    r, c = out.shape
+    y = out if out_dtype == torch.float32 else torch.empty((r, c), dtype=out_dtype, device=out.device)
+    ts = [s.float().reshape(1) for s in scales] + [out] * (2 - len(scales))
+    br, bc = 16, 256
+    grid = (-(-r // br), -(-c // bc))
+    launchable(_scale_output_kernel)[grid](
+        out, y, ts[0], ts[1], bias if bias is not None else out, r, c, out.stride(0), y.stride(0),
+        NS=len(scales), HAS_BIAS=bias is not None, BF16=out_dtype == torch.bfloat16, BR=br, BC=bc,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return y

@@ -274,7 +274,7 @@ def _dequantized_cublas(qa: QTensor, qb: QTensor, plan: dict, bias: torch.Tensor
     """The BF16 path as exact BF16 operands (lowbit.kernels.dequant) and one cuBLAS BF16 GEMM
     with fp32 accumulation; tensor scales and bias applied to the fp32 product, as the kernel's
     epilogue does."""
-    from lowbit.kernels.dequant import dequantize_bf16
+    from lowbit.kernels.dequant import dequantize_bf16, scale_output
 
     _, rda, ga = _smode(qa)
     _, rdb, gb = _smode(qb)
@@ -284,11 +284,7 @@ def _dequantized_cublas(qa: QTensor, qb: QTensor, plan: dict, bias: torch.Tensor
     if not scales and bias is None and out_dtype == torch.bfloat16:
         return a16 @ b16.t()
     out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
-    for t in scales:
-        out.mul_(t)
-    if bias is not None:
-        out.add_(bias.float())
-    return out.to(out_dtype)
+    return scale_output(out, scales, bias, out_dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -92,12 +92,12 @@ def matmul(
 ) -> torch.Tensor:
     """a16 · b16^T (+ bias) with fp32 accumulation: on CUDA the cuBLAS call of
     lowbit.kernels.gemm._dequantized_cublas (no tensor scales), so the same bits."""
+    from lowbit.kernels.dequant import scale_output
+
     if a16.is_cuda:
         if bias is None and out_dtype == torch.bfloat16:
             return a16 @ b16.t()
         out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
     else:  # the interpreter's tests: fp32 products of exact bf16 values
         out = a16.float() @ b16.float().t()
-    if bias is not None:
-        out.add_(bias.float())
-    return out.to(out_dtype)
+    return scale_output(out, [], bias, out_dtype)
