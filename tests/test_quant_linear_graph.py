@@ -76,7 +76,7 @@ def _check_ops(layer, device, dtype):
     forward_op, backward_op = quant_linear_graph.graph_ops()
     y, *saved = forward_op(x2, w, b, seeds, key, layer.backend, True, True, dtype)
     dx, dw = backward_op(
-        gy, *saved, seeds, key, layer.backend, True, True, T, K, dtype, w.dtype
+        gy, *saved, seeds, key, layer.backend, True, True, T, K, dtype, w.dtype, False
     )
     ref_y, ref_dx, ref_dw, x_t, w_t = _building_blocks(layer, x2, gy, host_seeds)
     for name, got, ref in (

@@ -37,10 +37,11 @@ def test_split_ops_are_the_building_blocks(recipe):
     b = layer.bias.detach()
     input_op, forward_op = input_ops()
     _, backward_op = quant_linear_graph.graph_ops()
-    a_data, a_scale, a_tscale, *x_t = input_op(x2, key, True)
+    a_data, a_scale, a_tscale, *x_t = input_op(x2, key, True, False)
     y, *w_t = forward_op(a_data, a_scale, a_tscale, w, b, seeds, key, layer.backend, True, torch.float32,
                          x2.dtype)
-    dx, dw = backward_op(gy, *x_t, *w_t, seeds, key, layer.backend, True, True, T, K, torch.float32, w.dtype)
+    dx, dw = backward_op(gy, *x_t, *w_t, seeds, key, layer.backend, True, True, T, K, torch.float32, w.dtype,
+                         False)
     ref_y, ref_dx, ref_dw, ref_x_t, ref_w_t = _building_blocks(layer, x2, gy, host_seeds)
     for name, got, ref in (
         ("y", y, ref_y), ("dx", dx, ref_dx), ("dw", dw, ref_dw), ("X^T codes", x_t[0], ref_x_t.data),

@@ -244,11 +244,14 @@ def shares_input(recipe: Recipe) -> bool:
     )
 
 
-def _input_pair_body(x2: torch.Tensor, key: str, need_wgrad: bool) -> _Outputs6:
+def _input_pair_body(x2: torch.Tensor, key: str, need_wgrad: bool, as_values: bool) -> _Outputs6:
     # X for fprop and X^T for wgrad, (codes, scales, tensor scale) each, for a `shares_input` recipe
-    # (nearest rounding: the seed is not read).
+    # (nearest rounding: the seed is not read). as_values (quant_linear_values.uses_values, decided
+    # by the caller so that it is part of the traced graph, and of its cache key): X as bf16 values.
     r = _RECIPES[key]
-    if need_wgrad and values.uses_values(r, x2):  # X as bf16 values for the GEMM, X^T as codes
+    if as_values:  # X as bf16 values for the GEMM, X^T as codes
+        if not need_wgrad:
+            raise ValueError("as_values needs need_wgrad (X^T is saved from the same pass)")
         a16, x_t = values.pair(x2, r.fprop.a, r.wgrad.b, (True, False))
         return (a16, x2.new_empty(0), x2.new_empty(0), *_flat(Operand([x_t]), x2))
     a, x_t = prepare_operand_pair(
@@ -303,11 +306,14 @@ def _backward_body(
     in_features: int,
     x_dtype: torch.dtype,
     w_dtype: torch.dtype,
+    as_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r = _RECIPES[key]
     s_d, s_w = DeviceSeed(seeds, 1), DeviceSeed(seeds, 2)
     out_features = g2.shape[1]
-    if need_dx and need_dw and values.uses_values(r, g2):  # dY and dY^T as bf16 values
+    if as_values:  # dY and dY^T as bf16 values
+        if not (need_dx and need_dw):
+            raise ValueError("as_values needs both dX and dW (dY and dY^T come from one pass)")
         g16, gt16 = values.pair(g2, r.dgrad.a, r.wgrad.a, (True, True))
         w_t = _operand(wt_data, wt_scale, wt_tscale, r.dgrad.b, r.dgrad, in_features, out_features, w_dtype)
         x_t = _operand(xt_data, xt_scale, xt_tscale, r.wgrad.b, r.wgrad, in_features, tokens, x_dtype)
@@ -454,7 +460,8 @@ def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             if shared:  # X's pair in an op of its own, merged across layers that read one x
-                a_data, a_scale, a_tscale, *x_t = input_op(x2, key, need_wgrad)
+                as_values = need_wgrad and values.uses_values(recipe, x2)
+                a_data, a_scale, a_tscale, *x_t = input_op(x2, key, need_wgrad, as_values)
                 y, *w_t = forward_quantized_op(
                     a_data, a_scale, a_tscale, weight, bias, seeds, key, backend, need_dgrad, out_dtype,
                     x2.dtype,
@@ -476,6 +483,7 @@ def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
         db = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            as_values = need_dx and need_dw and values.uses_values(recipe, g2)
             dx, dw = backward_op(
                 g2,
                 *saved,
@@ -488,6 +496,7 @@ def graph_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
                 ctx.x_shape[-1],
                 ctx.x_dtype,
                 ctx.w_dtype,
+                as_values,
             )
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
