@@ -99,7 +99,7 @@ def _side(x, r0, c0, R, C, tamax, s_ptr, ssr, ssc, seed_off, G: tl.constexpr,
           ENC: tl.constexpr, SMODE: tl.constexpr, SR: tl.constexpr, HW_FP8: tl.constexpr,
           TRANSPOSED: tl.constexpr, DIV: tl.constexpr, VALS: tl.constexpr = False):
     # Codes of one [BR, BC] tile (rows of length C in the whole matrix) quantized along its columns.
-    # VALS: their fp32 values (code value x its group's scale, exact) instead, scales not stored.
+    # VALS (1-D groups only): their fp32 values (code value x group scale, exact) instead, and no scales.
     # G > 0: 1-D groups of G along the columns; G == 0: the tensor amax `tamax` ([1, 1]); G == -1:
     # the whole tile is one group (2-D tile scaling). Scales go to s_ptr with strides (ssr, ssc).
     # DIV: _div_scale's form of the division (0 for the transposed side, see _quant_tile).

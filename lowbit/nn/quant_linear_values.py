@@ -11,10 +11,13 @@ the same BF16 operands, so the same cuBLAS call and the same bits, without the c
 Operands saved for backward (X^T, W^T) stay fp8 codes and scales, so activation memory is what it
 was, and are dequantized when backward reads them.
 
-`uses_values` decides per call: recipes whose six operands are fp8 with power-of-two scales on
-1-D groups of up to 32, nearest rounding, no rotation or bit split (mxfp8), on CUDA with the
-dequantize-and-cuBLAS path on. LOWBIT_PAIR_VALUES=0 turns it off; the CPU tests turn it on under
-the Triton interpreter (FORCE_INTERPRETED), where the GEMM is an fp32 torch matmul.
+`uses_values` decides, for recipes whose six operands are fp8 with power-of-two scales on 1-D
+groups of up to 32, nearest rounding, no rotation or bit split (mxfp8), on CUDA with the
+dequantize-and-cuBLAS path on. The layer's autograd Function asks it while the graph is traced and
+passes the answer to the ops as an argument (`as_values`), so the choice is part of the graph and
+of Inductor's cache key (a cached graph traced the other way expects other output shapes).
+LOWBIT_PAIR_VALUES=0 turns it off; the CPU tests turn it on under the Triton interpreter
+(FORCE_INTERPRETED), where the GEMM is an fp32 torch matmul.
 """
 
 from __future__ import annotations
