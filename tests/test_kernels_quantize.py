@@ -258,13 +258,16 @@ def test_bf16_input_strided_transpose_and_axis(in_place, monkeypatch):
     check_same_qtensor(quantize(x, spec, axis=0, seed=5), kq.quantize(x.to(DEV), spec, axis=0, seed=5))
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("spec", [QuantSpec("fp4_e2m1", (16, 16), "e4m3", "stochastic"),
                                   QuantSpec("fp8_e4m3", (8, 32), "fp32")])
-def test_small_2d_blocks_several_per_tile(spec):
+def test_small_2d_blocks_several_per_tile(spec, in_place, monkeypatch):
     # Blocks smaller than a tile are grouped (TILE2D_SMALL): tiles of many blocks, ragged on both
-    # axes, several tile rows and columns; and the same from an X^T view read in place (the tile
-    # shape swapped), whose blocks are X's blocks transposed.
+    # axes, several tile rows and columns; and the same from an X^T view, copied first or read in
+    # place (TILE_TRANSPOSED_READ: the tile shape swapped), whose blocks are X's blocks transposed.
     import lowbit.kernels._quantize_triton as kt
+
+    monkeypatch.setattr(kq, "TILE_TRANSPOSED_READ", in_place)
 
     x = _x((70, 600), seed=11, dtype=torch.bfloat16)
     br, bc = spec.block

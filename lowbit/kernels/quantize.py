@@ -51,6 +51,10 @@ TRANSPOSED_READ = False
 # kernels for MXFP4 at 8192 x 14336 but mixed for NVFP4 (0.89-1.13x), and a 1b model trained
 # at the same speed either way (mxfp4 48,251 against 48,240 tokens/s).
 ROTATED_STRIDED_READ = os.environ.get("LOWBIT_ROTATED_STRIDED", "0") == "1"
+# 2-D tile scaling (NVFP4's 16 x 16 weight blocks) of an X^T view (W^T for dgrad, rows contiguous)
+# read in place instead of after a transposed copy. On the H100 that copy of each fp32 weight took
+# 8.0 ms of a 383 ms 1b nvfp4 step (docs/BENCHMARKS.md, run 184).
+TILE_TRANSPOSED_READ = False
 
 
 def interpret() -> bool:
@@ -148,7 +152,9 @@ def quantize_2d(
     dev = x2.device
     if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         x2 = x2.float()
-    if x2.stride(1) != 1 and not TRANSPOSED_READ and not (hadamard > 1 and ROTATED_STRIDED_READ):
+    tile_t = TILE_TRANSPOSED_READ and isinstance(spec.block, tuple) and x2.stride(0) == 1
+    in_place = TRANSPOSED_READ or tile_t
+    if x2.stride(1) != 1 and not in_place and not (hadamard > 1 and ROTATED_STRIDED_READ):
         x2 = x2.contiguous()
     enc = _ENC[fmt.name]
     packed = enc in (3, 4) and k % 2 == 0
