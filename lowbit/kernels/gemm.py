@@ -274,13 +274,22 @@ def _dequantized_cublas(qa: QTensor, qb: QTensor, plan: dict, bias: torch.Tensor
     """The BF16 path as exact BF16 operands (lowbit.kernels.dequant) and one cuBLAS BF16 GEMM
     with fp32 accumulation; tensor scales and bias applied to the fp32 product, as the kernel's
     epilogue does."""
-    from lowbit.kernels.dequant import dequantize_bf16, scale_output
+    from lowbit.kernels.dequant import dequantize_bf16
 
     _, rda, ga = _smode(qa)
     _, rdb, gb = _smode(qb)
     a16 = dequantize_bf16(qa, plan["A_ELEM"], plan["A_SMODE"], rda, ga)
     b16 = dequantize_bf16(qb, plan["B_ELEM"], plan["B_SMODE"], rdb, gb)
     scales = [q.tensor_scale.float() for q in (qa, qb) if q.tensor_scale is not None]
+    return bf16_gemm(a16, b16, scales, bias, out_dtype)
+
+
+def bf16_gemm(a16: torch.Tensor, b16: torch.Tensor, scales: list[torch.Tensor], bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """a16 · b16^T on cuBLAS BF16 with fp32 accumulation, then the 1-element tensor scales, the bias
+    and out_dtype in one pass (lowbit.kernels.dequant.scale_output)."""
+    from lowbit.kernels.dequant import scale_output
+
     if not scales and bias is None and out_dtype == torch.bfloat16:
         return a16 @ b16.t()
     out = torch.mm(a16, b16.t(), out_dtype=torch.float32)

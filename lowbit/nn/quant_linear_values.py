@@ -93,14 +93,12 @@ def dequantized(q: QTensor) -> torch.Tensor:
 def matmul(
     a16: torch.Tensor, b16: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """a16 · b16^T (+ bias) with fp32 accumulation: on CUDA the cuBLAS call of
-    lowbit.kernels.gemm._dequantized_cublas (no tensor scales), so the same bits."""
+    """a16 · b16^T (+ bias) with fp32 accumulation: on CUDA the cuBLAS call the codes path makes
+    after dequantizing (lowbit.kernels.gemm.bf16_gemm, no tensor scales), so the same bits."""
     from lowbit.kernels.dequant import scale_output
+    from lowbit.kernels.gemm import bf16_gemm
 
     if a16.is_cuda:
-        if bias is None and out_dtype == torch.bfloat16:
-            return a16 @ b16.t()
-        out = torch.mm(a16, b16.t(), out_dtype=torch.float32)
-    else:  # the interpreter's tests: fp32 products of exact bf16 values
-        out = a16.float() @ b16.float().t()
-    return scale_output(out, [], bias, out_dtype)
+        return bf16_gemm(a16, b16, [], bias, out_dtype)
+    # The interpreter's tests: fp32 products of exact bf16 values.
+    return scale_output(a16.float() @ b16.float().t(), [], bias, out_dtype)
