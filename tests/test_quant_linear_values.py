@@ -5,6 +5,7 @@ values path compute what the building blocks compute (on CUDA bit for bit: the s
 
 import pytest
 import torch
+from conftest import import_with_env
 
 from lowbit.kernels.pair_quantize import quantize_pair_values, why_not_values
 from lowbit.nn import QuantLinear, quant_linear_graph, quant_linear_values
@@ -63,6 +64,15 @@ def test_values_decline_what_they_cannot_write(spec, reason):
     assert reason in why_not_values(x, spec, spec)
     with pytest.raises(ValueError, match=reason):
         quantize_pair_values(x, spec, spec, (True, False))
+
+
+def test_values_setting_is_on_by_default_and_accepts_only_0_or_1():
+    module = "lowbit.nn.quant_linear_values"
+    out = import_with_env(module, "LOWBIT_PAIR_VALUES", "yes")
+    assert out.returncode != 0 and "LOWBIT_PAIR_VALUES='yes'; valid choices: 0, 1" in out.stderr
+    for value, on in ((None, True), ("0", False), ("1", True)):
+        out = import_with_env(module, "LOWBIT_PAIR_VALUES", value, f"assert {module}.ON is {on}")
+        assert out.returncode == 0, out.stderr
 
 
 def test_which_recipes_take_the_values_path():
