@@ -325,3 +325,11 @@ def test_scale_output_is_the_eager_epilogue_bit_for_bit(out_dtype, n_scales, bia
     nan = ref.isnan()
     assert got.dtype == out_dtype and torch.equal(got.isnan(), nan)
     assert torch.equal(got[~nan], ref[~nan])
+
+
+def test_scale_output_with_nothing_to_apply_returns_its_input():
+    # An fp32 wgrad output without tensor scales or bias takes no pass over memory.
+    from lowbit.kernels.dequant import scale_output
+
+    out = torch.randn(8, 16, device=DEV)
+    assert scale_output(out, [], None, torch.float32) is out

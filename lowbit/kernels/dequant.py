@@ -73,6 +73,8 @@ def scale_output(
     a 459 ms 1b nvfp4 step (docs/BENCHMARKS.md, run 182). fp32 outputs are scaled in place."""
     from lowbit.kernels._dequant_triton import _scale_output_kernel
 
+    if not scales and bias is None and out.dtype == out_dtype:  # nothing to do: no pass over out
+        return out
     plain = out.dim() == 2 and out.stride(1) == 1 and out.dtype == torch.float32
     if out_dtype not in (torch.bfloat16, torch.float32) or len(scales) > 2 or not plain:
         for s in scales:
