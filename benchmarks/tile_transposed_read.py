@@ -47,7 +47,7 @@ def main() -> None:
             nbytes = w.numel() * 4 + q.data.numel() + q.scale.numel() * q.scale.element_size()
             res[on] = (t, nbytes / t / 1e6 / copy_gbps, q)
         qa, qb = res[False][2], res[True][2]
-        same = all(torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+        same = all(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
                    for a, b in ((qa.data, qb.data), (qa.scale, qb.scale), (qa.tensor_scale, qb.tensor_scale)))
         row = dict(shape=list(shape), copy_first_us=res[False][0] * 1e3, in_place_us=res[True][0] * 1e3,
                    copy_first_of_copy=res[False][1], in_place_of_copy=res[True][1],

@@ -71,7 +71,7 @@ def _rotate_kernel(x_ptr, out_ptr, R, K, sxr, sxk, syr, sign_off,
     y = _rotate_tile(x.to(tl.float32), cols, sign_off, BR, BC, HAD, LOG, SCALE, SIGNS, False)
     if AMAX:
         bits = y.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+        tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0), sem="relaxed")
     else:
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * syr + cols[None, :], y, m)
 

@@ -34,7 +34,7 @@ def _amax_kernel(x_ptr, out_ptr, R, C, sxr, sxc, BR: tl.constexpr, BC: tl.conste
     for i in range(ITERS):
         rows = (pid_r * ITERS + i) * BR + tl.arange(0, BR)
         acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")))
-    tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0))
+    tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -54,8 +54,18 @@ def _delayed_amax(hist_ptr, H, own_ptr, HP: tl.constexpr):
 
 
 @triton.jit
+def _load_rounded(x_ptr, rows, cols, R, C, sxr, sxc, ROUND_BF16: tl.constexpr):
+    # A [BR, BC] fp32 tile; ROUND_BF16: an fp32 input's values rounded to bf16 first (RNE, on the
+    # bits), so that it is quantized exactly as its bf16 cast would be (lowbit.nn.gradient_cast_fold).
+    x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+    if ROUND_BF16:
+        x = _bf16_rne(x).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _amax_if_empty_kernel(x_ptr, out_ptr, hist_ptr, H, R, C, sxr, sxc, HP: tl.constexpr,
-                          BR: tl.constexpr, BC: tl.constexpr):
+                          BR: tl.constexpr, BC: tl.constexpr, ROUND_BF16: tl.constexpr = False):
     # The tensor amax (integer max of |x| bits into out_ptr) only while the history row holds
     # only zeros: a first call. Otherwise every program returns after reading the row, so the
     # launch costs a few microseconds; the small grid strides over the tiles.
@@ -65,8 +75,19 @@ def _amax_if_empty_kernel(x_ptr, out_ptr, hist_ptr, H, R, C, sxr, sxc, HP: tl.co
         for t in range(tl.program_id(0), tl.cdiv(R, BR) * n_c, tl.num_programs(0)):
             rows = (t // n_c) * BR + tl.arange(0, BR)
             cols = (t % n_c) * BC + tl.arange(0, BC)
-            acc = tl.maximum(acc, _abs_bits(_load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")))
-        tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0))
+            acc = tl.maximum(acc, _abs_bits(_load_rounded(x_ptr, rows, cols, R, C, sxr, sxc, ROUND_BF16)))
+        tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _record(rec_ptr, x):
+    # A program's share of a tensor's own amax: the integer max of its tile's |x| bits (one
+    # reduction over the flattened tile), atomically into rec_ptr. Relaxed: the kernel's end orders
+    # it before the roll reads it. The default (acq_rel) fences each program's atomic: on the H100
+    # (docs/BENCHMARKS.md, run 190) that took the delayed fp8 pair of a bf16 16384 x 2048 from
+    # 55.7 to 62.6 us (16384 x 512: 15.3 -> 18.2), and flattening the two-axis max gave up to 4%.
+    bits = tl.max(tl.reshape(_abs_bits(x), [x.shape[0] * x.shape[1]]), axis=0)
+    tl.atomic_max(rec_ptr, bits, sem="relaxed")
 
 
 @triton.jit
@@ -212,6 +233,7 @@ def _pair_kernel(
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False, VALS_A: tl.constexpr = False, VALS_B: tl.constexpr = False,
+    ROUND_BF16: tl.constexpr = False,
 ):
     # VALS_A / VALS_B: that side is written as its exact values in bf16 (d_ptr / dt_ptr bf16), for
     # a GEMM on BF16 operands, and its scales are not stored (1-D group scaling only).
@@ -230,7 +252,7 @@ def _pair_kernel(
     else:
         rows = pid_r * BR + tl.arange(0, BR)
         cols = pid_c * BC + tl.arange(0, BC)
-        x = _load_tile(x_ptr, rows, cols, R, C, sxr, sxc, False, "")
+        x = _load_rounded(x_ptr, rows, cols, R, C, sxr, sxc, ROUND_BF16)
         xt = tl.trans(x)
         tamax = tl.zeros([1, 1], tl.float32)
         if GA == 0:  # one tensor amax: given, or delayed scaling's choice
@@ -239,7 +261,7 @@ def _pair_kernel(
             else:
                 tamax += tl.load(ga_ptr)
         if RECORD:  # delayed scaling: this tensor's own amax, for the history
-            tl.atomic_max(rec_ptr, tl.max(tl.max(_abs_bits(x), axis=1), axis=0))
+            _record(rec_ptr, x)
         if FAST:
             # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
             # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
@@ -308,9 +330,10 @@ def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor, wrap: Callable[[Any], 
 AMAX_IF_EMPTY_PROGRAMS = 264
 
 
-def launch_amax_if_empty(x2: torch.Tensor, out_bits: torch.Tensor, hist_row: torch.Tensor) -> None:
+def launch_amax_if_empty(x2: torch.Tensor, out_bits: torch.Tensor, hist_row: torch.Tensor,
+                         round_bf16: bool = False) -> None:
     """x2's amax bits into out_bits (int32, zeroed) while `hist_row` holds only zeros, else nothing;
-    decided on the device (no sync)."""
+    decided on the device (no sync). round_bf16: the amax of x2's values rounded to bf16."""
     r, c = x2.shape
     bc = min(256, triton.next_power_of_2(c))
     br = max(1, min(triton.next_power_of_2(r), 8192 // bc))
@@ -318,6 +341,7 @@ def launch_amax_if_empty(x2: torch.Tensor, out_bits: torch.Tensor, hist_row: tor
     launchable(_amax_if_empty_kernel)[grid](
         x2, out_bits, hist_row, hist_row.numel(), r, c, x2.stride(0), x2.stride(1),
         HP=triton.next_power_of_2(hist_row.numel()), BR=br, BC=bc, num_warps=8 if br * bc >= 8192 else 4,
+        ROUND_BF16=round_bf16,
     )
 
 
@@ -359,9 +383,10 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
                 seed_b: int | torch.Tensor,
                 wrap: Callable[[Any], Any] | None = None, hist_row: torch.Tensor | None = None,
                 num_warps: int | None = None, own_amax: bool = True,
-                values: tuple[bool, bool] = (False, False)) -> None:
+                values: tuple[bool, bool] = (False, False), round_bf16: bool = False) -> None:
     # hist_row: delayed scaling; the amax is its max, or g_amax's int32 bits while it is all zeros.
     # values: which sides are written as bf16 values (_pair_kernel's VALS_A / VALS_B).
+    # round_bf16: an fp32 x2 quantized as its bf16 cast would be (not in strips).
     # own_amax: a tensor amax (g_amax, no history) is x2's own, so x2 / scale is bounded.
     r, c = x2.shape
     br, bc = tile
@@ -379,6 +404,9 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     # Strips where X^T's groups span the tile's rows (see _pair_strips).
     strip = PAIR_STRIP_ROWS if ga != 0 and br >= STRIP_MIN_ROWS and br > PAIR_STRIP_ROWS > 0 and (
         ga < 0 or gb == br) else 0
+    if round_bf16 and (strip or x2.dtype != torch.float32):
+        raise ValueError(f"round_bf16 needs an fp32 input quantized in whole tiles, got {x2.dtype}"
+                         f"{' in strips' if strip else ''}")
     kernel = (wrap or launchable)(_pair_kernel)
     (seed_a, seed_b), on_device = seed_args(seed_a, seed_b)
     kernel[grid](
@@ -390,7 +418,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
-        VALS_A=values[0], VALS_B=values[1],
+        VALS_A=values[0], VALS_B=values[1], ROUND_BF16=round_bf16,
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits
+from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
 from lowbit.kernels._quant_math_triton import _encode, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable
@@ -40,12 +40,6 @@ def _silu_mul_grads(dh, g, u):
     du = dh * (g * s)
     dg = dh * u * (s * (1.0 + g * (1.0 - s)))
     return dg, du
-
-
-@triton.jit
-def _max_bits(x):
-    # Integer max of |x|'s bits over the tile (NaN on top; see _abs_bits).
-    return tl.max(tl.max(_abs_bits(x), axis=1), axis=0)
 
 
 @triton.jit
@@ -84,7 +78,7 @@ def _swiglu_pair_kernel(
     cols = pid_c * BC + tl.arange(0, BC)
     h = _silu_mul(_load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
                   _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
-    tl.atomic_max(rec_ptr, _max_bits(h))  # h's own amax, for the history
+    _record(rec_ptr, h)  # h's own amax, for the history
     amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, HP)
     _emit_pair(h, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, (pid_r == 0) & (pid_c == 0),
                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
@@ -106,8 +100,8 @@ def _swiglu_grad_pairs_kernel(
     dg, du = _silu_mul_grads(_load_tile(dh_ptr, rows, cols, R, C, sdh, 1, False, ""),
                              _load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
                              _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
-    tl.atomic_max(g_rec, _max_bits(dg))
-    tl.atomic_max(u_rec, _max_bits(du))
+    _record(g_rec, dg)
+    _record(u_rec, du)
     first = (pid_r == 0) & (pid_c == 0)
     amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, HP)
     _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
@@ -143,9 +137,9 @@ def _swiglu_amax_if_empty_kernel(
                 acc_2 = tl.maximum(acc_2, _abs_bits(du))
             else:
                 acc_1 = tl.maximum(acc_1, _abs_bits(_silu_mul(a, b)))
-        tl.atomic_max(out_1, tl.max(tl.max(acc_1, axis=1), axis=0))
+        tl.atomic_max(out_1, tl.max(tl.max(acc_1, axis=1), axis=0), sem="relaxed")
         if GRAD:
-            tl.atomic_max(out_2, tl.max(tl.max(acc_2, axis=1), axis=0))
+            tl.atomic_max(out_2, tl.max(tl.max(acc_2, axis=1), axis=0), sem="relaxed")
 
 
 # Tile (rows x columns) and warps per program of the forward and backward kernels (knobs for

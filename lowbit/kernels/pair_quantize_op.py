@@ -49,12 +49,13 @@ def _check(x: torch.Tensor, fmt: str) -> None:
 
 def _quantize(
     wrap: Callable[[Any], Any] | None, x: torch.Tensor, amax: torch.Tensor | None, fmt: str, record: bool,
-    history: tuple[torch.Tensor, torch.Tensor] | None = None,
+    history: tuple[torch.Tensor, torch.Tensor] | None = None, round_bf16: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     # The allocations and lowbit.kernels.pair_quantize's launches, each kernel wrapped by `wrap`
     # (wrap_triton inside the triton_op, None for a direct call): (data, data_t, scale, scale_t,
     # rec). `history` (direct calls only): delayed scaling on these two rows, launched as
-    # quantize_pair(..., history=) launches it (gated amax, pair kernel, roll).
+    # quantize_pair(..., history=) launches it (gated amax, pair kernel, roll). round_bf16 (with a
+    # history only): an fp32 x quantized as x.to(torch.bfloat16) would be.
     from lowbit.kernels._pair_quantize_triton import (
         launch_amax,
         launch_amax_if_empty,
@@ -71,7 +72,7 @@ def _quantize(
     scale_t = torch.empty((1, 1), dtype=torch.float32, device=dev)
     rec = torch.zeros(1, dtype=torch.int32, device=dev) if record or history is not None else None
     if history is not None:  # x's own amax bits: read only while the row is all zeros
-        launch_amax_if_empty(x, rec, history[0])
+        launch_amax_if_empty(x, rec, history[0], round_bf16)
         g_amax = rec
     elif amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
         bits = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -81,7 +82,8 @@ def _quantize(
         g_amax = amax.reshape(1).float()
     launch_pair(x, data, data_t, scale, scale_t, g_amax, rec, get_format(fmt), _ENC[fmt], 0, 0, 0,
                 False, False, False, (PAIR_TILE, PAIR_TILE), 0, 0, wrap,
-                hist_row=None if history is None else history[0], own_amax=amax is None)
+                hist_row=None if history is None else history[0], own_amax=amax is None,
+                round_bf16=round_bf16)
     if history is not None:
         launch_roll(rec, history[0], history[1])
     dt = _DTYPE[fmt]
@@ -133,7 +135,7 @@ def fp8_tensor_pair_direct(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...
 
 
 def fp8_tensor_pair_delayed_direct(
-    x: torch.Tensor, fmt: str, row: torch.Tensor, row_t: torch.Tensor
+    x: torch.Tensor, fmt: str, row: torch.Tensor, row_t: torch.Tensor, round_bf16: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """(data, scale, data_t, scale_t) of x and x^T under delayed scaling, the kernels launched directly.
 
@@ -141,11 +143,15 @@ def fp8_tensor_pair_delayed_direct(
     the scale is the max of `row` (x's own amax while the row holds only zeros), and x's amax is
     recorded as the newest entry of both rows. The body of the traced fp8_delayed ops' common case
     (lowbit.nn.quant_linear_traced), without the generic path's plans, checks and objects.
+    round_bf16: an fp32 x quantized, scaled and recorded as x.to(torch.bfloat16) would be, bit for
+    bit, without that cast's pass (lowbit.nn.gradient_cast_fold).
     """
     _check(x, fmt)
+    if round_bf16 and x.dtype != torch.float32:
+        raise ValueError(f"{OP}: round_bf16 reads an fp32 input, got {x.dtype}")
     if not (row.dtype == row_t.dtype == torch.float32 and row.is_contiguous() and row_t.is_contiguous()
             and row.shape == row_t.shape and row.dim() == 1 and row.data_ptr() != row_t.data_ptr()):
         raise ValueError(f"{OP}: history rows must be two distinct contiguous fp32 vectors of one length, "
                          f"got {tuple(row.shape)} {row.dtype} and {tuple(row_t.shape)} {row_t.dtype}")
-    data, data_t, scale, scale_t, _ = _quantize(None, x, None, fmt, False, (row, row_t))
+    data, data_t, scale, scale_t, _ = _quantize(None, x, None, fmt, False, (row, row_t), round_bf16)
     return data, scale, data_t, scale_t

@@ -52,11 +52,10 @@ TRANSPOSED_READ = False
 # at the same speed either way (mxfp4 48,251 against 48,240 tokens/s).
 ROTATED_STRIDED_READ = os.environ.get("LOWBIT_ROTATED_STRIDED", "0") == "1"
 # 2-D tile scaling (NVFP4's 16 x 16 weight blocks) of an X^T view (W^T for dgrad, rows contiguous)
-# read in place instead of after a transposed copy. That copy of each fp32 weight is most likely
-# the 8.0 ms generic torch kernel (7 calls a block) of a 383 ms 1b nvfp4 step on the H100
-# (docs/BENCHMARKS.md, run 184). Off: bit-exact in the CPU tests, but not yet run or timed on a
-# GPU (the twenty-first pass ran out of device time).
-TILE_TRANSPOSED_READ = False
+# read in place instead of after a transposed copy of the fp32 weight. On the H100 (docs/
+# BENCHMARKS.md, run 187) that made W^T's quantize 3.2-3.5x faster on 2048 x 2048 to 14336 x 4096
+# weights (e.g. 194.6 -> 55.8 us at 8192 x 2048), with the same bits.
+TILE_TRANSPOSED_READ = True
 
 
 def interpret() -> bool:

@@ -228,6 +228,10 @@ def _register_op() -> None:
         return _fake_pair(g, fmt, "tensor", fmt_t, "tensor", row >= 0, row_t >= 0)
 
     _op_registered = True
+    # The bf16 cast of an fp32 dY folded into its pair quantizer in compiled graphs.
+    from lowbit.nn import gradient_cast_fold
+
+    gradient_cast_fold.install()
 
 
 def _delayed_pair(x: torch.Tensor, hist: torch.Tensor, fmt: str, fmt_t: str, row: int,

@@ -1,0 +1,127 @@
+"""The bf16 cast of an fp32 gradient folded into its fp8_delayed pair quantizer
+(lowbit.nn.gradient_cast_fold).
+
+The kernel side (the pair kernel rounding an fp32 input to bf16 first) against the same kernels on
+the cast, and the compiled graph with the pass against the graph without it: the same losses,
+gradients and amax histories, bit for bit. On CPU the kernels run in the Triton interpreter and
+the folded op casts first; on CUDA the fused kernel runs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import import_with_env
+from torch import nn
+
+from lowbit.nn import gradient_cast_fold as gcf
+from lowbit.nn.convert import convert_model
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _gradient_like(r: int, c: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(r, c, generator=g) * torch.logspace(-6, 3, c)
+    bits = x.view(torch.int32)
+    # Ties and near-ties of the bf16 rounding (low 16 bits 0x8000, 0x7FFF, 0x8001), a carry into
+    # the exponent (0x3F7FFFFF rounds to 1.0), fp32 subnormals and zeros.
+    bits[0, :8] = (bits[0, :8] & ~0xFFFF) | 0x8000
+    bits[1, :8] = (bits[1, :8] & ~0xFFFF) | 0x7FFF
+    bits[2, :8] = (bits[2, :8] & ~0xFFFF) | 0x8001
+    bits[3, 0] = 0x3F7FFFFF
+    x[4, :4] = torch.tensor([1e-40, -3e-39, 0.0, -0.0])
+    return x
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_round_bf16_pair_is_the_pair_of_the_bf16_cast(fmt):
+    # fp8_tensor_pair_delayed_direct(g, round_bf16=True) on fp32 g against the same on g's bf16
+    # cast, each on its own history rows: a first call on empty rows (the amax pass), then calls
+    # scaled by the history (the 4x call saturates); equal codes, scales and rows after each.
+    from lowbit.kernels.pair_quantize_op import fp8_tensor_pair_delayed_direct
+
+    hist, ref_hist = torch.zeros(2, 5, device=DEV), torch.zeros(2, 5, device=DEV)
+    for step, mag in enumerate((1.0, 4.0, 0.25)):
+        g = (_gradient_like(70, 131, step) * mag).to(DEV)
+        got = fp8_tensor_pair_delayed_direct(g, fmt, hist[0], hist[1], round_bf16=True)
+        ref = fp8_tensor_pair_delayed_direct(g.to(torch.bfloat16), fmt, ref_hist[0], ref_hist[1])
+        assert torch.equal(hist, ref_hist), step
+        for a, b in zip(got, ref):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                               b.view(torch.uint8) if b.element_size() == 1 else b), step
+    with pytest.raises(ValueError, match="round_bf16 reads an fp32 input"):
+        fp8_tensor_pair_delayed_direct(g.to(torch.bfloat16), fmt, hist[0], hist[1], round_bf16=True)
+
+
+def test_round_bf16_pair_of_a_nan_gradient_is_all_nan():
+    from lowbit.kernels.pair_quantize_op import fp8_tensor_pair_delayed_direct
+
+    g = _gradient_like(40, 64, 3).to(DEV)
+    g[5, 7] = float("nan")
+    hist = torch.zeros(2, 4, device=DEV)
+    d, s, d_t, s_t = fp8_tensor_pair_delayed_direct(g, "fp8_e5m2", hist[0], hist[1], round_bf16=True)
+    assert d.float().isnan().all() and d_t.float().isnan().all() and s.isnan() and hist[:, 0].isnan().all()
+
+
+class _Residual(nn.Module):
+    """An fp32 residual stream with a bf16-autocast layer writing into it, as in a Llama block."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(64))
+        self.proj = nn.Linear(64, 64, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.scale  # fp32 under autocast
+        return (h + self.proj(h)).square().mean()
+
+
+def _train(model: nn.Module, steps: int = 3) -> list[torch.Tensor]:
+    compiled = torch.compile(model)
+    out = []
+    for step in range(steps):
+        x = torch.randn(2, 48, 64, generator=torch.Generator().manual_seed(step)).to(DEV) * (step + 1)
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = compiled(x)
+        loss.backward()
+        out += [loss.detach(), model.proj.weight.grad.clone(), model.scale.grad.clone(),
+                model.proj.amax_history.clone()]
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_training_is_the_same_with_the_cast_folded(bias, monkeypatch):
+    # The pass rewrites the layer's dY quantizer (no bias: the cast feeds only it), and the compiled
+    # steps give the unfolded graph's losses, gradients and histories bit for bit. With a bias
+    # its gradient also reads the bf16 dY, so the cast stays and nothing is rewritten.
+    torch.manual_seed(0)
+    model = _Residual(bias)
+    convert_model(model, "fp8_delayed")
+    model = model.to(DEV)
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    monkeypatch.setattr(gcf, "ENABLED", False)
+    ref = _train(twin)
+    torch._dynamo.reset()
+    monkeypatch.setattr(gcf, "ENABLED", True)
+    before = gcf.FOLDED[0]
+    got = _train(model)
+    assert gcf.FOLDED[0] - before == (0 if bias else 1)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+def test_fold_env_knob_accepts_only_0_or_1():
+    bad = import_with_env("lowbit.nn.gradient_cast_fold", "LOWBIT_FOLD_GRAD_CAST", "yes")
+    assert bad.returncode != 0 and "LOWBIT_FOLD_GRAD_CAST='yes'; valid choices: 0, 1" in bad.stderr
+    off = import_with_env("lowbit.nn.gradient_cast_fold", "LOWBIT_FOLD_GRAD_CAST", "0",
+                          "import lowbit.nn.gradient_cast_fold as m; assert not m.ENABLED")
+    assert off.returncode == 0, off.stderr
+    on = import_with_env("lowbit.nn.gradient_cast_fold", "LOWBIT_FOLD_GRAD_CAST", None,
+                         "import lowbit.nn.gradient_cast_fold as m; assert m.ENABLED")
+    assert on.returncode == 0, on.stderr
