@@ -68,15 +68,19 @@ def test_round_bf16_pair_of_a_nan_gradient_is_all_nan():
 
 
 class _Residual(nn.Module):
-    """An fp32 residual stream with a bf16-autocast layer writing into it, as in a Llama block."""
+    """An fp32 residual stream with a bf16-autocast layer writing into it, as in a Llama block
+    (`alone`: the layer's output only widened to fp32, so its fp32 gradient feeds only the cast)."""
 
-    def __init__(self, bias: bool) -> None:
+    def __init__(self, bias: bool, alone: bool = False) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.randn(64))
         self.proj = nn.Linear(64, 64, bias=bias)
+        self.alone = alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x * self.scale  # fp32 under autocast
+        if self.alone:
+            return self.proj(h).float() * 2.0
         return h + self.proj(h)
 
 
@@ -99,13 +103,14 @@ def _train(model: nn.Module, steps: int = 3) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_compiled_training_is_the_same_with_the_cast_folded(bias, monkeypatch):
+@pytest.mark.parametrize(("bias", "alone"), [(False, False), (True, False), (False, True)])
+def test_compiled_training_is_the_same_with_the_cast_folded(bias, alone, monkeypatch):
     # The pass rewrites the layer's dY quantizer (no bias: the cast feeds only it), and the compiled
-    # steps give the unfolded graph's losses, gradients and histories bit for bit. With a bias
-    # its gradient also reads the bf16 dY, so the cast stays and nothing is rewritten.
+    # steps give the unfolded graph's outputs, gradients and histories bit for bit. With a bias
+    # its gradient also reads the bf16 dY, so the cast stays and nothing is rewritten; nor where
+    # the fp32 gradient is computed only for the cast (`alone`: 2 * gy, cast to bf16 in one pass).
     torch.manual_seed(0)
-    model = _Residual(bias)
+    model = _Residual(bias, alone)
     convert_model(model, "fp8_delayed")
     model = model.to(DEV)
     twin = copy.deepcopy(model)
@@ -116,7 +121,7 @@ def test_compiled_training_is_the_same_with_the_cast_folded(bias, monkeypatch):
     monkeypatch.setattr(gcf, "ENABLED", True)
     before = gcf.FOLDED[0]
     got = _train(model)
-    assert gcf.FOLDED[0] - before == (0 if bias else 1)
+    assert gcf.FOLDED[0] - before == (0 if bias or alone else 1)
     for (name, a), (_, b) in zip(got, ref):
         assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} of {a.numel()} differ"
 
@@ -130,3 +135,23 @@ def test_fold_env_knob_accepts_only_0_or_1():
     on = import_with_env("lowbit.nn.gradient_cast_fold", "LOWBIT_FOLD_GRAD_CAST", None,
                          "import lowbit.nn.gradient_cast_fold as m; assert m.ENABLED")
     assert on.returncode == 0, on.stderr
+
+
+def test_the_cast_is_folded_twice_per_llama_block():
+    # In a compiled Llama with its loss, as the trainer runs it: each block's output projection and
+    # down projection write into the fp32 residual stream, so both dY quantizers are rewritten.
+    from lowbit.nn.llama import Llama, LlamaConfig
+    from lowbit.trainer.loss import LanguageModelLoss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32, vocab_size=128)
+    model = Llama(cfg)
+    convert_model(model, "fp8_delayed")
+    step = torch.compile(LanguageModelLoss(model.to(DEV)))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1)).to(DEV)
+    torch._dynamo.reset()
+    before = gcf.FOLDED[0]
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        loss = step(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert gcf.FOLDED[0] - before == 2 * cfg.n_layers

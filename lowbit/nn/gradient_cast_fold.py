@@ -9,7 +9,8 @@ The 1b model's fp8_delayed step on the H100 spent 2.0 ms on those casts (docs/BE
 188).
 
 This module adds an Inductor post-grad pass that rewrites that pattern (the cast, then only views,
-each used once) into `lowbit::quantize_gradient_pair_delayed_bf16(g, ...)`. Its pair kernel reads
+each used once, of a g that other nodes read too or that is the graph's input) into
+`lowbit::quantize_gradient_pair_delayed_bf16(g, ...)`. Its pair kernel reads
 the fp32 g and rounds each element to bf16 (round to nearest even, on the bits) before anything
 else, so its codes, scales and recorded amax are bit for bit those of the cast's output; off CUDA
 the op casts and runs the unfused body. Eager layers are not affected.
@@ -67,7 +68,8 @@ def _fp32_to_bf16_cast(node: torch.fx.Node) -> bool:
 
 def fold_gradient_casts(graph: torch.fx.Graph) -> int:
     """Rewrite each `quantize_gradient_pair_delayed(view*(bf16 cast of fp32 g))` whose cast and views
-    feed only it into the bf16-rounding op on g itself; returns how many were rewritten."""
+    feed only it, and whose g is a graph input or has other users (so it is in memory anyway), into
+    the bf16-rounding op on g itself; returns how many were rewritten."""
     op = torch.ops.lowbit.quantize_gradient_pair_delayed.default
     folded = torch.ops.lowbit.quantize_gradient_pair_delayed_bf16.default
     count = 0
@@ -81,6 +83,10 @@ def fold_gradient_casts(graph: torch.fx.Graph) -> int:
         if not (isinstance(cur, torch.fx.Node) and _fp32_to_bf16_cast(cur) and len(cur.users) == 1):
             continue
         src = cur.args[0]
+        if src.op != "placeholder" and len(src.users) == 1:
+            # Computed only to be cast: Inductor writes just the bf16 result (the cast fused into
+            # its producer), and reading it in fp32 instead would move more bytes, not fewer.
+            continue
         with graph.inserting_before(node):
             for view in reversed(chain):  # the same views, on the fp32 gradient
                 new = graph.call_function(view.target, (src, *view.args[1:]), dict(view.kwargs))
