@@ -53,8 +53,8 @@ TRANSPOSED_READ = False
 ROTATED_STRIDED_READ = os.environ.get("LOWBIT_ROTATED_STRIDED", "0") == "1"
 # 2-D tile scaling (NVFP4's 16 x 16 weight blocks) of an X^T view (W^T for dgrad, rows contiguous)
 # read in place instead of after a transposed copy of the fp32 weight. On the H100 (docs/
-# BENCHMARKS.md, run 187) that made W^T's quantize 3.2-3.5x faster on 2048 x 2048 to 14336 x 4096
-# weights (e.g. 194.6 -> 55.8 us at 8192 x 2048), with the same bits.
+# BENCHMARKS.md, run 197, benchmarks/tile_transposed_read.py) that made W^T's quantize 3.2-3.6x
+# faster on 2048 x 2048 to 14336 x 4096 weights (1.9x at 512 x 2048), with the same bits.
 TILE_TRANSPOSED_READ = True
 
 

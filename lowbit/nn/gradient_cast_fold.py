@@ -87,11 +87,18 @@ def fold_gradient_casts(graph: torch.fx.Graph) -> int:
             # Computed only to be cast: Inductor writes just the bf16 result (the cast fused into
             # its producer), and reading it in fp32 instead would move more bytes, not fewer.
             continue
+        # The same views, on the fp32 gradient; one that its strides refuse: no rewrite.
+        vals = [src.meta["val"]]
+        try:
+            for view in reversed(chain):
+                vals.append(view.target(vals[-1], *view.args[1:], **view.kwargs))
+        except RuntimeError:
+            continue
         with graph.inserting_before(node):
-            for view in reversed(chain):  # the same views, on the fp32 gradient
+            for view, val in zip(reversed(chain), vals[1:]):
                 new = graph.call_function(view.target, (src, *view.args[1:]), dict(view.kwargs))
                 new.meta.update(view.meta)
-                new.meta["val"] = view.target(src.meta["val"], *view.args[1:], **view.kwargs)
+                new.meta["val"] = val
                 src = new
             repl = graph.call_function(folded, (src, *node.args[1:]), dict(node.kwargs))
         repl.meta.update(node.meta)
