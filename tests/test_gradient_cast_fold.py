@@ -18,6 +18,7 @@ from torch import nn
 
 from lowbit.nn import gradient_cast_fold as gcf
 from lowbit.nn.convert import convert_model
+from lowbit.quant.quantize import QuantSpec, quantize
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,6 +47,7 @@ def test_round_bf16_pair_is_the_pair_of_the_bf16_cast(fmt):
     hist, ref_hist = torch.zeros(2, 5, device=DEV), torch.zeros(2, 5, device=DEV)
     for step, mag in enumerate((1.0, 4.0, 0.25)):
         g = (_gradient_like(70, 131, step) * mag).to(DEV)
+        amax = hist[0].max().cpu() if step else None  # delayed scaling's choice for this call
         got = fp8_tensor_pair_delayed_direct(g, fmt, hist[0], hist[1], round_bf16=True)
         ref = fp8_tensor_pair_delayed_direct(g.to(torch.bfloat16), fmt, ref_hist[0], ref_hist[1])
         assert torch.equal(hist, ref_hist), step
@@ -53,6 +55,12 @@ def test_round_bf16_pair_is_the_pair_of_the_bf16_cast(fmt):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
                                b.view(torch.uint8) if b.element_size() == 1 else b), step
+        # And the reference quantizer (lowbit.quant) on the bf16 cast, X and X^T.
+        g16 = g.to(torch.bfloat16).cpu()
+        for codes, scale, x in ((got[0], got[1], g16), (got[2], got[3], g16.t())):
+            q = quantize(x, QuantSpec(fmt), amax=amax)
+            assert torch.equal(codes.cpu().view(torch.uint8), q.data.view(torch.uint8)), step
+            assert torch.equal(scale.cpu().reshape(()), q.scale.reshape(())), step
     with pytest.raises(ValueError, match="round_bf16 reads an fp32 input"):
         fp8_tensor_pair_delayed_direct(g.to(torch.bfloat16), fmt, hist[0], hist[1], round_bf16=True)
 

@@ -106,3 +106,15 @@ def test_divisors_below_the_range_and_large_quotients_fall_back_to_the_division(
     # Divisors below the range with DIV 1 take the division as well (its quotients are bounded).
     got1 = _divide(x[:8], d[:8], 1, rows_per_program=8)
     _assert_as_division(got1, x[:8], d[:8])
+
+
+@pytest.mark.parametrize("div", [1, 2])
+def test_signed_zeros_keep_their_sign(div: int) -> None:
+    # x / d of +0 and -0 is +0 and -0 (d > 0), bit for bit as the IEEE division: quantizers then
+    # give -0's code as the reference does. The fma correction's residual once turned -0 into +0.
+    rng = np.random.default_rng(5)
+    x, d = _hard_case(rng, 32, 64, (-4, 4))
+    x[:, :2] = np.array([0.0, -0.0], np.float32)
+    got = _divide(x, d, div, rows_per_program=32)
+    assert (got[:, :2].view(np.uint32) == x[:, :2].view(np.uint32)).all()
+    _assert_as_division(got, x, d)

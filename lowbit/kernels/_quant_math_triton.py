@@ -319,7 +319,9 @@ def _div_scale(x, d, DIV: tl.constexpr):
             ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
         if ok:
             q = x * r
-            y = tl.fma(tl.fma(-q, d, x), r, q)
+            # The residual x - q * d as -(q * d - x): for x = -0 (q = -0) that is -0, so the
+            # corrected quotient stays -0 as IEEE division's; fma(-q, d, x) gave +0 and lost it.
+            y = tl.fma(-tl.fma(q, d, -x), r, q)
         else:
             y = tl.div_rn(x, d)
     return y
