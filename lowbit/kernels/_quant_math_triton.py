@@ -319,9 +319,14 @@ def _div_scale(x, d, DIV: tl.constexpr):
             ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
         if ok:
             q = x * r
-            # The residual x - q * d as -(q * d - x): for x = -0 (q = -0) that is -0, so the
-            # corrected quotient stays -0 as IEEE division's; fma(-q, d, x) gave +0 and lost it.
-            y = tl.fma(-tl.fma(q, d, -x), r, q)
+            y = tl.fma(tl.fma(-q, d, x), r, q)
+            # For x = -0 the residual is +0 and so is y, where IEEE division gives -0 (d > 0): a
+            # zero quotient takes x's sign back, on the bits. The float form -(q * d - x) of the
+            # residual kept it under the interpreter, but the GPU compiler (Triton 3.6, H100, run
+            # 199 of docs/BENCHMARKS.md) turned it back into this one.
+            yb = y.to(tl.int32, bitcast=True)
+            sign = (x.to(tl.int32, bitcast=True) >> 31) << 31
+            y = tl.where((yb & 0x7FFFFFFF) == 0, yb | sign, yb).to(tl.float32, bitcast=True)
         else:
             y = tl.div_rn(x, d)
     return y
