@@ -163,3 +163,24 @@ def test_the_cast_is_folded_twice_per_llama_block():
         loss = step(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     assert gcf.FOLDED[0] - before == 2 * cfg.n_layers
+
+
+def test_pass_chains_after_a_pass_already_set_and_keys_the_cache_on_it():
+    # A pass set before install runs first; the cache key carries its uuid, and a plain callable
+    # (no uuid) turns Inductor's caching off rather than being keyed on nothing.
+    seen = []
+
+    class Before(gcf.CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            seen.append(len(graph.nodes))
+
+        def uuid(self) -> str:
+            return "before-v1"
+
+    chained = gcf._FoldPass(Before())
+    graph = torch.fx.symbolic_trace(lambda x: x + 1).graph
+    chained(graph)
+    assert seen == [len(graph.nodes)]
+    assert chained.uuid()[1:] == (gcf.ENABLED, "before-v1")
+    assert gcf._FoldPass(None).uuid() is not None
+    assert gcf._FoldPass(lambda graph: None).uuid() is None

@@ -126,8 +126,17 @@ class _FoldPass(CustomGraphPass):
             fold_gradient_casts(graph)
 
     def uuid(self) -> Any:
-        # Part of Inductor's cache key: this file's text, ENABLED, and the pass run before.
-        before = self.before.uuid() if isinstance(self.before, CustomGraphPass) else None
+        # Part of Inductor's cache key: this file's text, ENABLED, and the pass run before. A
+        # plain callable set before has no identity to key on: None, so Inductor does not cache
+        # (as it would not for that callable alone).
+        if self.before is None:
+            before = None
+        elif isinstance(self.before, CustomGraphPass):
+            before = self.before.uuid()
+            if before is None:
+                return None
+        else:
+            return None
         return (get_hash_for_files((__file__,)), ENABLED, before)
 
 
