@@ -92,6 +92,18 @@ class _Residual(nn.Module):
         return h + self.proj(h)
 
 
+@pytest.fixture
+def uncached():
+    # The tests below count the pass's rewrites, so the pass must run: a graph compiled before (in
+    # an earlier test or an earlier run, whose Inductor cache persists on disk) would be loaded from
+    # the FX graph or AOT autograd cache, already folded, without running it.
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 def _train(model: nn.Module, steps: int = 3) -> list[tuple[str, torch.Tensor]]:
     # The output's gradient is given (the backward graph's input): computed inside the graph, the
     # unfolded cast could be fused into its producer, which Inductor may compute in another order.
@@ -112,7 +124,7 @@ def _train(model: nn.Module, steps: int = 3) -> list[tuple[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize(("bias", "alone"), [(False, False), (True, False), (False, True)])
-def test_compiled_training_is_the_same_with_the_cast_folded(bias, alone, monkeypatch):
+def test_compiled_training_is_the_same_with_the_cast_folded(bias, alone, monkeypatch, uncached):
     # The pass rewrites the layer's dY quantizer (no bias: the cast feeds only it), and the compiled
     # steps give the unfolded graph's outputs, gradients and histories bit for bit. With a bias
     # its gradient also reads the bf16 dY, so the cast stays and nothing is rewritten; nor where
@@ -145,7 +157,7 @@ def test_fold_env_knob_accepts_only_0_or_1():
     assert on.returncode == 0, on.stderr
 
 
-def test_the_cast_is_folded_twice_per_llama_block():
+def test_the_cast_is_folded_twice_per_llama_block(uncached):
     # In a compiled Llama with its loss, as the trainer runs it: each block's output projection and
     # down projection write into the fp32 residual stream, so both dY quantizers are rewritten.
     from lowbit.nn.llama import Llama, LlamaConfig
