@@ -318,15 +318,18 @@ def _div_scale(x, d, DIV: tl.constexpr):
             rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
             ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
         if ok:
+            # y = q + (x - q * d) * r as fma(fma(q, d, -x), -r, q): the residual negated twice,
+            # once in each fma's operand (free on the GPU, and -r is one per group), so that a zero
+            # quotient keeps x's sign as IEEE division's does (d > 0). The first fma is q*d - x,
+            # exact, of either sign of zero; -0 * -r + -0 is -0 and +0 * -r + +0 is +0. The form
+            # fma(fma(-q, d, x), r, q) gave +0 for x = -0 (its residual (-0) - (-0) is +0).
+            # Negations multiply by -1.0: Triton 3.6 compiles a float's unary minus as 0 - x,
+            # which turns +0 into +0, not -0 (its interpreter and Triton 3.9 negate), so the
+            # earlier fix -(q * d - x) still lost -0's sign on the GPU (run 199). Compiled for
+            # sm_90 (benchmarks/offline_sass.py) this is FMUL, FFMA, FFMA an element, the
+            # negations folded into the FFMAs: one instruction fewer than fma(-q, d, x)'s 0 - q.
             q = x * r
-            y = tl.fma(tl.fma(-q, d, x), r, q)
-            # For x = -0 the residual is +0 and so is y, where IEEE division gives -0 (d > 0): a
-            # zero quotient takes x's sign back, on the bits. The float form -(q * d - x) of the
-            # residual kept it under the interpreter, but the GPU compiler (Triton 3.6, H100, run
-            # 199 of docs/BENCHMARKS.md) turned it back into this one.
-            yb = y.to(tl.int32, bitcast=True)
-            sign = (x.to(tl.int32, bitcast=True) >> 31) << 31
-            y = tl.where((yb & 0x7FFFFFFF) == 0, yb | sign, yb).to(tl.float32, bitcast=True)
+            y = tl.fma(tl.fma(q, d, x * -1.0), r * -1.0, q)
         else:
             y = tl.div_rn(x, d)
     return y

@@ -1,0 +1,148 @@
+"""SASS of lowbit's Triton kernels compiled for a Hopper GPU on a machine without one (no GPU time).
+
+Triton compiles for a named target without a device. This installs a driver stub that reports
+sm_90 (or --arch), turns every launch into a warmup (compile, no run), calls lowbit's own
+launchers on CPU tensors of the 1b model's shapes, and disassembles each compiled kernel with the
+cuobjdump in Triton's wheel. The kernels get the GPU's specialization (the launchers choose their
+hardware paths when TRITON_INTERPRET is not 1; CPU tensors are 16-byte aligned, as CUDA's are).
+
+It prints each kernel's instruction counts by opcode. They are static counts over every path of
+the code (fallbacks included), not of what runs: a hint for the ALU-bound quantizers when
+comparing two forms of the same kernel, never a timing. --dump writes the SASS. To see what the
+GPU machine's compiler makes, run it with that Triton version first on the path (Triton 3.6
+there: `pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR; docs/BENCHMARKS.md,
+twenty-third pass).
+
+    python benchmarks/offline_sass.py --case fp8_pair --case fp8_pair_delayed [--dump DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("offline_sass.py compiles kernels: unset TRITON_INTERPRET (it is 1)")
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOKENS, DIM = 16384, 2048
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+class _TargetOnly:
+    """The part of a Triton driver that compiling needs: a target, device 0, a null stream."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+def _compile_only(compiled: list[tuple[str, object]]) -> None:
+    # Every JITFunction launch compiles and returns without running; the kernels are kept in order.
+    run = JITFunction.run
+
+    def warmup_run(self: JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    JITFunction.run = warmup_run
+
+
+def _cases() -> dict[str, Callable[[], None]]:
+    from lowbit.kernels import pair_quantize_op as po
+    from lowbit.kernels import quantize as kq
+    from lowbit.quant.quantize import QuantSpec
+
+    kq.triton_runs_on = lambda t: True  # CPU tensors take the kernels' (GPU) path, not the reference
+    quantize = kq.quantize
+
+    x = torch.randn(TOKENS, DIM, dtype=torch.bfloat16)
+    w = torch.randn(DIM, DIM)
+    hist = torch.ones(2, 16)  # a history with entries: the delayed pair's common case
+    return {
+        "fp8_pair": lambda: po.fp8_tensor_pair(x, x.abs().amax().float(), "fp8_e4m3"),
+        "fp8_pair_delayed": lambda: po.fp8_tensor_pair_delayed_direct(x, "fp8_e4m3", hist[0], hist[1]),
+        "fp8_pair_delayed_fp32": lambda: po.fp8_tensor_pair_delayed_direct(
+            x.float(), "fp8_e4m3", hist[0], hist[1], round_bf16=True),
+        "mxfp8": lambda: quantize(x, QuantSpec("fp8_e4m3", 32, "e8m0")),
+        "nvfp4": lambda: quantize(x, QuantSpec("fp4_e2m1", 16, "e4m3")),
+        "nvfp4_weight": lambda: quantize(w, QuantSpec("fp4_e2m1", (16, 16), "e4m3")),
+        "int8_rows": lambda: quantize(x, QuantSpec("int8", "row")),
+    }
+
+
+def opcode_counts(cubin: bytes, cuobjdump: str, dump: Path | None, name: str) -> collections.Counter:
+    """Instructions by opcode (predicates and modifiers stripped) of one cubin's SASS."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lowbit_offline_{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        path.unlink()
+    if dump is not None:
+        (dump / f"{name}.sass").write_text(sass)
+    return collections.Counter(_OPCODE.findall(sass))
+
+
+def main() -> None:
+    cases = _cases()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", action="append", choices=sorted(cases), help="default: all")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100)")
+    ap.add_argument("--dump", type=Path, help="write each kernel's SASS into this folder")
+    ap.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
+    args = ap.parse_args()
+    cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    if not os.access(cuobjdump, os.X_OK):
+        sys.exit(f"no cuobjdump in this Triton wheel ({cuobjdump})")
+    if args.dump is not None:
+        args.dump.mkdir(parents=True, exist_ok=True)
+    driver.set_active(_TargetOnly(args.arch))
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    for case in args.case or sorted(cases):
+        compiled: list[tuple[str, object]] = []
+        run = JITFunction.run
+        _compile_only(compiled)
+        try:
+            cases[case]()
+        except Exception as e:  # the launchers go on to read their (unwritten) outputs
+            if not compiled:
+                raise
+            print(f"  ({case}: stopped after compiling, at {type(e).__name__}: {str(e)[:120]})")
+        finally:
+            JITFunction.run = run
+        if not compiled:
+            print(f"{case:>22} compiled no kernel (its launcher took another path)")
+        for i, (name, kernel) in enumerate(compiled):
+            counts = opcode_counts(kernel.asm["cubin"], cuobjdump, args.dump, f"{case}.{i}.{name}")
+            top = ", ".join(f"{op} {n}" for op, n in counts.most_common(args.top))
+            print(f"{case:>22} {name:<28} warps {kernel.metadata.num_warps}: {sum(counts.values())} "
+                  f"instructions ({top})")
+
+
+if __name__ == "__main__":
+    main()
