@@ -74,6 +74,7 @@ def _compile_only(compiled: list[tuple[str, object]]) -> None:
 def _cases() -> dict[str, Callable[[], None]]:
     from lowbit.kernels import pair_quantize_op as po
     from lowbit.kernels import quantize as kq
+    from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
     from lowbit.quant.quantize import QuantSpec
 
     kq.triton_runs_on = lambda t: True  # CPU tensors take the kernels' (GPU) path, not the reference
@@ -82,11 +83,18 @@ def _cases() -> dict[str, Callable[[], None]]:
     x = torch.randn(TOKENS, DIM, dtype=torch.bfloat16)
     w = torch.randn(DIM, DIM)
     hist = torch.ones(2, 16)  # a history with entries: the delayed pair's common case
+    # SwiGLU's inputs: fewer rows than 1b's 16384 compile the same kernel (its specialization
+    # depends on sizes only through divisibility by 16).
+    g, u, dh = (torch.randn(1024, 8192, dtype=torch.bfloat16) for _ in range(3))
+    hists = torch.ones(4, 16)
     return {
         "fp8_pair": lambda: po.fp8_tensor_pair(x, x.abs().amax().float(), "fp8_e4m3"),
         "fp8_pair_delayed": lambda: po.fp8_tensor_pair_delayed_direct(x, "fp8_e4m3", hist[0], hist[1]),
         "fp8_pair_delayed_fp32": lambda: po.fp8_tensor_pair_delayed_direct(
             x.float(), "fp8_e4m3", hist[0], hist[1], round_bf16=True),
+        "swiglu_fwd": lambda: swiglu_pair_delayed(g, u, "fp8_e4m3", hists[0], hists[1]),
+        "swiglu_bwd": lambda: swiglu_grad_pairs_delayed(dh, g, u, "fp8_e4m3", (hists[0], hists[1]),
+                                                        (hists[2], hists[3])),
         "mxfp8": lambda: quantize(x, QuantSpec("fp8_e4m3", 32, "e8m0")),
         "nvfp4": lambda: quantize(x, QuantSpec("fp4_e2m1", 16, "e4m3")),
         "nvfp4_weight": lambda: quantize(w, QuantSpec("fp4_e2m1", (16, 16), "e4m3")),

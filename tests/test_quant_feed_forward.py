@@ -66,6 +66,10 @@ def test_swiglu_kernels_match_the_reference(fmt, dtype):
     gen = torch.Generator().manual_seed(5)
     for step, mag in enumerate((1.0, 3.0, 0.25)):
         g, u, dh = ((torch.randn(70, 131, generator=gen) * mag).to(dtype) for _ in range(3))
+        # Signed zeros of h, dg and du (zeros of u and dh against g of either sign): -0's code
+        # differs from +0's by 128, far past _codes_close's one step.
+        u[0, :4] = dh[1, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0], dtype=dtype)
+        g[0, :4] = g[1, :4] = torch.tensor([1.5, 1.5, -2.0, -2.0], dtype=dtype)
         got = swiglu_pair_delayed(g.to(DEV), u.to(DEV), fmt, hist[0], hist[5])
         h = swiglu_fp32(g, u)
         _check_pair(got, _reference_pair(h, fmt, (ref[0], ref[5])), f"h step {step}")
@@ -78,6 +82,34 @@ def test_swiglu_kernels_match_the_reference(fmt, dtype):
         _check_pair(got[4:], _reference_pair(du, fmt, (ref[1], ref[3])), f"du step {step}")
         torch.testing.assert_close(hist.cpu(), ref, rtol=1e-6, atol=0)
     assert hist[:, :3].ne(0).all() and hist[:, 3:].eq(0).all()
+
+
+@kernels
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_swiglu_kernels_divide_by_the_scale_as_the_ieee_division(fmt, monkeypatch):
+    # The kernels divide by the scale through its reciprocal (_div_scale, FAST_DIVISION) or by
+    # tl.div_rn: the same codes, scales and histories bit for bit, signed zeros included, with a
+    # history near the results' own amax, and far below and above it (quotients out of the fast
+    # form's range, and below 2^-20).
+    from lowbit.kernels import _quantize_triton
+    from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
+
+    gen = torch.Generator().manual_seed(9)
+    g, u, dh = (torch.randn(48, 96, generator=gen).to(torch.bfloat16) for _ in range(3))
+    u[0, :4] = dh[1, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0], dtype=torch.bfloat16)
+    g[0, :4] = g[1, :4] = torch.tensor([1.5, 1.5, -2.0, -2.0], dtype=torch.bfloat16)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(_quantize_triton, "FAST_DIVISION", fast)
+        out = []
+        for scale in (1e-30, 3.0, 1e30):
+            hist = torch.full((6, 16), scale, device=DEV)
+            out += [*swiglu_pair_delayed(g.to(DEV), u.to(DEV), fmt, hist[0], hist[5]),
+                    *swiglu_grad_pairs_delayed(dh.to(DEV), g.to(DEV), u.to(DEV), fmt, (hist[2], hist[4]),
+                                               (hist[1], hist[3])), hist]
+        results.append([t.view(torch.uint8) if t.element_size() == 1 else t for t in out])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"output {i}: {(a != b).sum().item()} of {a.numel()} differ"
 
 
 @kernels

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import _pair_quantize_triton, _quantize_triton
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
 from lowbit.kernels._quant_math_triton import _encode, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
@@ -45,18 +46,21 @@ def _silu_mul_grads(dh, g, u):
 @triton.jit
 def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
                MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
-               HAS_INF: tl.constexpr, ENC: tl.constexpr, HW_FP8: tl.constexpr):
+               HAS_INF: tl.constexpr, ENC: tl.constexpr, HW_FP8: tl.constexpr, DIV: tl.constexpr,
+               DIV_T: tl.constexpr):
     # x ([BR, BC] fp32) as fp8 codes of X (d_ptr, R x C) and of X^T (dt_ptr, C x R), one fp32
-    # tensor scale from `amax` ([1, 1]) that the first program stores for both sides.
+    # tensor scale from `amax` ([1, 1]) that the first program stores for both sides. DIV, DIV_T:
+    # the division's form for X and X^T, as the pair kernel's (_div_scale: 2, guarded, since the
+    # history's amax leaves the quotients unbounded; 0, tl.div_rn); the same bits either way.
     s, eff = _scales(amax, 1.0, FMAX, EMAX, 0)
     if first:
         tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
     if HW_FP8:  # the pair kernel's FAST form: the hardware cast rounds (see _quant_tile)
-        codes = _encode(_scaled(x, eff, 0), ENC, True)
-        codes_t = _encode(_scaled(tl.trans(x), eff, 0), ENC, True)
+        codes = _encode(_scaled(x, eff, 0, DIV), ENC, True)
+        codes_t = _encode(_scaled(tl.trans(x), eff, 0, DIV_T), ENC, True)
     else:  # the interpreter: explicit rounding, bits assembled (its fp8 cast rounds wrongly)
-        q = _quant_values(x, eff, x, 0, False, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, 0)
+        q = _quant_values(x, eff, x, 0, False, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, 0, DIV)
         codes = _encode(q, ENC, False)
         codes_t = _encode(tl.trans(q), ENC, False)
     m = (rows[:, None] < R) & (cols[None, :] < C)
@@ -70,7 +74,7 @@ def _swiglu_pair_kernel(
     g_ptr, u_ptr, sg, su, d_ptr, dt_ptr, s_ptr, st_ptr, own_ptr, rec_ptr, hist_ptr, H, R, C,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-    HW_FP8: tl.constexpr,
+    HW_FP8: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -81,7 +85,7 @@ def _swiglu_pair_kernel(
     _record(rec_ptr, h)  # h's own amax, for the history
     amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, HP)
     _emit_pair(h, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, (pid_r == 0) & (pid_c == 0),
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, DIV, DIV_T)
 
 
 @triton.jit
@@ -91,7 +95,7 @@ def _swiglu_grad_pairs_kernel(
     ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-    HW_FP8: tl.constexpr,
+    HW_FP8: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -105,10 +109,10 @@ def _swiglu_grad_pairs_kernel(
     first = (pid_r == 0) & (pid_c == 0)
     amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, HP)
     _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, DIV, DIV_T)
     amax_u = tl.zeros([1, 1], tl.float32) + _delayed_amax(u_hist, H, u_own, HP)
     _emit_pair(du, rows, cols, R, C, amax_u, ud_ptr, udt_ptr, us_ptr, ust_ptr, first,
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, DIV, DIV_T)
 
 
 @triton.jit
@@ -156,8 +160,12 @@ AMAX_PROGRAMS = 264
 
 
 def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
+    # The division by the scale as the pair kernel's with a history's amax (its knobs): through
+    # the reciprocal, guarded, for X, and for X^T too with TRANSPOSED_DIV.
+    div = 2 if _quantize_triton.FAST_DIVISION else 0
+    div_t = div if _pair_quantize_triton.TRANSPOSED_DIV else 0
     return dict(MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
-                ENC=enc, HW_FP8=not interpret())
+                ENC=enc, HW_FP8=not interpret(), DIV=div, DIV_T=div_t)
 
 
 def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...],
