@@ -6,9 +6,10 @@ launchers on CPU tensors of the 1b model's shapes, and disassembles each compile
 cuobjdump in Triton's wheel. The kernels get the GPU's specialization (the launchers choose their
 hardware paths when TRITON_INTERPRET is not 1; CPU tensors are 16-byte aligned, as CUDA's are).
 
-It prints each kernel's instruction counts by opcode. They are static counts over every path of
-the code (fallbacks included), not of what runs: a hint for the ALU-bound quantizers when
-comparing two forms of the same kernel, never a timing. --dump writes the SASS. To see what the
+It prints each kernel's instruction counts by opcode, and how many come before the subroutines
+(div.rn's slow path). They are static counts over the code (a fallback branch included), not of
+what runs: a hint for the ALU-bound quantizers when comparing two forms of the same kernel,
+never a timing. --dump writes the SASS. To see what the
 GPU machine's compiler makes, run it with that Triton version first on the path (Triton 3.6
 there: `pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR; docs/BENCHMARKS.md,
 twenty-third pass).
@@ -102,8 +103,12 @@ def _cases() -> dict[str, Callable[[], None]]:
     }
 
 
-def opcode_counts(cubin: bytes, cuobjdump: str, dump: Path | None, name: str) -> collections.Counter:
-    """Instructions by opcode (predicates and modifiers stripped) of one cubin's SASS."""
+def opcode_counts(
+    cubin: bytes, cuobjdump: str, dump: Path | None, name: str
+) -> tuple[collections.Counter, int]:
+    """Instructions by opcode (predicates and modifiers stripped) of one cubin's SASS, and how many
+    come up to its last EXIT: the kernel's body without the subroutines after it (div.rn's slow
+    path, which runs only for divisions it cannot do fast)."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lowbit_offline_{os.getpid()}.cubin"
     path.write_bytes(cubin)
     try:
@@ -113,7 +118,9 @@ def opcode_counts(cubin: bytes, cuobjdump: str, dump: Path | None, name: str) ->
         path.unlink()
     if dump is not None:
         (dump / f"{name}.sass").write_text(sass)
-    return collections.Counter(_OPCODE.findall(sass))
+    ops = _OPCODE.findall(sass)
+    body = max((i + 1 for i, op in enumerate(ops) if op == "EXIT"), default=len(ops))
+    return collections.Counter(ops), body
 
 
 def main() -> None:
@@ -146,10 +153,10 @@ def main() -> None:
         if not compiled:
             print(f"{case:>22} compiled no kernel (its launcher took another path)")
         for i, (name, kernel) in enumerate(compiled):
-            counts = opcode_counts(kernel.asm["cubin"], cuobjdump, args.dump, f"{case}.{i}.{name}")
+            counts, body = opcode_counts(kernel.asm["cubin"], cuobjdump, args.dump, f"{case}.{i}.{name}")
             top = ", ".join(f"{op} {n}" for op, n in counts.most_common(args.top))
             print(f"{case:>22} {name:<28} warps {kernel.metadata.num_warps}: {sum(counts.values())} "
-                  f"instructions ({top})")
+                  f"instructions, {body} up to the last EXIT ({top})")
 
 
 if __name__ == "__main__":
