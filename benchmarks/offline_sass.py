@@ -6,13 +6,13 @@ launchers on CPU tensors of the 1b model's shapes, and disassembles each compile
 cuobjdump in Triton's wheel. The kernels get the GPU's specialization (the launchers choose their
 hardware paths when TRITON_INTERPRET is not 1; CPU tensors are 16-byte aligned, as CUDA's are).
 
-It prints each kernel's instruction counts by opcode, and how many come before the subroutines
-(div.rn's slow path). They are static counts over the code (a fallback branch included), not of
-what runs: a hint for the ALU-bound quantizers when comparing two forms of the same kernel,
-never a timing. --dump writes the SASS. To see what the
-GPU machine's compiler makes, run it with that Triton version first on the path (Triton 3.6
-there: `pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR; docs/BENCHMARKS.md,
-twenty-third pass).
+It prints each kernel's registers and spilled bytes per thread, its instruction counts by opcode,
+and how many come before the subroutines (div.rn's slow path). The counts are static, over the
+code (a fallback branch included), not of what runs: a hint for the ALU-bound quantizers when
+comparing two forms of the same kernel, never a timing. --dump writes the SASS. To see what the
+GPU machine's compiler makes, put that Triton version first on the path (Triton 3.6 there:
+`pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR; docs/BENCHMARKS.md, twenty-third
+pass).
 
     python benchmarks/offline_sass.py --case fp8_pair --case fp8_pair_delayed [--dump DIR]
 """
@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,10 @@ def _compile_only(compiled: list[tuple[str, object]]) -> None:
     JITFunction.run = warmup_run
 
 
+CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", "swiglu_bwd", "mxfp8",
+         "nvfp4", "nvfp4_weight", "int8_rows")
+
+
 def _cases() -> dict[str, Callable[[], None]]:
     from lowbit.kernels import pair_quantize_op as po
     from lowbit.kernels import quantize as kq
@@ -105,28 +110,28 @@ def _cases() -> dict[str, Callable[[], None]]:
 
 def opcode_counts(
     cubin: bytes, cuobjdump: str, dump: Path | None, name: str
-) -> tuple[collections.Counter, int]:
-    """Instructions by opcode (predicates and modifiers stripped) of one cubin's SASS, and how many
-    come up to its last EXIT: the kernel's body without the subroutines after it (div.rn's slow
-    path, which runs only for divisions it cannot do fast)."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lowbit_offline_{os.getpid()}.cubin"
-    path.write_bytes(cubin)
-    try:
-        sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        path.unlink()
+) -> tuple[collections.Counter, int, tuple[int, int]]:
+    """Instructions by opcode (predicates and modifiers stripped) of one cubin's SASS; how many
+    come up to its last EXIT (the kernel's body without the subroutines after it: div.rn's slow
+    path, which runs only for divisions it cannot do fast); and (registers, local memory bytes)
+    per thread, local memory being spills."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
     if dump is not None:
         (dump / f"{name}.sass").write_text(sass)
     ops = _OPCODE.findall(sass)
     body = max((i + 1 for i, op in enumerate(ops) if op == "EXIT"), default=len(ops))
-    return collections.Counter(ops), body
+    regs = re.search(r"REG:(\d+).*LOCAL:(\d+)", usage)
+    return collections.Counter(ops), body, (int(regs[1]), int(regs[2])) if regs else (-1, -1)
 
 
 def main() -> None:
-    cases = _cases()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", action="append", choices=sorted(cases), help="default: all")
+    ap.add_argument("--case", action="append", choices=CASES, help="default: all")
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100)")
     ap.add_argument("--dump", type=Path, help="write each kernel's SASS into this folder")
     ap.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
@@ -137,13 +142,17 @@ def main() -> None:
     if args.dump is not None:
         args.dump.mkdir(parents=True, exist_ok=True)
     driver.set_active(_TargetOnly(args.arch))
+    cases = _cases()
+    assert tuple(cases) == CASES, "CASES lists _cases()'s names, in order"
     print(f"triton {triton.__version__}, sm_{args.arch}")
-    for case in args.case or sorted(cases):
+    for case in args.case or CASES:
         compiled: list[tuple[str, object]] = []
         run = JITFunction.run
         _compile_only(compiled)
         try:
             cases[case]()
+        except triton.CompilationError:
+            raise
         except Exception as e:  # the launchers go on to read their (unwritten) outputs
             if not compiled:
                 raise
@@ -153,10 +162,12 @@ def main() -> None:
         if not compiled:
             print(f"{case:>22} compiled no kernel (its launcher took another path)")
         for i, (name, kernel) in enumerate(compiled):
-            counts, body = opcode_counts(kernel.asm["cubin"], cuobjdump, args.dump, f"{case}.{i}.{name}")
+            counts, body, (regs, local) = opcode_counts(kernel.asm["cubin"], cuobjdump, args.dump,
+                                                        f"{case}.{i}.{name}")
             top = ", ".join(f"{op} {n}" for op, n in counts.most_common(args.top))
-            print(f"{case:>22} {name:<28} warps {kernel.metadata.num_warps}: {sum(counts.values())} "
-                  f"instructions, {body} up to the last EXIT ({top})")
+            print(f"{case:>22} {name:<28} warps {kernel.metadata.num_warps}, {regs} registers, "
+                  f"{local} B spilled: {sum(counts.values())} instructions, {body} up to the last EXIT "
+                  f"({top})")
 
 
 if __name__ == "__main__":

@@ -44,10 +44,11 @@ def test_no_jit_function_has_a_string_default() -> None:
 
 
 # Unary minus of a value in a jit function, each checked: where the sign of a zero cannot matter.
-# Triton 3.6 compiles a float's -x as 0 - x, which gives +0 for x = +0 where IEEE negation (the
-# interpreter's, and Triton 3.9's) gives -0, so the interpreter cannot see a -0 lost that way:
-# _div_scale's x = -0 came out as +0's code on the H100 only (docs/BENCHMARKS.md, run 199). Negate
-# a float whose zero's sign matters by multiplying by -1.0; add a new minus here once checked.
+# Triton 3.6 (the GPU machine's) computes a float's -x as 0 - x, which gives +0 for x = +0 where
+# IEEE negation gives -0; Triton 3.9, whose interpreter runs the CPU tests, negates, so they cannot
+# see a -0 lost that way: _div_scale's x = -0 came out as +0's code on the H100 only
+# (docs/BENCHMARKS.md, run 199). Negate a float whose zero's sign matters by multiplying by -1.0;
+# add a new minus here once checked.
 NEGATIONS_CHECKED = {
     ("_quant_math_triton.py", "_round_int", "-FMAX"),  # a nonzero constexpr bound
     ("_quant_math_triton.py", "_scales", "-e"),  # an integer exponent

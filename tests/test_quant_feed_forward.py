@@ -90,17 +90,18 @@ def test_swiglu_kernels_divide_by_the_scale_as_the_ieee_division(fmt, monkeypatc
     # The kernels divide by the scale through its reciprocal (_div_scale, FAST_DIVISION) or by
     # tl.div_rn: the same codes, scales and histories bit for bit, signed zeros included, with a
     # history near the results' own amax, and far below and above it (quotients out of the fast
-    # form's range, and below 2^-20).
-    from lowbit.kernels import _quantize_triton
+    # form's range, and below 2^-20). Whole 32 x 128 tiles and a ragged edge (80 x 200).
+    from lowbit.kernels import _swiglu_pair_triton as kt
     from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
 
     gen = torch.Generator().manual_seed(9)
-    g, u, dh = (torch.randn(48, 96, generator=gen).to(torch.bfloat16) for _ in range(3))
+    g, u, dh = (torch.randn(80, 200, generator=gen).to(torch.bfloat16) for _ in range(3))
     u[0, :4] = dh[1, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0], dtype=torch.bfloat16)
     g[0, :4] = g[1, :4] = torch.tensor([1.5, 1.5, -2.0, -2.0], dtype=torch.bfloat16)
     results = []
     for fast in (True, False):
-        monkeypatch.setattr(_quantize_triton, "FAST_DIVISION", fast)
+        monkeypatch.setattr(kt, "FAST_DIVISION", fast)
+        assert kt._fmt_kwargs(QuantSpec(fmt).format, 0)["DIV"] == (2 if fast else 0)
         out = []
         for scale in (1e-30, 3.0, 1e30):
             hist = torch.full((6, 16), scale, device=DEV)

@@ -319,15 +319,17 @@ def _div_scale(x, d, DIV: tl.constexpr):
             ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
         if ok:
             # y = q + (x - q * d) * r as fma(fma(q, d, -x), -r, q): the residual negated twice,
-            # once in each fma's operand (free on the GPU, and -r is one per group), so that a zero
-            # quotient keeps x's sign as IEEE division's does (d > 0). The first fma is q*d - x,
-            # exact, of either sign of zero; -0 * -r + -0 is -0 and +0 * -r + +0 is +0. The form
-            # fma(fma(-q, d, x), r, q) gave +0 for x = -0 (its residual (-0) - (-0) is +0).
-            # Negations multiply by -1.0: Triton 3.6 compiles a float's unary minus as 0 - x,
-            # which turns +0 into +0, not -0 (its interpreter and Triton 3.9 negate), so the
-            # earlier fix -(q * d - x) still lost -0's sign on the GPU (run 199). Compiled for
-            # sm_90 (benchmarks/offline_sass.py) this is FMUL, FFMA, FFMA an element, the
-            # negations folded into the FFMAs: one instruction fewer than fma(-q, d, x)'s 0 - q.
+            # once in each fma's operand (free on the GPU, and -r is one per group), the same bits
+            # as fma(fma(-q, d, x), r, q) (round-to-nearest is sign-symmetric) except for a zero
+            # x: there the residual is +0 either way (q * d and -x are opposite zeros), and
+            # +0 * -r = -0 added to q = x * r leaves q, x's own zero, as IEEE division gives
+            # (d > 0); the other form added +0 * r = +0 and turned -0 into +0.
+            # Negations multiply by -1.0: Triton 3.6 computes a float's unary minus as 0 - x
+            # (compiled and interpreted), which keeps +0 as +0; Triton 3.9, which the CPU tests
+            # run, negates. So the earlier fix -(q * d - x) still lost -0's sign on the GPU (run
+            # 199). Compiled for sm_90 (benchmarks/offline_sass.py) this is FMUL, FFMA, FFMA an
+            # element, the negations folded into the FFMAs: one instruction fewer than
+            # fma(-q, d, x), whose 0 - q took an FFMA of its own.
             q = x * r
             y = tl.fma(tl.fma(q, d, x * -1.0), r * -1.0, q)
         else:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import _pair_quantize_triton, _quantize_triton
+from lowbit.kernels import _pair_quantize_triton
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
 from lowbit.kernels._quant_math_triton import _encode, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
@@ -157,12 +157,20 @@ WARPS = (4, 8)
 GRAD_TILE = (32, 128)
 # Programs of the first-call amax launch.
 AMAX_PROGRAMS = 264
+# FAST_DIVISION: divide by the scale through its reciprocal (_div_scale's guarded form, as the pair
+# kernel and the quantizers do) instead of tl.div_rn per element; the same bits. Off until timed:
+# compiled for sm_90 by Triton 3.6 (benchmarks/offline_sass.py; docs/BENCHMARKS.md, twenty-third
+# pass) it cuts the forward / backward kernels' instructions a thread on the path that runs from
+# 1413 / 1318 to 1087 / 976, but raises their registers from 56 / 80 to 119 / 103: from 9 to 4
+# programs an SM (forward, 4 warps) and from 3 to 2 (backward, 8 warps). Which way that goes for
+# these memory-bound kernels needs the H100: `benchmarks/swiglu_pair_bw.py --ab FAST_DIVISION`.
+FAST_DIVISION = False
 
 
 def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
-    # The division by the scale as the pair kernel's with a history's amax (its knobs): through
-    # the reciprocal, guarded, for X, and for X^T too with TRANSPOSED_DIV.
-    div = 2 if _quantize_triton.FAST_DIVISION else 0
+    # With FAST_DIVISION, the division by the scale as the pair kernel's with a history's amax:
+    # through the reciprocal, guarded, for X, and for X^T too with its TRANSPOSED_DIV.
+    div = 2 if FAST_DIVISION else 0
     div_t = div if _pair_quantize_triton.TRANSPOSED_DIV else 0
     return dict(MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
                 ENC=enc, HW_FP8=not interpret(), DIV=div, DIV_T=div_t)
