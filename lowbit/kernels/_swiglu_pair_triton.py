@@ -162,8 +162,11 @@ AMAX_PROGRAMS = 264
 # compiled for sm_90 by Triton 3.6 (benchmarks/offline_sass.py; docs/BENCHMARKS.md, twenty-third
 # pass) it cuts the forward / backward kernels' instructions a thread on the path that runs from
 # 1413 / 1318 to 1087 / 976, but raises their registers from 56 / 80 to 119 / 103: from 9 to 4
-# programs an SM (forward, 4 warps) and from 3 to 2 (backward, 8 warps). Which way that goes for
-# these memory-bound kernels needs the H100: `benchmarks/swiglu_pair_bw.py --ab FAST_DIVISION`.
+# programs an SM (forward, 4 warps) and from 3 to 2 (backward, 8 warps). The registers come from
+# the guard's two branches (fast form, or tl.div_rn for a tile out of its range), not from its
+# reduction: the unguarded DIV 1 takes 121 / 94, the fast branch alone 56 / 80. Which way that
+# goes for these memory-bound kernels needs the H100: `benchmarks/swiglu_pair_bw.py --ab
+# FAST_DIVISION`.
 FAST_DIVISION = False
 
 
