@@ -74,17 +74,30 @@ def _compile_only(compiled: list[tuple[str, object]]) -> None:
 
 
 CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", "swiglu_bwd", "mxfp8",
-         "nvfp4", "nvfp4_weight", "int8_rows")
+         "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "fp8_1x128", "fp8_128x128",
+         "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
+         "gemm_nvfp4")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
+    from lowbit.kernels import gemm as kg
+    from lowbit.kernels import pair_quantize as pq
     from lowbit.kernels import pair_quantize_op as po
     from lowbit.kernels import quantize as kq
+    from lowbit.kernels.hadamard import rotate_quantize
     from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
     from lowbit.quant.quantize import QuantSpec
+    from lowbit.quant.quantize import quantize as reference_quantize
 
-    kq.triton_runs_on = lambda t: True  # CPU tensors take the kernels' (GPU) path, not the reference
+    # CPU tensors take the kernels' (GPU) path, not the reference.
+    kq.triton_runs_on = pq._runnable = lambda t: True
     quantize = kq.quantize
+
+    def gemm(spec: QuantSpec) -> Callable[[], None]:
+        # The Triton GEMM on reference-quantized operands of a 4096 x 2048 x 4096 product, with the
+        # fixed configuration its autotuner starts from (autotuning needs the GPU).
+        a, b = (reference_quantize(torch.randn(n, DIM), spec) for n in (4096, 4096))
+        return lambda: kg.scaled_gemm(a, b, config=kg.fixed_config(kg._plan(a, b, False)))
 
     x = torch.randn(TOKENS, DIM, dtype=torch.bfloat16)
     w = torch.randn(DIM, DIM)
@@ -105,6 +118,20 @@ def _cases() -> dict[str, Callable[[], None]]:
         "nvfp4": lambda: quantize(x, QuantSpec("fp4_e2m1", 16, "e4m3")),
         "nvfp4_weight": lambda: quantize(w, QuantSpec("fp4_e2m1", (16, 16), "e4m3")),
         "int8_rows": lambda: quantize(x, QuantSpec("int8", "row")),
+        "mxfp4": lambda: quantize(x, QuantSpec("fp4_e2m1", 32, "e8m0")),
+        "mxfp4_sr": lambda: quantize(x, QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"), seed=1),
+        "int4_rows": lambda: quantize(x, QuantSpec("int4", "row")),
+        "fp8_1x128": lambda: quantize(x, QuantSpec("fp8_e4m3", 128)),
+        "fp8_128x128": lambda: quantize(w, QuantSpec("fp8_e4m3", (128, 128))),
+        "mxfp8_pair": lambda: pq.quantize_pair(x, QuantSpec("fp8_e4m3", 32, "e8m0"),
+                                               QuantSpec("fp8_e4m3", 32, "e8m0")),
+        "fp8_1x128_pair": lambda: pq.quantize_pair(x, QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128)),
+        "fp8_128x128_pair": lambda: pq.quantize_pair(w, QuantSpec("fp8_e4m3", (128, 128)),
+                                                     QuantSpec("fp8_e4m3", (128, 128))),
+        "int4_hadamard": lambda: rotate_quantize(x, QuantSpec("int4", "row"), 32, signs_seed=3),
+        "gemm_int8_rows": gemm(QuantSpec("int8", "row")),
+        "gemm_mxfp8": gemm(QuantSpec("fp8_e4m3", 32, "e8m0")),
+        "gemm_nvfp4": gemm(QuantSpec("fp4_e2m1", 16, "e4m3")),
     }
 
 

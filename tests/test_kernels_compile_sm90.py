@@ -1,0 +1,44 @@
+"""The kernels compile for the H100 (sm_90) on this CPU machine, with the installed Triton's own
+compiler and ptxas (benchmarks/offline_sass.py: a driver stub for the target, launches turned into
+compiles, lowbit's launchers called on CPU tensors).
+
+The rest of the suite runs the kernels in Triton's interpreter, which executes jit functions as
+Python: code it accepts can still fail to compile for a GPU (tests/test_kernels_source_rules.py
+lists cases met on the H100). This compiles one specialization of each kernel family the
+launchers pick for the GPU (pair quantizers, SwiGLU, the quantize kernel's modes, the Hadamard
+quantizer, the GEMM), so such a failure shows up here rather than on the next GPU run.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "benchmarks" / "offline_sass.py"
+
+
+def _cases() -> tuple[str, ...]:
+    # The tool's CASES, read from its source: importing it would compile-mode this interpreter.
+    for node in ast.parse(TOOL.read_text()).body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if [t.id for t in targets if isinstance(t, ast.Name)] == ["CASES"]:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"no CASES in {TOOL}")
+
+
+def test_every_kernel_family_compiles_for_sm90() -> None:
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton wheel has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(TOOL), "--top", "0"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    compiled = {line.split()[0] for line in run.stdout.splitlines() if " instructions, " in line}
+    assert compiled == set(_cases()), f"no kernel compiled for {sorted(set(_cases()) - compiled)}"
