@@ -15,12 +15,15 @@ GPU machine's compiler makes, put that Triton version first on the path (Triton 
 pass).
 
     python benchmarks/offline_sass.py --case fp8_pair --case fp8_pair_delayed [--dump DIR]
+    python benchmarks/offline_sass.py --case fp8_pair_delayed --knob _pair_quantize_triton.GUARD_ONCE=True
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
+import importlib
 import os
 import re
 import subprocess
@@ -162,7 +165,20 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100)")
     ap.add_argument("--dump", type=Path, help="write each kernel's SASS into this folder")
     ap.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
+    ap.add_argument("--knob", action="append", default=[],
+                    help="MODULE.NAME=VALUE: a launch knob of lowbit.kernels.MODULE set first, e.g. "
+                         "_pair_quantize_triton.GUARD_ONCE=True")
     args = ap.parse_args()
+    for knob in args.knob:
+        target, _, value = knob.partition("=")
+        module, _, name = target.rpartition(".")
+        try:
+            mod = importlib.import_module(f"lowbit.kernels.{module}")
+        except ImportError:
+            mod = None
+        if not module or not hasattr(mod, name) or not value:
+            sys.exit(f"--knob {knob!r}: expected MODULE.NAME=VALUE naming a knob of lowbit.kernels.MODULE")
+        setattr(mod, name, ast.literal_eval(value))
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     if not os.access(cuobjdump, os.X_OK):
         sys.exit(f"no cuobjdump in this Triton wheel ({cuobjdump})")

@@ -290,11 +290,48 @@ _DIV_MAX_QUOTIENT: tl.constexpr = tl.constexpr(2.0**100)
 
 
 @triton.jit
+def _reciprocal(d):
+    # 1 / d rounded (IEEE): _div_fast's r, one division per group.
+    return tl.div_rn(tl.zeros_like(d) + 1.0, d)
+
+
+@triton.jit
+def _div_fast(x, d, r):
+    # _div_scale's reciprocal form, unchecked (see there), with r = _reciprocal(d).
+    # y = q + (x - q * d) * r as fma(fma(q, d, -x), -r, q): the residual negated twice, once in
+    # each fma's operand (free on the GPU, and -r is one per group), the same bits as
+    # fma(fma(-q, d, x), r, q) (round-to-nearest is sign-symmetric) except for a zero x: there the
+    # residual is +0 either way (q * d and -x are opposite zeros), and +0 * -r = -0 added to
+    # q = x * r leaves q, x's own zero, as IEEE division gives (d > 0); the other form added
+    # +0 * r = +0 and turned -0 into +0.
+    # Negations multiply by -1.0: Triton 3.6 computes a float's unary minus as 0 - x (compiled and
+    # interpreted), which keeps +0 as +0; Triton 3.9, which the CPU tests run, negates. So the
+    # earlier fix -(q * d - x) still lost -0's sign on the GPU (run 199). Compiled for sm_90
+    # (benchmarks/offline_sass.py) this is FMUL, FFMA, FFMA an element, the negations folded into
+    # the FFMAs: one instruction fewer than fma(-q, d, x), whose 0 - q took an FFMA of its own.
+    q = x * r
+    return tl.fma(tl.fma(q, d, x * -1.0), r * -1.0, q)
+
+
+@triton.jit
+def _div_fast_ok(x, d, r, QUOTIENTS: tl.constexpr):
+    # Whether _div_fast gives tl.div_rn's quotients for this tile: divisors from 2^-64 up (d > 0 or
+    # NaN: their int32 bits order them), and with QUOTIENTS, |x| max times r = 1/d max at most
+    # 2^100 (from their bits; NaN and Inf on top: not ok). A scalar.
+    ok = tl.min(d.to(tl.int32, bitcast=True)) >= _DIV_MIN_BITS
+    if QUOTIENTS:
+        xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
+    return ok
+
+
+@triton.jit
 def _div_scale(x, d, DIV: tl.constexpr):
     # x / d rounded as tl.div_rn (IEEE), for d holding one divisor per group (shape broadcastable to
     # x's, not broadcast: its reciprocals are one division per group). DIV 0: tl.div_rn per element.
-    # DIV 1 or 2: r = 1/d rounded, q = x * r, then one correction with the exact residual
-    # x - q * d (an fma): q + (x - q * d) * r rounded once is the correctly rounded quotient
+    # DIV 1, 2 or 3 (_div_fast): r = 1/d rounded, q = x * r, then one correction with the exact
+    # residual x - q * d (an fma): q + (x - q * d) * r rounded once is the correctly rounded quotient
     # (Markstein's theorem: r within half an ulp of 1/d, q within one ulp of x/d). Three float ops
     # an element instead of div.rn's ~10, whose reciprocal (MUFU) runs at 1/8 of the FMA rate; the
     # quantizers that divide are ALU-bound. It holds where nothing under- or overflows: with
@@ -302,7 +339,10 @@ def _div_scale(x, d, DIV: tl.constexpr):
     # past e_min + p - 1 = -103), and smaller quotients round to a zero code in every format
     # (the least nonzero step, e5m2's, is 2^-16), keeping their sign. DIV 1: the caller's quotients
     # are bounded (the scales came from these values' own amax); DIV 2: they may be any size (an
-    # amax given from outside, as delayed scaling's), so the tile's largest quotient is checked too.
+    # amax given from outside, as delayed scaling's), so the tile's largest quotient is checked too
+    # (_div_fast_ok); DIV 3: the caller has checked that for the tile (so it can branch once around
+    # its whole quantize-and-store; a branch here joins every element's quotient, and those live
+    # across it cost registers: 56 -> 119 in SwiGLU's forward kernel on Triton 3.6).
     # A program whose divisors or quotients fall outside takes tl.div_rn (or NaN: d NaN or x
     # non-finite). So the result is div_rn's bit for bit wherever |y| >= 2^-20, and below that it
     # has div_rn's sign and stays under 2^-19: the codes are the same. tests/test_kernels_div_scale.py
@@ -311,27 +351,11 @@ def _div_scale(x, d, DIV: tl.constexpr):
     if DIV == 0:
         y = tl.div_rn(x, d)
     else:
-        r = tl.div_rn(tl.zeros_like(d) + 1.0, d)
-        ok = tl.min(d.to(tl.int32, bitcast=True)) >= _DIV_MIN_BITS  # d > 0 or NaN: bits order them
-        if DIV == 2:  # |x| max times r max, from their bits (NaN and Inf on top: not ok)
-            xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-            rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-            ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
-        if ok:
-            # y = q + (x - q * d) * r as fma(fma(q, d, -x), -r, q): the residual negated twice,
-            # once in each fma's operand (free on the GPU, and -r is one per group), the same bits
-            # as fma(fma(-q, d, x), r, q) (round-to-nearest is sign-symmetric) except for a zero
-            # x: there the residual is +0 either way (q * d and -x are opposite zeros), and
-            # +0 * -r = -0 added to q = x * r leaves q, x's own zero, as IEEE division gives
-            # (d > 0); the other form added +0 * r = +0 and turned -0 into +0.
-            # Negations multiply by -1.0: Triton 3.6 computes a float's unary minus as 0 - x
-            # (compiled and interpreted), which keeps +0 as +0; Triton 3.9, which the CPU tests
-            # run, negates. So the earlier fix -(q * d - x) still lost -0's sign on the GPU (run
-            # 199). Compiled for sm_90 (benchmarks/offline_sass.py) this is FMUL, FFMA, FFMA an
-            # element, the negations folded into the FFMAs: one instruction fewer than
-            # fma(-q, d, x), whose 0 - q took an FFMA of its own.
-            q = x * r
-            y = tl.fma(tl.fma(q, d, x * -1.0), r * -1.0, q)
+        r = _reciprocal(d)
+        if DIV == 3:
+            y = _div_fast(x, d, r)
+        elif _div_fast_ok(x, d, r, DIV == 2):
+            y = _div_fast(x, d, r)
         else:
             y = tl.div_rn(x, d)
     return y

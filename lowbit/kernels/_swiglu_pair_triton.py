@@ -16,7 +16,14 @@ import triton.language as tl
 
 from lowbit.kernels import _pair_quantize_triton
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
-from lowbit.kernels._quant_math_triton import _encode, _quant_values, _scaled, _scales
+from lowbit.kernels._quant_math_triton import (
+    _div_fast_ok,
+    _encode,
+    _quant_values,
+    _reciprocal,
+    _scaled,
+    _scales,
+)
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import interpret
@@ -50,12 +57,32 @@ def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
                DIV_T: tl.constexpr):
     # x ([BR, BC] fp32) as fp8 codes of X (d_ptr, R x C) and of X^T (dt_ptr, C x R), one fp32
     # tensor scale from `amax` ([1, 1]) that the first program stores for both sides. DIV, DIV_T:
-    # the division's form for X and X^T, as the pair kernel's (_div_scale: 2, guarded, since the
-    # history's amax leaves the quotients unbounded; 0, tl.div_rn); the same bits either way.
+    # the division's form for X and X^T (_div_scale's): 0, tl.div_rn; 2, through the reciprocal,
+    # guarded, since the history's amax leaves the quotients unbounded. The guard is taken once
+    # for the tile (both sides divide the same values by the same scale), around the whole
+    # quantize-and-store of each branch (DIV 3 inside, _div_scale's unchecked form), so no branch
+    # joins the tile's quotients. The same bits either way.
     s, eff = _scales(amax, 1.0, FMAX, EMAX, 0)
     if first:
         tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
+    if DIV == 2:
+        if _div_fast_ok(x, eff, _reciprocal(eff), True):
+            _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC,
+                        HW_FP8, 3, 3 if DIV_T == 2 else 0)
+        else:
+            _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC,
+                        HW_FP8, 0, 0)
+    else:
+        _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC,
+                    HW_FP8, DIV, DIV_T)
+
+
+@triton.jit
+def _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
+                HW_FP8: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr):
+    # _emit_pair's codes of x and x^T, divided as DIV / DIV_T say, and their stores.
     if HW_FP8:  # the pair kernel's FAST form: the hardware cast rounds (see _quant_tile)
         codes = _encode(_scaled(x, eff, 0, DIV), ENC, True)
         codes_t = _encode(_scaled(tl.trans(x), eff, 0, DIV_T), ENC, True)
@@ -158,15 +185,13 @@ GRAD_TILE = (32, 128)
 # Programs of the first-call amax launch.
 AMAX_PROGRAMS = 264
 # FAST_DIVISION: divide by the scale through its reciprocal (_div_scale's guarded form, as the pair
-# kernel and the quantizers do) instead of tl.div_rn per element; the same bits. Off until timed:
-# compiled for sm_90 by Triton 3.6 (benchmarks/offline_sass.py; docs/BENCHMARKS.md, twenty-third
-# pass) it cuts the forward / backward kernels' instructions a thread on the path that runs from
-# 1413 / 1318 to 1087 / 976, but raises their registers from 56 / 80 to 119 / 103: from 9 to 4
-# programs an SM (forward, 4 warps) and from 3 to 2 (backward, 8 warps). The registers come from
-# the guard's two branches (fast form, or tl.div_rn for a tile out of its range), not from its
-# reduction: the unguarded DIV 1 takes 121 / 94, the fast branch alone 56 / 80. Which way that
-# goes for these memory-bound kernels needs the H100: `benchmarks/swiglu_pair_bw.py --ab
-# FAST_DIVISION`.
+# kernel and the quantizers do; the guard taken once a tile in _emit_pair) instead of tl.div_rn per
+# element. The same bits. Off until tested and timed on the H100: compiled for sm_90 by Triton 3.6
+# (benchmarks/offline_sass.py; docs/BENCHMARKS.md, twenty-third pass) it takes the forward /
+# backward kernels' instructions a thread on the path that runs from 1413 / 1318 to ~1092 / ~1014,
+# at 62 / 80 registers against 56 / 80 (the guard inside each division made them 119 / 103).
+# `benchmarks/swiglu_pair_bw.py --ab FAST_DIVISION` times it; tests/test_quant_feed_forward.py checks
+# its bits.
 FAST_DIVISION = False
 
 
