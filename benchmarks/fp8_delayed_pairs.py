@@ -96,7 +96,7 @@ def main() -> None:
                            torch=torch.__version__), f, indent=1)
 
 
-def _ab(knob: str, kt, copy_gbps: float) -> list[dict]:  # noqa: ANN001
+def _ab(knob: str, kt: object, copy_gbps: float) -> list[dict]:
     """Each case's delayed pair with `knob` off and on: times (3 alternating rounds, medians), the
     1b step's total for each, and whether both give the same bits."""
     before = getattr(kt, knob)

@@ -64,12 +64,17 @@ class _TargetOnly:
         return 0
 
 
-def _compile_only(compiled: list[tuple[str, object]]) -> None:
-    # Every JITFunction launch compiles and returns without running; the kernels are kept in order.
+def _compile_only(compiled: list[tuple[str, object]], failed: list[BaseException]) -> None:
+    # Every JITFunction launch compiles and returns without running; the kernels are kept in order,
+    # and a compile that fails (front end, MLIR passes or ptxas) in `failed`, for main to raise.
     run = JITFunction.run
 
     def warmup_run(self: JITFunction, *args: object, grid: object, warmup: bool, **kwargs: object) -> object:
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        try:
+            kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        except BaseException as e:
+            failed.append(e)
+            raise
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
@@ -79,10 +84,12 @@ def _compile_only(compiled: list[tuple[str, object]]) -> None:
 CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", "swiglu_bwd", "mxfp8",
          "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
-         "gemm_nvfp4")
+         "gemm_nvfp4", "fp8_pair_own", "fp8_pair_own_guard_once", "fp8_pair_delayed_guard_once",
+         "swiglu_fwd_fast_division", "swiglu_bwd_fast_division")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
+    from lowbit.kernels import _pair_quantize_triton, _swiglu_pair_triton
     from lowbit.kernels import gemm as kg
     from lowbit.kernels import pair_quantize as pq
     from lowbit.kernels import pair_quantize_op as po
@@ -95,6 +102,18 @@ def _cases() -> dict[str, Callable[[], None]]:
     # CPU tensors take the kernels' (GPU) path, not the reference.
     kq.triton_runs_on = pq._runnable = lambda t: True
     quantize = kq.quantize
+
+    def knob(module: object, name: str, f: Callable[[], object]) -> Callable[[], None]:
+        # f with a boolean launch knob on, for the knobs that are off by default.
+        def call() -> None:
+            before = getattr(module, name)
+            setattr(module, name, True)
+            try:
+                f()
+            finally:
+                setattr(module, name, before)
+
+        return call
 
     def gemm(spec: QuantSpec) -> Callable[[], None]:
         # The Triton GEMM on reference-quantized operands of a 4096 x 2048 x 4096 product, with the
@@ -135,6 +154,16 @@ def _cases() -> dict[str, Callable[[], None]]:
         "gemm_int8_rows": gemm(QuantSpec("int8", "row")),
         "gemm_mxfp8": gemm(QuantSpec("fp8_e4m3", 32, "e8m0")),
         "gemm_nvfp4": gemm(QuantSpec("fp4_e2m1", 16, "e4m3")),
+        # x's own amax (the division checks only its divisor), and the knobs that are off.
+        "fp8_pair_own": lambda: po.fp8_tensor_pair_direct(x, "fp8_e4m3"),
+        "fp8_pair_own_guard_once": knob(_pair_quantize_triton, "GUARD_ONCE",
+                                        lambda: po.fp8_tensor_pair_direct(x, "fp8_e4m3")),
+        "fp8_pair_delayed_guard_once": knob(_pair_quantize_triton, "GUARD_ONCE", lambda: (
+            po.fp8_tensor_pair_delayed_direct(x, "fp8_e4m3", hist[0], hist[1]))),
+        "swiglu_fwd_fast_division": knob(_swiglu_pair_triton, "FAST_DIVISION", lambda: (
+            swiglu_pair_delayed(g, u, "fp8_e4m3", hists[0], hists[1]))),
+        "swiglu_bwd_fast_division": knob(_swiglu_pair_triton, "FAST_DIVISION", lambda: (
+            swiglu_grad_pairs_delayed(dh, g, u, "fp8_e4m3", (hists[0], hists[1]), (hists[2], hists[3])))),
     }
 
 
@@ -173,12 +202,17 @@ def main() -> None:
         target, _, value = knob.partition("=")
         module, _, name = target.rpartition(".")
         try:
-            mod = importlib.import_module(f"lowbit.kernels.{module}")
-        except ImportError:
+            mod = importlib.import_module(f"lowbit.kernels.{module}") if module else None
+        except ModuleNotFoundError as e:
+            if e.name != f"lowbit.kernels.{module}":
+                raise
             mod = None
-        if not module or not hasattr(mod, name) or not value:
+        if mod is None or not hasattr(mod, name):
             sys.exit(f"--knob {knob!r}: expected MODULE.NAME=VALUE naming a knob of lowbit.kernels.MODULE")
-        setattr(mod, name, ast.literal_eval(value))
+        try:
+            setattr(mod, name, ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            sys.exit(f"--knob {knob!r}: {value!r} is not a Python literal (True, 8, (32, 128), ...)")
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     if not os.access(cuobjdump, os.X_OK):
         sys.exit(f"no cuobjdump in this Triton wheel ({cuobjdump})")
@@ -190,14 +224,13 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_{args.arch}")
     for case in args.case or CASES:
         compiled: list[tuple[str, object]] = []
+        failed: list[BaseException] = []
         run = JITFunction.run
-        _compile_only(compiled)
+        _compile_only(compiled, failed)
         try:
             cases[case]()
-        except triton.CompilationError:
-            raise
         except Exception as e:  # the launchers go on to read their (unwritten) outputs
-            if not compiled:
+            if failed or not compiled:
                 raise
             print(f"  ({case}: stopped after compiling, at {type(e).__name__}: {str(e)[:120]})")
         finally:

@@ -401,33 +401,40 @@ def test_transposed_reciprocal_division_equals_two_reference_calls(name, monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GUARD_ONCE changes the FAST pair: CUDA only")
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_pair_with_the_guard_once_is_the_same(fmt, dtype, monkeypatch):
-    # _fast_pair (the division's guard taken once a tile) against the FAST pair's separate form and
-    # the reference: histories near, far below (quotients past the fast form's range: tl.div_rn)
-    # and far above the amax, x's own amax (the unguarded division), a ragged shape; signed zeros,
-    # NaN and Inf among the values. Codes, scales and histories bit for bit.
+@pytest.mark.parametrize("division", ["both sides", "x only", "div_rn"])
+def test_fast_pair_with_the_guard_once_is_the_same(fmt, dtype, division, monkeypatch):
+    # _fast_pair (the division's guard taken once a tile) against the FAST pair's separate form,
+    # codes, scales and histories bit for bit, and against the CPU reference. Histories near the
+    # amax, far below it (quotients past the fast form's range), below it by enough that the scale
+    # is subnormal (1/scale is Inf: only the divisor check keeps the fast form out) and far above;
+    # x's own amax (the divisor check alone); signed zeros, then Inf, then NaN among the values.
+    # `division`: X^T divided by tl.div_rn in the fast branch (TRANSPOSED_DIV off), or both sides
+    # (FAST_DIVISION off: DIV 0, no guard).
     from lowbit.kernels import _pair_quantize_triton as kt
+    from lowbit.kernels import _quantize_triton
     from lowbit.kernels.pair_quantize_op import fp8_tensor_pair, fp8_tensor_pair_delayed_direct
 
+    monkeypatch.setattr(kt, "TRANSPOSED_DIV", division == "both sides")
+    monkeypatch.setattr(_quantize_triton, "FAST_DIVISION", division != "div_rn")
     g = torch.Generator().manual_seed(13)
     x = torch.randn(1000, 300, generator=g).to(dtype)
-    x[0, :4] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")], dtype=dtype)
-    xn = x.clone()
+    x[0, :2] = torch.tensor([0.0, -0.0], dtype=dtype)
+    xs, xn = x.clone(), x.clone()
+    xs[0, 2:4] = torch.tensor([float("inf"), float("-inf")], dtype=dtype)
     xn[5, 7] = float("nan")
     outs = {}
     for once in (False, True):
         monkeypatch.setattr(kt, "GUARD_ONCE", once)
         out = []
-        for t in (x, xn):
-            for level in (3.0, 1e-30, 1e30):
+        for t in (x, xs, xn):
+            for level in (3.0, 1e-30, 1e-36, 1e30):
                 hist = torch.full((2, 16), level, device="cuda")
                 out += [*fp8_tensor_pair_delayed_direct(t.cuda(), fmt, hist[0], hist[1]), hist]
-            out += list(fp8_tensor_pair(t.cuda(), None, fmt))
-        # Bits, so that NaN scales and histories (x's NaN) compare too.
+        out += list(fp8_tensor_pair(x.cuda(), None, fmt))
+        # Bits, so that NaN scales and histories (from xn) compare too.
         outs[once] = [o.view(torch.uint8) if o.element_size() == 1 else o.view(torch.int32) for o in out]
     for i, (a, b) in enumerate(zip(outs[False], outs[True])):
         assert torch.equal(a, b), f"output {i}: {(a != b).sum().item()} of {a.numel()} differ"
-    q, q_t = quantize_pair(x.cuda(), QuantSpec(fmt), QuantSpec(fmt),
-                           history=(torch.full((16,), 3.0, device="cuda"), None))
-    assert torch.equal(outs[True][0], q.data.view(torch.uint8))
-    assert torch.equal(outs[True][2], q_t.data.view(torch.uint8))
+    amax = torch.tensor(3.0)
+    assert torch.equal(outs[True][0].cpu(), quantize(x, QuantSpec(fmt), amax=amax).data.view(torch.uint8))
+    assert torch.equal(outs[True][2].cpu(), quantize(x.t(), QuantSpec(fmt), amax=amax).data.view(torch.uint8))

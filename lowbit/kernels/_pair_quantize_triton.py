@@ -328,7 +328,7 @@ def _fast_pair(x, xt, tamax, rows, cols, R, C, d_ptr, dt_ptr, s_ptr, st_ptr, fir
     # The FAST pair (GPU, fp8, one tensor scale, nearest rounding) with _div_scale's guard taken
     # once for the tile and each branch quantizing and storing both sides (_fast_codes): the
     # separate form guards each side's division, and the branch inside joins the tile's quotients,
-    # held across it (Triton 3.6, sm_90, benchmarks/offline_sass.py: 96 registers against 80 here,
+    # held across it (Triton 3.6, sm_90, benchmarks/offline_sass.py: 96 registers against 78 here,
     # and ~8% more instructions on the path that runs). The same bits.
     s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
     if first:  # both sides' scales (one tensor when the caller shares it)
@@ -413,9 +413,10 @@ TRANSPOSED_DIV = True
 # guard taken once a tile around both sides' quantize-and-store, instead of inside each side's
 # division. The same bits. Off until timed and tested on the H100 (it runs only there: the CPU's
 # interpreter takes the bit-assembly path): compiled for sm_90 by Triton 3.6 it takes the delayed
-# pair's registers from 96 to 80 (5 to 6 programs an SM) and its instructions on the path that
-# runs from ~629 to ~581 (docs/BENCHMARKS.md, twenty-third pass). `benchmarks/fp8_delayed_pairs.py
-# --ab GUARD_ONCE` times it; tests/test_kernels_pair_quantize.py checks its bits on CUDA.
+# pair's registers from 96 to 78 (5 to 6 programs an SM; with x's own amax 92 to 72) and its
+# instructions on the path that runs from ~629 to ~581 (docs/BENCHMARKS.md, twenty-third pass).
+# `benchmarks/fp8_delayed_pairs.py --ab GUARD_ONCE` times it; tests/test_kernels_pair_quantize.py
+# checks its bits on CUDA.
 GUARD_ONCE = False
 # PAIR_STRIP_ROWS: tiles whose X^T groups span all their rows (1x128 groups, 128 x 128 tiles) in
 # strips of this many rows, read twice (_pair_strips), on STRIP_WARPS warps; 0: whole tiles in
