@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.env_flags import env_flag
 from lowbit.kernels import _quantize_triton
 from lowbit.kernels._quant_math_triton import (
     _bf16_rne,
@@ -416,8 +417,8 @@ TRANSPOSED_DIV = True
 # pair's registers from 96 to 78 (5 to 6 programs an SM; with x's own amax 92 to 72) and its
 # instructions on the path that runs from ~629 to ~581 (docs/BENCHMARKS.md, twenty-third pass).
 # `benchmarks/fp8_delayed_pairs.py --ab GUARD_ONCE` times it; tests/test_kernels_pair_quantize.py
-# checks its bits on CUDA.
-GUARD_ONCE = False
+# checks its bits on CUDA. LOWBIT_GUARD_ONCE=1 turns it on.
+GUARD_ONCE = env_flag("LOWBIT_GUARD_ONCE", False)
 # PAIR_STRIP_ROWS: tiles whose X^T groups span all their rows (1x128 groups, 128 x 128 tiles) in
 # strips of this many rows, read twice (_pair_strips), on STRIP_WARPS warps; 0: whole tiles in
 # registers. Run 160 (`benchmarks/pair_groups_bw.py --sweep`, bf16 8192 x 4096): the 1x128 pair

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.env_flags import env_flag
 from lowbit.kernels import _pair_quantize_triton
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
 from lowbit.kernels._quant_math_triton import (
@@ -191,8 +192,8 @@ AMAX_PROGRAMS = 264
 # backward kernels' instructions a thread on the path that runs from 1413 / 1318 to ~1092 / ~1014,
 # at 62 / 80 registers against 56 / 80 (the guard inside each division made them 119 / 103).
 # `benchmarks/swiglu_pair_bw.py --ab FAST_DIVISION` times it; tests/test_quant_feed_forward.py checks
-# its bits.
-FAST_DIVISION = False
+# its bits. LOWBIT_SWIGLU_FAST_DIVISION=1 turns it on.
+FAST_DIVISION = env_flag("LOWBIT_SWIGLU_FAST_DIVISION", False)
 
 
 def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:

@@ -20,16 +20,14 @@ turns it off.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-_SETTING = os.environ.get("LOWBIT_FAST_LAUNCH", "1")
-if _SETTING not in ("0", "1"):
-    raise ValueError(f"LOWBIT_FAST_LAUNCH={_SETTING!r}; valid choices: 0, 1")
-ENABLED = _SETTING == "1"
+from lowbit.env_flags import env_flag
+
+ENABLED = env_flag("LOWBIT_FAST_LAUNCH", True)
 
 MAX_KEYS = 4096  # compiled kernels kept per kernel; beyond it, new specializations go through Triton
 UNKEYED = object()  # runtime_key of an argument of a type not keyed: that call is not cached

@@ -28,11 +28,11 @@ same inside CUDA graphs.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from lowbit.env_flags import env_flag
 from lowbit.kernels.quantize import interpret, triton_available
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec
@@ -47,7 +47,7 @@ _SMODE = {"fp32": 0, "e8m0": 1, "e8m0_up": 2}
 # path now assembles the transposed codes bit by bit instead, which the GPU tests show right
 # (run 20), but it measured no faster than rounding X^T again (run 20: layer and 1b end to end
 # within run-to-run noise), so it stays off by default. LOWBIT_PAIR_SHARE=1 switches it on.
-SHARE_CODES = os.environ.get("LOWBIT_PAIR_SHARE", "0") == "1"
+SHARE_CODES = env_flag("LOWBIT_PAIR_SHARE", False)
 # Tile side for tensor and 1-D group scaling (groups wider than this widen the tile).
 PAIR_TILE = 64
 # 1-D groups of up to 32 both ways (MXFP8): 32 x 128 tiles on 2 warps. Run 158 of docs/BENCHMARKS.md
@@ -75,10 +75,7 @@ MAX_GROUP = 128
 # pair calls checked byte for byte against the single kernels), while compiled training with CUDA
 # graphs is itself not deterministic and an early loss spike amplifies that (two runs without the
 # pairs already differed from step 7).
-_GROUPS = os.environ.get("LOWBIT_PAIR_GROUPS", "1")
-if _GROUPS not in ("0", "1"):
-    raise ValueError(f"LOWBIT_PAIR_GROUPS={_GROUPS!r}; valid choices: 0, 1")
-GROUPS_ON_CUDA = _GROUPS == "1"
+GROUPS_ON_CUDA = env_flag("LOWBIT_PAIR_GROUPS", True)
 
 
 def _runnable(x: torch.Tensor) -> bool:

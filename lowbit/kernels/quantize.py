@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from lowbit.env_flags import env_flag
 from lowbit.quant.formats import ElementFormat
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec, check_quantize_args, draw_seed
@@ -50,7 +51,7 @@ TRANSPOSED_READ = False
 # (LOWBIT_ROTATED_STRIDED=1): on the H100 (docs/BENCHMARKS.md, run 86-87) it was 1.14x the two
 # kernels for MXFP4 at 8192 x 14336 but mixed for NVFP4 (0.89-1.13x), and a 1b model trained
 # at the same speed either way (mxfp4 48,251 against 48,240 tokens/s).
-ROTATED_STRIDED_READ = os.environ.get("LOWBIT_ROTATED_STRIDED", "0") == "1"
+ROTATED_STRIDED_READ = env_flag("LOWBIT_ROTATED_STRIDED", False)
 # 2-D tile scaling (NVFP4's 16 x 16 weight blocks) of an X^T view (W^T for dgrad, rows contiguous)
 # read in place instead of after a transposed copy of the fp32 weight. On the H100 (docs/
 # BENCHMARKS.md, run 197, benchmarks/tile_transposed_read.py) that made W^T's quantize 3.2-3.6x

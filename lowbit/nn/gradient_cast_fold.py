@@ -22,18 +22,15 @@ leaves graphs as they are with LOWBIT_FOLD_GRAD_CAST=0.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from lowbit.env_flags import env_flag
+
 OP = "lowbit::quantize_gradient_pair_delayed_bf16"
-_MODES = ("0", "1")
-_env = os.environ.get("LOWBIT_FOLD_GRAD_CAST", "1")
-if _env not in _MODES:
-    raise ValueError(f"LOWBIT_FOLD_GRAD_CAST={_env!r}; valid choices: {', '.join(_MODES)}")
-ENABLED = _env == "1"
+ENABLED = env_flag("LOWBIT_FOLD_GRAD_CAST", True)
 
 # Nodes a gradient may pass through between the cast and the quantizer (QuantLinear's backward
 # flattens dY to 2-D).

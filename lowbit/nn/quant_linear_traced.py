@@ -51,12 +51,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
+from lowbit.env_flags import env_flag
 from lowbit.kernels import pair_quantize_op
 from lowbit.kernels.quantize import triton_available
 from lowbit.quant.gemm import (
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from lowbit.nn.quant_linear import QuantLinear
 
 # LOWBIT_TRITON_OP=1: the fp8 tensor pair as a triton_op (module docstring: for host-bound runs).
-USE_TRITON_OP = os.environ.get("LOWBIT_TRITON_OP", "0") == "1"
+USE_TRITON_OP = env_flag("LOWBIT_TRITON_OP", False)
 TRACED_BACKENDS = ("auto", "emulate", "reference", "scaled_mm")
 _FP8_FORMATS = ("fp8_e4m3", "fp8_e5m2")
 

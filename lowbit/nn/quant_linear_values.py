@@ -22,18 +22,14 @@ LOWBIT_PAIR_VALUES=0 turns it off; the CPU tests turn it on under the Triton int
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from lowbit.env_flags import env_flag
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec
 from lowbit.quant.recipes import GemmSpec, Recipe
 
-_ENV = os.environ.get("LOWBIT_PAIR_VALUES", "1")
-if _ENV not in ("0", "1"):
-    raise ValueError(f"LOWBIT_PAIR_VALUES={_ENV!r}; valid choices: 0, 1")
-ON = _ENV == "1"
+ON = env_flag("LOWBIT_PAIR_VALUES", True)
 # Tests: take the values path on the CPU too, under TRITON_INTERPRET=1.
 FORCE_INTERPRETED = False
 
