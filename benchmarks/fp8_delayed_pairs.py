@@ -12,7 +12,7 @@ the input read once, both fp8 codes written once). Also times the same pair read
 residual gradient, for dY of o and w2, whose bf16 cast is otherwise a separate pass.
 
     python benchmarks/fp8_delayed_pairs.py --out $OUT/fp8_delayed_pairs.json
-    python benchmarks/fp8_delayed_pairs.py --ab GUARD_ONCE
+    python benchmarks/fp8_delayed_pairs.py --ab TRANSPOSED_DIV
 
 `--ab KNOB` then times every case's delayed pair with a boolean knob of
 lowbit.kernels._pair_quantize_triton off and on, alternating (3 rounds, medians), and checks

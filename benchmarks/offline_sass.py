@@ -15,7 +15,7 @@ GPU machine's compiler makes, put that Triton version first on the path (Triton 
 pass).
 
     python benchmarks/offline_sass.py --case fp8_pair --case fp8_pair_delayed [--dump DIR]
-    python benchmarks/offline_sass.py --case fp8_pair_delayed --knob _pair_quantize_triton.GUARD_ONCE=True
+    python benchmarks/offline_sass.py --case swiglu_fwd --knob _swiglu_pair_triton.FAST_DIVISION=True
 """
 
 from __future__ import annotations
@@ -84,12 +84,11 @@ def _compile_only(compiled: list[tuple[str, object]], failed: list[BaseException
 CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", "swiglu_bwd", "mxfp8",
          "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
-         "gemm_nvfp4", "fp8_pair_own", "fp8_pair_own_guard_once", "fp8_pair_delayed_guard_once",
-         "swiglu_fwd_fast_division", "swiglu_bwd_fast_division")
+         "gemm_nvfp4", "fp8_pair_own", "swiglu_fwd_fast_division", "swiglu_bwd_fast_division")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
-    from lowbit.kernels import _pair_quantize_triton, _swiglu_pair_triton
+    from lowbit.kernels import _swiglu_pair_triton
     from lowbit.kernels import gemm as kg
     from lowbit.kernels import pair_quantize as pq
     from lowbit.kernels import pair_quantize_op as po
@@ -156,10 +155,6 @@ def _cases() -> dict[str, Callable[[], None]]:
         "gemm_nvfp4": gemm(QuantSpec("fp4_e2m1", 16, "e4m3")),
         # x's own amax (the division checks only its divisor), and the knobs that are off.
         "fp8_pair_own": lambda: po.fp8_tensor_pair_direct(x, "fp8_e4m3"),
-        "fp8_pair_own_guard_once": knob(_pair_quantize_triton, "GUARD_ONCE",
-                                        lambda: po.fp8_tensor_pair_direct(x, "fp8_e4m3")),
-        "fp8_pair_delayed_guard_once": knob(_pair_quantize_triton, "GUARD_ONCE", lambda: (
-            po.fp8_tensor_pair_delayed_direct(x, "fp8_e4m3", hist[0], hist[1]))),
         "swiglu_fwd_fast_division": knob(_swiglu_pair_triton, "FAST_DIVISION", lambda: (
             swiglu_pair_delayed(g, u, "fp8_e4m3", hists[0], hists[1]))),
         "swiglu_bwd_fast_division": knob(_swiglu_pair_triton, "FAST_DIVISION", lambda: (
@@ -196,7 +191,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
     ap.add_argument("--knob", action="append", default=[],
                     help="MODULE.NAME=VALUE: a launch knob of lowbit.kernels.MODULE set first, e.g. "
-                         "_pair_quantize_triton.GUARD_ONCE=True")
+                         "_swiglu_pair_triton.FAST_DIVISION=True")
     args = ap.parse_args()
     for knob in args.knob:
         target, _, value = knob.partition("=")

@@ -16,18 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.env_flags import env_flag
 from lowbit.kernels import _quantize_triton
-from lowbit.kernels._quant_math_triton import (
-    _bf16_rne,
-    _div_fast_ok,
-    _encode,
-    _quant_tile,
-    _quant_values,
-    _reciprocal,
-    _scaled,
-    _scales,
-)
+from lowbit.kernels._quant_math_triton import _bf16_rne, _encode, _quant_tile, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable, seed_args
 from lowbit.kernels.quantize import interpret
@@ -243,7 +233,7 @@ def _pair_kernel(
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False, VALS_A: tl.constexpr = False, VALS_B: tl.constexpr = False,
-    ROUND_BF16: tl.constexpr = False, GUARD_ONCE: tl.constexpr = False,
+    ROUND_BF16: tl.constexpr = False,
 ):
     # VALS_A / VALS_B: that side is written as its exact values in bf16 (d_ptr / dt_ptr bf16), for
     # a GEMM on BF16 operands, and its scales are not stored (1-D group scaling only).
@@ -272,87 +262,49 @@ def _pair_kernel(
                 tamax += tl.load(ga_ptr)
         if RECORD:  # delayed scaling: this tensor's own amax, for the history
             _record(rec_ptr, x)
-        if FAST and GUARD_ONCE:
-            first = (pid_r == 0) & (pid_c == 0)
-            _fast_pair(x, xt, tamax, rows, cols, R, C, d_ptr, dt_ptr, s_ptr, st_ptr, first, EMAX, FMAX, ENC,
-                       SMODE, DIV, DIV_T)
+        if FAST:
+            # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
+            # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
+            # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
+            s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
+            if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
+                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+                tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
+            codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
+        elif SAME_CODES:
+            # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
+            # values are transposed and then encoded (transposing the codes made by the hardware e4m3
+            # cast came out wrong on the H100, Triton 3.6).
+            s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
+            if (pid_r == 0) & (pid_c == 0):
+                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+            q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE,
+                              DIV)
+            codes = _encode(q, ENC, HW_FP8)
         else:
-            if FAST:
-                # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
-                # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
-                # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
-                s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
-                if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
-                    tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-                    tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
-                codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
-            elif SAME_CODES:
-                # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
-                # values are transposed and then encoded (transposing the codes made by the hardware e4m3
-                # cast came out wrong on the H100, Triton 3.6).
-                s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
-                if (pid_r == 0) & (pid_c == 0):
-                    tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-                q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE,
-                                  DIV)
-                codes = _encode(q, ENC, HW_FP8)
-            else:
-                codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
-                              MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False,
-                              DIV, VALS_A)
-            m = (rows[:, None] < R) & (cols[None, :] < C)
-            if VALS_A:
-                tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _bf16_rne(codes), m)
-            else:
-                tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-            if FAST:
-                codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
-            elif SAME_CODES:
-                # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
-                # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
-                codes_t = _encode(tl.trans(q), ENC, False)
-            else:
-                codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
-                                GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B,
-                                HW_FP8, True, DIV_T, VALS_B)
-            mt = (cols[:, None] < C) & (rows[None, :] < R)
-            if VALS_B:
-                tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], _bf16_rne(codes_t), mt)
-            else:
-                tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
-
-
-@triton.jit
-def _fast_pair(x, xt, tamax, rows, cols, R, C, d_ptr, dt_ptr, s_ptr, st_ptr, first, EMAX: tl.constexpr,
-               FMAX: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr, DIV: tl.constexpr,
-               DIV_T: tl.constexpr):
-    # The FAST pair (GPU, fp8, one tensor scale, nearest rounding) with _div_scale's guard taken
-    # once for the tile and each branch quantizing and storing both sides (_fast_codes): the
-    # separate form guards each side's division, and the branch inside joins the tile's quotients,
-    # held across it (Triton 3.6, sm_90, benchmarks/offline_sass.py: 96 registers against 78 here,
-    # and ~8% more instructions on the path that runs). The same bits.
-    s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
-    if first:  # both sides' scales (one tensor when the caller shares it)
-        tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-        tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
-    if DIV == 0:
-        _fast_codes(x, xt, eff, rows, cols, R, C, d_ptr, dt_ptr, ENC, SMODE, 0, DIV_T)
-    elif _div_fast_ok(x, eff, _reciprocal(eff), DIV == 2):
-        _fast_codes(x, xt, eff, rows, cols, R, C, d_ptr, dt_ptr, ENC, SMODE, 3, 3 if DIV_T > 0 else 0)
-    else:
-        _fast_codes(x, xt, eff, rows, cols, R, C, d_ptr, dt_ptr, ENC, SMODE, 0, 0)
-
-
-@triton.jit
-def _fast_codes(x, xt, eff, rows, cols, R, C, d_ptr, dt_ptr, ENC: tl.constexpr, SMODE: tl.constexpr,
-                DIV: tl.constexpr, DIV_T: tl.constexpr):
-    # _fast_pair's codes of x and x^T (the hardware cast rounds, see _quant_tile) and their stores.
-    codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
-    m = (rows[:, None] < R) & (cols[None, :] < C)
-    tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
-    mt = (cols[:, None] < C) & (rows[None, :] < R)
-    tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
+            codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
+                          MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV,
+                          VALS_A)
+        m = (rows[:, None] < R) & (cols[None, :] < C)
+        if VALS_A:
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _bf16_rne(codes), m)
+        else:
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+        if FAST:
+            codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
+        elif SAME_CODES:
+            # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
+            # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
+            codes_t = _encode(tl.trans(q), ENC, False)
+        else:
+            codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
+                            GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
+                            True, DIV_T, VALS_B)
+        mt = (cols[:, None] < C) & (rows[None, :] < R)
+        if VALS_B:
+            tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], _bf16_rne(codes_t), mt)
+        else:
+            tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
 
 def amax_launch_shape(r: int, c: int) -> tuple[tuple[int, int], dict]:
@@ -410,15 +362,6 @@ def launch_roll(own_bits: torch.Tensor, row: torch.Tensor, row_t: torch.Tensor |
 # to 0.53, and the fp8 tensor pair (amax given) from 0.89 to 0.91. 20 eager 1b mxfp8 training steps
 # with it on gave bit-identical losses to the single kernels (run 164).
 TRANSPOSED_DIV = True
-# GUARD_ONCE: the FAST pair (fp8, one tensor scale, on the GPU) in _fast_pair's form, the division's
-# guard taken once a tile around both sides' quantize-and-store, instead of inside each side's
-# division. The same bits. Off until timed and tested on the H100 (it runs only there: the CPU's
-# interpreter takes the bit-assembly path): compiled for sm_90 by Triton 3.6 it takes the delayed
-# pair's registers from 96 to 78 (5 to 6 programs an SM; with x's own amax 92 to 72) and its
-# instructions on the path that runs from ~629 to ~581 (docs/BENCHMARKS.md, twenty-third pass).
-# `benchmarks/fp8_delayed_pairs.py --ab GUARD_ONCE` times it; tests/test_kernels_pair_quantize.py
-# checks its bits on CUDA. LOWBIT_GUARD_ONCE=1 turns it on.
-GUARD_ONCE = env_flag("LOWBIT_GUARD_ONCE", False)
 # PAIR_STRIP_ROWS: tiles whose X^T groups span all their rows (1x128 groups, 128 x 128 tiles) in
 # strips of this many rows, read twice (_pair_strips), on STRIP_WARPS warps; 0: whole tiles in
 # registers. Run 160 (`benchmarks/pair_groups_bw.py --sweep`, bf16 8192 x 4096): the 1x128 pair
@@ -475,7 +418,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
-        VALS_A=values[0], VALS_B=values[1], ROUND_BF16=round_bf16, GUARD_ONCE=GUARD_ONCE and fast,
+        VALS_A=values[0], VALS_B=values[1], ROUND_BF16=round_bf16,
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,

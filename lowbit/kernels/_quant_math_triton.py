@@ -330,7 +330,7 @@ def _div_fast_ok(x, d, r, QUOTIENTS: tl.constexpr):
 def _div_scale(x, d, DIV: tl.constexpr):
     # x / d rounded as tl.div_rn (IEEE), for d holding one divisor per group (shape broadcastable to
     # x's, not broadcast: its reciprocals are one division per group). DIV 0: tl.div_rn per element.
-    # DIV 1, 2 or 3 (_div_fast): r = 1/d rounded, q = x * r, then one correction with the exact
+    # DIV 1 or 2 (_div_fast): r = 1/d rounded, q = x * r, then one correction with the exact
     # residual x - q * d (an fma): q + (x - q * d) * r rounded once is the correctly rounded quotient
     # (Markstein's theorem: r within half an ulp of 1/d, q within one ulp of x/d). Three float ops
     # an element instead of div.rn's ~10, whose reciprocal (MUFU) runs at 1/8 of the FMA rate; the
@@ -340,9 +340,10 @@ def _div_scale(x, d, DIV: tl.constexpr):
     # (the least nonzero step, e5m2's, is 2^-16), keeping their sign. DIV 1: the caller's quotients
     # are bounded (the scales came from these values' own amax); DIV 2: they may be any size (an
     # amax given from outside, as delayed scaling's), so the tile's largest quotient is checked too
-    # (_div_fast_ok); DIV 3: the caller has checked that for the tile (so it can branch once around
-    # its whole quantize-and-store; a branch here joins every element's quotient, and those live
-    # across it cost registers: 56 -> 119 in SwiGLU's forward kernel on Triton 3.6).
+    # (_div_fast_ok). The branch joins every element's quotient, and those live across it cost
+    # registers (56 -> 119 in SwiGLU's forward kernel on Triton 3.6); taking the guard once a tile
+    # around the caller's whole quantize-and-store instead came out wrong on the H100 (Triton 3.6,
+    # run 202, docs/BENCHMARKS.md twenty-fourth pass).
     # A program whose divisors or quotients fall outside takes tl.div_rn (or NaN: d NaN or x
     # non-finite). So the result is div_rn's bit for bit wherever |y| >= 2^-20, and below that it
     # has div_rn's sign and stays under 2^-19: the codes are the same. tests/test_kernels_div_scale.py
@@ -352,9 +353,7 @@ def _div_scale(x, d, DIV: tl.constexpr):
         y = tl.div_rn(x, d)
     else:
         r = _reciprocal(d)
-        if DIV == 3:
-            y = _div_fast(x, d, r)
-        elif _div_fast_ok(x, d, r, DIV == 2):
+        if _div_fast_ok(x, d, r, DIV == 2):
             y = _div_fast(x, d, r)
         else:
             y = tl.div_rn(x, d)

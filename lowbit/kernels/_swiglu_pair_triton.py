@@ -18,10 +18,8 @@ from lowbit.env_flags import env_flag
 from lowbit.kernels import _pair_quantize_triton
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
 from lowbit.kernels._quant_math_triton import (
-    _div_fast_ok,
     _encode,
     _quant_values,
-    _reciprocal,
     _scaled,
     _scales,
 )
@@ -59,24 +57,16 @@ def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
     # x ([BR, BC] fp32) as fp8 codes of X (d_ptr, R x C) and of X^T (dt_ptr, C x R), one fp32
     # tensor scale from `amax` ([1, 1]) that the first program stores for both sides. DIV, DIV_T:
     # the division's form for X and X^T (_div_scale's): 0, tl.div_rn; 2, through the reciprocal,
-    # guarded, since the history's amax leaves the quotients unbounded. The guard is taken once
-    # for the tile (both sides divide the same values by the same scale), around the whole
-    # quantize-and-store of each branch (DIV 3 inside, _div_scale's unchecked form), so no branch
-    # joins the tile's quotients. The same bits either way.
+    # guarded inside each division, since the history's amax leaves the quotients unbounded. The
+    # guard taken once a tile around two whole quantize-and-stores (fewer registers and
+    # instructions) came out wrong on the H100 (Triton 3.6, run 202): rows of one value on a ragged
+    # 80 x 200 tile, where the interpreter's bits were right.
     s, eff = _scales(amax, 1.0, FMAX, EMAX, 0)
     if first:
         tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
-    if DIV == 2:
-        if _div_fast_ok(x, eff, _reciprocal(eff), True):
-            _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC,
-                        HW_FP8, 3, 3 if DIV_T == 2 else 0)
-        else:
-            _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC,
-                        HW_FP8, 0, 0)
-    else:
-        _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC,
-                    HW_FP8, DIV, DIV_T)
+    _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8,
+                DIV, DIV_T)
 
 
 @triton.jit
