@@ -15,7 +15,7 @@ GPU machine's compiler makes, put that Triton version first on the path (Triton 
 pass).
 
     python benchmarks/offline_sass.py --case fp8_pair --case fp8_pair_delayed [--dump DIR]
-    python benchmarks/offline_sass.py --case swiglu_fwd --knob _swiglu_pair_triton.FAST_DIVISION=True
+    python benchmarks/offline_sass.py --case fp8_pair_delayed --knob _pair_quantize_triton.PAIR_WARPS=8
 """
 
 from __future__ import annotations
@@ -84,11 +84,10 @@ def _compile_only(compiled: list[tuple[str, object]], failed: list[BaseException
 CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", "swiglu_bwd", "mxfp8",
          "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
-         "gemm_nvfp4", "fp8_pair_own", "swiglu_fwd_fast_division", "swiglu_bwd_fast_division")
+         "gemm_nvfp4", "fp8_pair_own")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
-    from lowbit.kernels import _swiglu_pair_triton
     from lowbit.kernels import gemm as kg
     from lowbit.kernels import pair_quantize as pq
     from lowbit.kernels import pair_quantize_op as po
@@ -101,18 +100,6 @@ def _cases() -> dict[str, Callable[[], None]]:
     # CPU tensors take the kernels' (GPU) path, not the reference.
     kq.triton_runs_on = pq._runnable = lambda t: True
     quantize = kq.quantize
-
-    def knob(module: object, name: str, f: Callable[[], object]) -> Callable[[], None]:
-        # f with a boolean launch knob on, for the knobs that are off by default.
-        def call() -> None:
-            before = getattr(module, name)
-            setattr(module, name, True)
-            try:
-                f()
-            finally:
-                setattr(module, name, before)
-
-        return call
 
     def gemm(spec: QuantSpec) -> Callable[[], None]:
         # The Triton GEMM on reference-quantized operands of a 4096 x 2048 x 4096 product, with the
@@ -153,12 +140,8 @@ def _cases() -> dict[str, Callable[[], None]]:
         "gemm_int8_rows": gemm(QuantSpec("int8", "row")),
         "gemm_mxfp8": gemm(QuantSpec("fp8_e4m3", 32, "e8m0")),
         "gemm_nvfp4": gemm(QuantSpec("fp4_e2m1", 16, "e4m3")),
-        # x's own amax (the division checks only its divisor), and the knobs that are off.
+        # x's own amax (the division checks only its divisor).
         "fp8_pair_own": lambda: po.fp8_tensor_pair_direct(x, "fp8_e4m3"),
-        "swiglu_fwd_fast_division": knob(_swiglu_pair_triton, "FAST_DIVISION", lambda: (
-            swiglu_pair_delayed(g, u, "fp8_e4m3", hists[0], hists[1]))),
-        "swiglu_bwd_fast_division": knob(_swiglu_pair_triton, "FAST_DIVISION", lambda: (
-            swiglu_grad_pairs_delayed(dh, g, u, "fp8_e4m3", (hists[0], hists[1]), (hists[2], hists[3])))),
     }
 
 
@@ -191,7 +174,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="opcodes listed per kernel")
     ap.add_argument("--knob", action="append", default=[],
                     help="MODULE.NAME=VALUE: a launch knob of lowbit.kernels.MODULE set first, e.g. "
-                         "_swiglu_pair_triton.FAST_DIVISION=True")
+                         "_pair_quantize_triton.PAIR_WARPS=8")
     args = ap.parse_args()
     for knob in args.knob:
         target, _, value = knob.partition("=")

@@ -2,7 +2,6 @@
 
     python benchmarks/swiglu_pair_bw.py                 # 16384 x 8192 (micro-batch 8 x 2048, 1b)
     python benchmarks/swiglu_pair_bw.py --shape 8192x14336 --sweep
-    python benchmarks/swiglu_pair_bw.py --ab FAST_DIVISION     # a boolean knob off against on
 
 Forward: lowbit.kernels.swiglu_pair.swiglu_pair_delayed (reads g, u; writes h and h^T in fp8)
 against Inductor's silu(g) * u in bf16 followed by the delayed-scaling pair quantizer on h.
@@ -34,8 +33,6 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--tiles", default="64x64,32x128,128x64,64x128,32x64", help="--sweep's tiles")
     ap.add_argument("--warps", default="4,8", help="--sweep's warps (both kernels)")
-    ap.add_argument("--ab", default="", help="a boolean knob of _swiglu_pair_triton, timed off and on")
-    ap.add_argument("--set", action="append", default=[], help="a boolean knob turned on for the run")
     args = ap.parse_args()
     import triton
     from triton.testing import do_bench
@@ -44,11 +41,6 @@ def main() -> None:
     from lowbit.kernels.pair_quantize_op import fp8_tensor_pair_delayed_direct
     from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
 
-    for knob in [args.ab] * bool(args.ab) + args.set:
-        if not isinstance(getattr(kt, knob, None), bool):
-            raise SystemExit(f"{knob!r} is not a boolean knob of lowbit.kernels._swiglu_pair_triton")
-    for knob in args.set:
-        setattr(kt, knob, True)
     r, c = (int(v) for v in args.shape.split("x"))
     g, u, dh = (torch.randn(r, c, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     hist = torch.full((8, 16), 4.0, device="cuda")  # recorded entries: no first-call amax pass
@@ -99,25 +91,6 @@ def main() -> None:
         hist.fill_(4.0)
         return [t.view(torch.uint8) if t.element_size() == 1 else t for t in f()]
 
-    if args.ab:
-        before = getattr(kt, args.ab)
-        times = {False: ([], []), True: ([], [])}
-        outs = {}
-        try:
-            for _ in range(3):
-                for on in (False, True):
-                    setattr(kt, args.ab, on)
-                    outs[on] = outputs(fwd_fused) + outputs(bwd_fused)
-                    times[on][0].append(bench(fwd_fused))
-                    times[on][1].append(bench(bwd_fused))
-        finally:
-            setattr(kt, args.ab, before)
-        same = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
-        for on, (tf, tb) in times.items():
-            tf, tb = sorted(tf)[1], sorted(tb)[1]
-            print(json.dumps(dict(knob=args.ab, value=on, shape=args.shape, fwd_ms=round(tf, 4),
-                                  fwd_copy=round(copy_fwd / tf, 3), bwd_ms=round(tb, 4),
-                                  bwd_copy=round(copy_bwd / tb, 3), bitexact=same)), flush=True)
     if args.sweep:
 
         ref_f, ref_b = outputs(fwd_fused), outputs(bwd_fused)

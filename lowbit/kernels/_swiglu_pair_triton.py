@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.env_flags import env_flag
-from lowbit.kernels import _pair_quantize_triton
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
 from lowbit.kernels._quant_math_triton import (
     _encode,
@@ -52,33 +50,23 @@ def _silu_mul_grads(dh, g, u):
 @triton.jit
 def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
                MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
-               HAS_INF: tl.constexpr, ENC: tl.constexpr, HW_FP8: tl.constexpr, DIV: tl.constexpr,
-               DIV_T: tl.constexpr):
+               HAS_INF: tl.constexpr, ENC: tl.constexpr, HW_FP8: tl.constexpr):
     # x ([BR, BC] fp32) as fp8 codes of X (d_ptr, R x C) and of X^T (dt_ptr, C x R), one fp32
-    # tensor scale from `amax` ([1, 1]) that the first program stores for both sides. DIV, DIV_T:
-    # the division's form for X and X^T (_div_scale's): 0, tl.div_rn; 2, through the reciprocal,
-    # guarded inside each division, since the history's amax leaves the quotients unbounded. The
-    # guard taken once a tile around two whole quantize-and-stores (fewer registers and
-    # instructions) came out wrong on the H100 (Triton 3.6, run 202): rows of one value on a ragged
-    # 80 x 200 tile, where the interpreter's bits were right.
+    # tensor scale from `amax` ([1, 1]) that the first program stores for both sides.
+    # The division by the scale is tl.div_rn per element, not _div_scale's reciprocal form: guarded
+    # inside each division that form was slower here on the H100 (runs 150 and 203: the backward
+    # 0.80 -> 0.69 of a copy, the branch's joined quotients doubling the registers), and with the
+    # guard taken once a tile around both quantize-and-stores, faster (0.90) but wrong on a ragged
+    # tile (Triton 3.6, run 202: rows of one value where the interpreter's bits were right).
     s, eff = _scales(amax, 1.0, FMAX, EMAX, 0)
     if first:
         tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
-    _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8,
-                DIV, DIV_T)
-
-
-@triton.jit
-def _store_pair(x, eff, rows, cols, R, C, d_ptr, dt_ptr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-                EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
-                HW_FP8: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr):
-    # _emit_pair's codes of x and x^T, divided as DIV / DIV_T say, and their stores.
     if HW_FP8:  # the pair kernel's FAST form: the hardware cast rounds (see _quant_tile)
-        codes = _encode(_scaled(x, eff, 0, DIV), ENC, True)
-        codes_t = _encode(_scaled(tl.trans(x), eff, 0, DIV_T), ENC, True)
+        codes = _encode(_scaled(x, eff, 0), ENC, True)
+        codes_t = _encode(_scaled(tl.trans(x), eff, 0), ENC, True)
     else:  # the interpreter: explicit rounding, bits assembled (its fp8 cast rounds wrongly)
-        q = _quant_values(x, eff, x, 0, False, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, 0, DIV)
+        q = _quant_values(x, eff, x, 0, False, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, 0)
         codes = _encode(q, ENC, False)
         codes_t = _encode(tl.trans(q), ENC, False)
     m = (rows[:, None] < R) & (cols[None, :] < C)
@@ -92,7 +80,7 @@ def _swiglu_pair_kernel(
     g_ptr, u_ptr, sg, su, d_ptr, dt_ptr, s_ptr, st_ptr, own_ptr, rec_ptr, hist_ptr, H, R, C,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-    HW_FP8: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr,
+    HW_FP8: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -103,7 +91,7 @@ def _swiglu_pair_kernel(
     _record(rec_ptr, h)  # h's own amax, for the history
     amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, HP)
     _emit_pair(h, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, (pid_r == 0) & (pid_c == 0),
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, DIV, DIV_T)
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
 
 
 @triton.jit
@@ -113,7 +101,7 @@ def _swiglu_grad_pairs_kernel(
     ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-    HW_FP8: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr,
+    HW_FP8: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -127,10 +115,10 @@ def _swiglu_grad_pairs_kernel(
     first = (pid_r == 0) & (pid_c == 0)
     amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, HP)
     _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, DIV, DIV_T)
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
     amax_u = tl.zeros([1, 1], tl.float32) + _delayed_amax(u_hist, H, u_own, HP)
     _emit_pair(du, rows, cols, R, C, amax_u, ud_ptr, udt_ptr, us_ptr, ust_ptr, first,
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, DIV, DIV_T)
+               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
 
 
 @triton.jit
@@ -175,24 +163,11 @@ WARPS = (4, 8)
 GRAD_TILE = (32, 128)
 # Programs of the first-call amax launch.
 AMAX_PROGRAMS = 264
-# FAST_DIVISION: divide by the scale through its reciprocal (_div_scale's guarded form, as the pair
-# kernel and the quantizers do; the guard taken once a tile in _emit_pair) instead of tl.div_rn per
-# element. The same bits. Off until tested and timed on the H100: compiled for sm_90 by Triton 3.6
-# (benchmarks/offline_sass.py; docs/BENCHMARKS.md, twenty-third pass) it takes the forward /
-# backward kernels' instructions a thread on the path that runs from 1413 / 1318 to ~1092 / ~1014,
-# at 62 / 80 registers against 56 / 80 (the guard inside each division made them 119 / 103).
-# `benchmarks/swiglu_pair_bw.py --ab FAST_DIVISION` times it; tests/test_quant_feed_forward.py checks
-# its bits. LOWBIT_SWIGLU_FAST_DIVISION=1 turns it on.
-FAST_DIVISION = env_flag("LOWBIT_SWIGLU_FAST_DIVISION", False)
 
 
 def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
-    # With FAST_DIVISION, the division by the scale as the pair kernel's with a history's amax:
-    # through the reciprocal, guarded, for X, and for X^T too with its TRANSPOSED_DIV.
-    div = 2 if FAST_DIVISION else 0
-    div_t = div if _pair_quantize_triton.TRANSPOSED_DIV else 0
     return dict(MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
-                ENC=enc, HW_FP8=not interpret(), DIV=div, DIV_T=div_t)
+                ENC=enc, HW_FP8=not interpret())
 
 
 def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...],
