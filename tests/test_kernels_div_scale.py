@@ -118,3 +118,25 @@ def test_signed_zeros_keep_their_sign(div: int) -> None:
     got = _divide(x, d, div, rows_per_program=32)
     assert (got[:, :2].view(np.uint32) == x[:, :2].view(np.uint32)).all()
     _assert_as_division(got, x, d)
+
+
+def test_bounded_quotients_of_tiny_divisors_without_a_branch() -> None:
+    # DIV 1 (quotients bounded by the format's max, the scale being the values' own amax / max):
+    # divisors under 2^-64, subnormal ones down to the least, are scaled up by 2^100 with their
+    # dividends instead of leaving the fast form; the quotients, 2^-22 .. 2^16 with random
+    # significands, as numpy's division. Subnormal dividends included (d subnormal, quotient < 1).
+    rng = np.random.default_rng(11)
+    rows, cols = 64, 256
+    dexp = rng.integers(-149, -55, rows).astype(np.float64)
+    d = (np.exp2(dexp) * rng.uniform(1.0, 2.0, rows)).astype(np.float32)
+    d[d == 0] = np.float32(2.0**-149)
+    d[:4] = np.array([2.0**-149, 3 * 2.0**-149, 2.0**-64, np.nextafter(np.float32(2.0**-64), np.float32(0))],
+                     np.float32)
+    q = np.exp2(rng.uniform(-22, 16, (rows, cols))) * np.where(rng.random((rows, cols)) < 0.5, -1, 1)
+    x = (q * d[:, None].astype(np.float64)).astype(np.float32)
+    x[:, :2] = np.array([0.0, -0.0], np.float32)
+    assert (np.abs(x[4:]) < np.float32(2.0**-126)).any(), "some dividends are subnormal"
+    got = _divide(x, d, 1, rows_per_program=8)
+    _assert_as_division(got, x, d)
+    assert (got[:, :2].view(np.uint32) == x[:, :2].view(np.uint32)).all()
+    assert (np.abs(x / d[:, None]) >= 1.0).mean() > 0.4  # most quotients are ones that give codes

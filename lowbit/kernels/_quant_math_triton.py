@@ -285,6 +285,7 @@ def _noise(idx, seed_off):
 
 # The reciprocal form of _div_scale takes divisors from 2^-64 up (as int32 bits; see there).
 _DIV_MIN_BITS: tl.constexpr = tl.constexpr((127 - 64) << 23)
+_DIV_MIN: tl.constexpr = tl.constexpr(2.0**-64)
 # ... and, in its guarded form (DIV 2), quotients up to 2^100 (no overflow of x * r in any step).
 _DIV_MAX_QUOTIENT: tl.constexpr = tl.constexpr(2.0**100)
 
@@ -314,16 +315,14 @@ def _div_fast(x, d, r):
 
 
 @triton.jit
-def _div_fast_ok(x, d, r, QUOTIENTS: tl.constexpr):
+def _div_fast_ok(x, d, r):
     # Whether _div_fast gives tl.div_rn's quotients for this tile: divisors from 2^-64 up (d > 0 or
-    # NaN: their int32 bits order them), and with QUOTIENTS, |x| max times r = 1/d max at most
-    # 2^100 (from their bits; NaN and Inf on top: not ok). A scalar.
+    # NaN: their int32 bits order them), and |x| max times r = 1/d max at most 2^100 (from their
+    # bits; NaN and Inf on top: not ok). A scalar.
     ok = tl.min(d.to(tl.int32, bitcast=True)) >= _DIV_MIN_BITS
-    if QUOTIENTS:
-        xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
-    return ok
+    xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    return ok & (xm * rm <= _DIV_MAX_QUOTIENT)
 
 
 @triton.jit
@@ -337,23 +336,33 @@ def _div_scale(x, d, DIV: tl.constexpr):
     # quantizers that divide are ALU-bound. It holds where nothing under- or overflows: with
     # d >= 2^-64 and a quotient |y| >= 2^-20 the residual is exact (the exponents of q and d sum
     # past e_min + p - 1 = -103), and smaller quotients round to a zero code in every format
-    # (the least nonzero step, e5m2's, is 2^-16), keeping their sign. DIV 1: the caller's quotients
-    # are bounded (the scales came from these values' own amax); DIV 2: they may be any size (an
-    # amax given from outside, as delayed scaling's), so the tile's largest quotient is checked too
-    # (_div_fast_ok). The branch joins every element's quotient, and those live across it cost
-    # registers (56 -> 119 in SwiGLU's forward kernel on Triton 3.6); taking the guard once a tile
-    # around the caller's whole quantize-and-store instead came out wrong on the H100 (Triton 3.6,
-    # run 202, docs/BENCHMARKS.md twenty-fourth pass).
-    # A program whose divisors or quotients fall outside takes tl.div_rn (or NaN: d NaN or x
-    # non-finite). So the result is div_rn's bit for bit wherever |y| >= 2^-20, and below that it
-    # has div_rn's sign and stays under 2^-19: the codes are the same. tests/test_kernels_div_scale.py
-    # checks it on the CPU against numpy's division; benchmarks/div_scale_check.py on a GPU for
-    # every pair of fp32 significands.
+    # (the least nonzero step, e5m2's, is 2^-16), keeping their sign.
+    # DIV 1: the caller's quotients are bounded (the scales came from these values' own amax, so
+    # |x| <= d * FMAX), and no branch is needed: a group whose divisor is below 2^-64 divides
+    # x * 2^100 by d * 2^100 instead, the same quotient (scaling by a power of two is exact: x
+    # and d only grow, d up to 2^36 and x below 2^52), with d * 2^100 >= 2^-49 (d >= 2^-149, the
+    # least subnormal) inside the form's range. One multiply an element more; a NaN divisor gives
+    # NaN as the division does.
+    # DIV 2: the quotients may be any size (an amax given from outside, as delayed scaling's), and
+    # where the tile's divisors or largest quotient fall outside (_div_fast_ok) the program takes
+    # tl.div_rn (or NaN: d NaN or x non-finite). That branch joins every element's quotient, and
+    # those live across it cost registers (56 -> 119 in SwiGLU's forward kernel on Triton 3.6);
+    # taking the guard once a tile around the caller's whole quantize-and-store instead came out
+    # wrong on the H100 (Triton 3.6, run 202, docs/BENCHMARKS.md twenty-fourth pass). DIV 1's
+    # guard, the divisors alone, was this branch too until run 205.
+    # So the result is div_rn's bit for bit wherever |y| >= 2^-20, and below that it has div_rn's
+    # sign and stays under 2^-19: the codes are the same. tests/test_kernels_div_scale.py checks it
+    # on the CPU against numpy's division; benchmarks/div_scale_check.py on a GPU for every pair of
+    # fp32 significands.
     if DIV == 0:
         y = tl.div_rn(x, d)
+    elif DIV == 1:
+        up = tl.where(d < _DIV_MIN, 2.0**100, 1.0)  # d's shape: one factor per group
+        du = d * up
+        y = _div_fast(x * up, du, _reciprocal(du))
     else:
         r = _reciprocal(d)
-        if _div_fast_ok(x, d, r, DIV == 2):
+        if _div_fast_ok(x, d, r):
             y = _div_fast(x, d, r)
         else:
             y = tl.div_rn(x, d)
