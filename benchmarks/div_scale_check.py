@@ -43,7 +43,7 @@ def _check_kernel(bad_ptr, A_BITS: tl.constexpr, BD: tl.constexpr, BA: tl.conste
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a-bits", type=int, default=23, help="dividend significand bits to enumerate (1-23)")
-    ap.add_argument("--div", type=int, default=1, choices=(1, 2), help="_div_scale's form (1 or 2)")
+    ap.add_argument("--div", type=int, default=1, choices=(1, 2, 3), help="_div_scale's form (1, 2 or 3)")
     args = ap.parse_args()
     if not 1 <= args.a_bits <= 23:
         ap.error(f"--a-bits must be in 1..23, got {args.a_bits}")

@@ -74,7 +74,7 @@ def _assert_as_division(got: np.ndarray, x: np.ndarray, d: np.ndarray) -> None:
     assert (np.signbit(got[small]) == np.signbit(ref[small])).all()
 
 
-@pytest.mark.parametrize("div", [1, 2])
+@pytest.mark.parametrize("div", [1, 2, 3])
 def test_reciprocal_division_rounds_as_ieee_division(div: int) -> None:
     rng = np.random.default_rng(7 + div)
     x, d = _hard_case(rng, 256, 1024, (-24, 12))
@@ -103,12 +103,13 @@ def test_divisors_below_the_range_and_large_quotients_fall_back_to_the_division(
     _assert_as_division(got, x, d)
     assert np.isinf(got[8:16]).any() and np.isnan(got[24]).all()
     assert got[16, 0] == np.inf and got[16, 1] == -np.inf and np.isnan(got[16, 2])
-    # Divisors below the range with DIV 1 take the division as well (its quotients are bounded).
-    got1 = _divide(x[:8], d[:8], 1, rows_per_program=8)
-    _assert_as_division(got1, x[:8], d[:8])
+    # Divisors below the range with bounded quotients: DIV 3 takes the division as well, DIV 1
+    # scales them up instead.
+    for div in (1, 3):
+        _assert_as_division(_divide(x[:8], d[:8], div, rows_per_program=8), x[:8], d[:8])
 
 
-@pytest.mark.parametrize("div", [1, 2])
+@pytest.mark.parametrize("div", [1, 2, 3])
 def test_signed_zeros_keep_their_sign(div: int) -> None:
     # x / d of +0 and -0 is +0 and -0 (d > 0), bit for bit as the IEEE division: quantizers then
     # give -0's code as the reference does. The fma correction's residual once turned -0 into +0.
@@ -120,10 +121,11 @@ def test_signed_zeros_keep_their_sign(div: int) -> None:
     _assert_as_division(got, x, d)
 
 
-def test_bounded_quotients_of_tiny_divisors_without_a_branch() -> None:
-    # DIV 1 (quotients bounded by the format's max, the scale being the values' own amax / max):
-    # divisors under 2^-64, subnormal ones down to the least, are scaled up by 2^100 with their
-    # dividends instead of leaving the fast form; the quotients, 2^-22 .. 2^16 with random
+@pytest.mark.parametrize("div", [1, 3])
+def test_bounded_quotients_of_tiny_divisors(div: int) -> None:
+    # DIV 1 and 3 (quotients bounded by the format's max, the scale being the values' own amax /
+    # max): divisors under 2^-64, subnormal ones down to the least, are scaled up by 2^100 with
+    # their dividends (DIV 1) or take the division (DIV 3); the quotients, 2^-22 .. 2^16 with random
     # significands, as numpy's division. Subnormal dividends included (d subnormal, quotient < 1).
     rng = np.random.default_rng(11)
     rows, cols = 64, 256
@@ -136,7 +138,7 @@ def test_bounded_quotients_of_tiny_divisors_without_a_branch() -> None:
     x = (q * d[:, None].astype(np.float64)).astype(np.float32)
     x[:, :2] = np.array([0.0, -0.0], np.float32)
     assert (np.abs(x[4:]) < np.float32(2.0**-126)).any(), "some dividends are subnormal"
-    got = _divide(x, d, 1, rows_per_program=8)
+    got = _divide(x, d, div, rows_per_program=8)
     _assert_as_division(got, x, d)
     assert (got[:, :2].view(np.uint32) == x[:, :2].view(np.uint32)).all()
     assert (np.abs(x / d[:, None]) >= 1.0).mean() > 0.4  # most quotients are ones that give codes

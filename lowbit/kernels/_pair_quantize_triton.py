@@ -398,7 +398,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     # Side A's division (side B's is transposed: IEEE division, see _quant_tile): guarded where a
     # tensor amax from a history or an override leaves the quotients unbounded.
     unbounded = ga == 0 and (hist_row is not None or not own_amax)
-    div = 0 if not _quantize_triton.FAST_DIVISION else (2 if unbounded else 1)
+    # Bounded quotients take DIV 3, not the branch-free DIV 1: see _div_scale (Triton 3.6, run 205).
+    div = 0 if not _quantize_triton.FAST_DIVISION else (2 if unbounded else 3)
     # x's own tensor amax was read just before (tensor_amax): visit the tiles last-first.
     flip = _quantize_triton.TENSOR_AMAX_FLIP and ga == 0 and own_amax and hist_row is None
     # Strips where X^T's groups span the tile's rows (see _pair_strips).

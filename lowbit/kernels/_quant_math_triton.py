@@ -315,21 +315,23 @@ def _div_fast(x, d, r):
 
 
 @triton.jit
-def _div_fast_ok(x, d, r):
+def _div_fast_ok(x, d, r, QUOTIENTS: tl.constexpr):
     # Whether _div_fast gives tl.div_rn's quotients for this tile: divisors from 2^-64 up (d > 0 or
-    # NaN: their int32 bits order them), and |x| max times r = 1/d max at most 2^100 (from their
-    # bits; NaN and Inf on top: not ok). A scalar.
+    # NaN: their int32 bits order them), and with QUOTIENTS, |x| max times r = 1/d max at most
+    # 2^100 (from their bits; NaN and Inf on top: not ok). A scalar.
     ok = tl.min(d.to(tl.int32, bitcast=True)) >= _DIV_MIN_BITS
-    xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-    return ok & (xm * rm <= _DIV_MAX_QUOTIENT)
+    if QUOTIENTS:
+        xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
+    return ok
 
 
 @triton.jit
 def _div_scale(x, d, DIV: tl.constexpr):
     # x / d rounded as tl.div_rn (IEEE), for d holding one divisor per group (shape broadcastable to
     # x's, not broadcast: its reciprocals are one division per group). DIV 0: tl.div_rn per element.
-    # DIV 1 or 2 (_div_fast): r = 1/d rounded, q = x * r, then one correction with the exact
+    # DIV 1, 2 or 3 (_div_fast): r = 1/d rounded, q = x * r, then one correction with the exact
     # residual x - q * d (an fma): q + (x - q * d) * r rounded once is the correctly rounded quotient
     # (Markstein's theorem: r within half an ulp of 1/d, q within one ulp of x/d). Three float ops
     # an element instead of div.rn's ~10, whose reciprocal (MUFU) runs at 1/8 of the FMA rate; the
@@ -342,14 +344,16 @@ def _div_scale(x, d, DIV: tl.constexpr):
     # x * 2^100 by d * 2^100 instead, the same quotient (scaling by a power of two is exact: x
     # and d only grow, d up to 2^36 and x below 2^52), with d * 2^100 >= 2^-49 (d >= 2^-149, the
     # least subnormal) inside the form's range. One multiply an element more; a NaN divisor gives
-    # NaN as the division does.
+    # NaN as the division does. In the pair kernels (tiles that go through tl.trans) Triton 3.6
+    # compiled this form wrong on the H100 (run 205: rows of wrong codes), so they take DIV 3.
     # DIV 2: the quotients may be any size (an amax given from outside, as delayed scaling's), and
     # where the tile's divisors or largest quotient fall outside (_div_fast_ok) the program takes
     # tl.div_rn (or NaN: d NaN or x non-finite). That branch joins every element's quotient, and
     # those live across it cost registers (56 -> 119 in SwiGLU's forward kernel on Triton 3.6);
     # taking the guard once a tile around the caller's whole quantize-and-store instead came out
-    # wrong on the H100 (Triton 3.6, run 202, docs/BENCHMARKS.md twenty-fourth pass). DIV 1's
-    # guard, the divisors alone, was this branch too until run 205.
+    # wrong on the H100 (Triton 3.6, run 202, docs/BENCHMARKS.md twenty-fourth pass).
+    # DIV 3: bounded quotients as DIV 1, in DIV 2's branch on the divisors alone (DIV 1's form
+    # until run 205).
     # So the result is div_rn's bit for bit wherever |y| >= 2^-20, and below that it has div_rn's
     # sign and stays under 2^-19: the codes are the same. tests/test_kernels_div_scale.py checks it
     # on the CPU against numpy's division; benchmarks/div_scale_check.py on a GPU for every pair of
@@ -362,7 +366,7 @@ def _div_scale(x, d, DIV: tl.constexpr):
         y = _div_fast(x * up, du, _reciprocal(du))
     else:
         r = _reciprocal(d)
-        if _div_fast_ok(x, d, r):
+        if _div_fast_ok(x, d, r, DIV == 2):
             y = _div_fast(x, d, r)
         else:
             y = tl.div_rn(x, d)
