@@ -82,7 +82,8 @@ def _compile_only(compiled: list[tuple[str, object]], failed: list[BaseException
 
 
 CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", "swiglu_bwd", "mxfp8",
-         "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "fp8_1x128", "fp8_128x128",
+         "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "int8_rows_14336",
+         "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
          "gemm_nvfp4", "fp8_pair_own")
 
@@ -114,6 +115,7 @@ def _cases() -> dict[str, Callable[[], None]]:
     # depends on sizes only through divisibility by 16).
     g, u, dh = (torch.randn(1024, 8192, dtype=torch.bfloat16) for _ in range(3))
     hists = torch.ones(4, 16)
+    wide = torch.randn(64, 14336, dtype=torch.bfloat16)  # rows wider than 8192 (w2's input in Llama-3-8B)
     return {
         "fp8_pair": lambda: po.fp8_tensor_pair(x, x.abs().amax().float(), "fp8_e4m3"),
         "fp8_pair_delayed": lambda: po.fp8_tensor_pair_delayed_direct(x, "fp8_e4m3", hist[0], hist[1]),
@@ -129,6 +131,9 @@ def _cases() -> dict[str, Callable[[], None]]:
         "mxfp4": lambda: quantize(x, QuantSpec("fp4_e2m1", 32, "e8m0")),
         "mxfp4_sr": lambda: quantize(x, QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"), seed=1),
         "int4_rows": lambda: quantize(x, QuantSpec("int4", "row")),
+        "int8_rows_14336": lambda: quantize(wide, QuantSpec("int8", "row")),
+        "int4_rows_14336": lambda: quantize(wide, QuantSpec("int4", "row")),
+        "fp8_rows_14336": lambda: quantize(wide, QuantSpec("fp8_e4m3", "row")),
         "fp8_1x128": lambda: quantize(x, QuantSpec("fp8_e4m3", 128)),
         "fp8_128x128": lambda: quantize(w, QuantSpec("fp8_e4m3", (128, 128))),
         "mxfp8_pair": lambda: pq.quantize_pair(x, QuantSpec("fp8_e4m3", 32, "e8m0"),

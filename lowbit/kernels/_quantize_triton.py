@@ -276,9 +276,14 @@ GROUP_COLS = 128
 # / 0.83 / 0.72 of a copy to 0.99 / 0.93 / 0.78 (fp8 / int8 / int4) and rows of 8192 (now one
 # tile) from 0.98 / 0.91 / 0.81 to 1.00 / 0.96 / 0.89; 16384 (a whole row of 14336 in one tile) gave
 # fp8 rows of 14336 0.73, integer rows within 0.02 of 8192. (Runs 34 and 133, before the integer
-# codes from fp32 bits and _div_scale, had found 8192 no better than 4096.) Rows rotated by a
-# fused Hadamard keep 4096 (ROTATED_ROW_CHUNK): 8192 was not measured for them.
-ROW_CHUNK = 8192
+# codes from fp32 bits and _div_scale, had found 8192 no better than 4096.) With _div_scale's
+# bounded division free of its branch (twenty-fourth pass), 16384 over 8192 (run 210, `quantize_bw.py
+# --ab "ROW_CHUNK=8192;16384" --shapes 8192x14336 --specs int8_row,int4_row,fp8_row`, CUDA graphs,
+# bit-exact): rows of 14336 in one tile, one read, 0.81 / 0.85 / 0.80 -> 1.00 / 0.91 / 1.01 of a
+# copy (int8 / int4 / fp8), with 161 / 167 / 128 registers and no spills (Triton 3.6, sm_90,
+# benchmarks/offline_sass.py). Rows rotated by a fused Hadamard keep 4096 (ROTATED_ROW_CHUNK): 8192
+# was not measured for them.
+ROW_CHUNK = 16384
 ROTATED_ROW_CHUNK = 4096
 # Rotated (Hadamard) 1-D-group tiles: columns and elements per program, and warps (0: as
 # unrotated). Knobs for sweeps: H100 run 60 tried 16-512 columns, 2048-8192 elements, 4 or 8 warps,
