@@ -10,10 +10,7 @@ against Inductor's SwiGLU backward in bf16 followed by two pair quantizers. Hist
 hold an entry (a training step's case: no amax pass). Each is timed with triton's do_bench, and
 the fused kernels also as a fraction of a device copy of the bytes they must move. `--sweep` tries
 tile shapes and warps of the fused kernels (the module knobs TILE, GRAD_TILE and WARPS), each
-checked bit for bit against the default setting's outputs. `--ab KNOB` times the fused kernels
-with a boolean knob of lowbit.kernels._swiglu_pair_triton off and on, alternating (3 rounds,
-medians), and checks that both give the same bits; `--set KNOB` turns a boolean knob on for the
-whole run (e.g. to sweep with it).
+checked bit for bit against the default setting's outputs.
 """
 
 from __future__ import annotations
@@ -85,13 +82,12 @@ def main() -> None:
         ms = bench(f)
         rows.append(dict(what=name, shape=args.shape, ms=round(ms, 4), of_copy=round(copy / ms, 3)))
         print(json.dumps(rows[-1]), flush=True)
-    def outputs(f) -> list[torch.Tensor]:
-        # From one history state: timed calls roll other amaxes in (the unfused path's bf16 h
-        # has a slightly different amax), so the scales would differ between settings.
-        hist.fill_(4.0)
-        return [t.view(torch.uint8) if t.element_size() == 1 else t for t in f()]
-
     if args.sweep:
+        def outputs(f) -> list[torch.Tensor]:
+            # From one history state: timed calls roll other amaxes in (the unfused path's bf16 h
+            # has a slightly different amax), so the scales would differ between settings.
+            hist.fill_(4.0)
+            return [t.view(torch.uint8) if t.element_size() == 1 else t for t in f()]
 
         ref_f, ref_b = outputs(fwd_fused), outputs(bwd_fused)
         default = kt.TILE, kt.GRAD_TILE, kt.WARPS

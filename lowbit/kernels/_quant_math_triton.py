@@ -285,7 +285,7 @@ def _noise(idx, seed_off):
 
 # The reciprocal form of _div_scale takes divisors from 2^-64 up (as int32 bits; see there).
 _DIV_MIN_BITS: tl.constexpr = tl.constexpr((127 - 64) << 23)
-_DIV_MIN: tl.constexpr = tl.constexpr(2.0**-64)
+_DIV_MIN: tl.constexpr = tl.constexpr(2.0**-64)  # the same bound as a float, for DIV 1's select
 # ... and, in its guarded form (DIV 2), quotients up to 2^100 (no overflow of x * r in any step).
 _DIV_MAX_QUOTIENT: tl.constexpr = tl.constexpr(2.0**100)
 

@@ -15,12 +15,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
-from lowbit.kernels._quant_math_triton import (
-    _encode,
-    _quant_values,
-    _scaled,
-    _scales,
-)
+from lowbit.kernels._quant_math_triton import _encode, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import interpret
