@@ -112,6 +112,8 @@ def main() -> None:
                wall_ms=wall, gpu_ms=gpu, by_category_ms=dict(by_cat),
                top_kernels_ms=dict(sorted(top.items(), key=lambda kv: -kv[1])[:30]),
                top_kernels_calls={k: calls[k] for k in sorted(top, key=lambda k: -top[k])[:30]},
+               # Every kernel, so two recipes' profiles can be compared kernel by kernel.
+               kernels={k: dict(ms=top[k], calls=calls[k], category=category(k)) for k in top},
                device=torch.cuda.get_device_name(), torch=torch.__version__)
     print(f"{args.model} {args.recipe} micro {args.micro}: wall {wall:.1f} ms/step, GPU {gpu:.1f} ms/step")
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):

@@ -323,6 +323,24 @@ def test_pair_with_history_scales_and_records_as_amax_history(fmt):
     assert q.scale.isnan() and hist[0, 1].isnan() and hist[1:5].eq(0).all()
 
 
+@pytest.mark.parametrize("recorded", [False, True])
+def test_delayed_gate_needs_no_zeroed_words(recorded):
+    # A delayed-scaling call's words come from torch.empty (delayed_words): its gate must zero the
+    # record word the pair kernel takes atomic maxes into, and on a first call (history all zeros)
+    # leave partial maxes whose max is x's own amax bits. Here every word starts as garbage.
+    from lowbit.kernels._pair_quantize_triton import delayed_words, launch_amax_if_empty
+
+    x = (torch.randn(300, 136, generator=torch.Generator().manual_seed(3)) * 5).to(DEV)
+    row = torch.full((4,), 2.0 if recorded else 0.0, device=DEV)
+    parts, rec = delayed_words(x.device)
+    parts.fill_(0x7F000000)  # bits of 1.7e38
+    rec.fill_(0x7F000000)
+    launch_amax_if_empty(x, parts, rec, row)
+    assert rec.item() == 0
+    if not recorded:
+        assert parts.max().item() == x.abs().amax().view(torch.int32).item()
+
+
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direct_delayed_pair_is_quantize_pair_with_history(fmt, dtype):

@@ -85,6 +85,30 @@ def test_swiglu_kernels_match_the_reference(fmt, dtype):
 
 
 @kernels
+@pytest.mark.parametrize("grad", [False, True])
+def test_swiglu_gate_needs_no_zeroed_words(grad):
+    # The fused SwiGLU's gate, as the pair quantizer's (test_kernels_pair_quantize): its words come
+    # from torch.empty, so it zeroes the record words itself, and on a first call leaves partial
+    # maxes whose max is the result's own amax (h, or dg and du). Every word starts as garbage.
+    from lowbit.kernels._pair_quantize_triton import delayed_words
+    from lowbit.kernels._swiglu_pair_triton import launch_amax_if_empty
+
+    gen = torch.Generator().manual_seed(5)
+    dh, g, u = (torch.randn(70, 200, generator=gen).to(DEV) for _ in range(3))
+    words = delayed_words(g.device, 2 if grad else 1)
+    for w in words:
+        w.fill_(0x7F000000)
+    parts, recs = words[0::2], words[1::2]
+    rows = (torch.zeros(4, device=DEV),) * len(parts)
+    launch_amax_if_empty((dh, g, u) if grad else (g, u), parts, recs, rows)
+    results = swiglu_grad_fp32(dh, g, u) if grad else (swiglu_fp32(g, u),)
+    for p, r, t in zip(parts, recs, results):
+        assert r.item() == 0
+        got = p.max().view(torch.float32).item()
+        assert got == pytest.approx(t.abs().amax().item(), rel=1e-6)  # exp/division to the last bit
+
+
+@kernels
 def test_swiglu_kernels_refuse_bad_inputs():
     from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
 

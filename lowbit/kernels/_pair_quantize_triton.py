@@ -46,11 +46,15 @@ def _history_bits(hist_ptr, H, HP: tl.constexpr):
 
 
 @triton.jit
-def _delayed_amax(hist_ptr, H, own_ptr, HP: tl.constexpr):
+def _delayed_amax(hist_ptr, H, parts_ptr, NP, HP: tl.constexpr, PP: tl.constexpr):
     # Delayed scaling's amax (lowbit.quant.gemm.AmaxHistory.scale_amax): the history's max, or
-    # while the history holds only zeros the tensor's own (own_ptr: int32 bits, read before).
+    # while the history holds only zeros the tensor's own: the max of the NP (<= PP) int32 words
+    # the gate stored at parts_ptr (_amax_if_empty_kernel). Those are loaded only then.
     h = _history_bits(hist_ptr, H, HP)
-    return tl.where(h != 0, h, tl.load(own_ptr)).to(tl.float32, bitcast=True)
+    i = tl.arange(0, PP)
+    # (h broadcast by hand: Triton 3.9's interpreter rejects a mask anded with a scalar compare)
+    own = tl.max(tl.load(parts_ptr + i, (i < NP) & ((i * 0 + h) == 0), other=0), axis=0)
+    return tl.where(h != 0, h, own).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -64,11 +68,17 @@ def _load_rounded(x_ptr, rows, cols, R, C, sxr, sxc, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _amax_if_empty_kernel(x_ptr, out_ptr, hist_ptr, H, R, C, sxr, sxc, HP: tl.constexpr,
+def _amax_if_empty_kernel(x_ptr, parts_ptr, rec_ptr, hist_ptr, H, R, C, sxr, sxc, HP: tl.constexpr,
                           BR: tl.constexpr, BC: tl.constexpr, ROUND_BF16: tl.constexpr = False):
-    # The tensor amax (integer max of |x| bits into out_ptr) only while the history row holds
-    # only zeros: a first call. Otherwise every program returns after reading the row, so the
-    # launch costs a few microseconds; the small grid strides over the tiles.
+    # The gate of a delayed-scaling call. Program 0 zeroes the record word (rec_ptr) that the next
+    # kernel takes atomic maxes into. While the history row holds only zeros (a first call), each
+    # program also stores the integer max of |x| bits over its tiles (the small grid strides over
+    # them) as its own word of parts_ptr, which _delayed_amax reduces: plain stores, so no word
+    # needs zeroing beforehand (a fill kernel per word was ~0.3 ms of a 1b step, twenty-fifth pass
+    # of docs/BENCHMARKS.md). Otherwise the programs return after reading the row, so the launch
+    # costs a few microseconds.
+    if tl.program_id(0) == 0:
+        tl.store(rec_ptr, 0)
     if _history_bits(hist_ptr, H, HP) == 0:
         n_c = tl.cdiv(C, BC)
         acc = tl.zeros([BR, BC], tl.int32)
@@ -76,7 +86,7 @@ def _amax_if_empty_kernel(x_ptr, out_ptr, hist_ptr, H, R, C, sxr, sxc, HP: tl.co
             rows = (t // n_c) * BR + tl.arange(0, BR)
             cols = (t % n_c) * BC + tl.arange(0, BC)
             acc = tl.maximum(acc, _abs_bits(_load_rounded(x_ptr, rows, cols, R, C, sxr, sxc, ROUND_BF16)))
-        tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
+        tl.store(parts_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -233,7 +243,7 @@ def _pair_kernel(
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False, VALS_A: tl.constexpr = False, VALS_B: tl.constexpr = False,
-    ROUND_BF16: tl.constexpr = False,
+    ROUND_BF16: tl.constexpr = False, NP=1, PP: tl.constexpr = 1,
 ):
     # VALS_A / VALS_B: that side is written as its exact values in bf16 (d_ptr / dt_ptr bf16), for
     # a GEMM on BF16 operands, and its scales are not stored (1-D group scaling only).
@@ -257,7 +267,7 @@ def _pair_kernel(
         tamax = tl.zeros([1, 1], tl.float32)
         if GA == 0:  # one tensor amax: given, or delayed scaling's choice
             if HIST:
-                tamax += _delayed_amax(hist_ptr, H, ga_ptr, HP)
+                tamax += _delayed_amax(hist_ptr, H, ga_ptr, NP, HP, PP)
             else:
                 tamax += tl.load(ga_ptr)
         if RECORD:  # delayed scaling: this tensor's own amax, for the history
@@ -325,21 +335,37 @@ def launch_amax(x2: torch.Tensor, out_bits: torch.Tensor, wrap: Callable[[Any], 
     kernel[grid](x2, out_bits, r, c, x2.stride(0), x2.stride(1), **kw)
 
 
-# Programs of the history-gated amax launch: enough to read a first call's tensor at full speed,
-# few enough that the usual launch (history recorded: every program returns) costs little.
-AMAX_IF_EMPTY_PROGRAMS = 264
+# Programs of the history-gated amax launch, and so words of partial amaxes that every program of
+# the quantize kernels reduces (_delayed_amax): no more than one warp holds, since a reduction
+# across warps goes through shared memory with a barrier (with 264 words the SwiGLU backward went
+# from 0.562 to 0.581 ms on the H100, run 212). A first call reads its tensor on 32 SMs, once.
+AMAX_IF_EMPTY_PROGRAMS = 32
 
 
-def launch_amax_if_empty(x2: torch.Tensor, out_bits: torch.Tensor, hist_row: torch.Tensor,
+def delayed_words(device: torch.device, n: int = 1) -> tuple[torch.Tensor, ...]:
+    """Uninitialized int32 words for `n` tensors' delayed scaling in one call: (parts, rec) for
+    each, where the gate stores a first call's partial amaxes (parts, AMAX_IF_EMPTY_PROGRAMS words)
+    and zeroes rec, the record word (one allocation, no fill kernel)."""
+    p = AMAX_IF_EMPTY_PROGRAMS
+    words = torch.empty((n, p + 1), dtype=torch.int32, device=device)
+    return tuple(w for k in range(n) for w in (words[k, :p], words[k, p:]))
+
+
+def delayed_amax_args(parts: torch.Tensor) -> dict:
+    """The kernels' NP and PP for a gate's words `parts` (_delayed_amax)."""
+    return dict(NP=parts.numel(), PP=triton.next_power_of_2(parts.numel()))
+
+
+def launch_amax_if_empty(x2: torch.Tensor, parts: torch.Tensor, rec: torch.Tensor, hist_row: torch.Tensor,
                          round_bf16: bool = False) -> None:
-    """x2's amax bits into out_bits (int32, zeroed) while `hist_row` holds only zeros, else nothing;
-    decided on the device (no sync). round_bf16: the amax of x2's values rounded to bf16."""
+    """The gate of a delayed-scaling call (decided on the device, no sync): rec (int32) zeroed, and
+    while `hist_row` holds only zeros, x2's amax bits as partial maxes into `parts` (int32, one
+    word a program, from delayed_words). round_bf16: the amax of x2's values rounded to bf16."""
     r, c = x2.shape
     bc = min(256, triton.next_power_of_2(c))
     br = max(1, min(triton.next_power_of_2(r), 8192 // bc))
-    grid = (max(1, min(AMAX_IF_EMPTY_PROGRAMS, triton.cdiv(r, br) * triton.cdiv(c, bc))),)
-    launchable(_amax_if_empty_kernel)[grid](
-        x2, out_bits, hist_row, hist_row.numel(), r, c, x2.stride(0), x2.stride(1),
+    launchable(_amax_if_empty_kernel)[(parts.numel(),)](
+        x2, parts, rec, hist_row, hist_row.numel(), r, c, x2.stride(0), x2.stride(1),
         HP=triton.next_power_of_2(hist_row.numel()), BR=br, BC=bc, num_warps=8 if br * bc >= 8192 else 4,
         ROUND_BF16=round_bf16,
     )
@@ -384,7 +410,8 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
                 wrap: Callable[[Any], Any] | None = None, hist_row: torch.Tensor | None = None,
                 num_warps: int | None = None, own_amax: bool = True,
                 values: tuple[bool, bool] = (False, False), round_bf16: bool = False) -> None:
-    # hist_row: delayed scaling; the amax is its max, or g_amax's int32 bits while it is all zeros.
+    # hist_row: delayed scaling; the amax is its max, or while it is all zeros the max of g_amax's
+    # int32 words (the gate's parts, delayed_words).
     # values: which sides are written as bf16 values (_pair_kernel's VALS_A / VALS_B).
     # round_bf16: an fp32 x2 quantized as its bf16 cast would be (not in strips).
     # own_amax: a tensor amax (g_amax, no history) is x2's own, so x2 / scale is bounded.
@@ -423,4 +450,5 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
+        **(delayed_amax_args(g_amax) if hist_row is not None else {}),
     )

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record
+from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record, delayed_amax_args
 from lowbit.kernels._quant_math_triton import _encode, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable
@@ -72,10 +72,10 @@ def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
 
 @triton.jit
 def _swiglu_pair_kernel(
-    g_ptr, u_ptr, sg, su, d_ptr, dt_ptr, s_ptr, st_ptr, own_ptr, rec_ptr, hist_ptr, H, R, C,
+    g_ptr, u_ptr, sg, su, d_ptr, dt_ptr, s_ptr, st_ptr, own_ptr, rec_ptr, hist_ptr, H, R, C, NP,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-    HW_FP8: tl.constexpr,
+    HW_FP8: tl.constexpr, PP: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -84,7 +84,7 @@ def _swiglu_pair_kernel(
     h = _silu_mul(_load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
                   _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
     _record(rec_ptr, h)  # h's own amax, for the history
-    amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, HP)
+    amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, NP, HP, PP)
     _emit_pair(h, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, (pid_r == 0) & (pid_c == 0),
                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
 
@@ -93,10 +93,10 @@ def _swiglu_pair_kernel(
 def _swiglu_grad_pairs_kernel(
     dh_ptr, g_ptr, u_ptr, sdh, sg, su,
     gd_ptr, gdt_ptr, gs_ptr, gst_ptr, g_own, g_rec, g_hist,
-    ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C,
+    ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C, NP,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-    HW_FP8: tl.constexpr,
+    HW_FP8: tl.constexpr, PP: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -108,22 +108,28 @@ def _swiglu_grad_pairs_kernel(
     _record(g_rec, dg)
     _record(u_rec, du)
     first = (pid_r == 0) & (pid_c == 0)
-    amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, HP)
+    amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, NP, HP, PP)
     _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
-    amax_u = tl.zeros([1, 1], tl.float32) + _delayed_amax(u_hist, H, u_own, HP)
+    amax_u = tl.zeros([1, 1], tl.float32) + _delayed_amax(u_hist, H, u_own, NP, HP, PP)
     _emit_pair(du, rows, cols, R, C, amax_u, ud_ptr, udt_ptr, us_ptr, ust_ptr, first,
                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
 
 
 @triton.jit
 def _swiglu_amax_if_empty_kernel(
-    a_ptr, b_ptr, c_ptr, sa, sb, sc, out_1, out_2, hist_1, hist_2, H, R, C,
+    a_ptr, b_ptr, c_ptr, sa, sb, sc, parts_1, parts_2, rec_1, rec_2, hist_1, hist_2, H, R, C,
     GRAD: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):
-    # A first call's own amaxes (_amax_if_empty_kernel of the pair quantizer, for SwiGLU's
-    # results): h's from (g, u) = (a, b), or GRAD: dg's and du's from (dh, g, u) = (a, b, c).
-    # Read only while a history row holds only zeros; otherwise every program returns at once.
+    # The gate of the pair quantizer (_amax_if_empty_kernel) for SwiGLU's results: program 0
+    # zeroes the record words, and a first call's own amaxes are stored as one partial max a
+    # program (parts_1, parts_2): h's from (g, u) = (a, b), or GRAD: dg's and du's from
+    # (dh, g, u) = (a, b, c). Read only while a history row holds only zeros; otherwise every
+    # program returns at once.
+    if tl.program_id(0) == 0:
+        tl.store(rec_1, 0)
+        if GRAD:
+            tl.store(rec_2, 0)
     empty = _history_bits(hist_1, H, HP) == 0
     if GRAD:
         empty = empty | (_history_bits(hist_2, H, HP) == 0)
@@ -142,9 +148,9 @@ def _swiglu_amax_if_empty_kernel(
                 acc_2 = tl.maximum(acc_2, _abs_bits(du))
             else:
                 acc_1 = tl.maximum(acc_1, _abs_bits(_silu_mul(a, b)))
-        tl.atomic_max(out_1, tl.max(tl.max(acc_1, axis=1), axis=0), sem="relaxed")
+        tl.store(parts_1 + tl.program_id(0), tl.max(tl.max(acc_1, axis=1), axis=0))
         if GRAD:
-            tl.atomic_max(out_2, tl.max(tl.max(acc_2, axis=1), axis=0), sem="relaxed")
+            tl.store(parts_2 + tl.program_id(0), tl.max(tl.max(acc_2, axis=1), axis=0))
 
 
 # Tile (rows x columns) and warps per program of the forward and backward kernels (knobs for
@@ -156,8 +162,6 @@ TILE = (32, 128)
 WARPS = (4, 8)
 # The backward kernel's tile (it reads three tiles and writes four, two of them transposed).
 GRAD_TILE = (32, 128)
-# Programs of the first-call amax launch.
-AMAX_PROGRAMS = 264
 
 
 def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
@@ -165,32 +169,33 @@ def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
                 ENC=enc, HW_FP8=not interpret())
 
 
-def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...],
-                         rows: tuple[torch.Tensor, ...]) -> None:
-    """Own amax bits of SwiGLU's result(s) into `outs` (int32, zeroed) while a history row in `rows`
-    is all zeros: ins = (g, u) for h, or (dh, g, u) for (dg, du)."""
+def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], parts: tuple[torch.Tensor, ...],
+                         recs: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...]) -> None:
+    """The gate of SwiGLU's delayed scaling: `recs` (int32 words) zeroed, and while a history row in
+    `rows` is all zeros, the own amax bits of SwiGLU's result(s) as partial maxes into `parts`
+    (_pair_quantize_triton.delayed_words): ins = (g, u) for h, or (dh, g, u) for (dg, du)."""
     grad = len(ins) == 3
     a, b, c = (*ins, ins[0]) if not grad else ins
     r, cc = a.shape
-    br, bc = 32, min(128, triton.next_power_of_2(cc))
+    br, bc = 32, min(128, max(1, triton.next_power_of_2(cc)))  # launched for empty inputs too
     h = rows[0].numel()
-    grid = (max(1, min(AMAX_PROGRAMS, triton.cdiv(r, br) * triton.cdiv(cc, bc))),)
-    launchable(_swiglu_amax_if_empty_kernel)[grid](
-        a, b, c, a.stride(0), b.stride(0), c.stride(0), outs[0], outs[-1], rows[0], rows[-1], h, r, cc,
-        GRAD=grad, HP=triton.next_power_of_2(h), BR=br, BC=bc, num_warps=8,
+    launchable(_swiglu_amax_if_empty_kernel)[(parts[0].numel(),)](
+        a, b, c, a.stride(0), b.stride(0), c.stride(0), parts[0], parts[-1], recs[0], recs[-1],
+        rows[0], rows[-1], h, r, cc, GRAD=grad, HP=triton.next_power_of_2(h), BR=br, BC=bc, num_warps=8,
     )
 
 
 def launch_swiglu_pair(g: torch.Tensor, u: torch.Tensor, outs: tuple[torch.Tensor, ...], own: torch.Tensor,
                        rec: torch.Tensor, row: torch.Tensor, fmt: ElementFormat, enc: int) -> None:
     """h = silu(g) * u as the fp8 pair outs = (data, data_t, scale, scale_t), scaled by `row`'s max
-    (`own`'s bits while it is all zeros), h's own amax bits into `rec`."""
+    (the max of the gate's words `own` while it is all zeros), h's own amax bits into `rec`."""
     r, c = g.shape
     br, bc = TILE
     d, dt, s, st = outs
     launchable(_swiglu_pair_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
         g, u, g.stride(0), u.stride(0), d, dt, s, st, own, rec, row, row.numel(), r, c,
         BR=br, BC=bc, HP=triton.next_power_of_2(row.numel()), num_warps=WARPS[0], **_fmt_kwargs(fmt, enc),
+        **delayed_amax_args(own),
     )
 
 
@@ -206,4 +211,5 @@ def launch_swiglu_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
         dh, g, u, dh.stride(0), g.stride(0), u.stride(0),
         *outs_g, own[0], rec[0], rows[0], *outs_u, own[1], rec[1], rows[1], rows[0].numel(), r, c,
         BR=br, BC=bc, HP=triton.next_power_of_2(rows[0].numel()), num_warps=WARPS[1], **_fmt_kwargs(fmt, enc),
+        **delayed_amax_args(own[0]),
     )

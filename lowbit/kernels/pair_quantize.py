@@ -181,7 +181,12 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
     # quantize_pair (same arguments) once why_not_pair has said yes (the GEMM seam checks first,
     # and the check is a sizeable part of the host time of a pair on a small layer). `values`:
     # quantize_pair_values' sides written as bf16 values (returned as tensors, not QTensors).
-    from lowbit.kernels._pair_quantize_triton import launch_amax_if_empty, launch_pair, launch_roll
+    from lowbit.kernels._pair_quantize_triton import (
+        delayed_words,
+        launch_amax_if_empty,
+        launch_pair,
+        launch_roll,
+    )
 
     if amax is not None and spec.block != "tensor":
         raise ValueError(f"an amax override (delayed scaling) needs block='tensor', got {spec.block!r}")
@@ -208,8 +213,8 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
             raise ValueError(f"tile {(br, bc)} does not hold whole groups {ga} × {gb}")
     g_amax = rec = None
     if history is not None:  # x's own amax bits: read only on a first call, recorded always
-        g_amax = rec = torch.zeros(1, dtype=torch.int32, device=dev)
-        launch_amax_if_empty(x, rec, history[0])
+        g_amax, rec = delayed_words(dev)
+        launch_amax_if_empty(x, g_amax, rec, history[0])
     elif a == "tensor":
         g_amax = amax.float().reshape(1).to(dev) if amax is not None else tensor_amax(x)
     # Group scales stored group-major (as lowbit.kernels.quantize does): the GEMMs read one K-group's

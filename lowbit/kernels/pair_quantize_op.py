@@ -57,6 +57,7 @@ def _quantize(
     # quantize_pair(..., history=) launches it (gated amax, pair kernel, roll). round_bf16 (with a
     # history only): an fp32 x quantized as x.to(torch.bfloat16) would be.
     from lowbit.kernels._pair_quantize_triton import (
+        delayed_words,
         launch_amax,
         launch_amax_if_empty,
         launch_pair,
@@ -70,10 +71,10 @@ def _quantize(
     # Two scales, not one: outputs of an operator may not alias. The kernel writes both.
     scale = torch.empty((1, 1), dtype=torch.float32, device=dev)
     scale_t = torch.empty((1, 1), dtype=torch.float32, device=dev)
-    rec = torch.zeros(1, dtype=torch.int32, device=dev) if record or history is not None else None
-    if history is not None:  # x's own amax bits: read only while the row is all zeros
-        launch_amax_if_empty(x, rec, history[0], round_bf16)
-        g_amax = rec
+    rec = torch.zeros(1, dtype=torch.int32, device=dev) if record and history is None else None
+    if history is not None:  # rec zeroed by the gate; x's own amax bits only while the row is all zeros
+        g_amax, rec = delayed_words(dev)
+        launch_amax_if_empty(x, g_amax, rec, history[0], round_bf16)
     elif amax is None:  # x's own, one read (lowbit.kernels.pair_quantize.tensor_amax)
         bits = torch.zeros(1, dtype=torch.int32, device=dev)
         launch_amax(x, bits, wrap)

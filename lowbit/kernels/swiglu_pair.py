@@ -72,17 +72,16 @@ def swiglu_pair_delayed(
     The same codes as lowbit.kernels.pair_quantize.quantize_pair(swiglu_fp32(g, u), spec, spec,
     history=(row, row_t)) wherever this kernel's fp32 h equals the reference's.
     """
-    from lowbit.kernels._pair_quantize_triton import launch_roll
+    from lowbit.kernels._pair_quantize_triton import delayed_words, launch_roll
     from lowbit.kernels._swiglu_pair_triton import launch_amax_if_empty, launch_swiglu_pair
 
     check_inputs("swiglu_pair_delayed", fmt, (g, u), (row, row_t))
     g, u = _rows_contiguous(g), _rows_contiguous(u)
     r, c = g.shape
     outs = _outputs(r, c, g.device)
-    own = torch.zeros(1, dtype=torch.int32, device=g.device)
-    rec = torch.zeros(1, dtype=torch.int32, device=g.device)
+    own, rec = delayed_words(g.device)  # the gate zeroes rec (also for an empty g)
+    launch_amax_if_empty((g, u), (own,), (rec,), (row,))
     if g.numel():
-        launch_amax_if_empty((g, u), (own,), (row,))
         launch_swiglu_pair(g, u, outs, own, rec, row, get_format(fmt), _ENC[fmt])
     launch_roll(rec, row, row_t)
     return _finish(outs, fmt)
@@ -95,7 +94,7 @@ def swiglu_grad_pairs_delayed(
     """(dg data, scale, data_t, scale_t, du data, scale, data_t, scale_t): SwiGLU's gradients
     (lowbit.quant.swiglu.swiglu_grad_fp32) as two fp8 pairs, dg by delayed scaling on rows_g[0]
     and recorded into both rows_g, du likewise on rows_u: swiglu_pair_delayed's rules, for each."""
-    from lowbit.kernels._pair_quantize_triton import launch_roll
+    from lowbit.kernels._pair_quantize_triton import delayed_words, launch_roll
     from lowbit.kernels._swiglu_pair_triton import launch_amax_if_empty, launch_swiglu_grad_pairs
 
     check_inputs("swiglu_grad_pairs_delayed", fmt, (dh, g, u), (*rows_g, *rows_u))
@@ -103,10 +102,10 @@ def swiglu_grad_pairs_delayed(
     r, c = g.shape
     dev = g.device
     outs_g, outs_u = _outputs(r, c, dev), _outputs(r, c, dev)
-    own = (torch.zeros(1, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev))
-    rec = (torch.zeros(1, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev))
+    own_g, rec_g, own_u, rec_u = delayed_words(dev, 2)  # the gate zeroes the recs (also for empty inputs)
+    own, rec = (own_g, own_u), (rec_g, rec_u)
+    launch_amax_if_empty((dh, g, u), own, rec, (rows_g[0], rows_u[0]))
     if g.numel():
-        launch_amax_if_empty((dh, g, u), own, (rows_g[0], rows_u[0]))
         launch_swiglu_grad_pairs(dh, g, u, outs_g, outs_u, own, rec, (rows_g[0], rows_u[0]),
                                  get_format(fmt), _ENC[fmt])
     launch_roll(rec[0], *rows_g)
