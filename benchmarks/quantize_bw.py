@@ -189,13 +189,21 @@ def _ab_values(ab: str) -> tuple[str, tuple]:
     return knob, tuple(ast.literal_eval(v) for v in parts)
 
 
-def _ab_rows(x, shape: str, name: str, spec, ab: str, pair: bool, copy_graph_bw: float) -> list[dict]:
+def _ab_rows(x, shape: str, name: str, spec, ab: str, pair: bool, copy_graph_bw: float,
+             hadamard: int = 0) -> list[dict]:
     # Device time (CUDA graphs) with the launch knob at its two values (a, b), interleaved: three
-    # rounds, medians.
-    import statistics
-
+    # rounds, medians. hadamard: the fused rotate-and-quantize kernel with blocks of this size.
     knob, values = _ab_values(ab)
     kt = _knob_module(knob)
+    if hadamard:
+        from lowbit.kernels.hadamard import rotate_quantize
+        from lowbit.quant import hadamard_rotate as reference_rotate
+        from lowbit.quant import random_signs
+
+        signs = random_signs(hadamard, 7, x.device)
+        ref = quantize(reference_rotate(x.cpu().float(), hadamard, signs.cpu()), spec, seed=1)
+        cases = {f"{name} H{hadamard} fused": (lambda: rotate_quantize(x, spec, hadamard, 7, seed=1), False)}
+        return _ab_time(cases, ref, None, knob, values, kt, x, shape, copy_graph_bw)
     cases = {name: (lambda: kq.quantize(x, spec, seed=1), False)}
     if spec.block == "tensor":  # the amax given (as delayed scaling gives it): its own value
         a = tensor_amax(x)
@@ -207,6 +215,14 @@ def _ab_rows(x, shape: str, name: str, spec, ab: str, pair: bool, copy_graph_bw:
                 lambda: quantize_pair(x, spec, spec, seed=1, seed_t=2, amax=a), True)
     ref = quantize(x.cpu(), spec, seed=1)
     ref_t = quantize(x.cpu().t(), spec, seed=2)
+    return _ab_time(cases, ref, ref_t, knob, values, kt, x, shape, copy_graph_bw)
+
+
+def _ab_time(cases: dict, ref, ref_t, knob: str, values: tuple, kt, x, shape: str,
+             copy_graph_bw: float) -> list[dict]:
+    # _ab_rows' timing of each case against the references (ref_t: a pair's transposed side).
+    import statistics
+
     default, out = getattr(kt, knob), []
     try:
         for case, (fn, is_pair) in cases.items():
@@ -277,7 +293,7 @@ def main() -> None:
         for name in args.specs.split(","):
             spec = SPECS[name]
             if args.ab:
-                rows += _ab_rows(x, shape, name, spec, args.ab, args.pair, copy_graph_bw)
+                rows += _ab_rows(x, shape, name, spec, args.ab, args.pair, copy_graph_bw, args.hadamard)
                 continue
             if args.hadamard:
                 rows += _hadamard_rows(x, shape, name, spec, args.hadamard, copy_bw, copy_graph_bw)
