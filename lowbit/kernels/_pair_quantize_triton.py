@@ -46,7 +46,7 @@ def _history_bits(hist_ptr, H, HP: tl.constexpr):
 
 
 @triton.jit
-def _delayed_amax(hist_ptr, H, parts_ptr, NP, HP: tl.constexpr, PP: tl.constexpr):
+def _delayed_amax(hist_ptr, H, parts_ptr, NP: tl.constexpr, HP: tl.constexpr, PP: tl.constexpr):
     # Delayed scaling's amax (lowbit.quant.gemm.AmaxHistory.scale_amax): the history's max, or
     # while the history holds only zeros the tensor's own: the max of the NP (<= PP) int32 words
     # the gate stored at parts_ptr (_amax_if_empty_kernel). Those are loaded only then.
@@ -243,7 +243,7 @@ def _pair_kernel(
     HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, FLIP: tl.constexpr, hist_ptr, H,
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False, VALS_A: tl.constexpr = False, VALS_B: tl.constexpr = False,
-    ROUND_BF16: tl.constexpr = False, NP=1, PP: tl.constexpr = 1,
+    ROUND_BF16: tl.constexpr = False, NP: tl.constexpr = 1, PP: tl.constexpr = 1,
 ):
     # VALS_A / VALS_B: that side is written as its exact values in bf16 (d_ptr / dt_ptr bf16), for
     # a GEMM on BF16 operands, and its scales are not stored (1-D group scaling only).
@@ -352,7 +352,7 @@ def delayed_words(device: torch.device, n: int = 1) -> tuple[torch.Tensor, ...]:
 
 
 def delayed_amax_args(parts: torch.Tensor) -> dict:
-    """The kernels' NP and PP for a gate's words `parts` (_delayed_amax)."""
+    """The kernels' NP and PP (constexprs) for a gate's words `parts` (_delayed_amax)."""
     return dict(NP=parts.numel(), PP=triton.next_power_of_2(parts.numel()))
 
 
@@ -450,5 +450,6 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
-        **(delayed_amax_args(g_amax) if hist_row is not None else {}),
+        # Every argument named: a triton_op's launch (wrap_triton) takes no defaults.
+        **(delayed_amax_args(g_amax) if hist_row is not None else dict(NP=1, PP=1)),
     )

@@ -72,7 +72,7 @@ def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
 
 @triton.jit
 def _swiglu_pair_kernel(
-    g_ptr, u_ptr, sg, su, d_ptr, dt_ptr, s_ptr, st_ptr, own_ptr, rec_ptr, hist_ptr, H, R, C, NP,
+    g_ptr, u_ptr, sg, su, d_ptr, dt_ptr, s_ptr, st_ptr, own_ptr, rec_ptr, hist_ptr, H, R, C, NP: tl.constexpr,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
     HW_FP8: tl.constexpr, PP: tl.constexpr,
@@ -93,7 +93,7 @@ def _swiglu_pair_kernel(
 def _swiglu_grad_pairs_kernel(
     dh_ptr, g_ptr, u_ptr, sdh, sg, su,
     gd_ptr, gdt_ptr, gs_ptr, gst_ptr, g_own, g_rec, g_hist,
-    ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C, NP,
+    ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C, NP: tl.constexpr,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
     HW_FP8: tl.constexpr, PP: tl.constexpr,
