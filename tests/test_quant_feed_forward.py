@@ -85,6 +85,37 @@ def test_swiglu_kernels_match_the_reference(fmt, dtype):
 
 
 @kernels
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("case", ["tiny history", "one huge value", "NaN and Inf", "normal"])
+def test_swiglu_backward_fix_up_gives_the_division_bits(fmt, case, monkeypatch):
+    # The backward divides by the scale without a guard and lists the tiles where that form would
+    # not be exact for a second launch with tl.div_rn (FAST_GRAD_DIVISION). Every tile must come
+    # out with the bits of the plain tl.div_rn kernel: all of them from the fix-up under a history
+    # whose scale is under 2^-64, one from it for one value 2^100 times the scale, two for NaN and
+    # Inf, none otherwise. (Outputs are torch.empty: a tile nobody stores would not match.)
+    import lowbit.kernels._swiglu_pair_triton as kt
+    from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed
+
+    gen = torch.Generator().manual_seed(9)
+    dh, g, u = (torch.randn(70, 200, generator=gen) for _ in range(3))  # 3 x 2 tiles of 32 x 128
+    if case == "one huge value":
+        dh[5, 7] = 1e30
+    elif case == "NaN and Inf":
+        dh[40, 150], dh[69, 3] = float("nan"), float("inf")
+    amax = 1e-36 if case == "tiny history" else 4.0
+    outs = {}
+    for fast in (False, True):
+        monkeypatch.setattr(kt, "FAST_GRAD_DIVISION", fast)
+        hist = torch.full((4, 8), amax, device=DEV)
+        outs[fast] = swiglu_grad_pairs_delayed(dh.to(DEV), g.to(DEV), u.to(DEV), fmt, (hist[0], hist[1]),
+                                               (hist[2], hist[3]))
+    for i, (a, b) in enumerate(zip(outs[False], outs[True])):
+        a, b = a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b
+        assert torch.equal(a.nan_to_num(-1.0) if a.is_floating_point() else a,
+                           b.nan_to_num(-1.0) if b.is_floating_point() else b), (case, i)
+
+
+@kernels
 @pytest.mark.parametrize("grad", [False, True])
 def test_swiglu_gate_needs_no_zeroed_words(grad):
     # The fused SwiGLU's gate, as the pair quantizer's (test_kernels_pair_quantize): its words come

@@ -15,7 +15,16 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record, delayed_amax_args
-from lowbit.kernels._quant_math_triton import _encode, _quant_values, _scaled, _scales
+from lowbit.kernels._quant_math_triton import (
+    _DIV_MAX_QUOTIENT,
+    _DIV_MIN_BITS,
+    _div_fast,
+    _encode,
+    _reciprocal,
+    _round_float,
+    _scaled,
+    _scales,
+)
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
 from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import interpret
@@ -45,29 +54,48 @@ def _silu_mul_grads(dh, g, u):
 @triton.jit
 def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
                MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
-               HAS_INF: tl.constexpr, ENC: tl.constexpr, HW_FP8: tl.constexpr):
+               HAS_INF: tl.constexpr, ENC: tl.constexpr, HW_FP8: tl.constexpr,
+               xbits=0, DIVFAST: tl.constexpr = False, SEL: tl.constexpr = 0):
     # x ([BR, BC] fp32) as fp8 codes of X (d_ptr, R x C) and of X^T (dt_ptr, C x R), one fp32
     # tensor scale from `amax` ([1, 1]) that the first program stores for both sides.
-    # The division by the scale is tl.div_rn per element, not _div_scale's reciprocal form: guarded
-    # inside each division that form was slower here on the H100 (runs 150 and 203: the backward
-    # 0.80 -> 0.69 of a copy, the branch's joined quotients doubling the registers), and with the
-    # guard taken once a tile around both quantize-and-stores, faster (0.90) but wrong on a ragged
-    # tile (Triton 3.6, run 202: rows of one value where the interpreter's bits were right).
+    # The division by the scale is tl.div_rn per element, or with DIVFAST _div_scale's reciprocal
+    # form with no guard at all. Guarded inside each division that form was slower here on the H100
+    # (runs 150 and 203: the backward 0.80 -> 0.69 of a copy, the branch's joined quotients
+    # doubling the registers), and with the guard taken once a tile around both quantize-and-stores,
+    # faster (0.90) but wrong on a ragged tile (Triton 3.6, run 202: rows of one value where the
+    # interpreter's bits were right). So no branch: the function returns whether the reciprocal
+    # form is exact for this tile (ok, [1, 1]: _div_fast_ok's conditions on the tile's amax bits
+    # `xbits`), and SEL 1 stores only where it is, SEL 2 only where it is not (the fix-up launch
+    # of the tiles SEL 1 left, with tl.div_rn), SEL 0 everywhere.
     s, eff = _scales(amax, 1.0, FMAX, EMAX, 0)
     if first:
         tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
+    r = _reciprocal(eff)
+    ok = (eff.to(tl.int32, bitcast=True) >= _DIV_MIN_BITS) & (
+        (xbits + tl.zeros([1, 1], tl.int32)).to(tl.float32, bitcast=True) * r <= _DIV_MAX_QUOTIENT)
+    if DIVFAST:
+        y = _div_fast(x, eff, r)
+        y_t = _div_fast(tl.trans(x), eff, r)
+    else:
+        y = _scaled(x, eff, 0)
+        y_t = _scaled(tl.trans(x), eff, 0)
     if HW_FP8:  # the pair kernel's FAST form: the hardware cast rounds (see _quant_tile)
-        codes = _encode(_scaled(x, eff, 0), ENC, True)
-        codes_t = _encode(_scaled(tl.trans(x), eff, 0), ENC, True)
+        codes = _encode(y, ENC, True)
+        codes_t = _encode(y_t, ENC, True)
     else:  # the interpreter: explicit rounding, bits assembled (its fp8 cast rounds wrongly)
-        q = _quant_values(x, eff, x, 0, False, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, 0)
+        q = _round_float(y, y, MBITS, EMIN, EMAX, FMAX, HAS_INF, False)
         codes = _encode(q, ENC, False)
         codes_t = _encode(tl.trans(q), ENC, False)
     m = (rows[:, None] < R) & (cols[None, :] < C)
-    tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
     mt = (cols[:, None] < C) & (rows[None, :] < R)
+    if SEL != 0:  # ok broadcast to the tiles by hand (the interpreter rejects a scalar in a mask)
+        keep = ok if SEL == 1 else ~ok
+        m = m & ((tl.zeros_like(m.to(tl.int32)) + keep.to(tl.int32)) != 0)
+        mt = mt & ((tl.zeros_like(mt.to(tl.int32)) + keep.to(tl.int32)) != 0)
+    tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
     tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
+    return ok
 
 
 @triton.jit
@@ -90,46 +118,85 @@ def _swiglu_pair_kernel(
 
 
 @triton.jit
+def _grad_tile(pid_r, pid_c, dh_ptr, g_ptr, u_ptr, sdh, sg, su,
+               gd_ptr, gdt_ptr, gs_ptr, gst_ptr, g_own, g_rec, g_hist,
+               ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C, NP: tl.constexpr,
+               MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
+               HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+               HP: tl.constexpr, HW_FP8: tl.constexpr, PP: tl.constexpr, MODE: tl.constexpr):
+    # One [BR, BC] tile of the backward (_swiglu_grad_pairs_kernel's MODE); returns whether the
+    # reciprocal division is exact for both of its results ([1, 1]).
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    dg, du = _silu_mul_grads(_load_tile(dh_ptr, rows, cols, R, C, sdh, 1, False, ""),
+                             _load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
+                             _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
+    # The tile's amax bits, as _record takes them; recorded once (not again by the fix-up).
+    g_bits = tl.max(tl.reshape(_abs_bits(dg), [BR * BC]), axis=0)
+    u_bits = tl.max(tl.reshape(_abs_bits(du), [BR * BC]), axis=0)
+    if MODE != 2:
+        tl.atomic_max(g_rec, g_bits, sem="relaxed")
+        tl.atomic_max(u_rec, u_bits, sem="relaxed")
+    first = (pid_r == 0) & (pid_c == 0)
+    amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, NP, HP, PP)
+    ok_g = _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
+                      MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, g_bits, MODE == 1, MODE)
+    amax_u = tl.zeros([1, 1], tl.float32) + _delayed_amax(u_hist, H, u_own, NP, HP, PP)
+    ok_u = _emit_pair(du, rows, cols, R, C, amax_u, ud_ptr, udt_ptr, us_ptr, ust_ptr, first,
+                      MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8, u_bits, MODE == 1, MODE)
+    return ok_g & ok_u
+
+
+@triton.jit
 def _swiglu_grad_pairs_kernel(
     dh_ptr, g_ptr, u_ptr, sdh, sg, su,
     gd_ptr, gdt_ptr, gs_ptr, gst_ptr, g_own, g_rec, g_hist,
     ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C, NP: tl.constexpr,
     MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr,
     HAS_INF: tl.constexpr, ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, HP: tl.constexpr,
-    HW_FP8: tl.constexpr, PP: tl.constexpr,
+    HW_FP8: tl.constexpr, PP: tl.constexpr, fix_ptr, cnt_ptr, MODE: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    dg, du = _silu_mul_grads(_load_tile(dh_ptr, rows, cols, R, C, sdh, 1, False, ""),
-                             _load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
-                             _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
-    _record(g_rec, dg)
-    _record(u_rec, du)
-    first = (pid_r == 0) & (pid_c == 0)
-    amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, NP, HP, PP)
-    _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
-    amax_u = tl.zeros([1, 1], tl.float32) + _delayed_amax(u_hist, H, u_own, NP, HP, PP)
-    _emit_pair(du, rows, cols, R, C, amax_u, ud_ptr, udt_ptr, us_ptr, ust_ptr, first,
-               MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
+    # MODE 0: a tile a program, tl.div_rn. MODE 1: a tile a program, the reciprocal division without
+    # a guard; a tile where it would not be exact is stored nowhere and listed (fix_ptr, its count
+    # at cnt_ptr, zeroed by the gate) instead. MODE 2: the fix-up launch: its programs take the
+    # listed tiles (none in training so far: a value 2^100 times the history's amax, a NaN or Inf,
+    # or a history amax under 2^-64 times the format's max) and store them with tl.div_rn.
+    if MODE == 2:
+        n_c = tl.cdiv(C, BC)
+        for i in range(tl.program_id(0), tl.load(cnt_ptr), tl.num_programs(0)):
+            t = tl.load(fix_ptr + i)
+            _grad_tile(t // n_c, t % n_c, dh_ptr, g_ptr, u_ptr, sdh, sg, su,
+                       gd_ptr, gdt_ptr, gs_ptr, gst_ptr, g_own, g_rec, g_hist,
+                       ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C, NP,
+                       MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, BR, BC, HP, HW_FP8, PP, MODE)
+    else:
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        ok = _grad_tile(pid_r, pid_c, dh_ptr, g_ptr, u_ptr, sdh, sg, su,
+                        gd_ptr, gdt_ptr, gs_ptr, gst_ptr, g_own, g_rec, g_hist,
+                        ud_ptr, udt_ptr, us_ptr, ust_ptr, u_own, u_rec, u_hist, H, R, C, NP,
+                        MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, BR, BC, HP, HW_FP8, PP, MODE)
+        if MODE == 1:
+            bad = ~ok
+            slot = tl.atomic_add(cnt_ptr + tl.zeros([1, 1], tl.int32), 1, mask=bad, sem="relaxed")
+            tl.store(fix_ptr + slot, pid_r * tl.cdiv(C, BC) + pid_c + tl.zeros([1, 1], tl.int32), mask=bad)
 
 
 @triton.jit
 def _swiglu_amax_if_empty_kernel(
-    a_ptr, b_ptr, c_ptr, sa, sb, sc, parts_1, parts_2, rec_1, rec_2, hist_1, hist_2, H, R, C,
+    a_ptr, b_ptr, c_ptr, sa, sb, sc, parts_1, parts_2, rec_1, rec_2, rec_3, hist_1, hist_2, H, R, C,
     GRAD: tl.constexpr, HP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):
     # The gate of the pair quantizer (_amax_if_empty_kernel) for SwiGLU's results: program 0
-    # zeroes the record words, and a first call's own amaxes are stored as one partial max a
-    # program (parts_1, parts_2): h's from (g, u) = (a, b), or GRAD: dg's and du's from
-    # (dh, g, u) = (a, b, c). Read only while a history row holds only zeros; otherwise every
-    # program returns at once.
+    # zeroes the record words (GRAD: three, the last the fix-up count), and a first call's own
+    # amaxes are stored as one partial max a program (parts_1, parts_2): h's from (g, u) = (a, b),
+    # or GRAD: dg's and du's from (dh, g, u) = (a, b, c). Read only while a history row holds only
+    # zeros; otherwise every program returns at once.
     if tl.program_id(0) == 0:
         tl.store(rec_1, 0)
         if GRAD:
             tl.store(rec_2, 0)
+            tl.store(rec_3, 0)  # the backward's count of tiles for its fix-up launch
     empty = _history_bits(hist_1, H, HP) == 0
     if GRAD:
         empty = empty | (_history_bits(hist_2, H, HP) == 0)
@@ -162,6 +229,12 @@ TILE = (32, 128)
 WARPS = (4, 8)
 # The backward kernel's tile (it reads three tiles and writes four, two of them transposed).
 GRAD_TILE = (32, 128)
+# FAST_GRAD_DIVISION: the backward divides in _div_scale's reciprocal form without a guard (MODE
+# 1), and a second launch (MODE 2, FIXUP_PROGRAMS programs, which return at once when no tile was
+# listed) redoes with tl.div_rn any tile where that form would not be exact; else tl.div_rn
+# everywhere (MODE 0). Same bits either way.
+FAST_GRAD_DIVISION = True
+FIXUP_PROGRAMS = 132
 
 
 def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
@@ -171,7 +244,8 @@ def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
 
 def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], parts: tuple[torch.Tensor, ...],
                          recs: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...]) -> None:
-    """The gate of SwiGLU's delayed scaling: `recs` (int32 words) zeroed, and while a history row in
+    """The gate of SwiGLU's delayed scaling: `recs` (int32 words: h's record, or dg's, du's and the
+    backward's fix-up count) zeroed, and while a history row in
     `rows` is all zeros, the own amax bits of SwiGLU's result(s) as partial maxes into `parts`
     (_pair_quantize_triton.delayed_words): ins = (g, u) for h, or (dh, g, u) for (dg, du)."""
     grad = len(ins) == 3
@@ -180,8 +254,9 @@ def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], parts: tuple[torch.Tenso
     br, bc = 32, min(128, max(1, triton.next_power_of_2(cc)))  # launched for empty inputs too
     h = rows[0].numel()
     launchable(_swiglu_amax_if_empty_kernel)[(parts[0].numel(),)](
-        a, b, c, a.stride(0), b.stride(0), c.stride(0), parts[0], parts[-1], recs[0], recs[-1],
-        rows[0], rows[-1], h, r, cc, GRAD=grad, HP=triton.next_power_of_2(h), BR=br, BC=bc, num_warps=8,
+        a, b, c, a.stride(0), b.stride(0), c.stride(0), parts[0], parts[-1], recs[0], recs[1 % len(recs)],
+        recs[-1], rows[0], rows[-1], h, r, cc, GRAD=grad, HP=triton.next_power_of_2(h), BR=br, BC=bc,
+        num_warps=8,
     )
 
 
@@ -199,17 +274,29 @@ def launch_swiglu_pair(g: torch.Tensor, u: torch.Tensor, outs: tuple[torch.Tenso
     )
 
 
+def grad_fixup_list(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized int32 storage for the backward's fix-up (launch_swiglu_grad_pairs): one word per
+    tile, and the count word, which the gate zeroes."""
+    n = triton.cdiv(g.shape[0], GRAD_TILE[0]) * triton.cdiv(g.shape[1], GRAD_TILE[1])
+    words = torch.empty(n + 1, dtype=torch.int32, device=g.device)
+    return words[:n], words[n:]
+
+
 def launch_swiglu_grad_pairs(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
                              outs_g: tuple[torch.Tensor, ...], outs_u: tuple[torch.Tensor, ...],
                              own: tuple[torch.Tensor, torch.Tensor], rec: tuple[torch.Tensor, torch.Tensor],
-                             rows: tuple[torch.Tensor, torch.Tensor], fmt: ElementFormat, enc: int) -> None:
+                             rows: tuple[torch.Tensor, torch.Tensor], fmt: ElementFormat, enc: int,
+                             fixup: tuple[torch.Tensor, torch.Tensor]) -> None:
     """(dg, du) of SwiGLU as two fp8 pairs (each (data, data_t, scale, scale_t)), each scaled by its
-    history row's max and recording its own amax bits (own, rec, rows: dg's then du's)."""
+    history row's max and recording its own amax bits (own, rec, rows: dg's then du's); `fixup`
+    from grad_fixup_list, its count zeroed by the gate."""
     r, c = g.shape
     br, bc = GRAD_TILE
-    launchable(_swiglu_grad_pairs_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
-        dh, g, u, dh.stride(0), g.stride(0), u.stride(0),
-        *outs_g, own[0], rec[0], rows[0], *outs_u, own[1], rec[1], rows[1], rows[0].numel(), r, c,
-        BR=br, BC=bc, HP=triton.next_power_of_2(rows[0].numel()), num_warps=WARPS[1], **_fmt_kwargs(fmt, enc),
-        **delayed_amax_args(own[0]),
-    )
+    kernel = launchable(_swiglu_grad_pairs_kernel)
+    args = (dh, g, u, dh.stride(0), g.stride(0), u.stride(0),
+            *outs_g, own[0], rec[0], rows[0], *outs_u, own[1], rec[1], rows[1], rows[0].numel(), r, c)
+    kw = dict(BR=br, BC=bc, HP=triton.next_power_of_2(rows[0].numel()), num_warps=WARPS[1],
+              **_fmt_kwargs(fmt, enc), **delayed_amax_args(own[0]), fix_ptr=fixup[0], cnt_ptr=fixup[1])
+    kernel[(triton.cdiv(r, br), triton.cdiv(c, bc))](*args, MODE=1 if FAST_GRAD_DIVISION else 0, **kw)
+    if FAST_GRAD_DIVISION:
+        kernel[(FIXUP_PROGRAMS,)](*args, MODE=2, **kw)

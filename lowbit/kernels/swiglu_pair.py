@@ -95,7 +95,11 @@ def swiglu_grad_pairs_delayed(
     (lowbit.quant.swiglu.swiglu_grad_fp32) as two fp8 pairs, dg by delayed scaling on rows_g[0]
     and recorded into both rows_g, du likewise on rows_u: swiglu_pair_delayed's rules, for each."""
     from lowbit.kernels._pair_quantize_triton import delayed_words, launch_roll
-    from lowbit.kernels._swiglu_pair_triton import launch_amax_if_empty, launch_swiglu_grad_pairs
+    from lowbit.kernels._swiglu_pair_triton import (
+        grad_fixup_list,
+        launch_amax_if_empty,
+        launch_swiglu_grad_pairs,
+    )
 
     check_inputs("swiglu_grad_pairs_delayed", fmt, (dh, g, u), (*rows_g, *rows_u))
     dh, g, u = _rows_contiguous(dh), _rows_contiguous(g), _rows_contiguous(u)
@@ -104,10 +108,11 @@ def swiglu_grad_pairs_delayed(
     outs_g, outs_u = _outputs(r, c, dev), _outputs(r, c, dev)
     own_g, rec_g, own_u, rec_u = delayed_words(dev, 2)  # the gate zeroes the recs (also for empty inputs)
     own, rec = (own_g, own_u), (rec_g, rec_u)
-    launch_amax_if_empty((dh, g, u), own, rec, (rows_g[0], rows_u[0]))
+    fixup = grad_fixup_list(g)
+    launch_amax_if_empty((dh, g, u), own, (*rec, fixup[1]), (rows_g[0], rows_u[0]))
     if g.numel():
         launch_swiglu_grad_pairs(dh, g, u, outs_g, outs_u, own, rec, (rows_g[0], rows_u[0]),
-                                 get_format(fmt), _ENC[fmt])
+                                 get_format(fmt), _ENC[fmt], fixup)
     launch_roll(rec[0], *rows_g)
     launch_roll(rec[1], *rows_u)
     return (*_finish(outs_g, fmt), *_finish(outs_u, fmt))
