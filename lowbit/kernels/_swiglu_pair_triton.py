@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels._pair_quantize_triton import _delayed_amax, _history_bits, _record, delayed_amax_args
+from lowbit.kernels._pair_quantize_triton import (
+    _delayed_amax,
+    _history_bits,
+    _record,
+    _tile_amax_bits,
+    delayed_amax_args,
+)
 from lowbit.kernels._quant_math_triton import (
     _DIV_MAX_QUOTIENT,
     _DIV_MIN_BITS,
@@ -111,7 +117,7 @@ def _swiglu_pair_kernel(
     cols = pid_c * BC + tl.arange(0, BC)
     h = _silu_mul(_load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
                   _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
-    _record(rec_ptr, h)  # h's own amax, for the history
+    _record(rec_ptr, _tile_amax_bits(h))  # h's own amax, for the history
     amax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, own_ptr, NP, HP, PP)
     _emit_pair(h, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, (pid_r == 0) & (pid_c == 0),
                MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, HW_FP8)
@@ -131,12 +137,12 @@ def _grad_tile(pid_r, pid_c, dh_ptr, g_ptr, u_ptr, sdh, sg, su,
     dg, du = _silu_mul_grads(_load_tile(dh_ptr, rows, cols, R, C, sdh, 1, False, ""),
                              _load_tile(g_ptr, rows, cols, R, C, sg, 1, False, ""),
                              _load_tile(u_ptr, rows, cols, R, C, su, 1, False, ""))
-    # The tile's amax bits, as _record takes them; recorded once (not again by the fix-up).
-    g_bits = tl.max(tl.reshape(_abs_bits(dg), [BR * BC]), axis=0)
-    u_bits = tl.max(tl.reshape(_abs_bits(du), [BR * BC]), axis=0)
+    # The tiles' amax bits: recorded once (not again by the fix-up), and _emit_pair's check.
+    g_bits = _tile_amax_bits(dg)
+    u_bits = _tile_amax_bits(du)
     if MODE != 2:
-        tl.atomic_max(g_rec, g_bits, sem="relaxed")
-        tl.atomic_max(u_rec, u_bits, sem="relaxed")
+        _record(g_rec, g_bits)
+        _record(u_rec, u_bits)
     first = (pid_r == 0) & (pid_c == 0)
     amax_g = tl.zeros([1, 1], tl.float32) + _delayed_amax(g_hist, H, g_own, NP, HP, PP)
     ok_g = _emit_pair(dg, rows, cols, R, C, amax_g, gd_ptr, gdt_ptr, gs_ptr, gst_ptr, first,
@@ -248,18 +254,18 @@ def _fmt_kwargs(fmt: ElementFormat, enc: int) -> dict:
 def launch_amax_if_empty(ins: tuple[torch.Tensor, ...], parts: tuple[torch.Tensor, ...],
                          recs: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...]) -> None:
     """The gate of SwiGLU's delayed scaling: `recs` (int32 words: h's record, or dg's, du's and the
-    backward's fix-up count) zeroed, and while a history row in
-    `rows` is all zeros, the own amax bits of SwiGLU's result(s) as partial maxes into `parts`
-    (_pair_quantize_triton.delayed_words): ins = (g, u) for h, or (dh, g, u) for (dg, du)."""
+    backward's fix-up count) zeroed, and while a history row in `rows` is all zeros, the own amax
+    bits of SwiGLU's result(s) as partial maxes into `parts` (_pair_quantize_triton.delayed_words):
+    ins = (g, u) for h, or (dh, g, u) for (dg, du)."""
     grad = len(ins) == 3
     a, b, c = (*ins, ins[0]) if not grad else ins
     r, cc = a.shape
     br, bc = 32, min(128, max(1, triton.next_power_of_2(cc)))  # launched for empty inputs too
     h = rows[0].numel()
+    rec_2, rec_3 = recs[1:] if grad else (recs[0], recs[0])  # read only when grad
     launchable(_swiglu_amax_if_empty_kernel)[(parts[0].numel(),)](
-        a, b, c, a.stride(0), b.stride(0), c.stride(0), parts[0], parts[-1], recs[0], recs[1 % len(recs)],
-        recs[-1], rows[0], rows[-1], h, r, cc, GRAD=grad, HP=triton.next_power_of_2(h), BR=br, BC=bc,
-        num_warps=8,
+        a, b, c, a.stride(0), b.stride(0), c.stride(0), parts[0], parts[-1], recs[0], rec_2, rec_3,
+        rows[0], rows[-1], h, r, cc, GRAD=grad, HP=triton.next_power_of_2(h), BR=br, BC=bc, num_warps=8,
     )
 
 
