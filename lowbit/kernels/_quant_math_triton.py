@@ -319,12 +319,18 @@ def _div_fast_ok(x, d, r, QUOTIENTS: tl.constexpr):
     # Whether _div_fast gives tl.div_rn's quotients for this tile: divisors from 2^-64 up (d > 0 or
     # NaN: their int32 bits order them), and with QUOTIENTS, |x| max times r = 1/d max at most
     # 2^100 (from their bits; NaN and Inf on top: not ok). A scalar.
-    ok = tl.min(d.to(tl.int32, bitcast=True)) >= _DIV_MIN_BITS
     if QUOTIENTS:
-        xm = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        rm = tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        ok = ok & (xm * rm <= _DIV_MAX_QUOTIENT)
-    return ok
+        return _div_fast_ok_bits(tl.min(d.to(tl.int32, bitcast=True)),
+                                 tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF),
+                                 tl.max(r.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True))
+    return tl.min(d.to(tl.int32, bitcast=True)) >= _DIV_MIN_BITS
+
+
+@triton.jit
+def _div_fast_ok_bits(d_bits, x_bits, r):
+    # _div_fast_ok with QUOTIENTS from its reductions: the least divisor's and the largest |x|'s
+    # int32 bits and the largest reciprocal (a caller that has the tile's amax bits already).
+    return (d_bits >= _DIV_MIN_BITS) & (x_bits.to(tl.float32, bitcast=True) * r <= _DIV_MAX_QUOTIENT)
 
 
 @triton.jit

@@ -22,9 +22,8 @@ from lowbit.kernels._pair_quantize_triton import (
     delayed_amax_args,
 )
 from lowbit.kernels._quant_math_triton import (
-    _DIV_MAX_QUOTIENT,
-    _DIV_MIN_BITS,
     _div_fast,
+    _div_fast_ok_bits,
     _encode,
     _reciprocal,
     _round_float,
@@ -78,8 +77,7 @@ def _emit_pair(x, rows, cols, R, C, amax, d_ptr, dt_ptr, s_ptr, st_ptr, first,
         tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
         tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
     r = _reciprocal(eff)
-    ok = (eff.to(tl.int32, bitcast=True) >= _DIV_MIN_BITS) & (
-        (xbits + tl.zeros([1, 1], tl.int32)).to(tl.float32, bitcast=True) * r <= _DIV_MAX_QUOTIENT)
+    ok = _div_fast_ok_bits(eff.to(tl.int32, bitcast=True), xbits + tl.zeros([1, 1], tl.int32), r)
     if DIVFAST:
         y = _div_fast(x, eff, r)
         y_t = _div_fast(tl.trans(x), eff, r)
