@@ -1,10 +1,11 @@
 """Where a training step's GPU time goes: kernel time by category for one model and recipe (GPU).
 
 Builds the model as train.py does (Llama + convert_model for the recipe, bf16 autocast, fp32
-parameters, fused AdamW), compiles it with its loss, runs warm-up steps and profiles `--steps` steps. Kernels
-are grouped by name: GEMMs (cuBLAS/CUTLASS/nvjet), attention (flash/SDPA), lowbit's quantizers
-(Triton _pair/_amax/_quantize kernels), optimizer, and the rest (Inductor's fused elementwise and
-reductions, copies). Also prints wall time per step, so host-bound steps show as wall >> GPU.
+parameters, fused AdamW with the trainer's gradient clipping), compiles it with its loss, runs
+warm-up steps and profiles `--steps` steps. Kernels are grouped by name: GEMMs (cuBLAS/CUTLASS/
+nvjet), attention (flash/SDPA), lowbit's quantizers (Triton _pair/_amax/_quantize kernels),
+optimizer, and the rest (Inductor's fused elementwise and reductions, copies). Also prints wall
+time per step, so host-bound steps show as wall >> GPU.
 
     python benchmarks/profile_step.py --model 1b --recipe fp8_tensorwise --micro 8
 """
@@ -45,11 +46,34 @@ def category(name: str) -> str:
     return "other"
 
 
+def _launches(prof: object, steps: int) -> list[dict]:
+    """lowbit's Triton kernels grouped by (name, grid) from the profiler's trace, ms per step."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    acc: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e in events:
+        if e.get("cat") != "kernel" or category(e["name"]) not in _TRITON:
+            continue
+        a = acc[(e["name"], str(e.get("args", {}).get("grid")))]
+        a[0] += e["dur"] / 1e3 / steps
+        a[1] += 1 / steps
+    rows = [dict(name=name, grid=grid, ms=ms, calls=n, us_per_call=1e3 * ms / n)
+            for (name, grid), (ms, n) in acc.items()]
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
 def main() -> None:
     from omegaconf import OmegaConf
 
     from lowbit.nn.convert import convert_model
     from lowbit.nn.llama import Llama, LlamaConfig
+    from lowbit.trainer.grad_clip import clip_and_step
     from lowbit.trainer.loss import LanguageModelLoss
 
     ap = argparse.ArgumentParser()
@@ -59,6 +83,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--mode", default="default", help="torch.compile mode")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="as train.py's train.grad_clip")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
@@ -70,7 +95,8 @@ def main() -> None:
     if args.recipe != "bf16":
         convert_model(model, args.recipe)
     model = model.cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     # The loss compiled with the model, as the trainer does (lowbit.trainer.loss).
     fwd = torch.compile(LanguageModelLoss(model), mode=args.mode)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro, args.seq_len + 1), device="cuda")
@@ -79,7 +105,7 @@ def main() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fwd(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        opt.step()
+        clip_and_step(opt, params, args.grad_clip)  # as the trainer's TorchEngine.step
         opt.zero_grad(set_to_none=True)
 
     for _ in range(4):
@@ -97,6 +123,7 @@ def main() -> None:
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
+    launches = _launches(prof, args.steps)
     by_cat: dict[str, float] = defaultdict(float)
     top: dict[str, float] = defaultdict(float)
     calls: dict[str, float] = defaultdict(float)
@@ -114,12 +141,15 @@ def main() -> None:
                top_kernels_calls={k: calls[k] for k in sorted(top, key=lambda k: -top[k])[:30]},
                # Every kernel, so two recipes' profiles can be compared kernel by kernel.
                kernels={k: dict(ms=top[k], calls=calls[k], category=category(k)) for k in top},
-               device=torch.cuda.get_device_name(), torch=torch.__version__)
+               # lowbit's kernels launch by launch shape (grid), to tell e.g. weight pairs from activations'.
+               launches=launches, device=torch.cuda.get_device_name(), torch=torch.__version__)
     print(f"{args.model} {args.recipe} micro {args.micro}: wall {wall:.1f} ms/step, GPU {gpu:.1f} ms/step")
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:>10} {t:8.2f} ms  {t / gpu:6.1%}")
     for k, t in res["top_kernels_ms"].items():
         print(f"    {t:8.2f} ms {calls[k]:6.0f} calls  {k[:80]}")
+    for r in launches[:40]:
+        print(f"    {r['ms']:8.3f} ms {r['calls']:5.0f} x {r['us_per_call']:7.1f} us {r['name']} {r['grid']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

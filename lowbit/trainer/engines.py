@@ -18,6 +18,7 @@ from torch import nn
 from lowbit.trainer.checkpoint import CheckpointError, load_torch, load_weights, save_torch, save_weights
 from lowbit.trainer.config import DistBackend
 from lowbit.trainer.distributed import DistContext
+from lowbit.trainer.grad_clip import clip_and_step
 from lowbit.trainer.loss import LanguageModelLoss, loss_fn
 
 
@@ -94,8 +95,8 @@ class TorchEngine:
     def step(self) -> torch.Tensor:
         self._owned_grads.clear()
         params = self._params()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        # torch's fused AdamW applies the clipping factor inside its own pass (lowbit/trainer/grad_clip.py).
+        norm = clip_and_step(self.optimizer, params, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         # The norm stays on the device: reading it here would wait for the GPU every step, and the
         # host could not queue the next step's kernels meanwhile (an fp8 1b step lost ~20% to
