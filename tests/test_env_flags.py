@@ -17,7 +17,6 @@ FLAGS = (
     ("lowbit.kernels.fast_launch", "LOWBIT_FAST_LAUNCH", "ENABLED", True),
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_SHARE", "SHARE_CODES", False),
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "GROUPS_ON_CUDA", True),
-    ("lowbit.kernels._pair_quantize_triton", "LOWBIT_PAIR_PERSIST", "PERSISTENT_DELAYED", True),
     ("lowbit.kernels.quantize", "LOWBIT_ROTATED_STRIDED", "ROTATED_STRIDED_READ", False),
     ("lowbit.nn.gradient_cast_fold", "LOWBIT_FOLD_GRAD_CAST", "ENABLED", True),
     ("lowbit.nn.quant_linear_traced", "LOWBIT_TRITON_OP", "USE_TRITON_OP", False),

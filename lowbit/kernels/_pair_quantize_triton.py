@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.env_flags import env_flag
 from lowbit.kernels import _quantize_triton
 from lowbit.kernels._quant_math_triton import _bf16_rne, _encode, _quant_tile, _quant_values, _scaled, _scales
 from lowbit.kernels._quantize_triton import _abs_bits, _load_tile
@@ -238,80 +237,6 @@ def _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, 
         tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
 
-@triton.jit
-def _whole_tile(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, ga_ptr, rec_ptr, hist_ptr, H, tamax_in, R, C, sxr,
-                sxc, ssr, ssc, sstr, sstc, seed_a, seed_b, pid_r, pid_c, MBITS: tl.constexpr,
-                EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr,
-                KIND_INT: tl.constexpr, ENC: tl.constexpr, SMODE: tl.constexpr, GA: tl.constexpr,
-                GB: tl.constexpr, SR_A: tl.constexpr, SR_B: tl.constexpr,
-                SAME_CODES: tl.constexpr, RECORD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                HW_FP8: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr,
-                VALS_A: tl.constexpr, VALS_B: tl.constexpr, ROUND_BF16: tl.constexpr, HIST: tl.constexpr,
-                HP: tl.constexpr, NP: tl.constexpr, PP: tl.constexpr, TAMAX_GIVEN: tl.constexpr):
-    # The pair of one [BR, BC] tile held whole in registers (tile pid_r, pid_c). GA == 0: one
-    # tensor amax, tamax_in ([1, 1]) where TAMAX_GIVEN, else read here (after x's load is issued):
-    # the history's (HIST) or ga_ptr's. RECORD: the tile's amax into rec_ptr.
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    x = _load_rounded(x_ptr, rows, cols, R, C, sxr, sxc, ROUND_BF16)
-    xt = tl.trans(x)
-    if TAMAX_GIVEN:
-        tamax = tamax_in
-    else:
-        tamax = tl.zeros([1, 1], tl.float32)
-        if GA == 0:  # one tensor amax: given, or delayed scaling's choice
-            if HIST:
-                tamax += _delayed_amax(hist_ptr, H, ga_ptr, NP, HP, PP)
-            else:
-                tamax += tl.load(ga_ptr)
-    if RECORD:  # delayed scaling: this tensor's own amax, for the history
-        _record(rec_ptr, _tile_amax_bits(x))
-    if FAST:
-        # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
-        # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
-        # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
-        s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
-        if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
-            tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-            tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
-        codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
-    elif SAME_CODES:
-        # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
-        # values are transposed and then encoded (transposing the codes made by the hardware e4m3
-        # cast came out wrong on the H100, Triton 3.6).
-        s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
-        if (pid_r == 0) & (pid_c == 0):
-            tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
-        q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE,
-                          DIV)
-        codes = _encode(q, ENC, HW_FP8)
-    else:
-        codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
-                      MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV,
-                      VALS_A)
-    m = (rows[:, None] < R) & (cols[None, :] < C)
-    if VALS_A:
-        tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _bf16_rne(codes), m)
-    else:
-        tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
-    if FAST:
-        codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
-    elif SAME_CODES:
-        # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
-        # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
-        codes_t = _encode(tl.trans(q), ENC, False)
-    else:
-        codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
-                        GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
-                        True, DIV_T, VALS_B)
-    mt = (cols[:, None] < C) & (rows[None, :] < R)
-    if VALS_B:
-        tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], _bf16_rne(codes_t), mt)
-    else:
-        tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
-    return _abs_bits(x)  # for a caller that records the amax itself (PERSIST)
-
-
 @triton.jit(do_not_specialize=["seed_a", "seed_b"])
 def _pair_kernel(
     x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, ga_ptr, rec_ptr, R, C, sxr, sxc,
@@ -324,7 +249,6 @@ def _pair_kernel(
     HP: tl.constexpr, HIST: tl.constexpr, DIV_T: tl.constexpr = 0, STRIP: tl.constexpr = 0,
     SEED_PTR: tl.constexpr = False, VALS_A: tl.constexpr = False, VALS_B: tl.constexpr = False,
     ROUND_BF16: tl.constexpr = False, NP: tl.constexpr = 1, PP: tl.constexpr = 1,
-    PERSIST: tl.constexpr = False,
 ):
     # VALS_A / VALS_B: that side is written as its exact values in bf16 (d_ptr / dt_ptr bf16), for
     # a GEMM on BF16 operands, and its scales are not stored (1-D group scaling only).
@@ -340,27 +264,62 @@ def _pair_kernel(
         _pair_strips(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, R, C, sxr, sxc, ssr, ssc, sstr, sstc, seed_a,
                      seed_b, pid_r * BR, pid_c * BC, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE,
                      GA, SR_A, SR_B, BR, BC, STRIP, HW_FP8, DIV, DIV_T)
-    elif PERSIST:
-        # Delayed scaling's tensor pair on a grid of a few programs per SM, each striding over the
-        # tiles: the history is read once per program, and the tensor's own amax is kept as an
-        # elementwise max over the program's tiles and recorded by one atomic at the end, where one
-        # program per tile pays a cross-warp reduction and an atomic for every tile.
-        n_c = tl.cdiv(C, BC)
-        tamax = tl.zeros([1, 1], tl.float32) + _delayed_amax(hist_ptr, H, ga_ptr, NP, HP, PP)
-        acc = tl.zeros([BR], tl.int32)
-        for t in range(pid_r, tl.cdiv(R, BR) * n_c, tl.num_programs(0)):
-            acc = tl.maximum(acc, tl.max(_whole_tile(
-                x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, ga_ptr, rec_ptr, hist_ptr, H, tamax, R, C, sxr, sxc,
-                ssr, ssc, sstr, sstc, seed_a, seed_b, t // n_c, t % n_c, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                KIND_INT, ENC, SMODE, GA, GB, SR_A, SR_B, SAME_CODES, False, BR, BC, HW_FP8, FAST, DIV, DIV_T,
-                VALS_A, VALS_B, ROUND_BF16, HIST, HP, NP, PP, True), axis=1))
-        if RECORD:
-            _record(rec_ptr, tl.max(acc, axis=0))
     else:
-        _whole_tile(x_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, ga_ptr, rec_ptr, hist_ptr, H, 0.0, R, C, sxr, sxc,
-                    ssr, ssc, sstr, sstc, seed_a, seed_b, pid_r, pid_c, MBITS, EMIN, EMAX, FMAX, HAS_INF,
-                    KIND_INT, ENC, SMODE, GA, GB, SR_A, SR_B, SAME_CODES, RECORD, BR, BC, HW_FP8, FAST, DIV,
-                    DIV_T, VALS_A, VALS_B, ROUND_BF16, HIST, HP, NP, PP, False)
+        rows = pid_r * BR + tl.arange(0, BR)
+        cols = pid_c * BC + tl.arange(0, BC)
+        x = _load_rounded(x_ptr, rows, cols, R, C, sxr, sxc, ROUND_BF16)
+        xt = tl.trans(x)
+        tamax = tl.zeros([1, 1], tl.float32)
+        if GA == 0:  # one tensor amax: given, or delayed scaling's choice
+            if HIST:
+                tamax += _delayed_amax(hist_ptr, H, ga_ptr, NP, HP, PP)
+            else:
+                tamax += tl.load(ga_ptr)
+        if RECORD:  # delayed scaling: this tensor's own amax, for the history
+            _record(rec_ptr, _tile_amax_bits(x))
+        if FAST:
+            # GPU, fp8, one tensor scale, nearest rounding: the hardware cast rounds (see _quant_tile),
+            # written out here without _side's reshapes to [BR, 1, BC] (run 23: 0.74 of a copy through
+            # _side against 0.90 for this form in run 22, on 8192 x 14336 bf16).
+            s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
+            if (pid_r == 0) & (pid_c == 0):  # both sides' scales (one tensor when the caller shares it)
+                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+                tl.store(st_ptr + tl.zeros([1, 1], tl.int32), s)
+            codes = _encode(_scaled(x, eff, SMODE, DIV), ENC, True)
+        elif SAME_CODES:
+            # One tensor scale and nearest rounding: X^T's values are X's, transposed. The fp32 grid
+            # values are transposed and then encoded (transposing the codes made by the hardware e4m3
+            # cast came out wrong on the H100, Triton 3.6).
+            s, eff = _scales(tamax, 1.0, FMAX, EMAX, SMODE)
+            if (pid_r == 0) & (pid_c == 0):
+                tl.store(s_ptr + tl.zeros([1, 1], tl.int32), s)
+            q = _quant_values(x, eff, x, seed_a, KIND_INT, MBITS, EMIN, EMAX, FMAX, HAS_INF, False, SMODE,
+                              DIV)
+            codes = _encode(q, ENC, HW_FP8)
+        else:
+            codes = _side(x, pid_r * BR, pid_c * BC, R, C, tamax, s_ptr, ssr, ssc, seed_a, GA, BR, BC,
+                          MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_A, HW_FP8, False, DIV,
+                          VALS_A)
+        m = (rows[:, None] < R) & (cols[None, :] < C)
+        if VALS_A:
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], _bf16_rne(codes), m)
+        else:
+            tl.store(d_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], codes.to(tl.uint8), m)
+        if FAST:
+            codes_t = _encode(_scaled(xt, eff, SMODE, DIV_T), ENC, True)
+        elif SAME_CODES:
+            # Bit assembly, not the hardware cast: on the H100 (Triton 3.6) the e4m3 cast of a
+            # transposed tile came out wrong (runs 9 and 11), while tl.trans of fp32 tiles is right.
+            codes_t = _encode(tl.trans(q), ENC, False)
+        else:
+            codes_t = _side(xt, pid_c * BC, pid_r * BR, C, R, tamax, st_ptr, sstr, sstc, seed_b,
+                            GB, BC, BR, MBITS, EMIN, EMAX, FMAX, HAS_INF, KIND_INT, ENC, SMODE, SR_B, HW_FP8,
+                            True, DIV_T, VALS_B)
+        mt = (cols[:, None] < C) & (rows[None, :] < R)
+        if VALS_B:
+            tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], _bf16_rne(codes_t), mt)
+        else:
+            tl.store(dt_ptr + cols[:, None].to(tl.int64) * R + rows[None, :], codes_t.to(tl.uint8), mt)
 
 
 def amax_launch_shape(r: int, c: int) -> tuple[tuple[int, int], dict]:
@@ -443,25 +402,6 @@ TRANSPOSED_DIV = True
 PAIR_STRIP_ROWS = 32
 STRIP_WARPS = 2
 STRIP_MIN_ROWS = 128
-# PERSISTENT_DELAYED (LOWBIT_PAIR_PERSIST): delayed scaling's tensor pairs (whole tiles) on
-# PERSISTENT_PER_SM programs per SM that stride over the tiles (_pair_kernel's PERSIST), rather
-# than one program per tile. PERSISTENT_PROGRAMS: a fixed program count instead (tests use it to
-# give every program several tiles).
-PERSISTENT_DELAYED = env_flag("LOWBIT_PAIR_PERSIST", True)
-PERSISTENT_PER_SM = 8
-PERSISTENT_PROGRAMS: int | None = None
-
-
-def _persistent_programs(x: torch.Tensor, tiles: int) -> int:
-    if PERSISTENT_PROGRAMS is not None:
-        n = PERSISTENT_PROGRAMS
-    elif x.is_cuda:
-        n = PERSISTENT_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        n = tiles
-    return max(1, min(n, tiles))
-
-
 # PAIR_WARPS: warps per program, over the caller's; None: the caller's, or 8 for tiles of 16384
 # elements or more, else 4.
 PAIR_WARPS: int | None = None
@@ -500,9 +440,6 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
     if round_bf16 and (strip or x2.dtype != torch.float32):
         raise ValueError(f"round_bf16 needs an fp32 input quantized in whole tiles, got {x2.dtype}"
                          f"{' in strips' if strip else ''}")
-    persist = PERSISTENT_DELAYED and hist_row is not None and ga == 0 and not strip
-    if persist:
-        grid = (_persistent_programs(x2, grid[0] * grid[1]),)
     kernel = (wrap or launchable)(_pair_kernel)
     (seed_a, seed_b), on_device = seed_args(seed_a, seed_b)
     kernel[grid](
@@ -514,7 +451,7 @@ def launch_pair(x2: torch.Tensor, data: torch.Tensor, data_t: torch.Tensor, scal
         KIND_INT=fmt.kind == "int", ENC=enc, SMODE=smode, GA=ga, GB=gb, SR_A=sr_a, SR_B=sr_b,
         SAME_CODES=same_codes, RECORD=rec_bits is not None, BR=br, BC=bc, HW_FP8=hw, FAST=fast, DIV=div,
         FLIP=flip, SEED_PTR=on_device, DIV_T=div if TRANSPOSED_DIV else 0, STRIP=strip,
-        VALS_A=values[0], VALS_B=values[1], ROUND_BF16=round_bf16, PERSIST=persist,
+        VALS_A=values[0], VALS_B=values[1], ROUND_BF16=round_bf16,
         num_warps=PAIR_WARPS or num_warps or (STRIP_WARPS if strip else 8 if br * bc >= 16384 else 4),
         hist_ptr=dummy if hist_row is None else hist_row, H=1 if hist_row is None else hist_row.numel(),
         HP=1 if hist_row is None else triton.next_power_of_2(hist_row.numel()), HIST=hist_row is not None,
