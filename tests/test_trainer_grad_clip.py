@@ -3,15 +3,19 @@ torch.nn.utils.clip_grad_norm_ followed by the same optimizer's step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lowbit.trainer.grad_clip import clip_and_step, folds_clipping
 
+# torch's fused AdamW has a CPU kernel and a CUDA one; both take grad_scale.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-def _twins(fused: bool) -> tuple[list, list, torch.optim.Optimizer, torch.optim.Optimizer]:
+
+def _twins(fused: bool, dev: str = "cpu") -> tuple[list, list, torch.optim.Optimizer, torch.optim.Optimizer]:
     g = torch.Generator().manual_seed(0)
     shapes = [(64, 33), (33,), (7, 5, 3)]
-    a = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    a = [torch.nn.Parameter(torch.randn(s, generator=g).to(dev)) for s in shapes]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
     return a, b, torch.optim.AdamW(a, **kw), torch.optim.AdamW(b, **kw)
@@ -20,7 +24,7 @@ def _twins(fused: bool) -> tuple[list, list, torch.optim.Optimizer, torch.optim.
 def _set_grads(a: list, b: list, mult: float, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for p, q in zip(a, b):
-        grad = torch.randn(p.shape, generator=g) * mult
+        grad = (torch.randn(p.shape, generator=g) * mult).to(p.device)
         p.grad, q.grad = grad.clone(), grad.clone()
 
 
@@ -29,8 +33,9 @@ def _set_grads(a: list, b: list, mult: float, seed: int) -> None:
 MULTS = (10.0, 1e-3, 50.0)
 
 
-def test_folded_clipping_matches_clip_grad_norm_then_step():
-    ref, ours, opt_ref, opt = _twins(fused=True)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_folded_clipping_matches_clip_grad_norm_then_step(dev):
+    ref, ours, opt_ref, opt = _twins(fused=True, dev=dev)
     assert folds_clipping(opt)
     for i, mult in enumerate(MULTS):
         _set_grads(ref, ours, mult, seed=i)
@@ -45,8 +50,9 @@ def test_folded_clipping_matches_clip_grad_norm_then_step():
     assert getattr(opt, "grad_scale", None) is None and folds_clipping(opt)
 
 
-def test_folded_clipping_really_clips():
-    ref, ours, opt_ref, opt = _twins(fused=True)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_folded_clipping_really_clips(dev):
+    ref, ours, opt_ref, opt = _twins(fused=True, dev=dev)
     for i, mult in enumerate(MULTS):
         _set_grads(ref, ours, mult, seed=i)
         opt_ref.step()  # unclipped
