@@ -19,6 +19,7 @@ FLAGS = (
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "GROUPS_ON_CUDA", True),
     ("lowbit.kernels.quantize", "LOWBIT_ROTATED_STRIDED", "ROTATED_STRIDED_READ", False),
     ("lowbit.nn.gradient_cast_fold", "LOWBIT_FOLD_GRAD_CAST", "ENABLED", True),
+    ("lowbit.nn.norm_pair_fold", "LOWBIT_FOLD_NORM_PAIR", "ENABLED", True),
     ("lowbit.nn.quant_linear_traced", "LOWBIT_TRITON_OP", "USE_TRITON_OP", False),
     ("lowbit.nn.quant_linear_values", "LOWBIT_PAIR_VALUES", "ON", True),
 )

@@ -193,6 +193,6 @@ def test_pass_chains_after_a_pass_already_set_and_keys_the_cache_on_it():
     graph = torch.fx.symbolic_trace(lambda x: x + 1).graph
     chained(graph)
     assert seen == [len(graph.nodes)]
-    assert chained.uuid()[1:] == (gcf.ENABLED, "before-v1")
+    assert chained.uuid()[1:] == (gcf.ENABLED, gcf.norm_pair_fold.ENABLED, "before-v1")
     assert gcf._FoldPass(None).uuid() is not None
     assert gcf._FoldPass(lambda graph: None).uuid() is None

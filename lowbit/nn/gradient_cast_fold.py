@@ -28,6 +28,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lowbit.env_flags import env_flag
+from lowbit.nn import norm_pair_fold
 
 OP = "lowbit::quantize_gradient_pair_delayed_bf16"
 ENABLED = env_flag("LOWBIT_FOLD_GRAD_CAST", True)
@@ -121,6 +122,8 @@ class _FoldPass(CustomGraphPass):
             self.before(graph)
         if ENABLED:
             fold_gradient_casts(graph)
+        if norm_pair_fold.ENABLED:
+            norm_pair_fold.fold_norm_pairs(graph)
 
     def uuid(self) -> Any:
         # Part of Inductor's cache key: this file's text, ENABLED, and the pass run before. A
@@ -134,7 +137,8 @@ class _FoldPass(CustomGraphPass):
                 return None
         else:
             return None
-        return (get_hash_for_files((__file__,)), ENABLED, before)
+        files = (__file__, norm_pair_fold.__file__)
+        return (get_hash_for_files(files), ENABLED, norm_pair_fold.ENABLED, before)
 
 
 _registered = False
@@ -149,6 +153,7 @@ def install() -> None:
     from torch._inductor import config
 
     _register_op()
+    norm_pair_fold.register_op()  # lowbit/nn/norm_pair_fold.py's rewrite runs in the same pass
     current = config.post_grad_custom_post_pass
     if not isinstance(current, _FoldPass):
         config.post_grad_custom_post_pass = _FoldPass(current)
