@@ -14,11 +14,14 @@ import pytest
 import torch
 from conftest import import_with_env
 
+from lowbit.kernels.quantize import interpret
 from lowbit.nn import norm_pair_fold as npf
 from lowbit.nn import quant_shared_input as qsi
 from lowbit.nn.convert import convert_model
 from lowbit.nn.quant_linear_traced import _delayed_pair
 
+# The fused kernels run on CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
+KERNEL_DEVICES = (["cpu"] if interpret() else []) + (["cuda"] if torch.cuda.is_available() else [])
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -38,7 +41,7 @@ def _codes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8).cpu()
 
 
-@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("dev", KERNEL_DEVICES)
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize(("m", "d", "exact"), [(37, 96, True), (64, 128, False), (5, 200, False)])
 def test_fused_kernels_are_the_norm_then_the_pair(dev, fmt, m, d, exact):
@@ -68,10 +71,11 @@ def test_fused_kernels_are_the_norm_then_the_pair(dev, fmt, m, d, exact):
     assert d_x.dtype == q.dtype and d_t.shape == (d, m)
 
 
-def test_fused_kernels_propagate_a_nan():
-    a, b, w = _inputs(8, 64, 1, False)
+@pytest.mark.parametrize("dev", KERNEL_DEVICES)
+def test_fused_kernels_propagate_a_nan(dev):
+    a, b, w = (t.to(dev) for t in _inputs(8, 64, 1, False))
     a[3, 7] = float("nan")
-    hist = torch.zeros(6, 4)
+    hist = torch.zeros(6, 4, device=dev)
     hist[:, 0] = 2.0
     s, rstd, d_x, sc, d_t, sc_t = npf.fused(a, b, w, 1e-5, hist, "fp8_e4m3")
     assert hist[qsi.X_ROW, 0].isnan() and hist[qsi.XT_ROW, 0].isnan()
