@@ -2,8 +2,8 @@
 
 The fused kernels (Triton's interpreter on CPU, CUDA where there is one) against the torch steps
 they replace followed by the pair's own path: the residual bit for bit, rstd within an ulp of
-1 / sqrt(mean + eps) (equal on CUDA for sums of squares that are exact; the interpreter's may be
-two ulps off), and the codes, scales and amax histories bit for bit those of the pair quantizing the
+1 / sqrt(mean + eps) (two ulps: the interpreter's square root and torch's CUDA mean round
+differently), and the codes, scales and amax histories bit for bit those of the pair quantizing the
 y that rstd gives. Then the Inductor rewrite in a compiled Llama: which norms it takes, and that
 training with it follows training without it.
 """
@@ -54,10 +54,9 @@ def test_fused_kernels_are_the_norm_then_the_pair(dev, fmt, m, d, exact):
         s, rstd, d_x, sc, d_t, sc_t = npf.fused(a, b.to(dev), w.to(dev), 1e-5, hist, fmt)
         ref_s, ref_rstd, ref_y = npf.reference(a, b.to(dev), w.to(dev), 1e-5)
         assert torch.equal(s, ref_s), step
-        if exact and dev == "cuda":  # correctly rounded square root and division, exact mean
-            assert torch.equal(rstd, ref_rstd), step
-        else:  # the interpreter's (numpy's, in float64 then rounded) may be two ulps off
-            torch.testing.assert_close(rstd, ref_rstd, rtol=2.0**-21, atol=0)
+        # Within two ulps: the interpreter's square root (numpy's, in float64, then rounded) and
+        # torch's mean on CUDA (the sum times 1/D) each round differently from the kernel's.
+        torch.testing.assert_close(rstd, ref_rstd, rtol=2.0**-21, atol=0)
         # The pair's own path on the y of the kernel's rstd.
         y = ((s * rstd) * w.to(dev)).to(torch.bfloat16)
         if exact and torch.equal(rstd, ref_rstd):
