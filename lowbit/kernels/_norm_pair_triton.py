@@ -6,8 +6,8 @@ Separately, Inductor's add-and-norm kernel writes y in bf16 (2 bytes an element)
 kernel reads it back; here y never reaches memory. One program holds whole rows (the norm's
 reduction is along them), writes s and X's codes, and records y's amax; X^T's codes are X's
 transposed (one tensor scale, nearest rounding: the same quotient of the same element), so a
-second kernel transposes the 1-byte codes in tiles, which reads and writes a quarter of what
-quantizing y again would.
+second kernel transposes the 1-byte codes in tiles: 2 bytes an element, where y's write and the
+pair kernel's read of it and its two writes moved 6.
 """
 
 from __future__ import annotations
