@@ -85,7 +85,7 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "int8_rows_14336",
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
-         "gemm_nvfp4", "fp8_pair_own")
+         "gemm_nvfp4", "fp8_pair_own", "norm_pair")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -95,6 +95,7 @@ def _cases() -> dict[str, Callable[[], None]]:
     from lowbit.kernels import quantize as kq
     from lowbit.kernels.hadamard import rotate_quantize
     from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
+    from lowbit.nn import norm_pair_fold as npf
     from lowbit.quant.quantize import QuantSpec
     from lowbit.quant.quantize import quantize as reference_quantize
 
@@ -147,6 +148,8 @@ def _cases() -> dict[str, Callable[[], None]]:
         "gemm_nvfp4": gemm(QuantSpec("fp4_e2m1", 16, "e4m3")),
         # x's own amax (the division checks only its divisor).
         "fp8_pair_own": lambda: po.fp8_tensor_pair_direct(x, "fp8_e4m3"),
+        # The residual add + RMSNorm fused with the shared-input pair (gate, rows, transpose).
+        "norm_pair": lambda: npf.fused(x.float(), x, torch.ones(DIM), 1e-5, torch.ones(6, 16), "fp8_e4m3"),
     }
 
 
