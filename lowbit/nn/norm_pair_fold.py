@@ -32,7 +32,6 @@ from lowbit.env_flags import env_flag
 OP = "lowbit::add_rms_norm_pair_delayed"
 ENABLED = env_flag("LOWBIT_FOLD_NORM_PAIR", True)
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-_VIEWS = ("view.default", "reshape.default", "_unsafe_view.default")
 
 # Rewrites made so far in this process (tests read it to see that the pass ran).
 FOLDED = [0]
@@ -133,13 +132,6 @@ def _only_user(node: torch.fx.Node, user: torch.fx.Node) -> bool:
     return len(node.users) == 1 and user in node.users
 
 
-def _view_like(node: Any) -> bool:
-    t = getattr(node, "target", None)
-    return (isinstance(node, torch.fx.Node) and node.op == "call_function"
-            and isinstance(t, torch._ops.OpOverload) and t.namespace == "aten"
-            and f"{t._opname}.{t._overloadname}" in _VIEWS)
-
-
 def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
@@ -161,8 +153,10 @@ def _match(q: torch.fx.Node, x: Any, fmt: str, fmt_t: str) -> dict | None:
     aten, prims = torch.ops.aten, torch.ops.prims
     if fmt != fmt_t or fmt not in _FP8:
         return None
+    from lowbit.nn.gradient_cast_fold import _view_like  # the views the cast fold walks through too
+
     views, cur, user = [], x, q
-    while _view_like(cur) and _only_user(cur, user):
+    while isinstance(cur, torch.fx.Node) and _view_like(cur) and _only_user(cur, user):
         views.append(cur)
         cur, user = cur.args[0], cur
     cast = cur
