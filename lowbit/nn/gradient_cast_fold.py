@@ -13,7 +13,8 @@ each used once, of a g that other nodes read too or that is the graph's input) i
 `lowbit::quantize_gradient_pair_delayed_bf16(g, ...)`. Its pair kernel reads
 the fp32 g and rounds each element to bf16 (round to nearest even, on the bits) before anything
 else, so its codes, scales and recorded amax are bit for bit those of the cast's output; off CUDA
-the op casts and runs the unfused body. Eager layers are not affected.
+the op casts and runs the unfused body. Eager layers are not affected. The same pass also runs
+lowbit.nn.norm_pair_fold's rewrite (the residual add and RMSNorm fused with the shared-input pair).
 
 The pass is installed (`install`) when the traced ops are registered, as
 torch._inductor.config.post_grad_custom_post_pass; a pass already set there runs first. It
@@ -126,7 +127,8 @@ class _FoldPass(CustomGraphPass):
             norm_pair_fold.fold_norm_pairs(graph)
 
     def uuid(self) -> Any:
-        # Part of Inductor's cache key: this file's text, ENABLED, and the pass run before. A
+        # Part of Inductor's cache key: this file's and norm_pair_fold's text (its rewrite runs here
+        # too), both switches, and the pass run before. A
         # plain callable set before has no identity to key on: None, so Inductor does not cache
         # (as it would not for that callable alone).
         if self.before is None:
