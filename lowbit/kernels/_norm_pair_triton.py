@@ -35,7 +35,7 @@ from lowbit.quant.formats import ElementFormat
 def _norm_rows(a_ptr, b_ptr, w_ptr, s_ptr, rstd_ptr, r0, M, D, eps, ROWS: tl.constexpr, BD: tl.constexpr,
                STORE: tl.constexpr):
     # Rows r0 .. r0 + ROWS - 1 whole: s = a + b (stored with STORE), rstd = 1 / sqrt(mean(s^2) + eps)
-    # (correctly rounded square root and division, as torch's CPU rsqrt; stored with STORE), and
+    # (correctly rounded square root and division, as norm_pair_fold.reference's; stored with STORE), and
     # y = (s * rstd) * w rounded to bf16, returned as fp32 ([ROWS, BD], zeros outside the matrix).
     rows = r0 + tl.arange(0, ROWS)
     cols = tl.arange(0, BD)

@@ -137,10 +137,8 @@ def _val(node: Any) -> Any:
 
 
 def _pair_call(q: torch.fx.Node, op: Any) -> tuple[Any, str, str] | None:
-    """(x, fmt, fmt_t) of a shared-input pair node: the op called directly, or (before Inductor
-    re-inplaces mutations, where custom post-grad passes run) through auto_functionalized_v2."""
-    if _call(q, op) and len(q.args) == 5 and not q.kwargs:
-        return q.args[0], q.args[3], q.args[4]
+    """(x, fmt, fmt_t) of a shared-input pair node. Custom post-grad passes run before Inductor
+    re-inplaces mutations, so the mutating op stands there inside auto_functionalized_v2."""
     hop = getattr(torch.ops.higher_order, "auto_functionalized_v2", None)
     if hop is not None and _call(q, hop) and q.args[0] is op and not q.args[1:]:
         return q.kwargs.get("x"), q.kwargs.get("fmt"), q.kwargs.get("fmt_t")
@@ -203,10 +201,19 @@ def _match(q: torch.fx.Node, x: Any, fmt: str, fmt_t: str) -> dict | None:
                 mean=mean, pow=pow_, add=add, a=a, b=b, w=w, eps=add_eps.args[1])
 
 
+def _fake(x: Any) -> Any:
+    # A node argument as its fake value (lists element by element), for running an op on them.
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fake(i) for i in x)
+    return x.meta["val"] if isinstance(x, torch.fx.Node) else x
+
+
 def fold_norm_pairs(graph: torch.fx.Graph) -> int:
     """Rewrite each add + RMSNorm + bf16 cast feeding only a shared-input fp8 pair (its views and
     cast used once, the add and rsqrt free to have other users) into the fused op; returns how many
     were rewritten."""
+    from torch._guards import detect_fake_mode
+
     if not hasattr(torch.ops.lowbit, "quantize_shared_input_pair_delayed"):
         return 0
     register_op()
@@ -231,7 +238,6 @@ def fold_norm_pairs(graph: torch.fx.Graph) -> int:
         sv, rv = _val(p["add"]), _val(p["rsqrt"])
         d = sv.shape[-1]
         m = sv.numel() // d
-        fmt = call[1]
 
         def node(target: Any, args: tuple, val: Any, meta: dict, kwargs: dict | None = None) -> torch.fx.Node:
             n = graph.call_function(target, args, kwargs or {})
@@ -243,25 +249,13 @@ def fold_norm_pairs(graph: torch.fx.Graph) -> int:
         with graph.inserting_before(q):
             a2 = node(aten.reshape.default, (p["a"], [m, d]), _val(p["a"]).reshape(m, d), p["add"].meta)
             b2 = node(aten.reshape.default, (p["b"], [m, d]), _val(p["b"]).reshape(m, d), p["add"].meta)
-            if q.target is op:  # a direct call: the op's six outputs
-                _, hist, mirrors, _, _ = q.args
-                outs = fused_op(a2.meta["val"], b2.meta["val"], _val(p["w"]), p["eps"], _val(hist),
-                                [_val(x) for x in mirrors], fmt, fmt)
-                fused = node(fused_op, (a2, b2, p["w"], p["eps"], hist, mirrors, fmt, fmt), outs, q.meta)
-            else:  # the same mutable arguments (hist, mirrors) and bases; outputs, then the bases
-                kw = {k: v for k, v in q.kwargs.items() if k != "x"}
-                kw.update(a=a2, b=b2, w=p["w"], eps=p["eps"])
-                # Its output values from the operator itself, on the graph's fake tensors.
-                from torch._guards import detect_fake_mode
-
-                def fake(x: Any) -> Any:
-                    if isinstance(x, (list, tuple)):
-                        return type(x)(fake(i) for i in x)
-                    return x.meta["val"] if isinstance(x, torch.fx.Node) else x
-
-                with detect_fake_mode([a2.meta["val"]]):
-                    outs = tuple(hop(fused_op, **{k: fake(v) for k, v in kw.items()}))
-                fused = node(hop, (fused_op,), outs, q.meta, kw)
+            # The same mutable arguments (hist, mirrors) and bases as the pair's; its outputs come
+            # from the operator itself, run on the graph's fake tensors: six, then the bases.
+            kw = {k: v for k, v in q.kwargs.items() if k != "x"}
+            kw.update(a=a2, b=b2, w=p["w"], eps=p["eps"])
+            with detect_fake_mode([a2.meta["val"]]):
+                outs = tuple(hop(fused_op, **{k: _fake(v) for k, v in kw.items()}))
+            fused = node(hop, (fused_op,), outs, q.meta, kw)
             items = [node(operator.getitem, (fused, i), outs[i], q.meta) for i in range(len(outs))]
             s_view = node(aten.reshape.default, (items[0], list(sv.shape)), outs[0].reshape(sv.shape),
                           p["add"].meta)
