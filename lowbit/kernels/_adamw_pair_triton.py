@@ -48,7 +48,8 @@ def _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, idx, msk, lr_wd, beta1, beta
 @triton.jit
 def _store_pair(x, r0, c0, R, C, tamax, d_ptr, dt_ptr, s_ptr, st_ptr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                 EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
-                BR: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr, DIV_T: tl.constexpr):
+                BR: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr,
+                DIV_T: tl.constexpr):
     # W's and W^T's codes of the tile x under one tensor amax `tamax` ([1, 1]), as the pair kernel
     # writes them (_pair_quantize_triton._pair_kernel: its FAST form on the GPU, its generic side in
     # the interpreter); the tile at (0, 0) stores both scales.

@@ -79,7 +79,8 @@ class AdamWScalars:
 
 def _fmt_args(fmt: str) -> dict:
     f = get_format(fmt)
-    return dict(MBITS=f.mbits, EMIN=f.emin, EMAX=f.emax, FMAX=float(f.max), HAS_INF=f.has_inf, ENC=FORMATS[fmt][0])
+    return dict(MBITS=f.mbits, EMIN=f.emin, EMAX=f.emax, FMAX=float(f.max), HAS_INF=f.has_inf,
+                ENC=FORMATS[fmt][0])
 
 
 def launch_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
@@ -89,11 +90,11 @@ def launch_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     fp32 tensor) when given, and p's new values quantized into `pair` with the scale of
     `hist_row`'s max, their amax recorded into pair.rec (zero before; `launch_finish` rolls it)."""
     from lowbit.kernels._adamw_pair_triton import _adamw_pair_kernel
+    from lowbit.kernels._pair_quantize_triton import TRANSPOSED_DIV
 
     r, c = p.shape
     br, bc = STEP_TILE
     div = 2 if _quantize_triton.FAST_DIVISION else 0  # quotients unbounded: a history's amax
-    from lowbit.kernels._pair_quantize_triton import TRANSPOSED_DIV
 
     launchable(_adamw_pair_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
         p, g, m, v, p if grad_scale is None else grad_scale, pair.codes.view(torch.uint8),
