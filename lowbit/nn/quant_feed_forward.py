@@ -42,11 +42,12 @@ from lowbit.nn.quant_linear_traced import (
     _fake_pair,
     _gemm,
     _quantize_pair,
-    _row,
     _saved,
     autocast_input,
     history_owner,
     output_dtype,
+    prequantized_weights,
+    weight_pairs,
 )
 from lowbit.nn.quant_shared_input import (
     DY_ROW,
@@ -150,8 +151,10 @@ def fused_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
     key = (recipe, backend)
     if key not in _FUNCTIONS:
 
-        def forward(ctx, x, w1, w3, w2, h1, h3, h2, k1: int, k3: int, k2: int, need_dgrad: bool):  # noqa: ANN001
-            return _forward(recipe, backend, ctx, x, (w1, w3, w2), (h1, h3, h2), (k1, k3, k2), need_dgrad)
+        def forward(ctx, x, w1, w3, w2, h1, h3, h2, k1: int, k3: int, k2: int, need_dgrad: bool,  # noqa: ANN001
+                    fresh: tuple[bool, ...], *pre):
+            return _forward(recipe, backend, ctx, x, (w1, w3, w2), (h1, h3, h2), (k1, k3, k2), need_dgrad,
+                            fresh, pre)
 
         def backward(ctx, dy):  # noqa: ANN001
             return _backward(recipe, backend, ctx, dy)
@@ -161,7 +164,7 @@ def fused_function(recipe: Recipe, backend: str) -> type[torch.autograd.Function
     return _FUNCTIONS[key]
 
 
-def _forward(recipe: Recipe, backend: str, ctx, x, ws, hists, keys, need_dgrad: bool):  # noqa: ANN001
+def _forward(recipe: Recipe, backend: str, ctx, x, ws, hists, keys, need_dgrad: bool, fresh, pre):  # noqa: ANN001
     w1, w3, w2 = ws
     h1, h3, h2 = hists
     fp, dg, wg = recipe.fprop, recipe.dgrad, recipe.wgrad
@@ -170,16 +173,16 @@ def _forward(recipe: Recipe, backend: str, ctx, x, ws, hists, keys, need_dgrad: 
         x2 = x.reshape(-1, x.shape[-1])
         qx, x_t = quantize_shared_input(x2, [h1, h3], recipe)
         dgrad_b = dg.b if need_dgrad else None
-        qw1, w1_t = _quantize_pair(w1, fp.b, dgrad_b, h1, (_row("fprop", 2), _row("dgrad", 2)))
-        qw3, w3_t = _quantize_pair(w3, fp.b, dgrad_b, h3, (_row("fprop", 2), _row("dgrad", 2)))
-        qw2, w2_t = _quantize_pair(w2, fp.b, dg.b, h2, (_row("fprop", 2), _row("dgrad", 2)))
+        (qw1, w1_t), (qw3, w3_t) = weight_pairs((w1, w3), fresh[:2], pre[:4 * sum(fresh[:2])], (h1, h3), fp.b,
+                                                dgrad_b)
+        [(qw2, w2_t)] = weight_pairs((w2,), fresh[2:], pre[4 * sum(fresh[:2]):], (h2,), fp.b, dg.b)
         g = _gemm(qx, qw1, fp, backend, out_dtype)
         u = _gemm(qx, qw3, fp, backend, out_dtype)
         qh, h_t = _qtensors(torch.ops.lowbit.swiglu_pair_delayed(g, u, h2, fp.a.fmt), fp.a, wg.b, out_dtype)
         y = _gemm(qh, qw2, fp, backend, out_dtype)
     ctx.save_for_backward(x_t.data, x_t.scale, w2_t.data, w2_t.scale, h_t.data, h_t.scale, g, u,
                           *((w1_t.data, w1_t.scale, w3_t.data, w3_t.scale) if need_dgrad else ()))
-    ctx.keys, ctx.need_dgrad = keys, need_dgrad
+    ctx.keys, ctx.need_dgrad, ctx.n_pre = keys, need_dgrad, len(pre)
     ctx.dtypes = (x.dtype, w1.dtype, w3.dtype, w2.dtype)
     return y.reshape(*x.shape[:-1], w2.shape[0])
 
@@ -208,7 +211,7 @@ def _backward(recipe: Recipe, backend: str, ctx, dy):  # noqa: ANN001
             w1_t, w3_t = _saved(w13[0], w13[1], dg.b, w1_dtype), _saved(w13[2], w13[3], dg.b, w3_dtype)
             dx = _gemm(qdg, w1_t, dg, backend, x_dtype) + _gemm(qdu, w3_t, dg, backend, x_dtype)
             dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
-    return dx, dw1, dw3, dw2, None, None, None, None, None, None, None
+    return dx, dw1, dw3, dw2, None, None, None, None, None, None, None, None, *([None] * ctx.n_pre)
 
 
 class QuantFeedForward(nn.Module):
@@ -239,5 +242,6 @@ class QuantFeedForward(nn.Module):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         w1, w3, w2 = self.w1, self.w3, self.w2
         fn = fused_function(w1.recipe, w1.backend)
+        fresh, pre = prequantized_weights([w1, w3, w2])
         return fn.apply(x, w1.weight, w3.weight, w2.weight, w1.amax_history, w3.amax_history, w2.amax_history,
-                        w1.history_key, w3.history_key, w2.history_key, x.requires_grad)
+                        w1.history_key, w3.history_key, w2.history_key, x.requires_grad, fresh, *pre)

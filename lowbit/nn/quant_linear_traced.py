@@ -133,7 +133,38 @@ def traced_quant_linear(
     hist = layer.amax_history if delayed else None
     key = layer.history_key if delayed else -1
     fn = traced_function(layer.recipe, layer.backend)
-    return fn.apply(x, weight, bias, hist, key, need_wgrad, need_dgrad)
+    return fn.apply(x, weight, bias, hist, key, need_wgrad, need_dgrad, *prequantized_weights([layer])[1])
+
+
+# The buffers of a weight whose fp8 pair the optimizer step writes (lowbit.optim.weight_pair_step),
+# in the order the traced Functions take them.
+WEIGHT_PAIR_BUFFERS = ("weight_pair_codes", "weight_pair_scale", "weight_pair_codes_t", "weight_pair_scale_t")
+
+
+def prequantized_weights(layers: list[QuantLinear]) -> tuple[tuple[bool, ...], tuple[torch.Tensor, ...]]:
+    """Which of `layers` take their weight's pair from the last optimizer step (their
+    `weight_pair_fresh`, a plain bool that Dynamo guards on: one compiled graph for each value),
+    and those layers' WEIGHT_PAIR_BUFFERS, in order."""
+    fresh = tuple(bool(getattr(m, "weight_pair_fresh", False)) for m in layers)
+    return fresh, tuple(getattr(m, b) for m, f in zip(layers, fresh) if f for b in WEIGHT_PAIR_BUFFERS)
+
+
+def weight_pairs(weights: tuple[torch.Tensor, ...], fresh: tuple[bool, ...], pre: tuple[torch.Tensor, ...],
+                 hists: tuple[torch.Tensor, ...], spec: QuantSpec, spec_t: QuantSpec | None,
+                 ) -> list[tuple[QTensor, QTensor | None]]:
+    """(W, W^T) of each weight for fprop and dgrad (spec_t None: no W^T): the optimizer step's
+    pair where `fresh` says so (`pre` holds those, 4 tensors each), else quantized now on the
+    weight's history rows (delayed scaling)."""
+    out, k = [], 0
+    for w, f, h in zip(weights, fresh, hists):
+        if f:
+            d, s, d_t, s_t = pre[4 * k: 4 * k + 4]
+            k += 1
+            q_t = None if spec_t is None else _saved(d_t, s_t, spec_t, w.dtype)
+            out.append((_saved(d, s, spec, w.dtype), q_t))
+        else:
+            out.append(_quantize_pair(w, spec, spec_t, h, (_row("fprop", 2), _row("dgrad", 2))))
+    return out
 
 
 _FUNCTIONS: dict[tuple[Recipe, str], type[torch.autograd.Function]] = {}
@@ -153,8 +184,8 @@ def traced_function(recipe: Recipe, backend: str) -> type[torch.autograd.Functio
     key = (recipe, backend)
     if key not in _FUNCTIONS:
 
-        def forward(ctx, x, weight, bias, hist, key: int, need_wgrad: bool, need_dgrad: bool):  # noqa: ANN001
-            return _forward(recipe, backend, ctx, x, weight, bias, hist, key, need_wgrad, need_dgrad)
+        def forward(ctx, x, weight, bias, hist, key: int, need_wgrad: bool, need_dgrad: bool, *pre):  # noqa: ANN001
+            return _forward(recipe, backend, ctx, x, weight, bias, hist, key, need_wgrad, need_dgrad, pre)
 
         def backward(ctx, grad_out):  # noqa: ANN001
             return _backward(recipe, backend, ctx, grad_out)
@@ -388,14 +419,15 @@ def _row(gemm: str, role: int) -> int:
 
 
 def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, hist, key: int, need_wgrad: bool,  # noqa: ANN001
-             need_dgrad: bool):
+             need_dgrad: bool, pre: tuple[torch.Tensor, ...] = ()):
     out_dtype = output_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1])
         qx, x_t = _quantize_pair(x2, recipe.fprop.a, recipe.wgrad.b if need_wgrad else None,
                                  hist, (_row("fprop", 1), _row("wgrad", 2)))
-        qw, w_t = _quantize_pair(weight, recipe.fprop.b, recipe.dgrad.b if need_dgrad else None,
-                                 hist, (_row("fprop", 2), _row("dgrad", 2)))
+        # pre: the pair the optimizer step wrote (hist None only without delayed scaling, never with pre)
+        [(qw, w_t)] = weight_pairs((weight,), (bool(pre),), pre, (hist,), recipe.fprop.b,
+                                   recipe.dgrad.b if need_dgrad else None)
         y = _gemm(qx, qw, recipe.fprop, backend, out_dtype, bias)
     ctx.save_for_backward(
         None if x_t is None else x_t.data,
@@ -403,7 +435,7 @@ def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, hist, key: int,
         None if w_t is None else w_t.data,
         None if w_t is None else w_t.scale,
     )
-    ctx.history_key = key
+    ctx.history_key, ctx.n_pre = key, len(pre)
     ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -434,4 +466,4 @@ def _backward(recipe: Recipe, backend: str, ctx, grad_out):  # noqa: ANN001
                 dw = _gemm(qg_t, x_t, recipe.wgrad, backend, ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
-    return dx, dw, db, None, None, None, None
+    return dx, dw, db, None, None, None, None, *([None] * ctx.n_pre)

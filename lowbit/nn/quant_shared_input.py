@@ -33,6 +33,8 @@ from lowbit.nn.quant_linear_traced import (
     _saved,
     autocast_input,
     output_dtype,
+    prequantized_weights,
+    weight_pairs,
     why_not_traced,
 )
 from lowbit.quant.qtensor import QTensor
@@ -95,14 +97,16 @@ _FUNCTIONS: dict[tuple[Recipe, str, int], type[torch.autograd.Function]] = {}
 
 def shared_input_function(recipe: Recipe, backend: str, n: int) -> type[torch.autograd.Function]:
     """The autograd Function of n layers sharing one input, for one (recipe, backend): apply(x,
-    need_dgrad, keys, *weights, *histories) -> n outputs. One class per triple, closing over them
+    need_dgrad, keys, fresh, *weights, *histories, *pairs) -> n outputs (`fresh`, `pairs`:
+    quant_linear_traced.prequantized_weights). One class per triple, closing over them
     (as lowbit.nn.quant_linear_traced.traced_function, for Dynamo)."""
     register_op()
     key = (recipe, backend, n)
     if key not in _FUNCTIONS:
 
-        def forward(ctx, x, need_dgrad: bool, keys: tuple[int, ...], *tensors):  # noqa: ANN001
-            return _forward(recipe, backend, ctx, x, need_dgrad, keys, tensors[:n], tensors[n:])
+        def forward(ctx, x, need_dgrad: bool, keys: tuple[int, ...], fresh: tuple[bool, ...], *tensors):  # noqa: ANN001
+            return _forward(recipe, backend, ctx, x, need_dgrad, keys, tensors[:n], tensors[n:2 * n], fresh,
+                            tensors[2 * n:])
 
         def backward(ctx, *dys):  # noqa: ANN001
             return _backward(recipe, backend, ctx, dys)
@@ -112,7 +116,7 @@ def shared_input_function(recipe: Recipe, backend: str, n: int) -> type[torch.au
     return _FUNCTIONS[key]
 
 
-def _forward(recipe: Recipe, backend: str, ctx, x, need_dgrad, keys, weights, hists):  # noqa: ANN001
+def _forward(recipe: Recipe, backend: str, ctx, x, need_dgrad, keys, weights, hists, fresh, pre):  # noqa: ANN001
     fp, dg = recipe.fprop, recipe.dgrad
     out_dtype = output_dtype(x)
     outs, saved = [], []
@@ -120,14 +124,13 @@ def _forward(recipe: Recipe, backend: str, ctx, x, need_dgrad, keys, weights, hi
         x2 = x.reshape(-1, x.shape[-1])
         qx, x_t = quantize_shared_input(x2, list(hists), recipe)
         saved += [x_t.data, x_t.scale]
-        for w, h in zip(weights, hists):
-            rows = (_row("fprop", 2), _row("dgrad", 2))
-            qw, w_t = _quantize_pair(w, fp.b, dg.b if need_dgrad else None, h, rows)
+        pairs = weight_pairs(weights, fresh, pre, hists, fp.b, dg.b if need_dgrad else None)
+        for w, (qw, w_t) in zip(weights, pairs):
             outs.append(_gemm(qx, qw, fp, backend, out_dtype).reshape(*x.shape[:-1], w.shape[0]))
             if need_dgrad:
                 saved += [w_t.data, w_t.scale]
     ctx.save_for_backward(*saved)
-    ctx.keys, ctx.need_dgrad = keys, need_dgrad
+    ctx.keys, ctx.need_dgrad, ctx.n_pre = keys, need_dgrad, len(pre)
     ctx.dtypes = (x.dtype, *(w.dtype for w in weights))
     return tuple(outs)
 
@@ -153,7 +156,7 @@ def _backward(recipe: Recipe, backend: str, ctx, dys):  # noqa: ANN001
                 dx = part if dx is None else dx + part
         if dx is not None:
             dx = dx.reshape(*dys[0].shape[:-1], dx.shape[-1])
-    return (dx, None, None, *dws, *([None] * len(dws)))
+    return (dx, None, None, None, *dws, *([None] * (len(dws) + ctx.n_pre)))
 
 
 def check_layers(owner: str, layers: list[QuantLinear], names: list[str], same_input: bool = True) -> None:
@@ -239,4 +242,5 @@ class QuantAttention(Attention):
         fn = shared_input_function(self.wq.recipe, self.wq.backend, 3)
         keys = tuple(m.history_key for m in layers)
         weights, hists = (m.weight for m in layers), (m.amax_history for m in layers)
-        return fn.apply(x, x.requires_grad, keys, *weights, *hists)
+        fresh, pre = prequantized_weights(layers)
+        return fn.apply(x, x.requires_grad, keys, fresh, *weights, *hists, *pre)

@@ -49,6 +49,7 @@ class TorchEngine:
         compile_model: bool,
         compile_mode: str = "default",
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn,
+        weight_pairs_in_step: bool = False,
     ) -> None:
         self.module, self.optimizer, self.ctx = model, optimizer, ctx
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
@@ -65,6 +66,10 @@ class TorchEngine:
         self.model = torch.compile(fwd, mode=compile_mode) if compile_model else fwd
         self.cuda_graphs = compile_model and uses_cuda_graphs(compile_mode, ctx.device)
         self._owned_grads: set[int] = set()  # ids of parameters whose .grad is our own copy
+        self.weight_pairs, self.weight_pairs_why_not = None, "off (train.weight_pairs_in_step=false)"
+        if weight_pairs_in_step:
+            pairs = _weight_pair_step(model, optimizer, ctx, compile_model)
+            self.weight_pairs, self.weight_pairs_why_not = pairs
 
     def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
         # Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
@@ -96,7 +101,10 @@ class TorchEngine:
         self._owned_grads.clear()
         params = self._params()
         # torch's fused AdamW applies the clipping factor inside its own pass (lowbit/trainer/grad_clip.py).
-        norm = clip_and_step(self.optimizer, params, self.grad_clip)
+        if self.weight_pairs is not None:
+            norm = self.weight_pairs.clip_and_step(params, self.grad_clip)
+        else:
+            norm = clip_and_step(self.optimizer, params, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
         # The norm stays on the device: reading it here would wait for the GPU every step, and the
         # host could not queue the next step's kernels meanwhile (an fp8 1b step lost ~20% to
@@ -122,7 +130,34 @@ class TorchEngine:
                 f"checkpoint {path} has no {name} (written with another world size or optimizer?)"
             )
         self.optimizer.load_state_dict(load_torch(path / name))
+        if self.weight_pairs is not None:  # new weights and state: the next forward quantizes
+            self.weight_pairs.invalidate()
         return load_torch(path / "trainer.pt")
+
+
+def _weight_pair_step(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
+                      compiled: bool) -> tuple[Any, str | None]:
+    # (lowbit.trainer.weight_pair_step.WeightPairStep, None), or (None, why it does not apply).
+    # Compiled only: the eager layers quantize their weights themselves. One process only: DDP
+    # would broadcast the pair buffers from rank 0 every step.
+    from lowbit.kernels.quantize import interpret, triton_available
+    from lowbit.trainer.grad_clip import folds_clipping
+
+    if not compiled:
+        return None, "the model is not compiled (train.compile=false)"
+    if ctx.world > 1:
+        return None, f"{ctx.world} processes (DDP would broadcast the pair buffers)"
+    if not (ctx.device.type == "cuda" or interpret()) or not triton_available():
+        return None, f"its kernels need CUDA (or Triton's interpreter) and Triton; device {ctx.device}"
+    if not (isinstance(optimizer, torch.optim.AdamW) and folds_clipping(optimizer)):
+        return None, f"the optimizer is {type(optimizer).__name__}, not torch's fused AdamW"
+    from lowbit.trainer.weight_pair_step import WeightPairStep
+
+    step = WeightPairStep(model, optimizer)
+    if not step.layers:
+        some = list(step.skipped.items())[:3]
+        return None, "no layer qualifies: " + "; ".join(f"{k}: {v}" for k, v in some)
+    return step, None
 
 
 def _import_deepspeed_on_cpu() -> None:

@@ -27,6 +27,14 @@ def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """What a fused step divides the gradients by to clip them to `max_norm` (None: no clipping,
+    `max_norm` not positive or inf): 1 / clip_grad_norm_'s factor, fp32, on the device."""
+    if not 0 < max_norm < float("inf"):
+        return None
+    return torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+
+
 def clip_and_step(
     optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float
 ) -> torch.Tensor:
@@ -46,8 +54,7 @@ def clip_and_step(
     if not clip:
         optimizer.step()
         return norm
-    # The fused kernel divides by grad_scale: pass 1 / clip_grad_norm_'s factor, as fp32 (its type).
-    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+    optimizer.grad_scale = clip_factor(norm, max_norm)
     try:
         optimizer.step()
     finally:

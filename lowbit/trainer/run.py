@@ -278,7 +278,10 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
         autocast = contextlib.nullcontext
     else:
         engine = TorchEngine(
-            model, optimizer, ctx, tc.grad_accum, tc.grad_clip, tc.compile, CompileMode(tc.compile_mode).value
+            model, optimizer, ctx, tc.grad_accum, tc.grad_clip, tc.compile,
+            CompileMode(tc.compile_mode).value,
+            # telemetry steps run the layers eagerly, which quantize their weights themselves
+            weight_pairs_in_step=tc.weight_pairs_in_step and rc.quant.telemetry_every <= 0,
         )
 
     state, wandb_id = LoopState(step=0), None
@@ -337,6 +340,13 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
     )
     if resume_from is not None:
         logger.info(f"resumed from {resume_from} at step {state.step}")
+    pairs = getattr(engine, "weight_pairs", None)
+    if pairs is not None:
+        first = next(iter(pairs.skipped.values()), "")
+        skipped = f" ({len(pairs.skipped)} not: {first})" if pairs.skipped else ""
+        logger.info(f"weight pairs written by the optimizer step for {len(pairs.layers)} layers{skipped}")
+    elif rc.quant.recipe != "bf16" and isinstance(engine, TorchEngine) and tc.weight_pairs_in_step:
+        logger.info(f"weight pairs quantized in the forward: {engine.weight_pairs_why_not}")
 
     writer = CheckpointWriter(
         engine,

@@ -1,0 +1,146 @@
+"""The optimizer step that writes the fp8 weight pairs (lowbit.trainer.weight_pair_step): a compiled
+fp8_delayed Llama trained with it follows the same model trained with torch's fused AdamW and the
+weights quantized in the forward; its forward reads the pairs the step wrote; the engine says when
+it does not apply. Kernels in Triton's interpreter on the CPU, or on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lowbit.nn.convert import convert_model  # noqa: E402
+from lowbit.nn.quant_linear import QuantLinear  # noqa: E402
+from lowbit.trainer.grad_clip import clip_and_step  # noqa: E402
+from lowbit.trainer.weight_pair_step import WeightPairStep, why_not_weight_pairs  # noqa: E402
+
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def _llama(dev: str):  # noqa: ANN202
+    from lowbit.nn.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32, vocab_size=128)
+    model = Llama(cfg)
+    convert_model(model, "fp8_delayed")
+    return model.to(dev), cfg
+
+
+def _opt(model):  # noqa: ANN001, ANN202
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+
+def _loss_of(model, cfg, dev):  # noqa: ANN001, ANN202
+    from lowbit.trainer.loss import LanguageModelLoss
+
+    step = torch.compile(LanguageModelLoss(model))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1)).to(dev)
+
+    def loss():  # noqa: ANN202
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            return step(tokens[:, :-1], tokens[:, 1:])
+
+    return loss
+
+
+def _train(model, cfg, dev, stepper, steps: int = 4) -> list[float]:  # noqa: ANN001
+    loss_fn, out = _loss_of(model, cfg, dev), []
+    for _ in range(steps):
+        loss = loss_fn()
+        loss.backward()
+        stepper([p for p in model.parameters()], 0.5)  # a small max norm: clipping acts
+        model.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return out
+
+
+def _histories(model) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return {n: m.amax_history.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@pytest.fixture
+def uncached():
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_trains_as_the_forward_quantized_weights_and_reads_the_pairs(dev, uncached):
+    ref_model, cfg = _llama(dev)
+    ref_opt = _opt(ref_model)
+    torch._dynamo.reset()
+    ref = _train(ref_model, cfg, dev, lambda ps, mx: clip_and_step(ref_opt, ps, mx))
+
+    model, _ = _llama(dev)
+    opt = _opt(model)
+    wps = WeightPairStep(model, opt)
+    assert len(wps.layers) == 7 * cfg.n_layers and not wps.skipped
+    torch._dynamo.reset()
+    got = _train(model, cfg, dev, wps.clip_and_step)
+    assert all(m.weight_pair_fresh for m in wps.layers)
+    assert got == pytest.approx(ref, rel=1e-4)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    # Each weight's amax joined its two history rows once a step, as the forward's quantizer does,
+    # one step earlier: the last step recorded the weight the next forward will read (entry 0).
+    # With the forward quantizing too, the rows would hold two entries a step.
+    h, ref_h = _histories(model), _histories(ref_model)
+    w_rows = [1, 3]  # fprop's B (W) and dgrad's B (W^T)
+    for name in h:
+        others = [r for r in range(6) if r not in w_rows]
+        torch.testing.assert_close(h[name][others], ref_h[name][others], rtol=1e-5, atol=0)
+        torch.testing.assert_close(h[name][w_rows, 1:], ref_h[name][w_rows, :-1], rtol=1e-5, atol=0)
+        assert int((h[name][1] > 0).sum()) == 5 and int((ref_h[name][1] > 0).sum()) == 4
+        assert torch.equal(h[name][1, 0], model.get_submodule(name).weight.abs().max())
+
+    # The forward reads the pairs: spoiled codes change the loss. Invalidated, the forward (a
+    # second compiled graph) quantizes the weights itself and ignores them: the loss is back, up to
+    # the scale, whose history now holds the weight's own amax too.
+    loss_fn = _loss_of(model, cfg, dev)
+    with torch.no_grad():
+        base = loss_fn().item()
+        for m in wps.layers:
+            m.weight_pair_codes.zero_()
+        spoiled = loss_fn().item()
+        assert spoiled != pytest.approx(base, rel=1e-2)
+        wps.invalidate()
+        assert not any(m.weight_pair_fresh for m in wps.layers)
+        assert loss_fn().item() == pytest.approx(base, rel=2e-3)
+
+
+def test_why_not_names_each_reason():
+    lin = QuantLinear(16, 8, bias=False, recipe="fp8_tensorwise")
+    assert "no delayed scaling" in why_not_weight_pairs(lin, {})
+    lin = QuantLinear(16, 8, bias=False, recipe="fp8_delayed")
+    assert "not in the optimizer" in why_not_weight_pairs(lin, None)
+    assert "amsgrad" in why_not_weight_pairs(lin, {"amsgrad": True})
+    lin.weight.requires_grad_(False)
+    assert "trainable" in why_not_weight_pairs(lin, {})
+    assert why_not_weight_pairs(QuantLinear(16, 8, bias=False, recipe="fp8_delayed"), {}) is None
+
+
+def test_needs_torch_fused_adamw():
+    model, _ = _llama("cpu")
+    with pytest.raises(ValueError, match="fused=True"):
+        WeightPairStep(model, torch.optim.AdamW(model.parameters(), fused=False))
+    with pytest.raises(ValueError, match="AdamW"):
+        WeightPairStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_engine_says_why_it_does_not_apply():
+    from lowbit.trainer.config import DistBackend
+    from lowbit.trainer.distributed import DistContext
+    from lowbit.trainer.engines import TorchEngine
+
+    model, _ = _llama("cpu")
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), DistBackend.none)
+    eng = TorchEngine(model, _opt(model), ctx, 1, 1.0, False, weight_pairs_in_step=True)
+    assert eng.weight_pairs is None and "not compiled" in eng.weight_pairs_why_not
+    ctx2 = DistContext(0, 2, 0, torch.device("cpu"), DistBackend.none)
+    eng = TorchEngine(model, _opt(model), ctx2, 1, 1.0, True, weight_pairs_in_step=True)
+    assert eng.weight_pairs is None and "2 processes" in eng.weight_pairs_why_not
