@@ -173,9 +173,9 @@ def _forward(recipe: Recipe, backend: str, ctx, x, ws, hists, keys, need_dgrad: 
         x2 = x.reshape(-1, x.shape[-1])
         qx, x_t = quantize_shared_input(x2, [h1, h3], recipe)
         dgrad_b = dg.b if need_dgrad else None
-        (qw1, w1_t), (qw3, w3_t) = weight_pairs((w1, w3), fresh[:2], pre[:4 * sum(fresh[:2])], (h1, h3), fp.b,
-                                                dgrad_b)
-        [(qw2, w2_t)] = weight_pairs((w2,), fresh[2:], pre[4 * sum(fresh[:2]):], (h2,), fp.b, dg.b)
+        n13 = 4 * ((1 if fresh[0] else 0) + (1 if fresh[1] else 0))  # pre's tensors of w1 and w3
+        (qw1, w1_t), (qw3, w3_t) = weight_pairs((w1, w3), fresh[:2], pre[:n13], (h1, h3), fp.b, dgrad_b)
+        [(qw2, w2_t)] = weight_pairs((w2,), fresh[2:], pre[n13:], (h2,), fp.b, dg.b)
         g = _gemm(qx, qw1, fp, backend, out_dtype)
         u = _gemm(qx, qw3, fp, backend, out_dtype)
         qh, h_t = _qtensors(torch.ops.lowbit.swiglu_pair_delayed(g, u, h2, fp.a.fmt), fp.a, wg.b, out_dtype)

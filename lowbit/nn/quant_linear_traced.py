@@ -426,7 +426,8 @@ def _forward(recipe: Recipe, backend: str, ctx, x, weight, bias, hist, key: int,
         qx, x_t = _quantize_pair(x2, recipe.fprop.a, recipe.wgrad.b if need_wgrad else None,
                                  hist, (_row("fprop", 1), _row("wgrad", 2)))
         # pre: the pair the optimizer step wrote (hist None only without delayed scaling, never with pre)
-        [(qw, w_t)] = weight_pairs((weight,), (bool(pre),), pre, (hist,), recipe.fprop.b,
+        # (len(), not bool(): torch 2.11's Dynamo cannot take bool() of a tuple and breaks the graph)
+        [(qw, w_t)] = weight_pairs((weight,), (len(pre) > 0,), pre, (hist,), recipe.fprop.b,
                                    recipe.dgrad.b if need_dgrad else None)
         y = _gemm(qx, qw, recipe.fprop, backend, out_dtype, bias)
     ctx.save_for_backward(
