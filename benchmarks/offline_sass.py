@@ -85,7 +85,7 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "int8_rows_14336",
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
-         "gemm_nvfp4", "fp8_pair_own", "norm_pair")
+         "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -150,7 +150,19 @@ def _cases() -> dict[str, Callable[[], None]]:
         "fp8_pair_own": lambda: po.fp8_tensor_pair_direct(x, "fp8_e4m3"),
         # The residual add + RMSNorm fused with the shared-input pair (gate, rows, transpose).
         "norm_pair": lambda: npf.fused(x.float(), x, torch.ones(DIM), 1e-5, torch.ones(6, 16), "fp8_e4m3"),
+        # The AdamW step that writes the weight's fp8 pair, and its fix-up and roll launches.
+        "adamw_pair": lambda: _adamw_pair(w),
     }
+
+
+def _adamw_pair(w: torch.Tensor) -> None:
+    from lowbit.kernels import adamw_pair as ap
+
+    hist = torch.ones(2, 16)
+    pair = ap.WeightPair.empty(w, "fp8_e4m3")
+    hp = ap.AdamWScalars(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
+    ap.launch_step(w, w.clone(), w.clone(), w.abs(), torch.ones(1), pair, hist[0], "fp8_e4m3", hp)
+    ap.launch_finish(ap.pair_table([(w, pair, hist[0], hist[1])]), 16, "fp8_e4m3")
 
 
 def opcode_counts(
