@@ -345,7 +345,9 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
         first = next(iter(pairs.skipped.values()), "")
         skipped = f" ({len(pairs.skipped)} not: {first})" if pairs.skipped else ""
         logger.info(f"weight pairs written by the optimizer step for {len(pairs.layers)} layers{skipped}")
-    elif rc.quant.recipe != "bf16" and isinstance(engine, TorchEngine) and tc.weight_pairs_in_step:
+    elif isinstance(engine, TorchEngine) and tc.weight_pairs_in_step and any(
+            getattr(getattr(m, "recipe", None), "amax_history", 0) > 0 for m in model.modules()):
+        # delayed scaling, where the pairs could have come from the step
         logger.info(f"weight pairs quantized in the forward: {engine.weight_pairs_why_not}")
 
     writer = CheckpointWriter(
