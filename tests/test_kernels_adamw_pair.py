@@ -1,6 +1,7 @@
 """The AdamW step that writes the fp8 delayed-scaling pair of each updated weight
-(lowbit.kernels.adamw_pair): the update against torch's own AdamW, the codes, scales and history
-rows against lowbit.quant (delayed scaling's AmaxHistory and quantize) on the updated weight.
+(lowbit.kernels.adamw_pair): the update bit for bit against lowbit.optim.adamw.adamw_math and close
+to torch's own AdamW, the codes, scales and history rows against lowbit.quant (delayed scaling's
+AmaxHistory and quantize) on the updated weight.
 
 Runs in the Triton interpreter on the CPU (small, ragged shapes), on CUDA when there is one."""
 
@@ -11,6 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from lowbit.optim.adamw import adam_scalars, adamw_math  # noqa: E402
 from lowbit.quant.gemm import AmaxHistory  # noqa: E402
 from lowbit.quant.quantize import QuantSpec, quantize  # noqa: E402
 
@@ -62,7 +64,11 @@ def test_steps_match_torch_adamw_and_the_delayed_pair(dev, shape, fmt):
         grads.append(gr)
         hp = ap.AdamWScalars(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step)
         before = ref_hist.clone()
+        s = adam_scalars(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step)
+        want = adamw_math(w, gr, m, v, s)
         ap.launch_step(w, gr, m, v, None, pair, ha, fmt, hp)
+        for got, ref_t in zip((w, m, v), want):
+            assert torch.equal(got, ref_t), step
         ap.launch_finish(table, h, fmt)
         # Reference: the pair of the updated weight under the history as it was (its max, or the
         # weight's own amax while it held only zeros), then the weight's amax recorded.
@@ -93,7 +99,10 @@ def test_grad_scale_divides_the_gradient(dev):
     hp = ap.AdamWScalars(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.0, step=1)
     w, m, v = p.clone(), torch.zeros_like(p), torch.zeros_like(p)
     gs = torch.tensor([4.0], device=dev)
+    want = adamw_math(w, gr / gs, m, v, adam_scalars(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, 1))
     ap.launch_step(w, gr, m, v, gs, pair, hist[0], "fp8_e4m3", hp)
+    for got, ref_t in zip((w, m, v), want):
+        assert torch.equal(got, ref_t)
     tw, tm, tv = _torch_adamw(p, [gr], hp, grad_scale=4.0)
     torch.testing.assert_close(m, tm, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(w, tw, rtol=1e-6, atol=1e-7)

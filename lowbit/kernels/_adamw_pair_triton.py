@@ -1,8 +1,8 @@
 """Triton side of the AdamW step that writes the fp8 delayed-scaling pair of each updated weight
 (lowbit.kernels.adamw_pair): one program updates one [BR, BC] tile of a 2-D fp32 weight (AdamW, as
-torch's fused kernel computes it) and, while the new values are in registers, writes their codes for
-W (fprop) and W^T (dgrad) under the tensor scale of the weight's amax history, recording the tile's
-amax for that history.
+lowbit.optim's fp32 AdamW kernels compute it) and, while the new values are in registers, writes
+their codes for W (fprop) and W^T (dgrad) under the tensor scale of the weight's amax history,
+recording the tile's amax for that history.
 
 Separately, the forward pass's pair kernel read every quantized weight again (4 bytes an element)
 after the optimizer had written it. The history's scale is known before the step (delayed scaling
@@ -18,27 +18,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.kernels._pair_quantize_triton import _history_bits, _record, _side, _tile_amax_bits
+from lowbit.kernels._optim_adamw_triton import _adam
+from lowbit.kernels._pair_quantize_triton import _history_bits, _record, _roll_rows, _side, _tile_amax_bits
 from lowbit.kernels._quant_math_triton import _encode, _scaled, _scales
 
 
 @triton.jit
-def _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, idx, msk, lr_wd, beta1, beta2, one_m_b1, one_m_b2,
-                step_size, bc2_sqrt, eps, HAS_GS: tl.constexpr):
-    # torch's fused AdamW (aten fused_adam_utils, ADAMW mode) for one tile, in the same order of
-    # fp32 operations; the gradient divided by grad_scale first (clipping folded in). Stores p, m, v
-    # and returns the new p (0 outside the matrix).
+def _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, idx, msk, beta1, omb1, beta2, omb2, step_size,
+                inv_bc2_sqrt, eps, decay, HAS_GS: tl.constexpr):
+    # One tile's AdamW step (the fp32 AdamW kernels' own update, lowbit.optim.adamw.adamw_math), the
+    # gradient divided by grad_scale first (clipping folded in). Stores p, m, v and returns the new
+    # p (0 outside the matrix).
     p = tl.load(p_ptr + idx, msk, other=0.0)
     g = tl.load(g_ptr + idx, msk, other=0.0)
     m = tl.load(m_ptr + idx, msk, other=0.0)
     v = tl.load(v_ptr + idx, msk, other=0.0)
     if HAS_GS:
         g = tl.div_rn(g, tl.load(gs_ptr))
-    p = p - lr_wd * p
-    m = beta1 * m + one_m_b1 * g
-    v = beta2 * v + one_m_b2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p - tl.div_rn(step_size * m, denom)
+    p, m, v = _adam(p, g, m, v, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay)
     tl.store(p_ptr + idx, p, msk)
     tl.store(m_ptr + idx, m, msk)
     tl.store(v_ptr + idx, v, msk)
@@ -76,7 +73,7 @@ def _store_pair(x, r0, c0, R, C, tamax, d_ptr, dt_ptr, s_ptr, st_ptr, MBITS: tl.
 
 @triton.jit
 def _adamw_pair_kernel(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, hist_ptr, rec_ptr,
-                       R, C, H, lr_wd, beta1, beta2, one_m_b1, one_m_b2, step_size, bc2_sqrt, eps,
+                       R, C, H, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
                        HAS_GS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
                        FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr, HP: tl.constexpr,
                        BR: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr,
@@ -87,8 +84,8 @@ def _adamw_pair_kernel(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, d_ptr, dt_ptr, s_ptr,
     cols = c0 + tl.arange(0, BC)
     msk = (rows[:, None] < R) & (cols[None, :] < C)
     idx = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    x = _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, idx, msk, lr_wd, beta1, beta2, one_m_b1, one_m_b2,
-                    step_size, bc2_sqrt, eps, HAS_GS)
+    x = _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, idx, msk, beta1, omb1, beta2, omb2, step_size,
+                    inv_bc2_sqrt, eps, decay, HAS_GS)
     _record(rec_ptr, _tile_amax_bits(x))
     # The history's max (an all-zero history gives amax 0, scale 1: _fixup_kernel redoes those).
     tamax = tl.zeros([1, 1], tl.float32) + _history_bits(hist_ptr, H, HP).to(tl.float32, bitcast=True)
@@ -142,11 +139,5 @@ def _roll_all_kernel(table_ptr, H, HP: tl.constexpr, NCOL: tl.constexpr):
     ha = _ptr(base, 5, tl.float32)
     hb = _ptr(base, 6, tl.float32)
     rec = _ptr(base, 7, tl.int32)
-    i = tl.arange(0, HP)
-    own = tl.load(rec).to(tl.float32, bitcast=True)
-    a = tl.load(ha + i - 1, (i >= 1) & (i < H), other=0.0)
-    b = tl.load(hb + i - 1, (i >= 1) & (i < H), other=0.0)
-    tl.debug_barrier()  # every entry read before any is overwritten
-    tl.store(ha + i, tl.where(i == 0, own, a), i < H)
-    tl.store(hb + i, tl.where(i == 0, own, b), i < H)
+    _roll_rows(ha, hb, rec, H, HP, True)
     tl.store(rec, 0)

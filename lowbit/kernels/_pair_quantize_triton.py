@@ -107,6 +107,11 @@ def _record(rec_ptr, bits):
 
 @triton.jit
 def _roll_kernel(ha_ptr, hb_ptr, own_ptr, H, HP: tl.constexpr, TWO: tl.constexpr):
+    _roll_rows(ha_ptr, hb_ptr, own_ptr, H, HP, TWO)
+
+
+@triton.jit
+def _roll_rows(ha_ptr, hb_ptr, own_ptr, H, HP: tl.constexpr, TWO: tl.constexpr):
     # Record the tensor's amax (own_ptr, int32 bits) as the newest entry of one or two history
     # rows, shifting the older ones down (AmaxHistory.record: roll by one, then set entry 0).
     i = tl.arange(0, HP)

@@ -10,13 +10,13 @@ of a 4-byte read and the launches. `launch_finish` then redoes the weights whose
 zeros (their scale is their own amax, known only now) and rolls every weight's amax into its two
 history rows, in two launches for all weights.
 
-Numerics: the update is torch's fused AdamW's (same fp32 operations in the same order); the codes,
-scales and history rows equal what `fp8_tensor_pair_delayed_direct` gives on the updated weight.
+Numerics: the update is lowbit's fp32 AdamW (lowbit.optim.adamw.adamw_math, bit for bit; a few ulps
+from torch's fused AdamW, which orders the same operations differently); the codes, scales and
+history rows equal what `fp8_tensor_pair_delayed_direct` gives on the updated weight.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ import triton
 from lowbit.kernels import _quantize_triton
 from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import interpret
+from lowbit.optim.adamw import adam_scalars
 from lowbit.quant.formats import get_format
 
 FORMATS = {"fp8_e4m3": (0, torch.float8_e4m3fn), "fp8_e5m2": (1, torch.float8_e5m2)}
@@ -70,11 +71,10 @@ class AdamWScalars:
     step: int
 
     def kernel_args(self) -> tuple[float, ...]:
-        # (lr * wd, beta1, beta2, 1 - beta1, 1 - beta2, lr / bias_correction1, sqrt(bias_correction2), eps)
-        bc1 = 1.0 - self.beta1**self.step
-        bc2 = 1.0 - self.beta2**self.step
-        return (self.lr * self.weight_decay, self.beta1, self.beta2, 1.0 - self.beta1, 1.0 - self.beta2,
-                self.lr / bc1, math.sqrt(bc2), self.eps)
+        # The fp32 scalars of lowbit.optim.adamw.adam_scalars, in the order _adam takes them.
+        s = adam_scalars(self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.step)
+        order = ("beta1", "omb1", "beta2", "omb2", "step_size", "inv_bc2_sqrt", "eps", "decay")
+        return tuple(s[k] for k in order)
 
 
 def _fmt_args(fmt: str) -> dict:

@@ -3,16 +3,17 @@ which also writes each weight's fp8 pair for the next forward (lowbit.kernels.ad
 
 A compiled fp8 delayed-scaling model quantizes every QuantLinear weight in each forward (W for
 fprop, W^T for dgrad), reading the fp32 weights the optimizer has just written. `WeightPairStep`
-takes those weights out of torch's AdamW step: one kernel a weight updates it as torch's fused
-AdamW does and writes its codes under the scale the next forward would have used, then two
-launches redo first-call histories and roll every weight's amax into its history. Each layer
-then holds `weight_pair_fresh = True`, and its traced forward reads the buffers instead of
-quantizing (lowbit.nn.quant_linear_traced.prequantized_weights). The other parameters go through
+takes those weights out of torch's AdamW step: one kernel a weight updates it (lowbit's fp32 AdamW,
+lowbit.optim.adamw.adamw_math) and writes its codes under the scale the next forward would have
+used, then two launches redo first-call histories and roll every weight's amax into its history.
+Each layer then holds `weight_pair_fresh = True`, and its traced forward reads the buffers instead
+of quantizing (lowbit.nn.quant_linear_traced.prequantized_weights). The other parameters go through
 the optimizer's own step, with the same clipping factor.
 
 The optimizer's state keeps torch's layout (step, exp_avg, exp_avg_sq), so checkpoints are the
-same either way. What differs from quantizing in the forward: the fused AdamW's rounding (ours
-computes the same fp32 operations, a few ulps apart from torch's), and under gradient
+same either way. What differs from quantizing in the forward: the AdamW's rounding (the same
+fp32 operations as torch's fused kernel in another order, a few ulps apart), the weight's amax
+entering its history at the step (one call earlier), and under gradient
 accumulation the weight's amax joins its history once a step rather than once a micro-batch (the
 weight is the same in every micro-batch). Anything that changes the weights or histories outside
 the step (loading a checkpoint) must call `invalidate`, after which the next forward quantizes.
