@@ -101,7 +101,9 @@ def launch_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
         pair.codes_t.view(torch.uint8), pair.scale, pair.scale_t, hist_row, pair.rec, r, c, hist_row.numel(),
         *hp.kernel_args(), HAS_GS=grad_scale is not None, HP=triton.next_power_of_2(hist_row.numel()),
         BR=br, BC=bc, FAST=not interpret(), DIV=div, DIV_T=div if TRANSPOSED_DIV else 0, num_warps=STEP_WARPS,
-        **_fmt_args(fmt),
+        # No multiply-add contraction: adamw_math's roundings on the GPU too (the kernel is bound by
+        # memory; the quantizer's own fma are explicit and stay)
+        enable_fp_fusion=False, **_fmt_args(fmt),
     )
 
 
