@@ -93,8 +93,9 @@ def _adamw_pair_kernel(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, d_ptr, dt_ptr, s_ptr,
                 BR, BC, FAST, DIV, DIV_T)
 
 
-# Columns of the per-weight table (int64) that the batched launches read.
-T_P, T_D, T_DT, T_S, T_ST, T_HA, T_HB, T_REC, T_R, T_C = range(10)
+# Columns of the per-weight table (int64, adamw_pair.pair_table) that the batched launches read:
+# 0 the weight, 1 its codes, 2 its transpose's codes, 3 and 4 their scales, 5 and 6 the fprop and
+# dgrad history rows, 7 the record word (addresses), 8 and 9 the weight's rows and columns.
 T_COLS = 10
 
 

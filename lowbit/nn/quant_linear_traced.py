@@ -136,7 +136,7 @@ def traced_quant_linear(
     return fn.apply(x, weight, bias, hist, key, need_wgrad, need_dgrad, *prequantized_weights([layer])[1])
 
 
-# The buffers of a weight whose fp8 pair the optimizer step writes (lowbit.optim.weight_pair_step),
+# The buffers of a weight whose fp8 pair the optimizer step writes (lowbit.trainer.weight_pair_step),
 # in the order the traced Functions take them.
 WEIGHT_PAIR_BUFFERS = ("weight_pair_codes", "weight_pair_scale", "weight_pair_codes_t", "weight_pair_scale_t")
 
