@@ -17,6 +17,7 @@ history rows equal what `fp8_tensor_pair_delayed_direct` gives on the updated we
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +72,16 @@ class AdamWScalars:
     step: int
 
     def kernel_args(self) -> tuple[float, ...]:
-        # The fp32 scalars of lowbit.optim.adamw.adam_scalars, in the order _adam takes them.
-        s = adam_scalars(self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.step)
-        order = ("beta1", "omb1", "beta2", "omb2", "step_size", "inv_bc2_sqrt", "eps", "decay")
-        return tuple(s[k] for k in order)
+        return _kernel_args(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_args(hp: AdamWScalars) -> tuple[float, ...]:
+    # The fp32 scalars of lowbit.optim.adamw.adam_scalars, in the order _adam takes them; once per
+    # (group, step), not once per weight (a step launches one kernel for each of ~100 weights).
+    s = adam_scalars(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.step)
+    order = ("beta1", "omb1", "beta2", "omb2", "step_size", "inv_bc2_sqrt", "eps", "decay")
+    return tuple(s[k] for k in order)
 
 
 def _fmt_args(fmt: str) -> dict:
