@@ -28,7 +28,7 @@ from lowbit.nn.convert import convert_model  # noqa: E402
 from lowbit.nn.llama import Llama, LlamaConfig  # noqa: E402
 from lowbit.nn.quant_linear import QuantLinear  # noqa: E402
 from lowbit.trainer.grad_clip import clip_and_step  # noqa: E402
-from lowbit.trainer.weight_pair_step import _DGRAD_B, _FPROP_B, WeightPairStep  # noqa: E402
+from lowbit.trainer.weight_pair_step import W_ROW, WT_ROW, WeightPairStep  # noqa: E402
 
 
 def _model(name: str) -> Llama:
@@ -66,8 +66,8 @@ def main() -> None:
     def before() -> None:
         clip_and_step(opt_a, pa, 1.0)
         for m in layers:
-            po.fp8_tensor_pair_delayed_direct(m.weight.detach(), fmt, m.amax_history[_FPROP_B],
-                                              m.amax_history[_DGRAD_B])
+            po.fp8_tensor_pair_delayed_direct(m.weight.detach(), fmt, m.amax_history[W_ROW],
+                                              m.amax_history[WT_ROW])
 
     def after() -> None:
         wps.clip_and_step(pb, 1.0)

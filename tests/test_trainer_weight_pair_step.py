@@ -14,7 +14,7 @@ from lowbit.nn.convert import convert_model  # noqa: E402
 from lowbit.nn.quant_linear import QuantLinear  # noqa: E402
 from lowbit.optim.adamw import adam_scalars, adamw_math  # noqa: E402
 from lowbit.trainer.grad_clip import clip_factor  # noqa: E402
-from lowbit.trainer.weight_pair_step import WeightPairStep, why_not_weight_pairs  # noqa: E402
+from lowbit.trainer.weight_pair_step import W_ROW, WT_ROW, WeightPairStep, why_not_weight_pairs  # noqa: E402
 
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
@@ -126,13 +126,13 @@ def test_trains_as_the_forward_quantized_weights_and_reads_the_pairs(dev, uncach
     # one step earlier: the last step recorded the weight the next forward will read (entry 0).
     # With the forward quantizing too, the rows would hold two entries a step.
     h, ref_h = _histories(model), _histories(ref_model)
-    w_rows = [1, 3]  # fprop's B (W) and dgrad's B (W^T)
+    w_rows = [W_ROW, WT_ROW]
     for name in h:
         others = [r for r in range(6) if r not in w_rows]
         torch.testing.assert_close(h[name][others], ref_h[name][others], **exact)
         torch.testing.assert_close(h[name][w_rows, 1:], ref_h[name][w_rows, :-1], **exact)
-        assert int((h[name][1] > 0).sum()) == 5 and int((ref_h[name][1] > 0).sum()) == 4
-        assert torch.equal(h[name][1, 0], model.get_submodule(name).weight.abs().max())
+        assert int((h[name][W_ROW] > 0).sum()) == 5 and int((ref_h[name][W_ROW] > 0).sum()) == 4
+        assert torch.equal(h[name][W_ROW, 0], model.get_submodule(name).weight.abs().max())
 
     # The forward reads the pairs: spoiled codes change the loss. Invalidated, the forward (a
     # second compiled graph) quantizes the weights itself and ignores them: the loss is back, up to
@@ -180,3 +180,23 @@ def test_engine_says_why_it_does_not_apply():
     ctx2 = DistContext(0, 2, 0, torch.device("cpu"), DistBackend.none)
     eng = TorchEngine(model, _opt(model), ctx2, 1, 1.0, True, weight_pairs_in_step=True)
     assert eng.weight_pairs is None and "2 processes" in eng.weight_pairs_why_not
+
+
+def test_a_moved_buffer_gets_a_new_table():
+    # The batched launches read addresses from a table; a buffer in new storage (model.to(), a load)
+    # must be read there: with the old table the roll would read the old record word, and the
+    # history would record 0 instead of the weight's amax.
+    model, _ = _llama("cpu")
+    wps = WeightPairStep(model, _opt(model))
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        if step == 1:
+            for m in wps.layers:
+                m.weight_pair_rec = torch.zeros_like(m.weight_pair_rec)
+        wps.clip_and_step(params, 1.0)
+    for m in wps.layers:
+        assert torch.equal(m.amax_history[W_ROW, 0], m.weight.abs().max())
+        assert int(m.weight_pair_rec) == 0

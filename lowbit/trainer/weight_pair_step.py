@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lowbit.quant.recipes import GEMMS
+from lowbit.nn.quant_linear_traced import _row
 from lowbit.trainer.grad_clip import clip_factor, folds_clipping
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from lowbit.nn.quant_linear import QuantLinear
 
 _PAIR_BUFFERS = ("codes", "scale", "codes_t", "scale_t", "rec")
+# Rows of QuantLinear.amax_history of W (fprop's operand B) and W^T (dgrad's operand B).
+W_ROW, WT_ROW = _row("fprop", 2), _row("dgrad", 2)
 
 
 def why_not_weight_pairs(layer: QuantLinear, group: dict | None) -> str | None:
@@ -119,15 +121,21 @@ class WeightPairStep:
         return st
 
     def _table(self, ks: tuple[int, ...]) -> torch.Tensor:
+        # The batched launches' table of addresses, kept under the addresses themselves: a weight
+        # or buffer that moved (model.to(), a load into new storage) gets a new table, never a
+        # stale address.
         from lowbit.kernels.adamw_pair import pair_table
 
-        if ks not in self._tables:
-            entries = []
-            for k in ks:
-                m = self.layers[k]
-                entries.append((m.weight, self._pair(m), m.amax_history[_FPROP_B], m.amax_history[_DGRAD_B]))
-            self._tables[ks] = pair_table(entries)
-        return self._tables[ks]
+        entries = []
+        for k in ks:
+            m = self.layers[k]
+            entries.append((m.weight, self._pair(m), m.amax_history[W_ROW], m.amax_history[WT_ROW]))
+        key = tuple(t.data_ptr() for w, pr, ha, hb in entries for t in (w, pr.codes, pr.codes_t, pr.scale,
+                                                                         pr.scale_t, pr.rec, ha))
+        if key not in self._tables:
+            self._tables.clear()
+            self._tables[key] = pair_table(entries)
+        return self._tables[key]
 
     def clip_and_step(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Clip the gradients of `params` to global norm `max_norm` (as lowbit.trainer.grad_clip)
@@ -147,7 +155,7 @@ class WeightPairStep:
                 hp = AdamWScalars(float(g["lr"]), *map(float, g["betas"]), float(g["eps"]),
                                   float(g["weight_decay"]), self._steps[k])
                 launch_step(m.weight, m.weight.grad, st["exp_avg"], st["exp_avg_sq"], gs, self._pair(m),
-                            m.amax_history[_FPROP_B], m.recipe.fprop.b.fmt, hp)
+                            m.amax_history[W_ROW], m.recipe.fprop.b.fmt, hp)
             if ours:
                 m0 = self.layers[ours[0]]
                 launch_finish(self._table(ours), m0.amax_history.shape[1], m0.recipe.fprop.b.fmt)
@@ -180,6 +188,3 @@ def _steppable(w: torch.Tensor) -> bool:
     g = w.grad
     return g is not None and g.dtype == torch.float32 and g.is_contiguous() and g.shape == w.shape
 
-
-# Rows of QuantLinear.amax_history for W (fprop's B) and W^T (dgrad's B): GEMMS x (A, B) order.
-_FPROP_B, _DGRAD_B = GEMMS.index("fprop") * 2 + 1, GEMMS.index("dgrad") * 2 + 1
