@@ -177,6 +177,18 @@ def test_kill_and_resume_is_bitwise_for_compiled_delayed_scaling(small_run):
     check_kill_and_resume_is_bitwise(small_run, extra, "d")
 
 
+def test_kill_and_resume_is_bitwise_with_the_weight_pairs_in_the_step(small_run, tmp_path):
+    # The same with torch's fused AdamW, whose step writes the fp8 weight pairs (here in Triton's
+    # interpreter): the checkpoint's histories already hold the last step's weight amaxes, so the
+    # resumed run must write those pairs again rather than quantize (and record) in the forward.
+    from lowbit.trainer.engines import WEIGHT_PAIRS_FILE
+
+    extra = ["train.steps=4", "train.eval_every=4", "quant=fp8_delayed", "train.compile=true",
+             "optim.fused=true"]
+    check_kill_and_resume_is_bitwise(small_run, extra, "p")
+    assert (tmp_path / "psplit" / "checkpoints" / "step_00000002" / WEIGHT_PAIRS_FILE).is_file()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_grad_accumulation_under_cuda_graphs_sums_the_micro_batches():

@@ -200,3 +200,33 @@ def test_a_moved_buffer_gets_a_new_table():
     for m in wps.layers:
         assert torch.equal(m.amax_history[W_ROW, 0], m.weight.abs().max())
         assert int(m.weight_pair_rec) == 0
+
+
+def test_restore_refuses_a_bad_state():
+    model, _ = _llama("cpu")
+    wps = WeightPairStep(model, _opt(model))
+    with pytest.raises(ValueError, match="without a weight pair"):
+        wps.restore({"no.such.layer": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="not one finite"):
+        wps.restore({wps.names[0]: torch.tensor(float("nan"))})
+
+
+def test_the_step_reads_the_param_groups_a_load_put_in():
+    # optimizer.load_state_dict replaces param_groups with new dicts, and the trainer's schedule
+    # sets the lr in those: the step must read them (a stale group kept the lr of the save).
+    model, _ = _llama("cpu")
+    opt = _opt(model)
+    wps = WeightPairStep(model, opt)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    wps.clip_and_step(params, 1.0)
+    opt.load_state_dict(opt.state_dict())
+    wps.invalidate()
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    before = [m.weight.clone() for m in wps.layers]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    wps.clip_and_step(params, 1.0)
+    assert all(torch.equal(m.weight, w) for m, w in zip(wps.layers, before))

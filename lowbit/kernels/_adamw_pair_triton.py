@@ -43,16 +43,19 @@ def _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, idx, msk, beta1, omb1, beta2
 
 
 @triton.jit
-def _store_pair(x, r0, c0, R, C, tamax, d_ptr, dt_ptr, s_ptr, st_ptr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-                EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr,
-                BR: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr,
+def _store_pair(x, r0, c0, R, C, tamax, d_ptr, dt_ptr, s_ptr, st_ptr, a_ptr, MBITS: tl.constexpr,
+                EMIN: tl.constexpr, EMAX: tl.constexpr, FMAX: tl.constexpr, HAS_INF: tl.constexpr,
+                ENC: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr,
                 DIV_T: tl.constexpr):
     # W's and W^T's codes of the tile x under one tensor amax `tamax` ([1, 1]), as the pair kernel
     # writes them (_pair_quantize_triton._pair_kernel: its FAST form on the GPU, its generic side in
-    # the interpreter); the tile at (0, 0) stores both scales.
+    # the interpreter); the tile at (0, 0) stores both scales, and `tamax` at a_ptr: a resumed run
+    # writes the same codes again from it (lowbit.trainer.weight_pair_step.WeightPairStep.restore).
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
     xt = tl.trans(x)
+    if (r0 == 0) & (c0 == 0):
+        tl.store(a_ptr + tl.zeros([1, 1], tl.int32), tamax)
     if FAST:
         s, eff = _scales(tamax, 1.0, FMAX, EMAX, 0)
         if (r0 == 0) & (c0 == 0):
@@ -72,8 +75,8 @@ def _store_pair(x, r0, c0, R, C, tamax, d_ptr, dt_ptr, s_ptr, st_ptr, MBITS: tl.
 
 
 @triton.jit
-def _adamw_pair_kernel(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, hist_ptr, rec_ptr,
-                       R, C, H, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
+def _adamw_pair_kernel(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, d_ptr, dt_ptr, s_ptr, st_ptr, a_ptr, hist_ptr,
+                       rec_ptr, R, C, H, beta1, omb1, beta2, omb2, step_size, inv_bc2_sqrt, eps, decay,
                        HAS_GS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
                        FMAX: tl.constexpr, HAS_INF: tl.constexpr, ENC: tl.constexpr, HP: tl.constexpr,
                        BR: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr, DIV: tl.constexpr,
@@ -89,14 +92,15 @@ def _adamw_pair_kernel(p_ptr, g_ptr, m_ptr, v_ptr, gs_ptr, d_ptr, dt_ptr, s_ptr,
     _record(rec_ptr, _tile_amax_bits(x))
     # The history's max (an all-zero history gives amax 0, scale 1: _fixup_kernel redoes those).
     tamax = tl.zeros([1, 1], tl.float32) + _history_bits(hist_ptr, H, HP).to(tl.float32, bitcast=True)
-    _store_pair(x, r0, c0, R, C, tamax, d_ptr, dt_ptr, s_ptr, st_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC,
-                BR, BC, FAST, DIV, DIV_T)
+    _store_pair(x, r0, c0, R, C, tamax, d_ptr, dt_ptr, s_ptr, st_ptr, a_ptr, MBITS, EMIN, EMAX, FMAX, HAS_INF,
+                ENC, BR, BC, FAST, DIV, DIV_T)
 
 
 # Columns of the per-weight table (int64, adamw_pair.pair_table) that the batched launches read:
 # 0 the weight, 1 its codes, 2 its transpose's codes, 3 and 4 their scales, 5 and 6 the fprop and
-# dgrad history rows, 7 the record word (addresses), 8 and 9 the weight's rows and columns.
-T_COLS = 10
+# dgrad history rows, 7 the record word, 10 the amax the codes were made with (addresses), 8 and 9
+# the weight's rows and columns.
+T_COLS = 11
 
 
 @triton.jit
@@ -128,8 +132,8 @@ def _fixup_kernel(table_ptr, H, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: t
             x = tl.load(p_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], msk, other=0.0)
             # DIV 0: IEEE division, bit for bit the other forms' result
             _store_pair(x, r0, c0, R, C, tamax, _ptr(base, 1, tl.uint8), _ptr(base, 2, tl.uint8),
-                        _ptr(base, 3, tl.float32), _ptr(base, 4, tl.float32), MBITS, EMIN, EMAX, FMAX,
-                        HAS_INF, ENC, BR, BC, FAST, 0, 0)
+                        _ptr(base, 3, tl.float32), _ptr(base, 4, tl.float32), _ptr(base, 10, tl.float32),
+                        MBITS, EMIN, EMAX, FMAX, HAS_INF, ENC, BR, BC, FAST, 0, 0)
 
 
 @triton.jit

@@ -41,13 +41,15 @@ FIXUP_PROGRAMS = 8
 @dataclass
 class WeightPair:
     """A weight's fp8 codes (R x C, for fprop), its transpose's (C x R, for dgrad), their scales
-    (0-d fp32) and the int32 word the step's atomics record the weight's amax into."""
+    (0-d fp32), the int32 word the step's atomics record the weight's amax into, and the amax the
+    codes were made with (0-d fp32: the history's max, or the weight's own for an empty history)."""
 
     codes: torch.Tensor
     codes_t: torch.Tensor
     scale: torch.Tensor
     scale_t: torch.Tensor
     rec: torch.Tensor
+    amax: torch.Tensor
 
     @classmethod
     def empty(cls, weight: torch.Tensor, fmt: str) -> WeightPair:
@@ -57,7 +59,7 @@ class WeightPair:
         dt, dev = FORMATS[fmt][1], weight.device
         return cls(torch.zeros((r, c), dtype=dt, device=dev), torch.zeros((c, r), dtype=dt, device=dev),
                    torch.ones((), device=dev), torch.ones((), device=dev),
-                   torch.zeros(1, dtype=torch.int32, device=dev))
+                   torch.zeros(1, dtype=torch.int32, device=dev), torch.zeros((), device=dev))
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def launch_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
                 hp: AdamWScalars) -> None:
     """AdamW on p (fp32, 2-D, contiguous; g, m, v alike) with g divided by grad_scale (a 1-element
     fp32 tensor) when given, and p's new values quantized into `pair` with the scale of
-    `hist_row`'s max, their amax recorded into pair.rec (zero before; `launch_finish` rolls it)."""
+    `hist_row`'s max (kept in pair.amax), their amax recorded into pair.rec (zero before;
+    `launch_finish` rolls it)."""
     from lowbit.kernels._adamw_pair_triton import _adamw_pair_kernel
     from lowbit.kernels._pair_quantize_triton import TRANSPOSED_DIV
 
@@ -105,7 +108,8 @@ def launch_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
 
     launchable(_adamw_pair_kernel)[(triton.cdiv(r, br), triton.cdiv(c, bc))](
         p, g, m, v, p if grad_scale is None else grad_scale, pair.codes.view(torch.uint8),
-        pair.codes_t.view(torch.uint8), pair.scale, pair.scale_t, hist_row, pair.rec, r, c, hist_row.numel(),
+        pair.codes_t.view(torch.uint8), pair.scale, pair.scale_t, pair.amax, hist_row, pair.rec, r, c,
+        hist_row.numel(),
         *hp.kernel_args(), HAS_GS=grad_scale is not None, HP=triton.next_power_of_2(hist_row.numel()),
         BR=br, BC=bc, FAST=not interpret(), DIV=div, DIV_T=div if TRANSPOSED_DIV else 0, num_warps=STEP_WARPS,
         # No multiply-add contraction: adamw_math's roundings on the GPU too (the kernel is bound by
@@ -118,7 +122,8 @@ def pair_table(entries: list[tuple[torch.Tensor, WeightPair, torch.Tensor, torch
     """The int64 table the batched launches read: per (weight, pair, fprop history row, dgrad
     history row), their addresses and the weight's shape (columns as in _adamw_pair_triton)."""
     rows = [[w.data_ptr(), pr.codes.data_ptr(), pr.codes_t.data_ptr(), pr.scale.data_ptr(),
-             pr.scale_t.data_ptr(), ha.data_ptr(), hb.data_ptr(), pr.rec.data_ptr(), w.shape[0], w.shape[1]]
+             pr.scale_t.data_ptr(), ha.data_ptr(), hb.data_ptr(), pr.rec.data_ptr(), w.shape[0], w.shape[1],
+             pr.amax.data_ptr()]
             for w, pr, ha, hb in entries]
     return torch.tensor(rows, dtype=torch.int64).to(entries[0][0].device)
 

@@ -123,15 +123,18 @@ def fp8_tensor_pair(
     return torch.ops.lowbit.fp8_tensor_pair(x, amax, fmt, record)
 
 
-def fp8_tensor_pair_direct(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
-    """(data, scale, data_t, scale_t) of x and x^T with x's own amax: the kernels launched directly.
+def fp8_tensor_pair_direct(
+    x: torch.Tensor, fmt: str, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """(data, scale, data_t, scale_t) of x and x^T with x's own amax (or `amax` where given): the
+    kernels launched directly.
 
     The body of the opaque traced op's common case (lowbit.nn.quant_linear_traced): the same
     kernels and bits as lowbit.kernels.pair_quantize, without the generic path's plans, checks
     and objects, which were most of its ~110 µs of host time per call.
     """
     _check(x, fmt)
-    data, data_t, scale, scale_t, _ = _quantize(None, x, None, fmt, False)
+    data, data_t, scale, scale_t, _ = _quantize(None, x, amax, fmt, False)
     return data, scale, data_t, scale_t
 
 

@@ -45,7 +45,8 @@ class OptimConfig:
     min_quant_numel: int = 4096
     # 4-bit AdamW: rank-1 (row/col max) normalization of the second moment of matrices.
     rank1: bool = True
-    # Fused Triton step: null = on CUDA when triton imports, true = always, false = torch reference.
+    # Fused step: null = on CUDA (lowbit's Triton step when triton imports; torch's fused AdamW for
+    # adamw), true = always (on the CPU too), false = the torch reference / torch's foreach AdamW.
     fused: bool | None = None
     # Low-bit AdamW: keep states in pinned host memory, prefetched to the GPU per tensor.
     paged: bool = False

@@ -49,9 +49,11 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     opt: torch.optim.Optimizer
     if name is OptimName.adamw and rounding == "nearest":
         # torch's fused kernel where every parameter is on CUDA (torch picks its slower foreach
-        # implementation by default): 1.07B params, H100, 11.3 ms a step (docs/BENCHMARKS.md).
+        # implementation by default): 1.07B params, H100, 11.3 ms a step (docs/BENCHMARKS.md);
+        # on any device with optim.fused=true (the CPU has one too).
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-        opt = torch.optim.AdamW(groups, **common, fused=True if on_cuda else None)
+        fused = cfg.fused if cfg.fused is not None else on_cuda
+        opt = torch.optim.AdamW(groups, **common, fused=True if fused else None)
     elif name in (OptimName.adamw, OptimName.adamw_bf16_sr):
         opt = LowBitAdamW(groups, state_bits=32, **lowbit)
     elif name is OptimName.adamw8bit:

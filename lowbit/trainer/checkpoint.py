@@ -4,6 +4,7 @@ Layout: <run_dir>/checkpoints/step_00000100/ holding
   model.safetensors   the (unwrapped) model's weights, HF safetensors
   optimizer.pt        optimizer.state_dict() (or DeepSpeed's own files under deepspeed/)
   trainer.pt          step, RNG states, data position, W&B run id, config
+  weight_pairs.pt     (fp8 weight pairs written by the optimizer step only) the amax of each pair
   manifest.json       written last: sha256 and size of every file above
 
 A checkpoint is written into a temporary sibling directory and renamed into place only once every

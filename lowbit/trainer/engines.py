@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from lowbit.trainer.config import DistBackend
 from lowbit.trainer.distributed import DistContext
 from lowbit.trainer.grad_clip import clip_and_step
 from lowbit.trainer.loss import LanguageModelLoss, loss_fn
+
+# The amaxes the last step's weight pairs were made with (lowbit.trainer.weight_pair_step), saved
+# when that step wrote any: a resumed run writes the same pairs again.
+WEIGHT_PAIRS_FILE = "weight_pairs.pt"
 
 
 def _optimizer_is_per_rank(opt: torch.optim.Optimizer) -> bool:
@@ -115,6 +120,8 @@ class TorchEngine:
         if self.ctx.is_main:
             save_weights(self.module, tmp / "model.safetensors")
             save_torch(trainer_state, tmp / "trainer.pt")
+            if self.weight_pairs is not None and (pairs := self.weight_pairs.checkpoint_state()):
+                save_torch(pairs, tmp / WEIGHT_PAIRS_FILE)
         if _optimizer_is_per_rank(self.optimizer):
             save_torch(self.optimizer.state_dict(), tmp / f"optimizer.rank{self.ctx.rank}.pt")
         elif self.ctx.is_main:
@@ -130,8 +137,19 @@ class TorchEngine:
                 f"checkpoint {path} has no {name} (written with another world size or optimizer?)"
             )
         self.optimizer.load_state_dict(load_torch(path / name))
-        if self.weight_pairs is not None:  # new weights and state: the next forward quantizes
-            self.weight_pairs.invalidate()
+        pairs = load_torch(path / WEIGHT_PAIRS_FILE) if (path / WEIGHT_PAIRS_FILE).is_file() else {}
+        if self.weight_pairs is not None:
+            # The pairs the saving step wrote, written again; layers without one quantize next forward.
+            try:
+                self.weight_pairs.restore(pairs)
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint {path}: {WEIGHT_PAIRS_FILE}: {e}") from e
+        elif pairs:
+            warnings.warn(
+                f"checkpoint {path} was saved with the fp8 weight pairs written by the optimizer step "
+                f"and this run quantizes the weights in the forward ({self.weight_pairs_why_not}): "
+                "the first forward records each weight's amax into its history a second time, so the "
+                "run is not bit for bit the one that saved it", stacklevel=2)
         return load_torch(path / "trainer.pt")
 
 

@@ -16,7 +16,10 @@ fp32 operations as torch's fused kernel in another order, a few ulps apart), the
 entering its history at the step (one call earlier), and under gradient
 accumulation the weight's amax joins its history once a step rather than once a micro-batch (the
 weight is the same in every micro-batch). Anything that changes the weights or histories outside
-the step (loading a checkpoint) must call `invalidate`, after which the next forward quantizes.
+the step must call `invalidate`, after which the next forward quantizes. A checkpoint keeps the
+amax each pair was made with (`checkpoint_state`); loading it calls `restore`, which writes those
+pairs again, so a resumed run goes on bit for bit (its histories already hold the saving step's
+weight amaxes, which quantizing in the forward would record a second time).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from lowbit.kernels.adamw_pair import WeightPair
     from lowbit.nn.quant_linear import QuantLinear
 
-_PAIR_BUFFERS = ("codes", "scale", "codes_t", "scale_t", "rec")
+_PAIR_BUFFERS = ("codes", "scale", "codes_t", "scale_t", "rec", "amax")
 # Rows of QuantLinear.amax_history of W (fprop's operand B) and W^T (dgrad's operand B).
 W_ROW, WT_ROW = _row("fprop", 2), _row("dgrad", 2)
 
@@ -77,6 +80,7 @@ class WeightPairStep:
         self.optimizer = optimizer
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         self.layers: list[QuantLinear] = []
+        self.names: list[str] = []
         self.skipped: dict[str, str] = {}
         for name, m in model.named_modules():
             if not isinstance(m, QuantLinear) or m.recipe.is_identity:
@@ -93,7 +97,8 @@ class WeightPairStep:
                 m.register_buffer(f"weight_pair_{b}", getattr(pair, b), persistent=False)
             m.weight_pair_fresh = False
             self.layers.append(m)
-        self._group = [group_of[id(m.weight)] for m in self.layers]
+            self.names.append(name)
+        self._group = self._groups()
         self._steps: list[int] | None = None  # host copies of the layers' state["step"]
         self._tables: dict[tuple, torch.Tensor] = {}
 
@@ -104,6 +109,44 @@ class WeightPairStep:
             m.weight_pair_fresh = False
         self._steps = None
         self._tables.clear()
+        # optimizer.load_state_dict puts new dicts in param_groups: the old ones' lr no longer moves.
+        self._group = self._groups()
+
+    def _groups(self) -> list[dict]:
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        return [group_of[id(m.weight)] for m in self.layers]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs to resume bit for bit: for each layer whose pair the last step
+        wrote, the amax its codes were made with (its history already holds the weight's own
+        amax, which the next forward would otherwise record a second time)."""
+        return {n: m.weight_pair_amax.detach().cpu().clone()
+                for n, m in zip(self.names, self.layers) if m.weight_pair_fresh}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """After loading a checkpoint's weights, histories and optimizer state: write the pairs
+        of the layers `state` (a `checkpoint_state`) names again from their weights and amaxes,
+        as the step that saved it had; the other layers' next forward quantizes them itself."""
+        from lowbit.kernels.pair_quantize_op import fp8_tensor_pair_direct
+
+        unknown = sorted(set(state) - set(self.names))
+        if unknown:
+            raise ValueError(f"weight-pair state names layers without a weight pair here: {unknown[:3]} "
+                             f"(this model's: {self.names[:3]}...)")
+        self.invalidate()
+        for n, m in zip(self.names, self.layers):
+            if n not in state:
+                continue
+            amax = state[n].to(device=m.weight.device, dtype=torch.float32)
+            if amax.numel() != 1 or not bool(torch.isfinite(amax).all()) or float(amax) < 0:
+                raise ValueError(f"weight-pair state of {n}: amax {amax.tolist()} is not one finite "
+                                 "non-negative value")
+            with torch.no_grad():
+                data, scale, data_t, scale_t = fp8_tensor_pair_direct(m.weight, m.recipe.fprop.b.fmt, amax)
+                for b, t in (("codes", data), ("codes_t", data_t), ("scale", scale), ("scale_t", scale_t),
+                             ("amax", amax.reshape(()))):
+                    getattr(m, f"weight_pair_{b}").copy_(t)
+            m.weight_pair_fresh = True
 
     @staticmethod
     def _pair(m: QuantLinear) -> WeightPair:
@@ -131,7 +174,7 @@ class WeightPairStep:
             m = self.layers[k]
             entries.append((m.weight, self._pair(m), m.amax_history[W_ROW], m.amax_history[WT_ROW]))
         key = tuple(t.data_ptr() for w, pr, ha, hb in entries for t in (w, pr.codes, pr.codes_t, pr.scale,
-                                                                         pr.scale_t, pr.rec, ha))
+                                                                         pr.scale_t, pr.rec, pr.amax, ha))
         if key not in self._tables:
             self._tables.clear()
             self._tables[key] = pair_table(entries)
