@@ -230,3 +230,21 @@ def test_the_step_reads_the_param_groups_a_load_put_in():
         p.grad = torch.ones_like(p)
     wps.clip_and_step(params, 1.0)
     assert all(torch.equal(m.weight, w) for m, w in zip(wps.layers, before))
+
+
+def test_a_load_without_the_pairs_says_the_run_differs(tmp_path):
+    # A checkpoint whose step wrote the pairs, resumed where the forward quantizes (here: eager):
+    # its histories already hold the last weight amaxes, so the run warns that it is not the same.
+    from lowbit.trainer.checkpoint import save_torch
+    from lowbit.trainer.config import DistBackend
+    from lowbit.trainer.distributed import DistContext
+    from lowbit.trainer.engines import WEIGHT_PAIRS_FILE, TorchEngine
+
+    model, _ = _llama("cpu")
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), DistBackend.none)
+    eng = TorchEngine(model, _opt(model), ctx, 1, 1.0, False, weight_pairs_in_step=True)
+    assert eng.weight_pairs is None
+    eng.save(tmp_path, {"step": 1})
+    save_torch({"layers.0.attention.wq": torch.tensor(1.0)}, tmp_path / WEIGHT_PAIRS_FILE)
+    with pytest.warns(UserWarning, match="not bit for bit"):
+        eng.load(tmp_path)
