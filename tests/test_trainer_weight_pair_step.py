@@ -182,17 +182,18 @@ def test_engine_says_why_it_does_not_apply():
     assert eng.weight_pairs is None and "2 processes" in eng.weight_pairs_why_not
 
 
-def test_a_moved_buffer_gets_a_new_table():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_moved_buffer_gets_a_new_table(dev):
     # The batched launches read addresses from a table; a buffer in new storage (model.to(), a load)
     # must be read there: with the old table the roll would read the old record word, and the
     # history would record 0 instead of the weight's amax.
-    model, _ = _llama("cpu")
+    model, _ = _llama(dev)
     wps = WeightPairStep(model, _opt(model))
     params = list(model.parameters())
     g = torch.Generator().manual_seed(3)
     for step in range(2):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
+            p.grad = torch.randn(p.shape, generator=g).to(dev)
         if step == 1:
             for m in wps.layers:
                 m.weight_pair_rec = torch.zeros_like(m.weight_pair_rec)
@@ -211,10 +212,11 @@ def test_restore_refuses_a_bad_state():
         wps.restore({wps.names[0]: torch.tensor(float("nan"))})
 
 
-def test_the_step_reads_the_param_groups_a_load_put_in():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_the_step_reads_the_param_groups_a_load_put_in(dev):
     # optimizer.load_state_dict replaces param_groups with new dicts, and the trainer's schedule
     # sets the lr in those: the step must read them (a stale group kept the lr of the save).
-    model, _ = _llama("cpu")
+    model, _ = _llama(dev)
     opt = _opt(model)
     wps = WeightPairStep(model, opt)
     params = list(model.parameters())
