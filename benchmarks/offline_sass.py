@@ -85,7 +85,7 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "int8_rows_14336",
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
-         "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair")
+         "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair", "row_major_bf16")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -95,6 +95,7 @@ def _cases() -> dict[str, Callable[[], None]]:
     from lowbit.kernels import quantize as kq
     from lowbit.kernels.hadamard import rotate_quantize
     from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
+    from lowbit.kernels.transpose import row_major
     from lowbit.nn import norm_pair_fold as npf
     from lowbit.quant.quantize import QuantSpec
     from lowbit.quant.quantize import quantize as reference_quantize
@@ -152,6 +153,8 @@ def _cases() -> dict[str, Callable[[], None]]:
         "norm_pair": lambda: npf.fused(x.float(), x, torch.ones(DIM), 1e-5, torch.ones(6, 16), "fp8_e4m3"),
         # The AdamW step that writes the weight's fp8 pair, and its fix-up and roll launches.
         "adamw_pair": lambda: _adamw_pair(w),
+        # The tiled copy of a transposed view (X^T) that row-scaled operands are quantized from.
+        "row_major_bf16": lambda: row_major(x.t()),
     }
 
 

@@ -14,8 +14,9 @@ of up to 4096 elements is read once; a longer one is read twice in pieces, the s
 from L2), "tensor" (amax from one
 read on the amax kernel of pair_quantize.py, or the delayed-scaling override; no host sync) and
 2-D tiles (powers of two). The input may be any strided 2-D view. An X^T view can be read in
-place (TRANSPOSED_READ), but that measured slow on the H100, so by default such views are made
-contiguous first; QuantLinear gets X^T from pair_quantize.py instead (X and X^T in one pass).
+place (TRANSPOSED_READ), but that measured slow on the H100, so by default such views are copied
+row-major first (lowbit.kernels.transpose, a tiled copy; torch's was slower); QuantLinear gets
+X^T from pair_quantize.py where a pair kernel takes its specs (X and X^T in one pass).
 Ragged shapes are masked; padding never enters an amax (zeros, as in the reference).
 
 What falls back to the reference (never a wrong answer): NF4 (QLoRA's codebook path), 1-D blocks
@@ -148,6 +149,7 @@ def quantize_2d(
     """Quantize a (strided) R × K matrix along K: (data, scales, tensor scale or None, packed).
     `hadamard` > 1 quantizes x2·R instead (lowbit.kernels.hadamard checks the shapes)."""
     from lowbit.kernels._quantize_triton import launch
+    from lowbit.kernels.transpose import row_major
 
     fmt: ElementFormat = spec.format
     r, k = x2.shape
@@ -157,7 +159,7 @@ def quantize_2d(
     tile_t = TILE_TRANSPOSED_READ and isinstance(spec.block, tuple) and x2.stride(0) == 1
     in_place = TRANSPOSED_READ or tile_t
     if x2.stride(1) != 1 and not in_place and not (hadamard > 1 and ROTATED_STRIDED_READ):
-        x2 = x2.contiguous()
+        x2 = row_major(x2)
     enc = _ENC[fmt.name]
     packed = enc in (3, 4) and k % 2 == 0
     dcols = k // 2 if packed else k
