@@ -43,7 +43,9 @@ def main() -> None:
         if not torch.equal(row_major(v), v.contiguous()):
             raise SystemExit(f"row_major differs from .contiguous() at {shape} {dt}")
         y = torch.empty_like(x)
-        a, b, c = graph_us(lambda: v.contiguous()), graph_us(lambda: row_major(v)), graph_us(lambda: y.copy_(x))
+        a = graph_us(v.contiguous)
+        b = graph_us(lambda v=v: row_major(v))
+        c = graph_us(lambda x=x, y=y: y.copy_(x))
         gb = 2 * x.numel() * x.element_size() / 1e9
         print(f"{shape} {dt}: torch .contiguous() {a:.1f} us ({gb / a * 1e3:.2f} TB/s), row_major {b:.1f} us "
               f"({gb / b * 1e3:.2f} TB/s), plain copy {c:.1f} us ({gb / c * 1e3:.2f} TB/s); x{a / b:.2f}")
