@@ -208,8 +208,15 @@ def test_restore_refuses_a_bad_state():
     wps = WeightPairStep(model, _opt(model))
     with pytest.raises(ValueError, match="without a weight pair"):
         wps.restore({"no.such.layer": torch.tensor(1.0)})
-    with pytest.raises(ValueError, match="not one finite"):
-        wps.restore({wps.names[0]: torch.tensor(float("nan"))})
+    for m in wps.layers:  # as after a step
+        m.weight_pair_fresh = True
+    before = wps.layers[1].weight_pair_codes.clone()
+    for bad in (torch.tensor(float("nan")), torch.tensor(-1.0), torch.ones(2), 1.0):
+        # refused before anything is touched: the valid entry is not written, no pair invalidated
+        with pytest.raises(ValueError, match="not one finite"):
+            wps.restore({wps.names[1]: torch.tensor(5.0), wps.names[0]: bad})
+        assert all(m.weight_pair_fresh for m in wps.layers)
+        assert torch.equal(wps.layers[1].weight_pair_codes, before)
 
 
 @pytest.mark.parametrize("dev", DEVICES)

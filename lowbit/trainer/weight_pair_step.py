@@ -133,14 +133,15 @@ class WeightPairStep:
         if unknown:
             raise ValueError(f"weight-pair state names layers without a weight pair here: {unknown[:3]} "
                              f"(this model's: {self.names[:3]}...)")
+        for n, a in state.items():  # all checked before any pair is written
+            ok = isinstance(a, torch.Tensor) and a.numel() == 1 and bool(torch.isfinite(a).all())
+            if not ok or a < 0:
+                raise ValueError(f"weight-pair state of {n}: amax {a!r} is not one finite non-negative value")
         self.invalidate()
         for n, m in zip(self.names, self.layers):
             if n not in state:
                 continue
             amax = state[n].to(device=m.weight.device, dtype=torch.float32)
-            if amax.numel() != 1 or not bool(torch.isfinite(amax).all()) or float(amax) < 0:
-                raise ValueError(f"weight-pair state of {n}: amax {amax.tolist()} is not one finite "
-                                 "non-negative value")
             with torch.no_grad():
                 data, scale, data_t, scale_t = fp8_tensor_pair_direct(m.weight, m.recipe.fprop.b.fmt, amax)
                 for b, t in (("codes", data), ("codes_t", data_t), ("scale", scale), ("scale_t", scale_t),
