@@ -85,7 +85,8 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "nvfp4", "nvfp4_weight", "int8_rows", "mxfp4", "mxfp4_sr", "int4_rows", "int8_rows_14336",
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
-         "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair", "row_major_bf16")
+         "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair", "row_major_bf16",
+         "fp8_row_pair")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -117,6 +118,7 @@ def _cases() -> dict[str, Callable[[], None]]:
     # depends on sizes only through divisibility by 16).
     g, u, dh = (torch.randn(1024, 8192, dtype=torch.bfloat16) for _ in range(3))
     hists = torch.ones(4, 16)
+    row = QuantSpec("fp8_e4m3", "row")
     wide = torch.randn(64, 14336, dtype=torch.bfloat16)  # rows wider than 8192 (w2's input in Llama-3-8B)
     return {
         "fp8_pair": lambda: po.fp8_tensor_pair(x, x.abs().amax().float(), "fp8_e4m3"),
@@ -155,6 +157,8 @@ def _cases() -> dict[str, Callable[[], None]]:
         "adamw_pair": lambda: _adamw_pair(w),
         # The tiled copy of a transposed view (X^T) that row-scaled operands are quantized from.
         "row_major_bf16": lambda: row_major(x.t()),
+        # fp8_rowwise's X and X^T: the row and column amax pass, then both sides' codes.
+        "fp8_row_pair": lambda: pq.quantize_pair(x, row, row),
     }
 
 

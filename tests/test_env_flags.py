@@ -17,6 +17,7 @@ FLAGS = (
     ("lowbit.kernels.fast_launch", "LOWBIT_FAST_LAUNCH", "ENABLED", True),
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_SHARE", "SHARE_CODES", False),
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "GROUPS_ON_CUDA", True),
+    ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_ROWS", "ROWS_ON_CUDA", True),
     ("lowbit.kernels.quantize", "LOWBIT_ROTATED_STRIDED", "ROTATED_STRIDED_READ", False),
     ("lowbit.nn.gradient_cast_fold", "LOWBIT_FOLD_GRAD_CAST", "ENABLED", True),
     ("lowbit.nn.norm_pair_fold", "LOWBIT_FOLD_NORM_PAIR", "ENABLED", True),

@@ -35,6 +35,13 @@ PAIRS = {
     ),
     "int8_64_32sr": (QuantSpec("int8", 64), QuantSpec("int8", 32, rounding="stochastic")),
     "fp8_tile_16x32": (QuantSpec("fp8_e4m3", (16, 32)), QuantSpec("fp8_e4m3", (32, 16))),
+    # Row scaling (fp8_rowwise, int8): X^T's scales are X's column amaxes (a pass of their own).
+    "fp8_row": (QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", "row")),
+    "e5m2_row_sr": (QuantSpec("fp8_e5m2", "row", rounding="stochastic"), QuantSpec("fp8_e5m2", "row")),
+    "fp8_row_e8m0_up_sr": (
+        QuantSpec("fp8_e4m3", "row", "e8m0_up"), QuantSpec("fp8_e4m3", "row", "e8m0_up", "stochastic"),
+    ),
+    "int8_row": (QuantSpec("int8", "row"), QuantSpec("int8", "row")),
 }
 
 
@@ -58,7 +65,7 @@ def _matrix(r: int, c: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(200, 136), (64, 256), (3, 40)], ids=str)
 def test_pair_equals_two_reference_calls(name, shape):
     spec, spec_t = PAIRS[name]
-    if DEV == "cuda" and spec.block != "tensor" and not pq.GROUPS_ON_CUDA:
+    if DEV == "cuda" and spec.block not in ("tensor", "row") and not pq.GROUPS_ON_CUDA:
         pytest.skip("group/tile pairs are off on CUDA (pair_quantize.GROUPS_ON_CUDA)")
     if DEV == "cuda" and spec.block == "tensor" and spec.scale != "fp32":
         assert why_not_pair(_matrix(*shape, torch.float32), spec, spec_t) is not None
@@ -174,7 +181,8 @@ def test_why_not_pair_names_the_problem():
         assert "off on CUDA" in why_not_pair(x, QuantSpec("fp8_e4m3", 32), QuantSpec("fp8_e4m3", 32))
         return
     assert "transposes" in why_not_pair(x, QuantSpec("fp8_e4m3", (16, 32)), QuantSpec("fp8_e4m3", (16, 32)))
-    assert "row" in why_not_pair(x, QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", "row"))
+    assert "'row' on both sides" in why_not_pair(x, QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", 32))
+    assert why_not_pair(x, QuantSpec("fp8_e4m3", "row"), QuantSpec("fp8_e4m3", "row")) is None
     assert "fp4_e2m1" in why_not_pair(x, QuantSpec("fp4_e2m1", 32, "e8m0"), QuantSpec("fp4_e2m1", 32, "e8m0"))
     assert "up to 128" in why_not_pair(x, QuantSpec("fp8_e4m3", 256), QuantSpec("fp8_e4m3", 256))
     assert why_not_pair(x, QuantSpec("fp8_e4m3", 128), QuantSpec("fp8_e4m3", 128)) is None
@@ -204,7 +212,8 @@ def _layer_run(recipe: str, fused: bool, monkeypatch, steps: int = 1):
         return outs, layer.amax_history.clone()
 
 
-@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed", "mxfp8", "fp8_blockwise"])
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed", "mxfp8", "fp8_blockwise", "fp8_rowwise",
+                                    "int8"])
 def test_quant_linear_with_pair_quantizer_is_bitwise_the_same(recipe, monkeypatch):
     # The fused pair path changes where the operands are made, never their bits.
     got, hist = _layer_run(recipe, True, monkeypatch, steps=3)
@@ -232,7 +241,7 @@ def test_delayed_scaling_first_call_own_amax_then_history(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed", "fp8_blockwise", "mxfp8"])
+@pytest.mark.parametrize("recipe", ["fp8_tensorwise", "fp8_delayed", "fp8_blockwise", "mxfp8", "fp8_rowwise"])
 def test_gpu_quant_linear_auto_matches_emulation(recipe):
     # cuBLAS (tensorwise with fast accumulation in fprop, blockwise 1x128/128x128) and the Triton
     # GEMM against the fp32 emulation of the same quantized operands, bf16 autocast as in training.
@@ -405,7 +414,7 @@ def test_transposed_reciprocal_division_equals_two_reference_calls(name, monkeyp
 
     monkeypatch.setattr(pqt, "TRANSPOSED_DIV", True)
     spec, spec_t = PAIRS[name]
-    if DEV == "cuda" and spec.block != "tensor" and not pq.GROUPS_ON_CUDA:
+    if DEV == "cuda" and spec.block not in ("tensor", "row") and not pq.GROUPS_ON_CUDA:
         pytest.skip("group/tile pairs are off on CUDA (pair_quantize.GROUPS_ON_CUDA)")
     amaxes = (None, torch.tensor([1e-30]), torch.tensor([0.5])) if spec.block == "tensor" else (None,)
     for dtype in (torch.float32, torch.bfloat16):

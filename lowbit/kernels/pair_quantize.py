@@ -9,13 +9,14 @@ and writes both, each bit for bit what lowbit.quant.quantize gives:
     q   == quantize(x,     spec,   seed=s,   amax=a)
     q_t == quantize(x.t(), spec_t, seed=s_t, amax=a)
 
-Supported pairs (`why_not_pair` names what is not; GROUPS_ON_CUDA below turns group and tile
-scaling off on CUDA): fp8 e4m3/e5m2 or int8 elements, the same
-format and scale format on both sides (fp32, e8m0, e8m0_up); blocks "tensor" on both sides (one
-amax), 1-D groups along each side's K (powers of two up to MAX_GROUP = 128: the tile holds whole
-groups both ways), or a 2-D tile on both sides that is the transpose of the other. With one tensor or tile
-scale and nearest rounding x^T's grid values are x's transposed and are rounded once
-(SHARE_CODES).
+Supported pairs (`why_not_pair` names what is not; GROUPS_ON_CUDA and ROWS_ON_CUDA below can turn
+group/tile and row scaling off on CUDA): fp8 e4m3/e5m2 or int8 elements, the same format and scale
+format on both sides (fp32, e8m0, e8m0_up); blocks "tensor" on both sides (one amax), "row" on both
+sides (a scale per row of x and per row of x^T: the row and column amaxes from one read of x, the
+codes from a second; lowbit.kernels._row_pair_triton), 1-D groups along each side's K (powers of
+two up to MAX_GROUP = 128: the tile holds whole groups both ways), or a 2-D tile on both sides
+that is the transpose of the other. With one tensor or tile scale and nearest rounding x^T's grid
+values are x's transposed and are rounded once (SHARE_CODES).
 
 Tensor scaling needs the amax before any element is rounded: `tensor_amax` is one read of x
 (integer max of the |x| bits in registers, one atomic per program; NaN sorts above Inf, so it
@@ -76,6 +77,9 @@ MAX_GROUP = 128
 # graphs is itself not deterministic and an early loss spike amplifies that (two runs without the
 # pairs already differed from step 7).
 GROUPS_ON_CUDA = env_flag("LOWBIT_PAIR_GROUPS", True)
+# Row-scaled pairs on CUDA (fp8_rowwise, int8): on by default; LOWBIT_PAIR_ROWS=0 turns them off
+# (X^T is then copied row-major and quantized by the single kernel, as before them).
+ROWS_ON_CUDA = env_flag("LOWBIT_PAIR_ROWS", True)
 
 
 def _runnable(x: torch.Tensor) -> bool:
@@ -99,7 +103,9 @@ def why_not_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec) -> str | N
     a, b = spec.block, spec_t.block
     if (a == "tensor") != (b == "tensor"):
         return "tensor scaling needs block='tensor' on both sides"
-    if a != "tensor" and x.is_cuda and not GROUPS_ON_CUDA:
+    if a == "row" and x.is_cuda and not ROWS_ON_CUDA:
+        return "row scaling is off on CUDA (ROWS_ON_CUDA: LOWBIT_PAIR_ROWS=0)"
+    if a not in ("tensor", "row") and x.is_cuda and not GROUPS_ON_CUDA:
         return "group and tile scaling are off on CUDA (GROUPS_ON_CUDA; see the note there)"
     if a == "tensor" and spec.scale != "fp32" and x.is_cuda:
         # Run 30: X^T of a 64 x 256 e4m3 pair with an e8m0 tensor scale came out with other rows'
@@ -111,9 +117,13 @@ def why_not_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec) -> str | N
         if not all(_pow2(v) and v <= MAX_GROUP for v in a):
             return f"2-D tile {a} (needs powers of two up to {MAX_GROUP})"
         return None
+    if (a == "row") != (b == "row"):
+        return f"row scaling needs block='row' on both sides, got {a!r} and {b!r}"
     for blk in (a, b):
-        if blk == "row" or (isinstance(blk, int) and not (_pow2(blk) and 2 <= blk <= MAX_GROUP)):
-            return f"block {blk!r} (needs 'tensor', a power-of-two group up to {MAX_GROUP}, or a 2-D tile)"
+        group = isinstance(blk, int) and _pow2(blk) and 2 <= blk <= MAX_GROUP
+        if blk not in ("tensor", "row") and not group:
+            return f"block {blk!r} (needs 'tensor', 'row', a power-of-two group up to {MAX_GROUP}, " \
+                "or a 2-D tile)"
     return None
 
 
@@ -193,6 +203,8 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         x = x.float()
     x = x.detach()
+    if spec.block == "row":
+        return _row_pair(x, spec, spec_t, seed, seed_t)
     r, c = x.shape
     dev = x.device
     fmt, enc = spec.format, _ENC[spec.fmt]
@@ -251,6 +263,27 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
     q = data if values[0] else QTensor(data.view(dt), scale, fmt, a, size, 1, x.dtype, False, None)
     q_t = data_t if values[1] else QTensor(data_t.view(dt), scale_t, fmt, b, size_t, 1, x.dtype, False, None)
     return q, q_t
+
+
+def _row_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, seed: int, seed_t: int) -> _Pair:
+    # One scale per row of x and one per row of x^T (a column of x): the row and column amaxes in
+    # one read, then both sides' codes from another (lowbit.kernels._row_pair_triton).
+    from lowbit.kernels._row_pair_triton import launch_row_col_amax, launch_row_pair
+
+    r, c = x.shape
+    bits = torch.zeros(r + c, dtype=torch.int32, device=x.device)
+    launch_row_col_amax(x, bits[:r], bits[r:])
+    scale = torch.empty(r, dtype=torch.float32, device=x.device)
+    scale_t = torch.empty(c, dtype=torch.float32, device=x.device)
+    data = torch.empty((r, c), dtype=torch.uint8, device=x.device)
+    data_t = torch.empty((c, r), dtype=torch.uint8, device=x.device)
+    enc = _ENC[spec.fmt]
+    launch_row_pair(x, data, data_t, bits[:r], bits[r:], scale, scale_t, spec.format, enc, _SMODE[spec.scale],
+                    spec.rounding == "stochastic", spec_t.rounding == "stochastic", seed_offset(seed),
+                    seed_offset(seed_t))
+    dt, fmt = _DTYPE[enc], spec.format
+    return (QTensor(data.view(dt), scale, fmt, "row", torch.Size((r, c)), 1, x.dtype, False, None),
+            QTensor(data_t.view(dt), scale_t, fmt, "row", torch.Size((c, r)), 1, x.dtype, False, None))
 
 
 def why_not_values(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec) -> str | None:
