@@ -30,10 +30,11 @@ def _same(q, ref) -> None:
     assert (q.block, q.fmt.name, tuple(q.shape)) == ("row", ref.fmt.name, tuple(ref.shape))
 
 
-def _check(x: torch.Tensor, spec: QuantSpec = ROW, spec_t: QuantSpec = ROW) -> None:
+def _check(x: torch.Tensor, spec: QuantSpec = ROW, spec_t: QuantSpec = ROW) -> tuple:
     q, q_t = quantize_pair(x, spec, spec_t, seed=3, seed_t=4)
     _same(q, quantize(x.cpu(), spec, seed=3))
     _same(q_t, quantize(x.cpu().t(), spec_t, seed=4))
+    return q, q_t
 
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8"])
@@ -60,10 +61,13 @@ def test_strided_views_and_ragged_shapes(dtype):
     # and off pass 1's 32 x 256 block, including a single row and a single column.
     g = torch.Generator().manual_seed(1)
     base = (torch.randn(130, 300, generator=g) * torch.logspace(-2, 2, 300)).to(dtype).to(DEV)
-    _check(base.t())
-    _check(base[:, 7:250])
-    for r, c in ((1, 33), (33, 1), (257, 65)):
-        _check(torch.randn(r, c, generator=g).to(dtype).to(DEV))
+    views = [base.t(), base[:, 7:250]] + [torch.randn(r, c, generator=g).to(dtype).to(DEV)
+                                          for r, c in ((1, 33), (33, 1), (257, 65))]
+    for x in views:
+        q, q_t = _check(x)
+        r, c = x.shape
+        assert q.scale.shape == (r,) and q_t.scale.shape == (c,) and q_t.data.shape == (c, r)
+        assert q.data.is_contiguous() and q_t.data.is_contiguous()
 
 
 def test_pass_one_takes_several_row_blocks_a_program(monkeypatch):
@@ -104,3 +108,11 @@ def test_operand_pair_seam_uses_the_row_pair(monkeypatch):
     assert calls == [True]
     _same(a.parts[0], quantize(x.cpu(), ROW))
     _same(a_t.parts[0], quantize(x.cpu().t(), ROW))
+
+
+def test_row_pair_refuses_an_amax_override_or_a_tile():
+    x = torch.randn(32, 48, device=DEV)
+    with pytest.raises(ValueError, match="block='tensor'"):
+        quantize_pair(x, ROW, ROW, amax=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="not row scaling"):
+        quantize_pair(x, ROW, ROW, tile=(64, 64))

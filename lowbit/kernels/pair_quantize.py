@@ -204,6 +204,8 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
         x = x.float()
     x = x.detach()
     if spec.block == "row":
+        if tile is not None:  # a tuning knob of the one-read pairs; rows have their own (_row_pair_triton)
+            raise ValueError(f"tile={tile} is for tensor, group and 2-D tile pairs, not row scaling")
         return _row_pair(x, spec, spec_t, seed, seed_t)
     r, c = x.shape
     dev = x.device
