@@ -6,6 +6,7 @@ stdlib corpus, with checkpoints off. Prints a markdown table and writes JSON.
     python benchmarks/train_throughput.py --models 125m,1b --compile off,on --steps 40 \
         --extra quant=bf16 --out results/throughput.json
     python benchmarks/train_throughput.py --models 1b --compile on --recipes bf16,fp8_tensorwise,mxfp8
+    python benchmarks/train_throughput.py --models 1b --compile on --recipes fp8_delayed --nproc 2
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_variant(model: str, compile_: bool, args, out_dir: Path, recipe: str = "") -> dict:
     name = f"{model}-{'compile' if compile_ else 'eager'}" + (f"-{recipe}" if recipe else "")
+    # --nproc > 1: torchrun on this machine's GPUs with DDP (tokens/s is the whole job's).
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={args.nproc}"]
     cmd = [
-        sys.executable,
+        *(launcher if args.nproc > 1 else [sys.executable]),
         str(ROOT / "train.py"),
+        *(["dist=ddp"] if args.nproc > 1 else []),
         f"model={model}",
         f"train.compile={str(compile_).lower()}",
         f"train.steps={args.steps}",
@@ -61,6 +66,8 @@ def run_variant(model: str, compile_: bool, args, out_dir: Path, recipe: str = "
         "wall_s": time.time() - t0,
         "recipe": recipe or None,
         "extra": args.extra,
+        "nproc": args.nproc,
+        "weight_pair_layers": s.get("weight_pair_layers"),
     }
 
 
@@ -74,8 +81,11 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--recipes", default="", help="comma list of quant recipes (one variant each)")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every variant")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run; > 1 runs DDP")
     ap.add_argument("--out", type=Path, default=Path("throughput.json"))
     args = ap.parse_args()
+    if args.nproc < 1:
+        raise SystemExit(f"--nproc: {args.nproc} is not valid (1 or more)")
     for c in args.compile.split(","):
         if c not in ("on", "off"):
             raise SystemExit(f"--compile: {c!r} is not valid (valid choices: on, off)")

@@ -60,10 +60,22 @@ class TorchEngine:
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         # The loss is computed inside the compiled module, fused with the model's last layers.
         fwd: nn.Module = LanguageModelLoss(model, criterion)
+        # Before DDP wraps the model: the step registers the pair buffers, which DDP must not sync.
+        self.weight_pairs, self.weight_pairs_why_not = None, "off (train.weight_pairs_in_step=false)"
+        if weight_pairs_in_step:
+            pairs = _weight_pair_step(model, optimizer, ctx, compile_model)
+            self.weight_pairs, self.weight_pairs_why_not = pairs
         self.ddp = None
         if ctx.backend is DistBackend.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            if self.weight_pairs is not None:
+                # DDP broadcasts rank 0's buffers before every forward. Every rank's step writes the
+                # same pairs (the same weights and all-reduced gradients), and broadcasting them
+                # would move a byte per weight element each step (1b: 2 GB); the amax histories
+                # are still synced.
+                names = _buffer_names(fwd, self.weight_pairs.buffers())
+                DDP._set_params_and_buffers_to_ignore_for_model(fwd, names)
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             fwd = self.ddp = DDP(fwd, device_ids=ids)
         # Compile the DDP wrapper rather than wrap a compiled module: dynamo then splits the graph
@@ -71,10 +83,6 @@ class TorchEngine:
         self.model = torch.compile(fwd, mode=compile_mode) if compile_model else fwd
         self.cuda_graphs = compile_model and uses_cuda_graphs(compile_mode, ctx.device)
         self._owned_grads: set[int] = set()  # ids of parameters whose .grad is our own copy
-        self.weight_pairs, self.weight_pairs_why_not = None, "off (train.weight_pairs_in_step=false)"
-        if weight_pairs_in_step:
-            pairs = _weight_pair_step(model, optimizer, ctx, compile_model)
-            self.weight_pairs, self.weight_pairs_why_not = pairs
 
     def micro_context(self, last: bool) -> contextlib.AbstractContextManager:
         # Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
@@ -156,15 +164,16 @@ class TorchEngine:
 def _weight_pair_step(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
                       compiled: bool) -> tuple[Any, str | None]:
     # (lowbit.trainer.weight_pair_step.WeightPairStep, None), or (None, why it does not apply).
-    # Compiled only: the eager layers quantize their weights themselves. One process only: DDP
-    # would broadcast the pair buffers from rank 0 every step.
+    # Compiled only: the eager layers quantize their weights themselves. Under DDP every rank
+    # writes the same pairs (TorchEngine keeps them out of DDP's buffer sync).
     from lowbit.kernels.quantize import interpret, triton_available
     from lowbit.trainer.grad_clip import folds_clipping
 
     if not compiled:
         return None, "the model is not compiled (train.compile=false)"
-    if ctx.world > 1:
-        return None, f"{ctx.world} processes (DDP would broadcast the pair buffers)"
+    if ctx.world > 1 and ctx.backend is not DistBackend.ddp:
+        backend = getattr(ctx.backend, "value", ctx.backend)
+        return None, f"{ctx.world} processes under {backend} (only DDP keeps whole weights on each rank)"
     if not (ctx.device.type == "cuda" or interpret()) or not triton_available():
         return None, f"its kernels need CUDA (or Triton's interpreter) and Triton; device {ctx.device}"
     if not (isinstance(optimizer, torch.optim.AdamW) and folds_clipping(optimizer)):
@@ -176,6 +185,12 @@ def _weight_pair_step(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: D
         some = list(step.skipped.items())[:3]
         return None, "no layer qualifies: " + "; ".join(f"{k}: {v}" for k, v in some)
     return step, None
+
+
+def _buffer_names(module: nn.Module, tensors: list[torch.Tensor]) -> list[str]:
+    # The names under which `module` holds these buffers (DDP's ignore list takes names).
+    ids = {id(t) for t in tensors}
+    return [n for n, b in module.named_buffers() if id(b) in ids]
 
 
 def _import_deepspeed_on_cpu() -> None:

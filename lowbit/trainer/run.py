@@ -394,6 +394,8 @@ def _run(rc: RunConfig, cfg_dict: dict, ctx: DistContext) -> dict[str, Any]:
         "quant": rc.quant.recipe,
         "optim": cfg_dict["optim"]["name"],
         "dist": ctx.backend.value,
+        # QuantLinear weights whose fp8 pairs the optimizer step wrote (0: quantized in the forward)
+        "weight_pair_layers": len(pairs.layers) if pairs is not None else 0,
         "wall_seconds": time.time() - t0,
         "run_dir": str(run_dir.resolve()),
         "wandb_dir": logger.wandb_dir,

@@ -16,7 +16,9 @@ fp32 operations as torch's fused kernel in another order, a few ulps apart), the
 entering its history at the step (one call earlier), and under gradient
 accumulation the weight's amax joins its history once a step rather than once a micro-batch (the
 weight is the same in every micro-batch). Anything that changes the weights or histories outside
-the step must call `invalidate`, after which the next forward quantizes. A checkpoint keeps the
+the step must call `invalidate`, after which the next forward quantizes. Under DDP each rank's step
+writes the same pairs, so they stay out of DDP's buffer broadcast (lowbit.trainer.engines). A
+checkpoint keeps the
 amax each pair was made with (`checkpoint_state`); loading it calls `restore`, which writes those
 pairs again, so a resumed run goes on bit for bit (its histories already hold the saving step's
 weight amaxes, which quantizing in the forward would record a second time).
@@ -101,6 +103,10 @@ class WeightPairStep:
         self._group = self._groups()
         self._steps: list[int] | None = None  # host copies of the layers' state["step"]
         self._tables: dict[tuple, torch.Tensor] = {}
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The pair buffers the step writes (every layer's codes, scales, record and amax)."""
+        return [getattr(m, f"weight_pair_{b}") for m in self.layers for b in _PAIR_BUFFERS]
 
     def invalidate(self) -> None:
         """The weights, histories or optimizer state changed outside `step` (a checkpoint load):
