@@ -95,7 +95,7 @@ class TrainConfig:
     deterministic: bool = False
     # Stop after this many steps in this process (0 = run to `steps`); used to test kill-and-resume.
     stop_after: int = 0
-    # fp8 delayed scaling, compiled, one process, fused AdamW: the optimizer step writes each
+    # fp8 delayed scaling, compiled, one process or DDP, fused AdamW: the optimizer step writes each
     # quantized layer's fp8 weight pair for the next forward, which then reads it instead of
     # quantizing the weight again (lowbit/trainer/weight_pair_step.py). Ignored where it does not
     # apply (the run's log says why).
