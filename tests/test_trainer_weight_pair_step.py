@@ -182,6 +182,31 @@ def test_engine_says_why_it_does_not_apply():
     assert eng.weight_pairs is None and "2 processes" in eng.weight_pairs_why_not
 
 
+def test_ddp_leaves_the_pairs_out_of_its_buffer_broadcast(tmp_path):
+    # DDP broadcasts rank 0's buffers before every forward; the pairs (a byte per weight element)
+    # are written alike by every rank's step, so the engine keeps them out of that list, while
+    # the amax histories stay in it. A real gloo group of one process.
+    import torch.distributed as dist
+
+    from lowbit.trainer.config import DistBackend
+    from lowbit.trainer.distributed import DistContext
+    from lowbit.trainer.engines import TorchEngine
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model, _ = _llama("cpu")
+        ctx = DistContext(0, 1, 0, torch.device("cpu"), DistBackend.ddp)
+        eng = TorchEngine(model, _opt(model), ctx, 1, 1.0, True, weight_pairs_in_step=True)
+        assert eng.weight_pairs is not None and eng.ddp is not None
+        eng.ddp._assign_modules_buffers()  # the list DDP's pre-forward broadcast walks
+        synced = {id(b) for b in eng.ddp.modules_buffers}
+        pairs = {id(b) for b in eng.weight_pairs.buffers()}
+        assert len(pairs) == 6 * len(eng.weight_pairs.layers) > 0 and not pairs & synced
+        assert {id(m.amax_history) for m in eng.weight_pairs.layers} <= synced
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("dev", DEVICES)
 def test_a_moved_buffer_gets_a_new_table(dev):
     # The batched launches read addresses from a table; a buffer in new storage (model.to(), a load)
