@@ -267,7 +267,8 @@ def _quantize_supported_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec
     return q, q_t
 
 
-def _row_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, seed: int, seed_t: int) -> _Pair:
+def _row_pair(x: torch.Tensor, spec: QuantSpec, spec_t: QuantSpec, seed: int | torch.Tensor,
+              seed_t: int | torch.Tensor) -> _Pair:
     # One scale per row of x and one per row of x^T (a column of x): the row and column amaxes in
     # one read, then both sides' codes from another (lowbit.kernels._row_pair_triton).
     from lowbit.kernels._row_pair_triton import launch_row_col_amax, launch_row_pair
