@@ -69,7 +69,7 @@ def _layer(variant: str, k: int, n: int) -> torch.nn.Module:
     return torch.compile(layer) if variant.endswith("+compile") else layer
 
 
-def profile_step(step, n: int = 3, top: int = 12) -> str:
+def profile_step(step, n: int = 3, top: int = 20) -> str:
     """The GPU kernels of `n` steps, most expensive first (what is in the way of a target)."""
     from torch.profiler import ProfilerActivity, profile
 

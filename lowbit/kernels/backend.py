@@ -2,7 +2,8 @@
 
 Registered by `lowbit.kernels.register()` (run on `import lowbit.kernels`), so `backend="triton"`
 names it and `backend="auto"` tries it after cuBLAS. It declines (returns None, and the caller
-emulates) what it cannot run: fp32 operands, leverage sampling (int4_hq wgrad), pairs that
+emulates) what it cannot run: fp32 operands, leverage sampling (int4_hq's wgrad, which
+lowbit.quant.gemm hands to lowbit.kernels.leverage before any backend), pairs that
 `gemm.why_not` rejects, and CPU tensors (unless a test switches the interpreter on below).
 FP8 tensorwise/rowwise/blockwise pairs reach cuBLAS first under backend="auto" (lowbit.quant.gemm;
 measured faster); backend="triton" runs them on our kernel. A bit-split A (int4_hq) is two GEMMs
@@ -33,7 +34,7 @@ def why_not_triton(a: Operand, b: Operand, gemm: GemmSpec) -> str | None:
     if a.hp is not None or b.hp is not None:
         return "an operand is kept in high precision"
     if gemm.leverage_sampling:
-        return "leverage sampling (int4_hq's wgrad) is emulated"
+        return "leverage sampling (int4_hq's wgrad) runs on lowbit.kernels.leverage, not this GEMM"
     if len(b.parts) != 1:
         return "B is split into parts"
     if not triton_available():

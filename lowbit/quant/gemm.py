@@ -22,6 +22,9 @@ GEMM backends (the seam where faster GEMM kernels plug in):
     auto       on CUDA, scaled_mm where it applies (measured fastest, docs/BENCHMARKS.md), else a
                registered backend that accepts the GEMM (register_gemm_backend; the Triton
                block-scaled GEMM goes here), else emulate.
+A leverage-sampled GEMM (int4_hq's wgrad) goes first to a registered leverage backend for the
+operands' device (lowbit.quant.leverage; lowbit.kernels' fp8 kernels on CUDA) unless the backend
+is named emulate or scaled_mm; otherwise it is emulated.
 The product comes back in `out_dtype` (fp32 by default) with `bias` added: cuBLAS writes BF16 and
 adds the bias in its epilogue, so a BF16 layer never materializes an fp32 output.
 
@@ -39,10 +42,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.quant.hadamard import hadamard_rotate, random_signs
+from lowbit.quant.leverage import leverage_backend, leverage_sampled
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec, quantize
 from lowbit.quant.recipes import GemmSpec
-from lowbit.quant.rounding import DERIVE_STEP, DeviceSeed, uniform_noise
+from lowbit.quant.rounding import DERIVE_STEP, DeviceSeed
 
 # observer(operand_name, tensor_as_quantized_fp32, qtensor): telemetry hook, None when off.
 Observer = Callable[[str, torch.Tensor, QTensor], None]
@@ -346,34 +350,9 @@ def gemm_backends() -> list[str]:
 def _emulate(a: Operand, b: Operand, gemm: GemmSpec, seed: int) -> torch.Tensor:
     bh = b.dequantize()
     if gemm.leverage_sampling and a.hp is None:
-        return _leverage_sampled(a, bh, seed) @ bh.t()
+        parts = [p.dequantize_lastdim() for p in a.parts]
+        return leverage_sampled(parts, bh, derive_seed(seed, 4)) @ bh.t()
     return a.dequantize() @ bh.t()
-
-
-def _leverage_sampled(a: Operand, bh: torch.Tensor, seed: int) -> torch.Tensor:
-    """Keep about half of the K-terms of sum_k A[:, k] B[:, k]^T (all parts), reweighted by 1/p.
-
-    Term (part p, column k) has weight ||A_p[:, k]||·||B[:, k]|| (its Frobenius norm). Keep
-    probabilities p = min(1, c·w) with c set so that sum p = K (water-filling), kept terms scaled
-    by 1/p: the expectation is the full product. Noise: uniform_noise(derive_seed(seed, 4)).
-    """
-    parts = [p.dequantize_lastdim() for p in a.parts]
-    k = bh.shape[1]
-    w = torch.stack([p.norm(dim=0) for p in parts]) * bh.norm(dim=0)  # (n_parts, K)
-    target = float(k)
-    c = target / w.sum().clamp_min(1e-30)
-    for _ in range(8):  # fixed iteration count: the same on every device
-        saturated = c * w >= 1
-        rest = w.masked_fill(saturated, 0).sum()
-        c = torch.where(rest > 0, (target - saturated.sum()) / rest.clamp_min(1e-30), c)
-    prob = (c * w).clamp(max=1.0)
-    u = uniform_noise(derive_seed(seed, 4), tuple(prob.shape), prob.device)
-    keep = u < prob
-    gain = torch.where(keep, 1.0 / prob.clamp_min(1e-30), torch.zeros_like(prob))
-    out = parts[0] * gain[0]
-    for i in range(1, len(parts)):
-        out = out + parts[i] * gain[i]
-    return out
 
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -488,6 +467,11 @@ def gemm_operands(
         backend = "emulate"
     if backend not in _BACKENDS and backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown GEMM backend {backend!r}; valid choices: {', '.join(gemm_backends())}")
+    if gemm.leverage_sampling and a.hp is None and backend not in ("emulate", "scaled_mm"):
+        sampled = leverage_backend("cuda" if a.is_cuda else "cpu")
+        out = sampled(a, b, derive_seed(seed, 4), out_dtype, bias) if sampled is not None else None
+        if out is not None:
+            return out.to(out_dtype)
     if backend in _BACKENDS:
         out = _BACKENDS[backend](a, b, gemm, out_dtype, bias)
         if out is None:
