@@ -173,7 +173,10 @@ def prepare_operand(
         observe(name, t.float(), q)
     parts = [q]
     if gemm.bit_split and role == 1:
-        residual = t.float() - q.dequantize_lastdim()
+        split = _RESIDUALS.get(t.device.type)
+        residual = split(t, q) if split is not None else None
+        if residual is None:  # no kernel for it: the reference's two fp32 ops
+            residual = t.float() - q.dequantize_lastdim()
         parts.append(quant(residual, spec, -1, seed=derive_seed(seed, 3)))
     return Operand(parts)
 
@@ -285,6 +288,16 @@ _PAIR_QUANTIZERS: dict[str, Callable[..., tuple[QTensor, QTensor] | None]] = {}
 # amax=) -> QTensor or None, both bit for bit the reference's (lowbit.kernels.hadamard).
 _ROTATORS: dict[str, Callable[..., torch.Tensor]] = {}
 _ROTATE_QUANTIZERS: dict[str, Callable[..., QTensor | None]] = {}
+
+
+# residual(t, q) -> fp32 t - q.dequantize_lastdim(), bit for bit, or None (lowbit.kernels.bit_split).
+_RESIDUALS: dict[str, Callable[[torch.Tensor, QTensor], torch.Tensor | None]] = {}
+
+
+def register_bit_split_backend(fn: Callable[[torch.Tensor, QTensor], torch.Tensor | None],
+                               device_type: str = "cuda") -> None:
+    """Use `fn` for a bit split's residual t - dequantize(q) on `device_type` (same bits)."""
+    _RESIDUALS[device_type] = fn
 
 
 def register_quantize_backend(fn: Callable[..., QTensor], device_type: str = "cuda") -> None:
