@@ -7,7 +7,8 @@ lowbit.quant.gemm hands to lowbit.kernels.leverage before any backend), pairs th
 `gemm.why_not` rejects, and CPU tensors (unless a test switches the interpreter on below).
 FP8 tensorwise/rowwise/blockwise pairs reach cuBLAS first under backend="auto" (lowbit.quant.gemm;
 measured faster); backend="triton" runs them on our kernel. A bit-split A (int4_hq) is two GEMMs
-added. The output is written in bf16 (with the bias) when the layer asks for bf16.
+added: on CUDA two cuBLAS GEMMs and one epilogue pass (lowbit.kernels.parts_gemm), else two
+Triton GEMMs. The output is written in bf16 (with the bias) when the layer asks for bf16.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def triton_gemm_backend(
     if len(a.parts) == 1:
         dt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
         return scaled_gemm(a.parts[0], qb, bias=bias, out_dtype=dt, bf16_exact=exact)
+    from lowbit.kernels.parts_gemm import parts_gemm
+
+    out = parts_gemm(a.parts, qb, out_dtype, bias)  # a bit split (int4_hq's dgrad) on cuBLAS
+    if out is not None:
+        return out
     out = scaled_gemm(a.parts[0], qb, bf16_exact=exact)
     for qa in a.parts[1:]:
         out += scaled_gemm(qa, qb, bf16_exact=exact)

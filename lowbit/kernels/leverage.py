@@ -8,8 +8,9 @@ Here, for int4 row-scaled operands (the only ones int4_hq samples):
      each; partial sums per block of rows, added in a fixed order);
   2. the gains, from lowbit.quant.leverage.leverage_gains (same function, same noise);
   3. each part's codes times its gains as fp8 e5m2 and B's codes as e4m3, all exact;
-  4. one fp8 GEMM per part on lowbit.kernels.gemm.scaled_gemm, the row scales in its epilogue
-     (exact products, fp32 accumulation), the parts added in fp32.
+  4. one fp8 GEMM per part (exact products, fp32 accumulation): on CUDA cuBLAS with unit scales
+     and one pass for the row scales, the parts' sum and the output dtype
+     (lowbit.kernels.parts_gemm); elsewhere lowbit.kernels.gemm.scaled_gemm, the parts added.
 The result matches the emulation within fp32-accumulation tolerance (and the fp8 MMA's on CUDA);
 the norms are sums in another order, so a probability on the edge between two powers of two, or a
 noise value equal to it, may fall the other way (never seen in the tests).
@@ -99,14 +100,19 @@ def leverage_gemm(a, b, seed, out_dtype: torch.dtype = torch.float32,
     if why_not_leverage(a, b) is not None:
         return None
     from lowbit.kernels.gemm import scaled_gemm
+    from lowbit.kernels.parts_gemm import parts_gemm
 
     qb = b.parts[0]
     norms_a = torch.stack([column_norms(q) for q in a.parts])
     gains = leverage_gains(norms_a, column_norms(qb), seed)
     b8 = int4_as_fp8(qb)
+    a8 = [int4_as_fp8(q, g) for q, g in zip(a.parts, gains)]
+    out = parts_gemm(a8, b8, out_dtype, bias)  # CUDA: cuBLAS fp8 GEMMs and one epilogue pass
+    if out is not None:
+        return out
     out = None
-    for q, g in zip(a.parts, gains):
-        part = scaled_gemm(int4_as_fp8(q, g), b8)
+    for q in a8:
+        part = scaled_gemm(q, b8)
         out = part if out is None else out.add_(part)
     if bias is not None:
         out = out + bias.float()
