@@ -6,6 +6,7 @@ the fp32 product of the dequantized operands (relative Frobenius error). Time = 
 triton.testing.do_bench; TFLOP/s = 2·M·N·K / time.
 
     python benchmarks/gemm_tflops.py --out $OUT/gemm_tflops.json
+    python benchmarks/gemm_tflops.py --ours int8_row --configs 128x128x4x8x3,128x256x4x8x4
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def bench_shape(shape: str, ours: list[str], out_dtype: torch.dtype) -> list[dict]:
+def parse_config(text: str) -> dict:
+    """"BMxBNxSPLITxWARPSxSTAGES" (e.g. 128x256x4x8x4) -> scaled_gemm's `config`."""
+    bm, bn, split, warps, stages = (int(v) for v in text.split("x"))
+    return dict(BM=bm, BN=bn, SPLIT=split, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def bench_shape(shape: str, ours: list[str], out_dtype: torch.dtype, configs: list[str] = ()) -> list[dict]:
     m, n, k = (int(v) for v in shape.split("x"))
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -86,6 +93,10 @@ def bench_shape(shape: str, ours: list[str], out_dtype: torch.dtype) -> list[dic
         ref = qa.dequantize_lastdim() @ qb.dequantize_lastdim().T
         add(f"triton_{variant}", lambda qa=qa, qb=qb, path=path or None: scaled_gemm(
             qa, qb, out_dtype=out_dtype, path=path, bf16_exact=True if path == "bf16" else None), ref)
+        for c in configs:  # fixed launch shapes instead of the autotuner's pick
+            cfg = parse_config(c)
+            add(f"triton_{variant}[{c}]", lambda qa=qa, qb=qb, cfg=cfg: scaled_gemm(
+                qa, qb, out_dtype=out_dtype, config=cfg), ref)
         del ref
     return rows
 
@@ -95,6 +106,7 @@ def main() -> None:
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--ours", default="mxfp8,mxfp4,nvfp4,fp8_blockwise,fp8_tensor,int8_row,int4_row")
     p.add_argument("--out_dtype", default="bfloat16")
+    p.add_argument("--configs", default="", help="comma list of BMxBNxSPLITxWARPSxSTAGES to time as well")
     p.add_argument("--out", default="")
     args = p.parse_args()
     import triton
@@ -102,7 +114,7 @@ def main() -> None:
     out_dtype = getattr(torch, args.out_dtype)
     rows: list[dict] = []
     for shape in args.shapes.split(","):
-        rows += bench_shape(shape, args.ours.split(","), out_dtype)
+        rows += bench_shape(shape, args.ours.split(","), out_dtype, [c for c in args.configs.split(",") if c])
         torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), out_dtype=args.out_dtype)
