@@ -147,17 +147,24 @@ def test_multi_tensor_launch_matches_reference(bits, dtype, rounding):
 
 
 @interp
-@pytest.mark.parametrize("cfg", [
-    {"br4": 1, "l4": 1, "warps4r": 1, "rb1": 16, "br1": 4, "s1": 1, "warps1": 1, "align": 0},
-    {"br4": 4, "l4": 2, "warps4r": 2, "rb1": 32, "br1": 8, "s1": 4, "warps1": 2, "ns4": 2, "ns1": 2},
+@pytest.mark.parametrize("cfg,shapes", [
+    # One row per pass-2 program: the interpreter's time goes with the row count. 24 rows: two
+    # pass-1 row programs (16 + 8), whole 4-row iterations; 22 rows: 16 + 6, the last iteration
+    # partial. Three and two 128-column segments.
+    ({"br4": 1, "l4": 1, "warps4r": 1, "rb1": 16, "br1": 4, "s1": 1, "warps1": 1, "align": 0},
+     [(24, 384), (22, 256)]),
+    # 40 rows: 32 + 8 (whole 8-row iterations); 70 rows: 32 + 32 + 6 (a partial one); 3 and 2
+    # segments: partial 4-segment groups in pass 1, and 3 a partial 2-segment group in pass 2.
+    ({"br4": 4, "l4": 2, "warps4r": 2, "rb1": 32, "br1": 8, "s1": 4, "warps1": 2, "ns4": 2, "ns1": 2},
+     [(40, 384), (70, 256)]),
 ])
-def test_rank1_launch_shapes_match_reference(monkeypatch, cfg):
+def test_rank1_launch_shapes_match_reference(monkeypatch, cfg, shapes):
     """Pass 1 over several row programs and partial segment groups, pass 2 with other tiles: the
     same bits as the reference (the launch shape changes only which program computes what)."""
     from lowbit.kernels import optim_adamw_lowbit as k
 
     monkeypatch.setattr(k, "CONFIG", {**k.CONFIG, **cfg})
-    for shape in [(40, 384), (70, 256)]:
+    for shape in shapes:
         p_ref, st_ref = _run(shape, 4, torch.float32, "nearest", fused=False, steps=2)
         p_fused, st_fused = _run(shape, 4, torch.float32, "nearest", fused=True, steps=2)
         for key, val in st_ref.items():

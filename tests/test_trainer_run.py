@@ -106,6 +106,9 @@ def check_kill_and_resume_is_bitwise(small_run, extra: list[str], name: str) -> 
     # The run stopped after 2 of 4 steps (as if killed after its checkpoint) and resumed, against
     # the uninterrupted run: the same losses bit for bit. On a GPU that needs deterministic kernels
     # (attention's backward adds with atomics); on the CPU the option changes nothing.
+    # The compiled cases pass model.n_layers=1: their time goes to tracing every QuantLinear call
+    # (twice per run: the training and the eval graph), and one block still holds seven
+    # QuantLinear layers, each with its own counter, history or pair to bring back.
     extra = [*extra, "train.deterministic=true"]
     full = small_run([*extra, f"run_name={name}full", "checkpoint.every=0"])
     small_run([*extra, f"run_name={name}split", "train.stop_after=2"])
@@ -158,7 +161,7 @@ def test_kill_and_resume_is_bitwise_for_compiled_graph_op_training(small_run, mo
 
     monkeypatch.setenv("LOWBIT_GRAPH_OPS", "opaque")  # the user's choice, which the trainer keeps
     monkeypatch.setattr(quant_linear_graph, "MODE", "opaque")
-    extra = ["train.steps=4", "train.eval_every=4", "quant=mxfp4", "train.compile=true"]
+    extra = ["train.steps=4", "train.eval_every=4", "quant=mxfp4", "train.compile=true", "model.n_layers=1"]
     check_kill_and_resume_is_bitwise(small_run, extra, "g")
 
 
@@ -173,7 +176,8 @@ def test_resume_under_another_recipe_warns_and_continues(small_run):
 def test_kill_and_resume_is_bitwise_for_compiled_delayed_scaling(small_run):
     # Compiled fp8_delayed (traced, the histories updated on the device): the checkpoint carries
     # every layer's amax history, or the resumed run would scale its first calls by their own amax.
-    extra = ["train.steps=4", "train.eval_every=4", "quant=fp8_delayed", "train.compile=true"]
+    extra = ["train.steps=4", "train.eval_every=4", "quant=fp8_delayed", "train.compile=true",
+             "model.n_layers=1"]
     check_kill_and_resume_is_bitwise(small_run, extra, "d")
 
 
@@ -184,7 +188,7 @@ def test_kill_and_resume_is_bitwise_with_the_weight_pairs_in_the_step(small_run,
     from lowbit.trainer.engines import WEIGHT_PAIRS_FILE
 
     extra = ["train.steps=4", "train.eval_every=4", "quant=fp8_delayed", "train.compile=true",
-             "optim.fused=true"]
+             "optim.fused=true", "model.n_layers=1"]
     check_kill_and_resume_is_bitwise(small_run, extra, "p")
     assert (tmp_path / "psplit" / "checkpoints" / "step_00000002" / WEIGHT_PAIRS_FILE).is_file()
 
