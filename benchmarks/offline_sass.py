@@ -86,7 +86,7 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
          "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair", "row_major_bf16",
-         "fp8_row_pair")
+         "fp8_row_pair", "int4_hq_backward")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -159,7 +159,24 @@ def _cases() -> dict[str, Callable[[], None]]:
         "row_major_bf16": lambda: row_major(x.t()),
         # fp8_rowwise's X and X^T: the row and column amax pass, then both sides' codes.
         "fp8_row_pair": lambda: pq.quantize_pair(x, row, row),
+        # int4_hq's backward: a bit split's residual, the leverage column norms and gain-scaled
+        # fp8 codes, and the epilogue of the split GEMM's two parts.
+        "int4_hq_backward": lambda: _int4_hq_backward(x),
     }
+
+
+def _int4_hq_backward(x: torch.Tensor) -> None:
+    from lowbit.kernels import bit_split, leverage, parts_gemm
+    from lowbit.quant.quantize import QuantSpec
+    from lowbit.quant.quantize import quantize as reference_quantize
+
+    bit_split.triton_runs_on = lambda t: True
+    q = reference_quantize(x.float(), QuantSpec("int4", "row"))
+    bit_split.residual(x, q)
+    leverage.column_norms(q)
+    leverage.int4_as_fp8(q, torch.ones(x.shape[1]))
+    raw = torch.zeros(x.shape[0], x.shape[0], dtype=torch.int32)
+    parts_gemm.combine([raw, raw], [q, q], q, torch.bfloat16)
 
 
 def _adamw_pair(w: torch.Tensor) -> None:
