@@ -33,7 +33,7 @@ def _emulated(parts, qb, bias=None):
     return (out if bias is None else out + bias.double()).float()
 
 
-def _close(got, ref, rtol=1e-5):
+def _assert_close(got, ref, rtol=1e-5):
     torch.testing.assert_close(got.float(), ref, rtol=rtol, atol=rtol * ref.abs().max().item())
 
 
@@ -45,7 +45,7 @@ def test_epilogue_applies_every_scale_and_the_bias(n_parts, out_dtype):
     bias = torch.linspace(-3, 3, 45, device=DEV)
     got = combine(raw, parts, qb, out_dtype, bias)
     assert got.dtype == out_dtype
-    _close(got, _emulated(parts, qb, bias), 1e-5 if out_dtype == torch.float32 else 8e-3)
+    _assert_close(got, _emulated(parts, qb, bias), 1e-5 if out_dtype == torch.float32 else 8e-3)
 
 
 @pytest.mark.skipif(DEV != "cpu", reason="the CPU answer")
@@ -58,7 +58,7 @@ def test_cpu_tensors_are_left_to_the_triton_gemm():
 @pytest.mark.parametrize("spec", [I4, I8])
 def test_gpu_int_parts_on_cublas(spec):
     parts, qb = _split(256, 512, spec, 4), _split(384, 512, spec, 5)[0]
-    _close(parts_gemm(parts, qb), _emulated(parts, qb))
+    _assert_close(parts_gemm(parts, qb), _emulated(parts, qb))
     assert parts_gemm(parts, _split(383, 512, spec, 6)[0]) is None  # N % 8: the Triton GEMM
 
 
@@ -72,4 +72,4 @@ def test_gpu_fp8_gain_scaled_parts_on_cublas():
     sampled = sum((p.dequantize_lastdim() * g).double() for p, g in zip(parts, gains))
     ref = sampled @ qb.dequantize_lastdim().double().t()
     # cuBLAS promotes its fp8 sums into fp32 (no fast accumulation), as the fp32 emulation sums.
-    _close(parts_gemm(a8, b8), ref.float(), 1e-4)
+    _assert_close(parts_gemm(a8, b8), ref.float(), 1e-4)

@@ -28,7 +28,7 @@ import torch
 
 from lowbit.env_flags import env_flag
 from lowbit.kernels.launch import launchable
-from lowbit.kernels.quantize import triton_runs_on
+from lowbit.kernels.quantize import interpret, triton_runs_on
 from lowbit.quant.formats import get_format
 from lowbit.quant.leverage import leverage_gains
 from lowbit.quant.qtensor import QTensor
@@ -87,8 +87,8 @@ def int4_as_fp8(q: QTensor, gains: torch.Tensor | None = None) -> QTensor:
     g = gains.float().contiguous() if gains is not None else q.scale
     grid = (-(-r // _BR), -(-k // _BC))
     launchable(_int4_to_fp8_kernel)[grid](d, g, out.view(torch.uint8), r, k, d.stride(0), out.stride(0),
-                                          GAIN=gains is not None, E5M2=gains is not None, BR=_BR, BC=_BC,
-                                          num_warps=4)
+                                          GAIN=gains is not None, E5M2=gains is not None,
+                                          HW_FP8=not interpret(), BR=_BR, BC=_BC, num_warps=4)
     fmt = get_format("fp8_e5m2" if gains is not None else "fp8_e4m3")
     return dataclasses.replace(q, data=out, fmt=fmt, packed=False)
 
