@@ -30,7 +30,8 @@ from lowbit.env_flags import env_flag
 from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import interpret, triton_runs_on
 from lowbit.quant.formats import get_format
-from lowbit.quant.leverage import leverage_gains
+from lowbit.quant.gemm import Operand
+from lowbit.quant.leverage import Seed, leverage_gains
 from lowbit.quant.qtensor import QTensor
 
 ENABLED = env_flag("LOWBIT_LEVERAGE_KERNELS", True)
@@ -42,7 +43,7 @@ def _int4_rows(q: QTensor) -> bool:
     return q.fmt.name == "int4" and q.packed and plain
 
 
-def why_not_leverage(a, b) -> str | None:
+def why_not_leverage(a: Operand, b: Operand) -> str | None:
     """Why leverage_gemm declines Operands a and b (None: it runs them)."""
     if not ENABLED:
         return "LOWBIT_LEVERAGE_KERNELS=0"
@@ -93,7 +94,7 @@ def int4_as_fp8(q: QTensor, gains: torch.Tensor | None = None) -> QTensor:
     return dataclasses.replace(q, data=out, fmt=fmt, packed=False)
 
 
-def leverage_gemm(a, b, seed, out_dtype: torch.dtype = torch.float32,
+def leverage_gemm(a: Operand, b: Operand, seed: Seed, out_dtype: torch.dtype = torch.float32,
                   bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """The leverage-sampled A·B^T (+ bias) of lowbit.quant.gemm Operands (module docstring); None
     where `why_not_leverage` declines. `seed` is the sampling's (derive_seed(gemm seed, 4))."""

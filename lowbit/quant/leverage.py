@@ -26,14 +26,17 @@ from collections.abc import Callable
 
 import torch
 
-from lowbit.quant.rounding import exp2i, uniform_noise
+from lowbit.quant.rounding import DeviceSeed, exp2i, uniform_noise
+
+# A GEMM call's seed: an int, a 0-d int64 tensor, or an entry of a traced layer's seed table.
+Seed = int | torch.Tensor | DeviceSeed
 
 MAX_GAIN_LOG2 = 13  # 1/prob <= 2^13: 7 * 2^13 is fp8 e5m2's largest finite value
 _SQRT2 = 1.4142135381698608  # fp32(√2): a probability m·2^e with m >= √2 rounds up to 2^(e+1)
 _WATER_FILL_STEPS = 8  # fixed, so every device runs the same iterations
 
 
-def leverage_gains(norms_a: torch.Tensor, norms_b: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+def leverage_gains(norms_a: torch.Tensor, norms_b: torch.Tensor, seed: Seed) -> torch.Tensor:
     """The scale of each term (p, k) in the sampled product: 0 where dropped, else 1/prob[p, k].
 
     `norms_a` (parts, K) holds ||A_p[:, k]||, `norms_b` (K,) ||B[:, k]||; `seed` draws the uniform
@@ -58,7 +61,7 @@ def leverage_gains(norms_a: torch.Tensor, norms_b: torch.Tensor, seed: int | tor
     return torch.where(keep, exp2i(-e), torch.zeros_like(prob))
 
 
-def leverage_sampled(parts: list[torch.Tensor], bh: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+def leverage_sampled(parts: list[torch.Tensor], bh: torch.Tensor, seed: Seed) -> torch.Tensor:
     """sum_p parts[p] * gains[p] (broadcast along rows): A with its sampled terms, for A @ bh.T.
 
     `parts` are A's dequantized terms (rows × K, fp32), `bh` is B dequantized (cols × K)."""
