@@ -34,7 +34,8 @@ def _kind(parts: list[QTensor], qb: QTensor) -> str | None:
     n = qb.shape[0]
     if any(q.shape[1] != k or q.shape[0] != m for q in parts) or qb.shape[1] != k:
         return None
-    if all(q.fmt.name in ("int4", "int8") for q in qs):
+    # int4 only packed (K even): unpacked codes are stored as unsigned nibbles, not int8 values.
+    if all(q.data.dtype == torch.int8 or (q.fmt.name == "int4" and q.packed) for q in qs):
         return "int" if m > 16 and k % 8 == 0 and n % 8 == 0 else None
     if all(q.data.dtype in _FP8 for q in qs) and qb.data.dtype == torch.float8_e4m3fn:
         return "fp8" if m % 16 == 0 and k % 16 == 0 and n % 16 == 0 else None
