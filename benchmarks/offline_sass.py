@@ -86,7 +86,7 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
          "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair", "row_major_bf16",
-         "fp8_row_pair", "int4_hq_backward")
+         "fp8_row_pair", "int4_hq_backward", "mxfp4_fold")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -162,7 +162,19 @@ def _cases() -> dict[str, Callable[[], None]]:
         # int4_hq's backward: a bit split's residual, the leverage column norms and gain-scaled
         # fp8 codes, and the epilogue of the split GEMM's two parts.
         "int4_hq_backward": lambda: _int4_hq_backward(x),
+        # MXFP4 operands folded to fp8 for cuBLAS: each row's largest scale, then the codes.
+        "mxfp4_fold": lambda: _mxfp4_fold(x),
     }
+
+
+def _mxfp4_fold(x: torch.Tensor) -> None:
+    from lowbit.kernels import scale_fold
+    from lowbit.quant.quantize import QuantSpec
+    from lowbit.quant.quantize import quantize as reference_quantize
+
+    scale_fold.triton_runs_on = lambda t: True
+    q = reference_quantize(x.float(), QuantSpec("fp4_e2m1", 32, "e8m0"))
+    scale_fold.fold_group_scales(q, torch.float8_e5m2)
 
 
 def _int4_hq_backward(x: torch.Tensor) -> None:

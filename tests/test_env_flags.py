@@ -16,6 +16,7 @@ from lowbit.env_flags import env_flag
 FLAGS = (
     ("lowbit.kernels.fast_launch", "LOWBIT_FAST_LAUNCH", "ENABLED", True),
     ("lowbit.kernels.leverage", "LOWBIT_LEVERAGE_KERNELS", "ENABLED", True),
+    ("lowbit.kernels.scale_fold", "LOWBIT_MX_FP8", "ENABLED", True),
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_SHARE", "SHARE_CODES", False),
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_GROUPS", "GROUPS_ON_CUDA", True),
     ("lowbit.kernels.pair_quantize", "LOWBIT_PAIR_ROWS", "ROWS_ON_CUDA", True),

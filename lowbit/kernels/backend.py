@@ -52,6 +52,10 @@ def why_not_triton(a: Operand, b: Operand, gemm: GemmSpec) -> str | None:
     return None
 
 
+def _pow2_scaled(gemm: GemmSpec) -> bool:
+    return all(s is not None and s.scale in ("e8m0", "e8m0_up") for s in (gemm.a, gemm.b))
+
+
 def _bf16_exact(gemm: GemmSpec) -> bool:
     # Power-of-two (e8m0) and E4M3 group scales times the elements are exact in bf16.
     return all(s is None or s.scale in ("e8m0", "e8m0_up", "e4m3") for s in (gemm.a, gemm.b))
@@ -70,6 +74,12 @@ def triton_gemm_backend(
     from lowbit.kernels.gemm import scaled_gemm
 
     qb, exact = b.parts[0], _bf16_exact(gemm)
+    if len(a.parts) == 1 and _pow2_scaled(gemm):  # MXFP4: fp8 tensor cores, scales folded in
+        from lowbit.kernels.scale_fold import folded_gemm
+
+        out = folded_gemm(a.parts[0], qb, out_dtype, bias)
+        if out is not None:
+            return out
     if len(a.parts) == 1:
         dt = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
         return scaled_gemm(a.parts[0], qb, bias=bias, out_dtype=dt, bf16_exact=exact)

@@ -1,0 +1,52 @@
+"""Triton side of the group-scale fold (imported lazily; see lowbit/kernels/scale_fold.py)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lowbit.kernels._gemm_triton import _load_operand
+from lowbit.kernels._quant_math_triton import _exp2i, _floor_log2, _fp8_bits, _round_float
+
+NAN_ROW: tl.constexpr = tl.constexpr(1 << 20)  # a row's top exponent when one of its scales is NaN
+
+
+@triton.jit
+def _row_top_kernel(s_ptr, top_ptr, row_ptr, R, NG, ssr, ssg, HEADROOM: tl.constexpr, BR: tl.constexpr,
+                    BG: tl.constexpr):
+    # top[r] = floor(log2(max_g scale[r, g])) (NAN_ROW if a scale is NaN); row[r] = 2^(top - HEADROOM).
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = rows < R
+    best = tl.zeros([BR], dtype=tl.float32)
+    nan = tl.zeros([BR], dtype=tl.int32)
+    for g0 in range(0, NG, BG):
+        gs = g0 + tl.arange(0, BG)
+        s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + gs[None, :] * ssg,
+                    rm[:, None] & (gs[None, :] < NG), other=0.0)
+        nan = tl.maximum(nan, tl.max((s != s).to(tl.int32), 1))
+        best = tl.maximum(best, tl.max(tl.where(s == s, s, 0.0), 1))
+    top = _floor_log2(best)  # scales are powers of two down to 2^-127 (fp32's exponent field 0)
+    row = _exp2i(top - HEADROOM)
+    nan_f = (best.to(tl.int32, bitcast=True) * 0 + 0x7FC00000).to(tl.float32, bitcast=True)
+    tl.store(top_ptr + rows, tl.where(nan > 0, NAN_ROW, top), rm)
+    tl.store(row_ptr + rows, tl.where(nan > 0, nan_f, row), rm)
+
+
+@triton.jit
+def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl.constexpr,
+                 HEADROOM: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+                 FMAX: tl.constexpr, EB: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    # out[r, k] = fp8 bits of value(code[r, k]) * 2^(log2 scale[r, k // G] - top[r] + HEADROOM),
+    # rounded to nearest even (only groups far below the row's largest need it); NaN rows 0x7F.
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (rows[:, None] < R) & (cols[None, :] < K)
+    v = _load_operand(d_ptr, rows, R, sdr, tl.program_id(1) * BC, K, BR, BC, 1).to(tl.float32)
+    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + (cols // G)[None, :] * ssg, m, other=1.0)
+    top = tl.load(top_ptr + rows, rows < R, other=0)
+    e = _floor_log2(s) - top[:, None] + HEADROOM
+    w = v * _exp2i(tl.maximum(e, -149))  # exact: a power of two times two significant bits
+    q = _round_float(w, w, MBITS, EMIN, EMAX, FMAX, False, False)
+    bits = _fp8_bits(q, MBITS, EB, False)
+    bits = tl.where(top[:, None] == NAN_ROW, 0x7F, bits)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * sor + cols[None, :], bits.to(tl.uint8), m)

@@ -1,0 +1,102 @@
+"""MXFP4 GEMMs on Hopper's fp8 tensor cores: group scales folded into the values, one pass each.
+
+lowbit.quant.scale_fold defines the fold: an E2M1 operand with power-of-two group scales becomes
+fp8 values with one scale a row (exact while a row's group scales span less than 2^28 for e5m2,
+2^14 for e4m3; beyond that the smallest groups round on the fp8 grid, see there). Here:
+
+    fold_group_scales(q, dtype)           the same fold in Triton: a pass over the scales for each
+                                          row's largest, then one over the packed codes (bit for bit
+                                          the reference's)
+    folded_gemm(qa, qb, out_dtype, bias)  A folded to e5m2 (gradients, the wider range), B to
+                                          e4m3, then cuBLAS fp8 with unit scales and fp32 output
+                                          and one epilogue pass for both row scales, the bias and
+                                          the output dtype (lowbit.kernels.parts_gemm); None where
+                                          it does not apply (`why_not_folded`)
+
+Before this, MX FP4 pairs ran as exact BF16 operands through cuBLAS BF16 (lowbit.kernels.dequant):
+the same number of passes, but BF16's tensor cores instead of fp8's, and two bytes written per
+element instead of one. LOWBIT_MX_FP8=0 keeps that exact BF16 path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.env_flags import env_flag
+from lowbit.kernels.launch import launchable
+from lowbit.kernels.quantize import triton_runs_on
+from lowbit.quant.formats import FORMATS
+from lowbit.quant.qtensor import QTensor
+from lowbit.quant.scale_fold import _FMT_NAME, HEADROOM, why_not_fold
+
+ENABLED = env_flag("LOWBIT_MX_FP8", True)
+_BR, _BC = 32, 128  # the fold's tile (rows x elements)
+_TOP_BR, _TOP_BG = 8, 128  # the row-maximum pass: rows a program, scales a step
+
+
+def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> QTensor:
+    """lowbit.quant.scale_fold.fold_group_scales in two Triton passes (q packed, on a Triton device)."""
+    from lowbit.kernels import _scale_fold_triton as kt
+    from lowbit.kernels.gemm import _data2d, _scale2d
+
+    reason = why_not_fold(q)
+    if reason is None and not q.packed:
+        reason = "unpacked fp4 codes (the kernel reads two a byte)"
+    if reason is None and not triton_runs_on(q.data):
+        reason = f"a tensor on {q.data.device} (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
+    if reason is not None:
+        raise ValueError(f"fold_group_scales: {reason}")
+    if dtype not in HEADROOM:
+        raise ValueError(f"fold_group_scales: dtype {dtype}; valid choices: {', '.join(map(str, HEADROOM))}")
+    fmt = FORMATS[_FMT_NAME[dtype]]
+    r, k = q.shape
+    d, s = _data2d(q), _scale2d(q)
+    dev = d.device
+    top = torch.empty(r, dtype=torch.int32, device=dev)
+    row = torch.empty(r, dtype=torch.float32, device=dev)
+    out = torch.empty((r, k), dtype=torch.uint8, device=dev)
+    if r and k:
+        launchable(kt._row_top_kernel)[(-(-r // _TOP_BR),)](
+            s, top, row, r, s.shape[1], s.stride(0), s.stride(1), HEADROOM=HEADROOM[dtype], BR=_TOP_BR,
+            BG=_TOP_BG, num_warps=4,
+        )
+        launchable(kt._fold_kernel)[(-(-r // _BR), -(-k // _BC))](
+            d, s, top, out, r, k, d.stride(0), s.stride(0), s.stride(1), out.stride(0), G=q.block,
+            HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=fmt.max,
+            EB=fmt.bias, BR=_BR, BC=_BC, num_warps=4,
+        )
+    return QTensor(data=out.view(dtype), scale=row, fmt=fmt, block="row", shape=q.shape, axis=q.axis,
+                   dtype=q.dtype, packed=False)
+
+
+def why_not_folded(qa: QTensor, qb: QTensor) -> str | None:
+    """None when folded_gemm runs the pair (whose group scales the caller knows are powers of two)."""
+    if not ENABLED:
+        return "LOWBIT_MX_FP8=0"
+    for q in (qa, qb):
+        reason = why_not_fold(q)
+        if reason is not None:
+            return reason
+        if not q.packed:
+            return "unpacked fp4 codes"
+    if qa.block != qb.block:
+        return f"group sizes differ ({qa.block} vs {qb.block})"
+    if not (qa.data.is_cuda and qb.data.is_cuda):
+        return "CPU operands (cuBLAS fp8 runs on CUDA)"
+    m, k = qa.shape
+    n = qb.shape[0]
+    if qb.shape[1] != k or m % 16 or n % 16 or k % 16:
+        return f"shapes {tuple(qa.shape)} x {tuple(qb.shape)} (cuBLAS fp8 wants multiples of 16)"
+    return None
+
+
+def folded_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32,
+                bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """dequant(qa) · dequant(qb)^T (+ bias) on fp8 tensor cores (module docstring); None to decline."""
+    if out_dtype not in (torch.float32, torch.bfloat16) or why_not_folded(qa, qb) is not None:
+        return None
+    from lowbit.kernels.parts_gemm import parts_gemm
+
+    fa = fold_group_scales(qa, torch.float8_e5m2)
+    fb = fold_group_scales(qb, torch.float8_e4m3fn)
+    return parts_gemm([fa], fb, out_dtype, bias)
