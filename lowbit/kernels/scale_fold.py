@@ -85,6 +85,8 @@ def why_not_folded(qa: QTensor, qb: QTensor) -> str | None:
         return "CPU operands (cuBLAS fp8 runs on CUDA)"
     m, k = qa.shape
     n = qb.shape[0]
+    if not (m and n and k):
+        return f"an empty product {tuple(qa.shape)} x {tuple(qb.shape)}"
     if qb.shape[1] != k or m % 16 or n % 16 or k % 16:
         return f"shapes {tuple(qa.shape)} x {tuple(qb.shape)} (cuBLAS fp8 wants multiples of 16)"
     return None
