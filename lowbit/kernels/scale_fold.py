@@ -8,10 +8,18 @@ fp8 values with one scale a row (exact while a row's group scales span less than
                                           row's largest, then one over the packed codes (bit for bit
                                           the reference's)
     folded_gemm(qa, qb, out_dtype, bias)  A folded to e5m2 (gradients, the wider range), B to
-                                          e4m3, then cuBLAS fp8 with unit scales and fp32 output
+                                          e4m3, then cuBLAS fp8: for a bf16 output (and no or a
+                                          bf16 bias) with the row scales as its own (M, 1) and
+                                          (1, N) scales; otherwise with unit scales and fp32 output
                                           and one epilogue pass for both row scales, the bias and
                                           the output dtype (lowbit.kernels.parts_gemm); None where
                                           it does not apply (`why_not_folded`)
+The fold's codes come from integer operations on the E2M1 code and the scale's exponent; a tile
+with a group far below its row's largest takes the fp32 rounding path instead (both bit for bit
+the reference). The fp8 MMA sums a K step's products at less than fp32 precision (as it does for
+every fp8 recipe on cuBLAS), which shows where a row's values span many binades: measured on the
+H100 at up to ~3e-4 of the output's largest magnitude for groups spread over 2^-6..2^6 (run 267,
+docs/BENCHMARKS.md), where the exact BF16 path is within fp32 rounding.
 
 Before this, MX FP4 pairs ran as exact BF16 operands through cuBLAS BF16 (lowbit.kernels.dequant):
 the same number of passes, but BF16's tensor cores instead of fp8's, and two bytes written per
@@ -101,4 +109,8 @@ def folded_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32
 
     fa = fold_group_scales(qa, torch.float8_e5m2)
     fb = fold_group_scales(qb, torch.float8_e4m3fn)
+    if out_dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16):
+        # cuBLAS applies both row scales and the bias to its fp32 sums and rounds once to bf16.
+        return torch._scaled_mm(fa.data, fb.data.t(), scale_a=fa.scale.reshape(-1, 1),
+                                scale_b=fb.scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16)
     return parts_gemm([fa], fb, out_dtype, bias)
