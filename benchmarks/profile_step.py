@@ -29,11 +29,15 @@ CATEGORIES = (
                   "_copy_kernel")),
     # The fused feed-forward's kernels: SwiGLU (or its backward) and the quantization of its results.
     ("swiglu_quantize", ("_swiglu_pair_kernel", "_swiglu_grad_pairs_kernel", "_swiglu_amax_if_empty_kernel")),
+    # Operands made ready for a cuBLAS GEMM and its epilogue: BF16 dequantize, the MXFP4 fold to fp8
+    # (each row's largest scale, then the codes), the int4 unpack, and the fp32 product's epilogues.
+    ("convert", ("_dequant_bf16_kernel", "_row_top_kernel", "_fold_kernel", "_unpack_int4_kernel",
+                 "_scale_output_kernel", "_combine_kernel")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
 )
 
 
-_TRITON = ("quantize", "swiglu_quantize")  # matched by exact kernel name
+_TRITON = ("quantize", "swiglu_quantize", "convert")  # matched by exact kernel name
 
 
 def category(name: str) -> str:
