@@ -5,8 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.kernels._gemm_triton import _load_operand
-from lowbit.kernels._quant_math_triton import _exp2i, _floor_log2, _fp8_bits, _round_float
+from lowbit.kernels._quant_math_triton import _exp2i, _floor_log2
 
 NAN_ROW: tl.constexpr = tl.constexpr(1 << 20)  # a row's top exponent when one of its scales is NaN
 
@@ -34,10 +33,11 @@ def _row_top_kernel(s_ptr, top_ptr, row_ptr, R, NG, ssr, ssg, HEADROOM: tl.const
 
 @triton.jit
 def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl.constexpr,
-                 HEADROOM: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-                 FMAX: tl.constexpr, EB: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                 HEADROOM: tl.constexpr, MBITS: tl.constexpr, EB: tl.constexpr, BR: tl.constexpr,
+                 BC: tl.constexpr):
     # out[r, k] = fp8 bits of value(code[r, k]) * 2^(log2 scale[r, k // G] - top[r] + HEADROOM),
-    # rounded to nearest even (only groups far below the row's largest need it); NaN rows 0x7F.
+    # rounded to nearest even where that falls below the fp8 normals; NaN rows 0x7F. Integer
+    # operations only: the value is S * 2^(ev - 1 + e), S in {2, 3} (E2M1's two significant bits).
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     m = (rows[:, None] < R) & (cols[None, :] < K)
@@ -48,18 +48,20 @@ def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl
     s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + (cols // G)[None, :] * ssg, m, other=1.0)
     top = tl.load(top_ptr + rows, rows < R, other=0)
     e = _floor_log2(s) - top[:, None] + HEADROOM  # the group's shift: <= HEADROOM
-    # Fast path, integer only: E2M1 magnitude code 2..7 is 2^((code >> 1) - 1) x (1 + (code & 1) / 2),
-    # code 1 is 0.5; shifted by e it is an fp8 normal when its biased exponent is >= 1.
-    mag = c & 7
-    ev = tl.where(mag >= 2, (mag >> 1) - 1, -1)
-    field = ev + e + EB
-    bits = (field << MBITS) | (tl.where(mag >= 2, mag & 1, 0) << (MBITS - 1))
+    mag = c & 7  # E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6
+    ev = tl.where(mag >= 2, (mag >> 1) - 1, -1)  # exponent; 0.5 is 2 * 2^-2
+    sig = tl.where(mag >= 2, 2 + (mag & 1), 2)  # significand S in halves
+    field = ev + e + EB  # the fp8 biased exponent, if the value is normal there
+    normal = (field << MBITS) | ((sig - 2) << (MBITS - 1))
+    # Below the normals: value / smallest subnormal = S * 2^(field + MBITS - 2), rounded half to even.
+    up = field + MBITS - 2
+    sh = tl.minimum(tl.maximum(-up, 0), 8)  # S < 4: a shift of 3 or more leaves 0 either way
+    q = sig >> sh
+    rem = sig - (q << sh)
+    half = (1 << sh) >> 1
+    q += ((sh > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))).to(tl.int32)
+    sub = tl.where(up >= 0, sig << tl.maximum(up, 0), q)
+    bits = tl.where(field >= 1, normal, sub)
     bits = tl.where(mag == 0, 0, bits) | ((c & 8) << 4)
-    normal = (field >= 1) | (mag == 0) | (rows[:, None] >= R) | (cols[None, :] >= K)
-    if tl.min(normal.to(tl.int32)) == 0:  # a group far below its row's largest: round in fp32
-        v = _load_operand(d_ptr, rows, R, sdr, tl.program_id(1) * BC, K, BR, BC, 1).to(tl.float32)
-        w = v * _exp2i(tl.maximum(e, -149))  # exact: a power of two times two significant bits
-        q = _round_float(w, w, MBITS, EMIN, EMAX, FMAX, False, False)
-        bits = _fp8_bits(q, MBITS, EB, False)
     bits = tl.where(top[:, None] == NAN_ROW, 0x7F, bits)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * sor + cols[None, :], bits.to(tl.uint8), m)

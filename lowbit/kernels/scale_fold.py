@@ -14,11 +14,11 @@ fp8 values with one scale a row (exact while a row's group scales span less than
                                           and one epilogue pass for both row scales, the bias and
                                           the output dtype (lowbit.kernels.parts_gemm); None where
                                           it does not apply (`why_not_folded`)
-The fold's codes come from integer operations on the E2M1 code and the scale's exponent; a tile
-with a group far below its row's largest takes the fp32 rounding path instead (both bit for bit
-the reference). The fp8 MMA sums a K step's products at less than fp32 precision (as it does for
-every fp8 recipe on cuBLAS), which shows where a row's values span many binades: measured on the
-H100 at up to ~3e-4 of the output's largest magnitude for groups spread over 2^-6..2^6 (run 267,
+The fold's codes come from integer operations on the E2M1 code and the scale's exponent, the
+rounding of values below fp8's normals (half to even) included: bit for bit the reference. The fp8
+MMA sums a K step's products at less than fp32 precision (as it does for every fp8 recipe on
+cuBLAS), which shows where a row's values span many binades: measured on the H100 at up to ~3e-4
+of the output's largest magnitude for groups spread over 2^-6..2^6 (run 266,
 docs/BENCHMARKS.md), where the exact BF16 path is within fp32 rounding.
 
 Before this, MX FP4 pairs ran as exact BF16 operands through cuBLAS BF16 (lowbit.kernels.dequant):
@@ -70,8 +70,7 @@ def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Q
         )
         launchable(kt._fold_kernel)[(-(-r // _BR), -(-k // _BC))](
             d, s, top, out, r, k, d.stride(0), s.stride(0), s.stride(1), out.stride(0), G=q.block,
-            HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=fmt.max,
-            EB=fmt.bias, BR=_BR, BC=_BC, num_warps=4,
+            HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EB=fmt.bias, BR=_BR, BC=_BC, num_warps=4,
         )
     return QTensor(data=out.view(dtype), scale=row, fmt=fmt, block="row", shape=q.shape, axis=q.axis,
                    dtype=q.dtype, packed=False)
