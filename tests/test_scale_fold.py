@@ -86,7 +86,8 @@ def _same_bits(a, b):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [E5, E4])
 @pytest.mark.parametrize("shape,spread,spec",
-                         [((45, 80), 40, MX4), ((9, 1000), 10, MX4_SR), ((64, 64), 2, MX4)])
+                         [((45, 80), 40, MX4), ((9, 1000), 10, MX4_SR), ((64, 64), 2, MX4),
+                          ((8, 512), 30, QuantSpec("fp4_e2m1", 256, "e8m0"))])
 def test_triton_fold_matches_the_reference_bit_for_bit(dtype, shape, spread, spec):
     from lowbit.kernels.scale_fold import fold_group_scales as fold_triton
 

@@ -45,9 +45,13 @@ def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl
     byte = tl.load(d_ptr + rows.to(tl.int64)[:, None] * sdr + cb[None, :],
                    (rows[:, None] < R) & (cb[None, :] < K // 2), other=0).to(tl.int32)
     c = tl.reshape(tl.join(byte & 0xF, byte >> 4), [BR, BC])  # element 2i was the low nibble
-    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + (cols // G)[None, :] * ssg, m, other=1.0)
+    # One scale a group, its shift broadcast over the group's G elements.
+    gs = tl.program_id(1) * (BC // G) + tl.arange(0, BC // G)
+    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + gs[None, :] * ssg,
+                (rows[:, None] < R) & (gs[None, :] < tl.cdiv(K, G)), other=1.0)
     top = tl.load(top_ptr + rows, rows < R, other=0)
-    e = _floor_log2(s) - top[:, None] + HEADROOM  # the group's shift: <= HEADROOM
+    e_g = _floor_log2(s) - top[:, None] + HEADROOM  # the group's shift: <= HEADROOM
+    e = tl.reshape(tl.broadcast_to(e_g[:, :, None], [BR, BC // G, G]), [BR, BC])
     mag = c & 7  # E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6
     ev = tl.where(mag >= 2, (mag >> 1) - 1, -1)  # exponent; 0.5 is 2 * 2^-2
     sig = tl.where(mag >= 2, 2 + (mag & 1), 2)  # significand S in halves

@@ -50,6 +50,8 @@ def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Q
     reason = why_not_fold(q)
     if reason is None and not q.packed:
         reason = "unpacked fp4 codes (the kernel reads two a byte)"
+    if reason is None and (q.block < 2 or q.block & (q.block - 1) or q.block > 1024):
+        reason = f"group size {q.block} (the kernel takes powers of two from 2 to 1024)"
     if reason is None and not triton_runs_on(q.data):
         reason = f"a tensor on {q.data.device} (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
     if reason is not None:
@@ -68,9 +70,10 @@ def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Q
             s, top, row, r, s.shape[1], s.stride(0), s.stride(1), HEADROOM=HEADROOM[dtype], BR=_TOP_BR,
             BG=_TOP_BG, num_warps=4,
         )
-        launchable(kt._fold_kernel)[(-(-r // _BR), -(-k // _BC))](
+        bc = max(_BC, q.block)  # whole groups a tile
+        launchable(kt._fold_kernel)[(-(-r // _BR), -(-k // bc))](
             d, s, top, out, r, k, d.stride(0), s.stride(0), s.stride(1), out.stride(0), G=q.block,
-            HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EB=fmt.bias, BR=_BR, BC=_BC, num_warps=4,
+            HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EB=fmt.bias, BR=_BR, BC=bc, num_warps=4,
         )
     return QTensor(data=out.view(dtype), scale=row, fmt=fmt, block="row", shape=q.shape, axis=q.axis,
                    dtype=q.dtype, packed=False)
