@@ -32,32 +32,25 @@ def _row_top_kernel(s_ptr, top_ptr, row_ptr, R, NG, ssr, ssg, HEADROOM: tl.const
 
 
 @triton.jit
-def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl.constexpr,
-                 HEADROOM: tl.constexpr, MBITS: tl.constexpr, EB: tl.constexpr, BR: tl.constexpr,
-                 BC: tl.constexpr):
-    # out[r, k] = fp8 bits of value(code[r, k]) * 2^(log2 scale[r, k // G] - top[r] + HEADROOM),
-    # rounded to nearest even where that falls below the fp8 normals; NaN rows 0x7F. Integer
-    # operations only: the value is S * 2^(ev - 1 + e), S in {2, 3} (E2M1's two significant bits).
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    m = (rows[:, None] < R) & (cols[None, :] < K)
-    cb = tl.program_id(1) * (BC // 2) + tl.arange(0, BC // 2)
-    byte = tl.load(d_ptr + rows.to(tl.int64)[:, None] * sdr + cb[None, :],
-                   (rows[:, None] < R) & (cb[None, :] < K // 2), other=0).to(tl.int32)
-    c = tl.reshape(tl.join(byte & 0xF, byte >> 4), [BR, BC])  # element 2i was the low nibble
-    # One scale a group, its shift broadcast over the group's G elements.
-    gs = tl.program_id(1) * (BC // G) + tl.arange(0, BC // G)
-    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + gs[None, :] * ssg,
-                (rows[:, None] < R) & (gs[None, :] < tl.cdiv(K, G)), other=1.0)
-    top = tl.load(top_ptr + rows, rows < R, other=0)
-    e_g = _floor_log2(s) - top[:, None] + HEADROOM  # the group's shift: <= HEADROOM
-    e = tl.reshape(tl.broadcast_to(e_g[:, :, None], [BR, BC // G, G]), [BR, BC])
-    mag = c & 7  # E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6
-    ev = tl.where(mag >= 2, (mag >> 1) - 1, -1)  # exponent; 0.5 is 2 * 2^-2
-    sig = tl.where(mag >= 2, 2 + (mag & 1), 2)  # significand S in halves
+def _fp8_normal(c, e, MBITS: tl.constexpr, EB: tl.constexpr):
+    # fp8 bits of E2M1 code c times 2^e where that is an fp8 normal (or zero): E2M1 magnitude code
+    # 2..7 is 2^((m >> 1) - 1) * (1 + (m & 1) / 2), code 1 is 0.5 (2^-1), so the fp8 exponent field
+    # is (m >> 1) - 1 + e + EB and the mantissa is m's low bit, at the top of MBITS.
+    mag = c & 7
+    bits = (((mag >> 1) - 1 + e + EB) << MBITS) + (((mag & 1) * (mag >= 2)) << (MBITS - 1))
+    return tl.where(mag == 0, 0, bits) | ((c & 8) << 4)
+
+
+@triton.jit
+def _fp8_any(c, e, MBITS: tl.constexpr, EB: tl.constexpr):
+    # The same for any e <= HEADROOM: values below fp8's normals are rounded half to even onto its
+    # subnormals. The value is S * 2^(ev - 1 + e) with S in {2, 3} (E2M1's two significant bits).
+    mag = c & 7
+    ev = tl.where(mag >= 2, (mag >> 1) - 1, -1)
+    sig = tl.where(mag >= 2, 2 + (mag & 1), 2)
     field = ev + e + EB  # the fp8 biased exponent, if the value is normal there
     normal = (field << MBITS) | ((sig - 2) << (MBITS - 1))
-    # Below the normals: value / smallest subnormal = S * 2^(field + MBITS - 2), rounded half to even.
+    # Below the normals: value / smallest subnormal = S * 2^(field + MBITS - 2).
     up = field + MBITS - 2
     sh = tl.minimum(tl.maximum(-up, 0), 8)  # S < 4: a shift of 3 or more leaves 0 either way
     q = sig >> sh
@@ -66,6 +59,38 @@ def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl
     q += ((sh > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))).to(tl.int32)
     sub = tl.where(up >= 0, sig << tl.maximum(up, 0), q)
     bits = tl.where(field >= 1, normal, sub)
-    bits = tl.where(mag == 0, 0, bits) | ((c & 8) << 4)
-    bits = tl.where(top[:, None] == NAN_ROW, 0x7F, bits)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * sor + cols[None, :], bits.to(tl.uint8), m)
+    return tl.where(mag == 0, 0, bits) | ((c & 8) << 4)
+
+
+@triton.jit
+def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl.constexpr,
+                 HEADROOM: tl.constexpr, MBITS: tl.constexpr, EB: tl.constexpr, BR: tl.constexpr,
+                 BC: tl.constexpr, FULL: tl.constexpr):
+    # out[r, k] = fp8 bits of value(code[r, k]) * 2^(log2 scale[r, k // G] - top[r] + HEADROOM),
+    # rounded to nearest even where that falls below the fp8 normals; NaN rows 0x7F. Integer
+    # operations only, on the packed bytes: each byte's two codes (one group) become one 16-bit
+    # word of two fp8 bytes (out_ptr is the fp8 matrix viewed as int16, sor in words).
+    # Two launches: FULL=False writes the tiles whose values are all fp8 normals (or zero), FULL=True
+    # the others (a group far below its row's largest). One path a compiled kernel keeps the
+    # common one at 32 registers (96 with both behind a branch).
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cb = tl.program_id(1) * (BC // 2) + tl.arange(0, BC // 2)
+    # One scale a group, its shift broadcast over the group's G / 2 bytes.
+    gs = tl.program_id(1) * (BC // G) + tl.arange(0, BC // G)
+    mg = (rows[:, None] < R) & (gs[None, :] < tl.cdiv(K, G))
+    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + gs[None, :] * ssg, mg, other=1.0)
+    top = tl.load(top_ptr + rows, rows < R, other=0)
+    e_g = tl.where(mg, _floor_log2(s) - top[:, None] + HEADROOM, HEADROOM)  # <= HEADROOM
+    normal = tl.min(tl.min(e_g, axis=1), axis=0) >= 2 - EB  # every value an fp8 normal (or zero)
+    if normal != FULL:
+        mb = (rows[:, None] < R) & (cb[None, :] < K // 2)
+        byte = tl.load(d_ptr + rows.to(tl.int64)[:, None] * sdr + cb[None, :], mb, other=0).to(tl.int32)
+        e = tl.reshape(tl.broadcast_to(e_g[:, :, None], [BR, BC // G, G // 2]), [BR, BC // 2])
+        if FULL:
+            lo = _fp8_any(byte & 0xF, e, MBITS, EB)
+            hi = _fp8_any(byte >> 4, e, MBITS, EB)
+        else:
+            lo = _fp8_normal(byte & 0xF, e, MBITS, EB)
+            hi = _fp8_normal(byte >> 4, e, MBITS, EB)
+        word = tl.where(top[:, None] == NAN_ROW, 0x7F7F, lo | (hi << 8))  # element 2i in the low byte
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * sor + cb[None, :], word.to(tl.int16), mb)

@@ -5,8 +5,9 @@ fp8 values with one scale a row (exact while a row's group scales span less than
 2^14 for e4m3; beyond that the smallest groups round on the fp8 grid, see there). Here:
 
     fold_group_scales(q, dtype)           the same fold in Triton: a pass over the scales for each
-                                          row's largest, then one over the packed codes (bit for bit
-                                          the reference's)
+                                          row's largest, then one over the packed codes (two
+                                          launches: tiles whose values are all fp8 normals, then
+                                          the rest; bit for bit the reference's)
     folded_gemm(qa, qb, out_dtype, bias)  A folded to e5m2 (gradients, the wider range), B to
                                           e4m3, then cuBLAS fp8: for a bf16 output (and no or a
                                           bf16 bias) with the row scales as its own (M, 1) and
@@ -59,7 +60,7 @@ def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Q
     if dtype not in HEADROOM:
         raise ValueError(f"fold_group_scales: dtype {dtype}; valid choices: {', '.join(map(str, HEADROOM))}")
     fmt = FORMATS[_FMT_NAME[dtype]]
-    r, k = q.shape
+    r, k = q.shape  # k is even: the codes are packed
     d, s = _data2d(q), _scale2d(q)
     dev = d.device
     top = torch.empty(r, dtype=torch.int32, device=dev)
@@ -71,10 +72,12 @@ def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Q
             BG=_TOP_BG, num_warps=4,
         )
         bc = max(_BC, q.block)  # whole groups a tile
-        launchable(kt._fold_kernel)[(-(-r // _BR), -(-k // bc))](
-            d, s, top, out, r, k, d.stride(0), s.stride(0), s.stride(1), out.stride(0), G=q.block,
-            HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EB=fmt.bias, BR=_BR, BC=bc, num_warps=4,
-        )
+        for full in (False, True):  # tiles of fp8 normals, then the others (_fold_kernel)
+            launchable(kt._fold_kernel)[(-(-r // _BR), -(-k // bc))](
+                d, s, top, out.view(torch.int16), r, k, d.stride(0), s.stride(0), s.stride(1), k // 2,
+                G=q.block, HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EB=fmt.bias, BR=_BR, BC=bc, FULL=full,
+                num_warps=4,
+            )
     return QTensor(data=out.view(dtype), scale=row, fmt=fmt, block="row", shape=q.shape, axis=q.axis,
                    dtype=q.dtype, packed=False)
 
