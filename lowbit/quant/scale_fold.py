@@ -23,7 +23,8 @@ NaN scales (a NaN in the block) make their whole row NaN (every value and the ro
 GEMM turns into the same NaN output row as the unfolded operand gives. A row of all-zero blocks
 (scale 2^-127, lowbit.quant.scaling) folds to zeros.
 
-`lowbit.kernels.scale_fold` is the same fold in one Triton pass, bit for bit this function.
+`lowbit.kernels.scale_fold` is the same fold in Triton (a pass over the scales, one over the codes),
+bit for bit this function.
 """
 
 from __future__ import annotations
