@@ -54,6 +54,7 @@ NEGATIONS_CHECKED = {
     ("_quant_math_triton.py", "_scales", "-e"),  # an integer exponent
     ("_quant_math_triton.py", "_int_codes", "-FMAX"),  # a nonzero constexpr bound
     ("_swiglu_pair_triton.py", "_sigmoid", "-g"),  # exp(-g): exp(+0) = exp(-0) = 1
+    ("_scale_fold_triton.py", "_fp8_any", "-up"),  # an integer exponent
 }
 
 
