@@ -86,7 +86,7 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
          "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair", "row_major_bf16",
-         "fp8_row_pair", "int4_hq_backward", "mxfp4_fold")
+         "fp8_row_pair", "int4_hq_backward", "mxfp4_fold", "mxfp4_columns", "nvfp4_columns")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -164,6 +164,12 @@ def _cases() -> dict[str, Callable[[], None]]:
         "int4_hq_backward": lambda: _int4_hq_backward(x),
         # MXFP4 operands folded to fp8 for cuBLAS: each row's largest scale, then the codes.
         "mxfp4_fold": lambda: _mxfp4_fold(x),
+        # wgrad's X^T rotated along the tokens and quantized in one read (the column quantizer):
+        # MXFP4 with SR (its dY^T), NVFP4 with SR (an amax pass, then the codes).
+        "mxfp4_columns": lambda: rotate_quantize(
+            x.t(), QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"), 32, signs_seed=3, seed=1),
+        "nvfp4_columns": lambda: rotate_quantize(
+            x.t(), QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic"), 16, signs_seed=3, seed=1),
     }
 
 

@@ -82,9 +82,11 @@ def test_rotate_quantize_long_rows_read_in_chunks(monkeypatch):
 def test_rotate_quantize_reads_views_not_contiguous_along_k(spec, block, monkeypatch):
     # ROTATED_STRIDED_READ: wgrad's X^T (a transposed view) rotated and quantized straight from
     # strided tile loads, bit for bit the reference on its contiguous copy; ragged on both axes.
+    from lowbit.kernels import column_quantize as kc
     from lowbit.kernels import quantize as kq
 
     monkeypatch.setattr(kq, "ROTATED_STRIDED_READ", True)
+    monkeypatch.setattr(kc, "ENABLED", False)  # 1-D groups would take the column quantizer
     x_t = _x((3 * max(block, 64), 13), seed=block, dtype=torch.bfloat16).to(DEV).t()  # partial row tiles
     assert x_t.stride(1) != 1 and why_not_fused(x_t, spec, block) is None
     got = rotate_quantize(x_t, spec, block, 11, seed=5)
@@ -167,7 +169,8 @@ def test_prepare_operand_with_the_kernels_is_bitwise_the_reference(recipe, name,
     gemm = get_recipe(recipe).gemm(name)
     t = _x((24, k), seed=k).bfloat16().to(DEV)
     # int4_hq's dgrad A is bit-split: rotated by the kernel, quantized twice. The transposed view
-    # (as wgrad's X^T) is rotated by the rotation kernel reading it in place, then quantized.
+    # (as wgrad's X^T) takes the column quantizer for 1-D groups, else the rotation kernel reading
+    # it in place, then the quantize kernel.
     for role, tt in ((1, t), (2, t), (1, t.t().contiguous().t())):
         got = _operands(gemm, tt, role, True, monkeypatch)
         ref = _operands(gemm, tt, role, False, monkeypatch)

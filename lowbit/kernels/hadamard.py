@@ -9,6 +9,10 @@ once and rotates each tile in registers before quantizing it, so the rotated fp3
 written (before: an fp32 copy, the rotation's read and write, and the quantizer's read). Tensor-wise
 and NVFP4 scales need the rotated tensor's amax first: one more read, on a rotate-and-max kernel.
 
+Views whose rows are contiguous and K strided (X^T and dY^T for wgrad, W^T for dgrad) with 1-D
+groups go to the column quantizer (lowbit.kernels.column_quantize): one read of the view, each
+thread rotating and quantizing whole groups of its rows.
+
 `rotate_quantize` returns None for what it does not fuse (the caller rotates, then quantizes):
 K not a multiple of the block (the reference pads K), 2-D scale tiles not holding whole blocks,
 views not contiguous along K (X^T and dY^T for wgrad, W^T for dgrad: the rotation kernel reads
@@ -26,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import quantize as _kq
+from lowbit.kernels.column_quantize import column_quantize, why_not_columns
 from lowbit.kernels.quantize import quantize_2d, supports, triton_runs_on
 from lowbit.quant.hadamard import hadamard_rotate as reference_rotate
 from lowbit.quant.hadamard import random_signs
@@ -68,9 +73,12 @@ def rotate_quantize(
     """x (R × K) rotated along K in Hadamard blocks of `block` and quantized, in one kernel; None
     where it does not fuse (see why_not_fused)."""
     check_quantize_args(x, spec, amax)
+    sign_off = seed_offset(signs_seed) if signs_seed is not None else None
+    if 2 <= block <= MAX_BLOCK and why_not_columns(x, spec, block) is None:  # X^T, dY^T, W^T
+        data, scale, tscale, packed = column_quantize(x.detach(), spec, block, sign_off, seed_offset(seed))
+        return QTensor(data, scale, spec.format, spec.block, x.shape, 1, torch.float32, packed, tscale)
     if why_not_fused(x, spec, block) is not None:
         return None
-    sign_off = seed_offset(signs_seed) if signs_seed is not None else None
     data, scale, tscale, packed = quantize_2d(x.detach(), spec, seed=seed, amax=amax, hadamard=block,
                                               sign_off=sign_off)
     # The reference rotates x.float(): the QTensor dequantizes to fp32, as the reference's does.

@@ -1,0 +1,123 @@
+"""The column quantizer against what it replaced, and a device copy, in one run (GPU).
+
+X is a bf16 (tokens x features) matrix; its transpose X^T (wgrad's operand, a view) is rotated
+along the tokens in Hadamard blocks and quantized in 1-D groups along the tokens:
+
+    columns    lowbit.kernels.column_quantize: one read of the view
+    two-pass   the rotation kernel writing the rotated X^T in fp32, then the quantize kernel
+               (what rotate_quantize did for such views before; LOWBIT_COLUMN_QUANTIZE=0)
+    copy       dst.copy_(X): the bf16 read and write the fraction of a copy is measured against
+
+Device time of one call (calls captured in a CUDA graph and replayed); bytes counted are X read
+once and the codes and scales written once. Every row checks that both paths give the same bytes.
+--sweep also times the kernel's tile knobs (rows per program, groups per program, warps).
+
+    python benchmarks/column_quantize_bw.py --out $OUT/columns.json
+    python benchmarks/column_quantize_bw.py --sweep --specs mxfp4_sr --shapes 16384x8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantize_bw import _bench_graph, _nbytes, _same  # noqa: E402
+
+from lowbit.kernels import _column_quantize_triton as kct  # noqa: E402
+from lowbit.kernels import column_quantize as kc  # noqa: E402
+from lowbit.kernels import quantize as kq  # noqa: E402
+from lowbit.kernels.hadamard import hadamard_rotate, rotate_quantize  # noqa: E402
+from lowbit.quant import QuantSpec  # noqa: E402
+
+# name: (spec, Hadamard block) of the recipes' strided operands
+SPECS = {
+    "mxfp4_sr": (QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"), 32),  # mxfp4 wgrad/dgrad
+    "nvfp4_sr": (QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic"), 16),  # nvfp4 wgrad's dY^T
+    "nvfp4": (QuantSpec("fp4_e2m1", 16, "e4m3"), 16),  # nvfp4 wgrad's X^T
+}
+
+
+def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, sweep: bool) -> list[dict]:
+    spec, block = SPECS[name]
+    xt = x.t()
+
+    def columns():
+        return rotate_quantize(xt, spec, block, 3, seed=1)
+
+    def two_pass():
+        return kq.quantize(hadamard_rotate(xt, block, 3), spec, seed=1)
+
+    q = columns()
+    kc.ENABLED = False
+    try:
+        same = _same(q, two_pass())
+        t_two = _bench_graph(two_pass)
+    finally:
+        kc.ENABLED = True
+    nbytes = x.numel() * x.element_size() + _nbytes(q)
+    rows = []
+    tiles = [(kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS)]
+    if sweep:
+        tiles += [t for t in itertools.product((128, 256, 512), (1, 2, 4), (2, 4, 8)) if t != tiles[0]]
+    default = tiles[0]
+    for tile in tiles:
+        kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS = tile
+        try:
+            ok = _same(columns(), q)
+            t = _bench_graph(columns)
+        except Exception as e:  # a tile that does not compile (registers): reported, not fatal
+            print(f"  tile {tile}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        finally:
+            kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS = default
+        rows.append(dict(shape=shape, spec=name, tile=list(tile), columns_ms=t, two_pass_ms=t_two,
+                         speedup=t_two / t, frac_of_copy=nbytes / (t * 1e-3) / copy_bw,
+                         same_bits=same and ok))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="16384x2048,16384x8192,8192x4096,8192x14336",
+                   help="tokens x features of X")
+    p.add_argument("--specs", default=",".join(SPECS))
+    p.add_argument("--sweep", action="store_true", help="also time every tile knob combination")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("column_quantize_bw.py needs a CUDA GPU")
+    for name in args.specs.split(","):
+        if name not in SPECS:
+            sys.exit(f"--specs: unknown {name!r}; valid choices: {', '.join(SPECS)}")
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    results = []
+    for shape in args.shapes.split(","):
+        t, f = (int(v) for v in shape.split("x"))
+        x = torch.randn(t, f, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(x)
+        t_copy = _bench_graph(lambda dst=dst, x=x: dst.copy_(x))
+        copy_bw = 2 * x.numel() * x.element_size() / (t_copy * 1e-3)
+        print(f"{shape}: copy {t_copy * 1e3:.1f} us ({copy_bw / 1e12:.2f} TB/s)")
+        for name in args.specs.split(","):
+            rows = _row(x, shape, name, copy_bw, args.sweep)
+            for r in sorted(rows, key=lambda r: r["columns_ms"])[: 6 if args.sweep else 1]:
+                print(f"  {name:9} tile {str(tuple(r['tile'])):15} columns {r['columns_ms'] * 1e3:7.1f} us "
+                      f"({r['frac_of_copy']:.2f} of a copy)  two-pass {r['two_pass_ms'] * 1e3:7.1f} us  "
+                      f"{r['speedup']:.2f}x  same bits: {r['same_bits']}")
+            results += rows
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
