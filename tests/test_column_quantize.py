@@ -147,3 +147,24 @@ def test_gpu_columns_match_the_two_kernel_path(spec, block, monkeypatch):
     monkeypatch.setattr(kc, "ENABLED", True)
     got = rotate_quantize(small.t(), spec, block, 5, seed=1)
     check_same_qtensor(_reference(small.t(), spec, block, 5, 1), got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_quant_linear_same_gradients_with_the_column_quantizer(recipe, dtype, monkeypatch):
+    # A layer's backward (wgrad's X^T and dY^T, dgrad's W^T through the column quantizer) gives
+    # the bits of the rotation kernel + quantize kernel path, with the same seeds.
+    from lowbit.nn import QuantLinear
+
+    def run(columns: bool):
+        monkeypatch.setattr(kc, "ENABLED", columns)
+        torch.manual_seed(0)
+        layer = QuantLinear(1024, 2048, recipe=recipe, seed=3, device="cuda", dtype=dtype)
+        x = torch.randn(4096, 1024, device="cuda", dtype=dtype, requires_grad=True)
+        y = layer(x)
+        y.backward(torch.randn_like(y))
+        return y, x.grad, layer.weight.grad
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
