@@ -66,7 +66,7 @@ def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, sweep: bool) ->
     rows = []
     tiles = [(kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS)]
     if sweep:
-        tiles += [t for t in itertools.product((128, 256, 512), (1, 2, 4), (2, 4, 8)) if t != tiles[0]]
+        tiles += [t for t in itertools.product((128, 256, 512), (1, 2, 4), (4, 8)) if t != tiles[0]]
     default = tiles[0]
     for tile in tiles:
         kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS = tile

@@ -25,6 +25,7 @@ CATEGORIES = (
     # lowbit's Triton kernels (exact names: Inductor names its own kernels after the ops they
     # fuse, e.g. "..._quantize_operand_pair_...", and those belong to "other").
     ("quantize", ("_pair_kernel", "_amax_kernel", "_quant_kernel", "_quantize_kernel", "_rotate_kernel",
+                  "_column_groups_kernel",
                   "_amax_if_empty_kernel", "_roll_kernel", "_row_pair_kernel", "_row_col_amax_kernel",
                   "_copy_kernel")),
     # The fused feed-forward's kernels: SwiGLU (or its backward) and the quantization of its results.
