@@ -10,16 +10,16 @@ along the tokens in Hadamard blocks and quantized in 1-D groups along the tokens
 
 Device time of one call (calls captured in a CUDA graph and replayed); bytes counted are X read
 once and the codes and scales written once. Every row checks that both paths give the same bytes.
---sweep also times the kernel's tile knobs (rows per program, groups per program, warps).
+--tiles also times other settings of the kernel's knobs (rows per program, groups per program,
+warps), each row printed as it is timed (every setting compiles a kernel of its own).
 
     python benchmarks/column_quantize_bw.py --out $OUT/columns.json
-    python benchmarks/column_quantize_bw.py --sweep --specs mxfp4_sr --shapes 16384x8192
+    python benchmarks/column_quantize_bw.py --tiles "512,2,8;128,2,4" --specs mxfp4_sr --shapes 16384x8192
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -45,7 +45,7 @@ SPECS = {
 }
 
 
-def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, sweep: bool) -> list[dict]:
+def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, extra: list[tuple[int, ...]]) -> list[dict]:
     spec, block = SPECS[name]
     xt = x.t()
 
@@ -64,10 +64,8 @@ def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, sweep: bool) ->
         kc.ENABLED = True
     nbytes = x.numel() * x.element_size() + _nbytes(q)
     rows = []
-    tiles = [(kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS)]
-    if sweep:
-        tiles += [t for t in itertools.product((128, 256, 512), (1, 2, 4), (4, 8)) if t != tiles[0]]
-    default = tiles[0]
+    default = (kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS)
+    tiles = [default] + [t for t in extra if t != default]
     for tile in tiles:
         kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS = tile
         try:
@@ -78,9 +76,12 @@ def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, sweep: bool) ->
             continue
         finally:
             kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS = default
-        rows.append(dict(shape=shape, spec=name, tile=list(tile), columns_ms=t, two_pass_ms=t_two,
-                         speedup=t_two / t, frac_of_copy=nbytes / (t * 1e-3) / copy_bw,
-                         same_bits=same and ok))
+        r = dict(shape=shape, spec=name, tile=list(tile), columns_ms=t, two_pass_ms=t_two, speedup=t_two / t,
+                 frac_of_copy=nbytes / (t * 1e-3) / copy_bw, same_bits=same and ok)
+        print(f"  {name:9} tile {str(tile):15} columns {t * 1e3:7.1f} us "
+              f"({r['frac_of_copy']:.2f} of a copy)  two-pass {t_two * 1e3:7.1f} us  "
+              f"{r['speedup']:.2f}x  same bits: {r['same_bits']}", flush=True)
+        rows.append(r)
     return rows
 
 
@@ -89,11 +90,17 @@ def main() -> None:
     p.add_argument("--shapes", default="16384x2048,16384x8192,8192x4096,8192x14336",
                    help="tokens x features of X")
     p.add_argument("--specs", default=",".join(SPECS))
-    p.add_argument("--sweep", action="store_true", help="also time every tile knob combination")
+    p.add_argument("--tiles", default="", help='other "rows,groups,warps" settings to time, ";"-separated')
     p.add_argument("--out", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("column_quantize_bw.py needs a CUDA GPU")
+    try:
+        extra = [tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";") if t]
+    except ValueError:
+        sys.exit(f'--tiles {args.tiles!r}: expected "rows,groups,warps" settings separated by ";"')
+    if any(len(t) != 3 for t in extra):
+        sys.exit(f'--tiles {args.tiles!r}: each setting is three integers, "rows,groups,warps"')
     for name in args.specs.split(","):
         if name not in SPECS:
             sys.exit(f"--specs: unknown {name!r}; valid choices: {', '.join(SPECS)}")
@@ -109,12 +116,7 @@ def main() -> None:
         copy_bw = 2 * x.numel() * x.element_size() / (t_copy * 1e-3)
         print(f"{shape}: copy {t_copy * 1e3:.1f} us ({copy_bw / 1e12:.2f} TB/s)")
         for name in args.specs.split(","):
-            rows = _row(x, shape, name, copy_bw, args.sweep)
-            for r in sorted(rows, key=lambda r: r["columns_ms"])[: 6 if args.sweep else 1]:
-                print(f"  {name:9} tile {str(tuple(r['tile'])):15} columns {r['columns_ms'] * 1e3:7.1f} us "
-                      f"({r['frac_of_copy']:.2f} of a copy)  two-pass {r['two_pass_ms'] * 1e3:7.1f} us  "
-                      f"{r['speedup']:.2f}x  same bits: {r['same_bits']}")
-            results += rows
+            results += _row(x, shape, name, copy_bw, extra)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
