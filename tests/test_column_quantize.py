@@ -168,3 +168,25 @@ def test_gpu_quant_linear_same_gradients_with_the_column_quantizer(recipe, dtype
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [COLUMNS[0][0], COLUMNS[2][0], COLUMNS[3][0]], ids=_ids)
+def test_fp4_groups_cleared_as_the_reference(spec):
+    # FP4 codes skip the per-element NaN test and clear a whole group by one mask: a group holding
+    # NaN or Inf (NaN scale; for NVFP4 the tensor scale, so every group), and for NVFP4 a block of
+    # tiny values next to large ones (its E4M3 scale underflows to 0: code 0, +0 values), must
+    # still store exactly the reference's codes.
+    g = spec.block
+    x = _x((4 * g, 40), seed=6)
+    x[:, 6] = -x[:, 6].abs()  # a column of negative values: every code's sign bit set
+    tiny = x.clone()
+    tiny[2 * g: 3 * g, 5] = 1e-9
+    bad = x.clone()
+    bad[1, 3] = float("nan")
+    bad[g + 2, 4] = float("-inf")
+    for t in (tiny, bad):
+        x_t = t.to(DEV).t()
+        ref = _reference(x_t, spec, g, 2, 4)
+        check_same_qtensor(ref, rotate_quantize(x_t, spec, g, 2, seed=4))
+    if spec.scale == "e4m3":
+        assert (_reference(tiny.t(), spec, g, 2, 4).scale[5] == 0).any()  # the case is reached

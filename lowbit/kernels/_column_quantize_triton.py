@@ -22,7 +22,36 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels._hash_triton import lowbias32
-from lowbit.kernels._quant_math_triton import _quant_tile, _scales, _tensor_scale
+from lowbit.kernels._quant_math_triton import (
+    _e2m1_magnitude,
+    _noise_bits,
+    _quant_tile,
+    _scaled,
+    _scales,
+    _tensor_scale,
+)
+
+
+@triton.jit
+def _e2m1_unmasked(y, k, SR: tl.constexpr):
+    # FP4 E2M1 code of a scaled value y (sign in bit 3), as _quant_math_triton's _e2m1_codes(_sr)
+    # give it for every finite y, without their per-element NaN test: a NaN y here only comes from
+    # its group's NaN divisor (a NaN or Inf in the group), and the caller clears the whole group's
+    # codes with one AND (_group_words). With SR (24-bit noise k, u = k / 2^24), |y| >= 1 takes
+    # _e2m1_codes_sr's integer test; below 1, v = 2|y| and the code is floor(v) + (frac(v) > u),
+    # which is (v > u) + (v - 1 > u) for v in [0, 2) (v - 1 is exact for v >= 1, negative below).
+    b = y.to(tl.int32, bitcast=True)
+    ba = b & 0x7FFFFFFF
+    if SR:
+        bs = tl.minimum(ba, 0x40C00000)  # 6.0
+        hi = ((bs >> 22) - 252) + (((bs & 0x3FFFFF) << 2) > k).to(tl.int32)
+        v = bs.to(tl.float32, bitcast=True) * 2.0
+        u = k.to(tl.float32) * (1.0 / 16777216.0)
+        lo = (v > u).to(tl.int32) + ((v - 1.0) > u).to(tl.int32)
+        code = tl.where(bs >= 0x3F800000, hi, lo)
+    else:
+        code = _e2m1_magnitude(ba)
+    return code | ((b >> 28) & 8)
 
 
 @triton.jit
@@ -32,15 +61,25 @@ def _group_words(v, key, eff, seed_off, G: tl.constexpr, PACK: tl.constexpr, KIN
                  HW_FP8: tl.constexpr, DIV: tl.constexpr):
     # A group's codes packed into little-endian int32 words: a tuple of G / 8 (4-bit codes, element
     # 2i in the low nibble of byte i) or G / 4 words (byte codes) of the rows' shape.
+    # FP4: codes without a NaN test each, and a group whose divisor is NaN (a NaN or Inf in it, or
+    # a NaN tensor scale) or 0 (an NVFP4 block scale that underflowed: y is +0 there) cleared by
+    # one AND a word, as the reference stores code 0 for all of them.
     PER: tl.constexpr = 8 if PACK else 4
+    keep = tl.where((eff == eff) & (eff != 0.0), -1, 0)
     words = ()
     for w in tl.static_range(G // PER):
         word = tl.zeros_like(key).to(tl.int32)
         for j in tl.static_range(PER):
             # (constexpr names assigned in an unrolled loop would be reassignments: written out)
-            c = _quant_tile(v[w * PER + j], eff, key + (w * PER + j), seed_off, KIND_INT, MBITS, EMIN, EMAX,
-                            FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, False, DIV)
+            if ENC == 3:
+                c = _e2m1_unmasked(_scaled(v[w * PER + j], eff, SMODE, DIV),
+                                   _noise_bits(key + (w * PER + j), seed_off), SR)
+            else:
+                c = _quant_tile(v[w * PER + j], eff, key + (w * PER + j), seed_off, KIND_INT, MBITS, EMIN,
+                                EMAX, FMAX, HAS_INF, ENC, SR, SMODE, HW_FP8, False, DIV)
             word = word | (c << (j * (4 if PACK else 8)))
+        if ENC == 3:
+            word = word & keep
         words = words + (word,)
     return words
 
@@ -95,9 +134,10 @@ def _column_groups_kernel(
         grp = tl.program_id(1) * NG + gi
         k0 = grp * G
         v = ()
+        p = x_ptr + rows + k0.to(tl.int64) * sxk
         for i in tl.static_range(G):
-            p = x_ptr + rows + (k0 + i).to(tl.int64) * sxk
             xi = tl.load(p, rmask, other=0.0).to(tl.float32)
+            p += sxk  # the next K index: one pointer add, not an index product
             if SIGNS:
                 xi = xi * signs[i % HAD]  # a multiply, as the reference's
             v = v + (xi,)
@@ -137,8 +177,12 @@ def _column_groups_kernel(
             tl.store(ts_ptr + tl.zeros([1], tl.int32), t)
 
 
-# Rows a program holds (a power of two), groups it visits along K, and its warps. Registers: each
-# thread keeps a group's G values of its BR / (32 * warps) rows.
+# Rows a program holds (a power of two), groups it visits along K, its warps, and a cap on its
+# registers (0: none). Registers: each thread keeps a group's G values of its BR / (32 * warps)
+# rows. H100 (run 278, MXFP4-SR, X^T of 16384 x 8192, the kernel of `e90e267`): 256 rows, 2 groups
+# on 4 warps 321.6 us; 128 rows 328.6, 4 groups 330.5, 1 group 358.8, 512 rows on 8 warps 392.4,
+# on 4 warps 421.8.
 COLUMN_ROWS = 256
 COLUMN_GROUPS = 2
 COLUMN_WARPS = 4
+COLUMN_MAXNREG = 0

@@ -65,6 +65,7 @@ def column_quantize(
     -> (data, scales, tensor scale or None, packed), as quantize_2d returns them."""
     from lowbit.kernels._column_quantize_triton import (
         COLUMN_GROUPS,
+        COLUMN_MAXNREG,
         COLUMN_ROWS,
         COLUMN_WARPS,
         _column_groups_kernel,
@@ -102,6 +103,7 @@ def column_quantize(
             BR=br, G=g, NG=per, SIGNS=sign_off is not None, HW_FP8=not interpret(),
             DIV=1 if smode in (0, 3) else 0, AMAX=amax_only, SEED_PTR=on_device,
             **rotation_constants(block), num_warps=COLUMN_WARPS,
+            **({"maxnreg": COLUMN_MAXNREG} if COLUMN_MAXNREG else {}),
         )
 
     if smode == 3:  # NVFP4: the rotated operand's own amax first (one more read)
