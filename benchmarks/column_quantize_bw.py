@@ -10,12 +10,13 @@ along the tokens in Hadamard blocks and quantized in 1-D groups along the tokens
 
 Device time of one call (calls captured in a CUDA graph and replayed); bytes counted are X read
 once and the codes and scales written once. Every row checks that both paths give the same bytes.
---tiles also times other settings of the kernel's knobs (rows per program, groups per program,
-warps, and optionally a register cap), each row printed as it is timed (every setting compiles a
-kernel of its own).
+--tiles also times other settings of the kernel's knobs (values a program holds per group, i.e.
+rows times the group size; groups per program; warps; optionally a register cap), each row
+printed as it is timed (every setting compiles a kernel of its own).
 
     python benchmarks/column_quantize_bw.py --out $OUT/columns.json
-    python benchmarks/column_quantize_bw.py --tiles "512,2,8;128,2,4" --specs mxfp4_sr --shapes 16384x8192
+    python benchmarks/column_quantize_bw.py --tiles "8192,2,4;4096,2,4,128" --specs mxfp4_sr \
+        --shapes 16384x8192
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, extra: list[tup
         kc.ENABLED = True
     nbytes = x.numel() * x.element_size() + _nbytes(q)
     rows = []
-    default = (kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS, kct.COLUMN_MAXNREG)
+    default = (kct.COLUMN_VALUES, kct.COLUMN_GROUPS, kct.COLUMN_WARPS, kct.COLUMN_MAXNREG)
     tiles = [default] + [t + (0,) * (4 - len(t)) for t in extra if t + (0,) * (4 - len(t)) != default]
     for tile in tiles:
-        kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS, kct.COLUMN_MAXNREG = tile
+        kct.COLUMN_VALUES, kct.COLUMN_GROUPS, kct.COLUMN_WARPS, kct.COLUMN_MAXNREG = tile
         try:
             ok = _same(columns(), q)
             t = _bench_graph(columns)
@@ -76,7 +77,7 @@ def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, extra: list[tup
             print(f"  tile {tile}: {type(e).__name__}: {str(e)[:100]}")
             continue
         finally:
-            kct.COLUMN_ROWS, kct.COLUMN_GROUPS, kct.COLUMN_WARPS, kct.COLUMN_MAXNREG = default
+            kct.COLUMN_VALUES, kct.COLUMN_GROUPS, kct.COLUMN_WARPS, kct.COLUMN_MAXNREG = default
         r = dict(shape=shape, spec=name, tile=list(tile), columns_ms=t, two_pass_ms=t_two, speedup=t_two / t,
                  frac_of_copy=nbytes / (t * 1e-3) / copy_bw, same_bits=same and ok)
         print(f"  {name:9} tile {str(tile):15} columns {t * 1e3:7.1f} us "
@@ -92,7 +93,7 @@ def main() -> None:
                    help="tokens x features of X")
     p.add_argument("--specs", default=",".join(SPECS))
     p.add_argument("--tiles", default="",
-                   help='other "rows,groups,warps[,maxnreg]" settings to time, ";"-separated')
+                   help='other "values,groups,warps[,maxnreg]" settings to time, ";"-separated')
     p.add_argument("--out", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -100,9 +101,9 @@ def main() -> None:
     try:
         extra = [tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";") if t]
     except ValueError:
-        sys.exit(f'--tiles {args.tiles!r}: expected "rows,groups,warps" settings separated by ";"')
+        sys.exit(f'--tiles {args.tiles!r}: expected "values,groups,warps" settings separated by ";"')
     if any(len(t) not in (3, 4) for t in extra):
-        sys.exit(f'--tiles {args.tiles!r}: each setting is "rows,groups,warps[,maxnreg]"')
+        sys.exit(f'--tiles {args.tiles!r}: each setting is "values,groups,warps[,maxnreg]"')
     for name in args.specs.split(","):
         if name not in SPECS:
             sys.exit(f"--specs: unknown {name!r}; valid choices: {', '.join(SPECS)}")

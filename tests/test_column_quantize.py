@@ -78,10 +78,11 @@ def test_columns_without_signs_or_rotation():
     check_same_qtensor(_reference(x_t, spec, 1, None, 3), got)
 
 
-@pytest.mark.parametrize("tile", [(32, 1, 1), (64, 4, 2), (512, 2, 8)])
+@pytest.mark.parametrize("tile", [(512, 1, 1), (2048, 4, 2), (16384, 2, 8)])
 def test_columns_same_bits_for_every_tile(tile, monkeypatch):
-    # rows per program, groups per program (4 does not divide 3 groups: halved to 1), warps
-    monkeypatch.setattr(kct, "COLUMN_ROWS", tile[0])
+    # values per program and group (rows x G: 32 / 16 rows, 128 / 64, 512 / 512 for G = 16 / 32),
+    # groups per program (4 does not divide 3 groups: halved to 1), warps
+    monkeypatch.setattr(kct, "COLUMN_VALUES", tile[0])
     monkeypatch.setattr(kct, "COLUMN_GROUPS", tile[1])
     monkeypatch.setattr(kct, "COLUMN_WARPS", tile[2])
     for spec, block in (COLUMNS[0], COLUMNS[2]):

@@ -177,13 +177,15 @@ def _column_groups_kernel(
             tl.store(ts_ptr + tl.zeros([1], tl.int32), t)
 
 
-# Rows a program holds (a power of two), groups it visits along K, its warps, and a cap on its
-# registers (0: none). Registers: each thread keeps a group's G values of its BR / (32 * warps)
-# rows. H100, MXFP4-SR, X^T of 16384 x 8192 (docs/BENCHMARKS.md, thirty-second pass): with the
-# kernel of `e90e267` (run 278), 256 rows, 2 groups on 4 warps 321.6 us; 128 rows 328.6, 4 groups
-# 330.5, 1 group 358.8, 512 rows on 8 warps 392.4, on 4 warps 421.8. With `87ebffc` (run 279):
-# 256 rows 284.2 us (283.0 capped at 128 registers, 296.0 at 168), 128 rows 276.5 (274.9 capped).
-COLUMN_ROWS = 128
+# A program's values a group (its rows times G: rows = COLUMN_VALUES / G, a power of two from 32 to
+# 512), the groups it visits along K, its warps, and a cap on its registers (0: none). Each thread
+# keeps a group's G values of its rows / (32 * warps) rows. H100 (docs/BENCHMARKS.md, thirty-second
+# pass), X^T of 16384 x 8192: MXFP4-SR (G = 32) with the kernel of `e90e267` (run 278), 256 rows,
+# 2 groups on 4 warps 321.6 us; 128 rows 328.6, 4 groups 330.5, 1 group 358.8, 512 rows on 8 warps
+# 392.4, on 4 warps 421.8. With `87ebffc` (runs 279-280): MXFP4-SR 256 rows 284.2 us (283.0 capped
+# at 128 registers, 296.0 at 168), 128 rows 276.5 (274.9 capped); NVFP4 (G = 16) at 256 rows
+# 398.2 (SR) / 341.4 (nearest) us, at 128 rows 410.5 / 377.7.
+COLUMN_VALUES = 4096
 COLUMN_GROUPS = 2
 COLUMN_WARPS = 4
 COLUMN_MAXNREG = 0

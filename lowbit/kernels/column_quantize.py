@@ -66,7 +66,7 @@ def column_quantize(
     from lowbit.kernels._column_quantize_triton import (
         COLUMN_GROUPS,
         COLUMN_MAXNREG,
-        COLUMN_ROWS,
+        COLUMN_VALUES,
         COLUMN_WARPS,
         _column_groups_kernel,
     )
@@ -84,7 +84,7 @@ def column_quantize(
     smode = _SCALE[spec.scale]
     tscale = torch.empty((1,), dtype=torch.float32, device=dev) if smode == 3 else None
     t_bits = torch.zeros(1, dtype=torch.int32, device=dev) if smode == 3 else None
-    br = max(32, min(COLUMN_ROWS, 1 << (r - 1).bit_length()))
+    br = max(32, min(512, COLUMN_VALUES // g, 1 << (r - 1).bit_length()))
     ngroups = k // g
     per = max(1, min(COLUMN_GROUPS, ngroups))
     while ngroups % per:  # programs visit whole runs of groups
