@@ -11,13 +11,14 @@ and NVFP4 scales need the rotated tensor's amax first: one more read, on a rotat
 
 Views whose rows are contiguous and K strided (X^T and dY^T for wgrad, W^T for dgrad) with 1-D
 groups go to the column quantizer (lowbit.kernels.column_quantize): one read of the view, each
-thread rotating and quantizing whole groups of its rows.
+thread rotating and quantizing whole groups of its rows, 2.2-2.4x the rotation kernel followed by
+the quantize kernel (H100, docs/BENCHMARKS.md, thirty-second pass).
 
 `rotate_quantize` returns None for what it does not fuse (the caller rotates, then quantizes):
 K not a multiple of the block (the reference pads K), 2-D scale tiles not holding whole blocks,
-views not contiguous along K (X^T and dY^T for wgrad, W^T for dgrad: the rotation kernel reads
-them in place, faster than the copy the quantize kernel would make), and anything
-`lowbit.kernels.quantize.supports` sends to the reference.
+other views not contiguous along K (row or tensor scaling of X^T, or what the column quantizer
+declines: the rotation kernel reads them in place, faster than the copy the quantize kernel would
+make), and anything `lowbit.kernels.quantize.supports` sends to the reference.
 
 Speed (H100, docs/BENCHMARKS.md, seventh pass): the rotation kernel alone runs at 0.94 of a copy
 (6 bytes an element); the fused kernel at 0.28-0.62 of a copy (2.5 bytes an element, but the

@@ -48,7 +48,8 @@ _G1D, _GROW, _GTENSOR, _GTILE = 0, 1, 2, 3
 TRANSPOSED_READ = False
 # Rotated (Hadamard) views not contiguous along K (wgrad's X^T and dY^T, dgrad's W^T) read in
 # place by plain strided tile loads into the fused rotate-and-quantize pass (no tl.trans), instead
-# of the rotation kernel writing them in fp32 for the quantize kernel to read. Opt-in
+# of the rotation kernel writing them in fp32 for the quantize kernel to read. (Such views with
+# 1-D groups now go to the column quantizer first, lowbit.kernels.column_quantize.) Opt-in
 # (LOWBIT_ROTATED_STRIDED=1): on the H100 (docs/BENCHMARKS.md, run 86-87) it was 1.14x the two
 # kernels for MXFP4 at 8192 x 14336 but mixed for NVFP4 (0.89-1.13x), and a 1b model trained
 # at the same speed either way (mxfp4 48,251 against 48,240 tokens/s).
