@@ -125,6 +125,8 @@ def test_columns_decline_what_they_do_not_take(monkeypatch):
     assert "32-bit words" in why_not_columns(x_t, QuantSpec("fp8_e4m3", 2, "e8m0"), 2)
     assert "Triton quantizer" in why_not_columns(x_t, QuantSpec("nf4", 64), 32)
     assert "not one of" in why_not_columns(x_t.double(), spec, 32)
+    huge = torch.zeros(2, device=DEV).as_strided((2, 32 * 65536), (1, 0))  # K past one launch grid
+    assert "launch grid" in why_not_columns(huge, spec, 32)
     monkeypatch.setattr(kc, "ENABLED", False)
     assert "LOWBIT_COLUMN_QUANTIZE=0" in why_not_columns(x_t, spec, 32)
     # Declined views still come out right: the rotation kernel, then the quantize kernel.

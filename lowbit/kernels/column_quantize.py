@@ -31,6 +31,7 @@ from lowbit.quant.quantize import QuantSpec
 
 ENABLED = env_flag("LOWBIT_COLUMN_QUANTIZE", True)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the groups along K)
 
 
 def why_not_columns(x: torch.Tensor, spec: QuantSpec, block: int) -> str | None:
@@ -53,6 +54,8 @@ def why_not_columns(x: torch.Tensor, spec: QuantSpec, block: int) -> str | None:
     packed = _ENC[spec.fmt] in (3, 4)
     if g % (8 if packed else 4):
         return f"a group of {g} {spec.fmt} codes does not fill whole 32-bit words"
+    if x.shape[1] // g > _MAX_GRID_Y:  # even one group a program would not fit CUDA's grid
+        return f"K={x.shape[1]} has more groups of {g} than a launch grid holds ({_MAX_GRID_Y})"
     return None
 
 
