@@ -17,10 +17,10 @@ from lowbit.kernels import column_quantize as kc  # noqa: E402
 from lowbit.kernels import quantize as kq  # noqa: E402
 from lowbit.kernels.column_quantize import column_quantize, why_not_columns  # noqa: E402
 from lowbit.kernels.hadamard import hadamard_rotate, rotate_quantize  # noqa: E402
-from lowbit.quant import QuantSpec, quantize, random_signs  # noqa: E402
-from lowbit.quant import hadamard_rotate as reference_rotate  # noqa: E402
+from lowbit.quant import QuantSpec, quantize  # noqa: E402
 from lowbit.quant.qtensor import QTensor  # noqa: E402
 from lowbit.quant.rounding import seed_offset  # noqa: E402
+from tests.test_kernels_hadamard import _reference as _rotated_reference  # noqa: E402
 from tests.test_kernels_quantize import _x, check_same_qtensor  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,11 +28,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _reference(x: torch.Tensor, spec: QuantSpec, block: int, signs_seed, seed: int):
     # the reference on the view's contiguous copy (the noise indices are the matrix's, not memory's)
-    x = x.contiguous().cpu().float()
-    if block > 1:
-        signs = random_signs(block, signs_seed) if signs_seed is not None else None
-        x = reference_rotate(x, block, signs)
-    return quantize(x, spec, seed=seed)
+    x = x.contiguous().cpu()
+    if block == 1:
+        return quantize(x.float(), spec, seed=seed)
+    return _rotated_reference(x, spec, block, signs_seed, seed)
 
 
 # (spec, Hadamard block): the recipes' strided operands (MXFP4 wgrad and dgrad with SR, NVFP4 wgrad
