@@ -86,7 +86,6 @@ def column_quantize(
     scale = torch.empty((k // g, r), dtype=torch.float32, device=dev).t()
     smode = _SCALE[spec.scale]
     tscale = torch.empty((1,), dtype=torch.float32, device=dev) if smode == 3 else None
-    t_bits = torch.zeros(1, dtype=torch.int32, device=dev) if smode == 3 else None
     br = max(32, min(512, COLUMN_VALUES // g, 1 << (r - 1).bit_length()))
     ngroups = k // g
     per = max(1, min(COLUMN_GROUPS, ngroups))
@@ -96,11 +95,11 @@ def column_quantize(
     (seed_arg, sign_arg), on_device = seed_args(seed_off, sign_off)
     words = data.view(torch.int32)
 
-    def run(amax_only: bool) -> None:
+    def run(amax_only: bool, t_amax: torch.Tensor) -> None:
+        # t_amax: NVFP4's tensor amax, int32 bits the amax-only launch raises, then read as fp32
         launchable(_column_groups_kernel)[grid](
-            x, words, scale, tscale if tscale is not None else scale,
-            t_bits if t_bits is not None else scale, r, k, x.stride(1), words.stride(0),
-            scale.stride(0), scale.stride(1), seed_arg, sign_arg,
+            x, words, scale, tscale if tscale is not None else scale, t_amax, r, k, x.stride(1),
+            words.stride(0), scale.stride(0), scale.stride(1), seed_arg, sign_arg,
             MBITS=fmt.mbits, EMIN=fmt.emin, EMAX=fmt.emax, FMAX=float(fmt.max), HAS_INF=fmt.has_inf,
             KIND_INT=fmt.kind == "int", ENC=enc, PACK=packed, SMODE=smode, SR=spec.rounding == "stochastic",
             BR=br, G=g, NG=per, SIGNS=sign_off is not None, HW_FP8=not interpret(),
@@ -110,9 +109,11 @@ def column_quantize(
         )
 
     if smode == 3:  # NVFP4: the rotated operand's own amax first (one more read)
-        run(True)
-        t_bits = t_bits.view(torch.float32)
-    run(False)
+        t_bits = torch.zeros(1, dtype=torch.int32, device=dev)
+        run(True, t_bits)
+        run(False, t_bits.view(torch.float32))
+    else:
+        run(False, scale)  # no tensor amax: any tensor stands in for the unused pointer
     ddtype = {0: torch.float8_e4m3fn, 1: torch.float8_e5m2, 2: torch.int8}.get(enc)
     return (data.view(ddtype) if ddtype is not None else data, scale,
             tscale.reshape(()) if tscale is not None else None, packed)
