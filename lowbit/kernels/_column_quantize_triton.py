@@ -102,6 +102,51 @@ def _store_words(d_ptr, words, rows, rmask, sdw, w0, NW: tl.constexpr):
                      tl.reshape(four, [rows.shape[0], 4]), rmask[:, None])
 
 
+@triton.jit
+def _block_signs(sign_off, HAD: tl.constexpr, SIGNS: tl.constexpr):
+    # The random sign of each index of a Hadamard block: 1 - 2 * (lowbias32(i + seed * golden) & 1)
+    # (groups start at multiples of HAD, so element i of a group has sign i mod HAD); () without.
+    signs = ()
+    if SIGNS:
+        for i in tl.static_range(HAD):
+            bit = lowbias32((sign_off + i).to(tl.uint32)) & 1
+            signs = signs + (1.0 - 2.0 * bit.to(tl.float32),)
+    return signs
+
+
+@triton.jit
+def _rotated_group(x_ptr, rows, rmask, k0, sxk, signs, G: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr,
+                   SCALE: tl.constexpr, SIGNS: tl.constexpr):
+    # The group at K index k0 of `rows` (x's element (r, k) at x_ptr + r + k * sxk), rotated: a tuple
+    # of G fp32 tensors over the rows, and the group amax as |x| int32 bits (integer max orders them
+    # as floats and keeps NaN, above Inf, on top).
+    v = ()
+    p = x_ptr + rows + k0.to(tl.int64) * sxk
+    for i in tl.static_range(G):
+        xi = tl.load(p, rmask, other=0.0).to(tl.float32)
+        p += sxk  # the next K index: one pointer add, not an index product
+        if SIGNS:
+            xi = xi * signs[i % HAD]  # a multiply, as the reference's
+        v = v + (xi,)
+    for s in tl.static_range(LOG):  # stage s pairs i with i + 2^s: (a + b, a - b)
+        w = ()
+        for i in tl.static_range(G):
+            if (i >> s) & 1 == 0:
+                w = w + (v[i] + v[i + (1 << s)],)
+            else:
+                w = w + (v[i - (1 << s)] - v[i],)
+        v = w
+    if LOG > 0:
+        w = ()
+        for i in tl.static_range(G):
+            w = w + (v[i] * SCALE,)
+        v = w
+    amax = tl.zeros([rows.shape[0]], tl.int32)
+    for i in tl.static_range(G):
+        amax = tl.maximum(amax, v[i].to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    return v, amax
+
+
 @triton.jit(do_not_specialize=["seed_off", "sign_off"])
 def _column_groups_kernel(
     x_ptr, d_ptr, s_ptr, ts_ptr, ta_ptr, R, K, sxk, sdw, ssr, ssc, seed_off, sign_off,
@@ -120,12 +165,7 @@ def _column_groups_kernel(
         sign_off = tl.load(sign_off)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < R
-    signs = ()
-    if SIGNS:  # sign of K index k: 1 - 2 * (lowbias32(k mod HAD + seed * golden) & 1); groups
-        # start at multiples of HAD, so element i of a group has sign i mod HAD
-        for i in tl.static_range(HAD):
-            bit = lowbias32((sign_off + i).to(tl.uint32)) & 1
-            signs = signs + (1.0 - 2.0 * bit.to(tl.float32),)
+    signs = _block_signs(sign_off, HAD, SIGNS)
     t_amax = 1.0
     if SMODE == 3 and not AMAX:
         t_amax = tl.load(ta_ptr)  # the rotated data's own amax (NVFP4 tensor scale)
@@ -133,31 +173,7 @@ def _column_groups_kernel(
     for gi in range(NG):
         grp = tl.program_id(1) * NG + gi
         k0 = grp * G
-        v = ()
-        p = x_ptr + rows + k0.to(tl.int64) * sxk
-        for i in tl.static_range(G):
-            xi = tl.load(p, rmask, other=0.0).to(tl.float32)
-            p += sxk  # the next K index: one pointer add, not an index product
-            if SIGNS:
-                xi = xi * signs[i % HAD]  # a multiply, as the reference's
-            v = v + (xi,)
-        for s in tl.static_range(LOG):  # stage s pairs i with i + 2^s: (a + b, a - b)
-            w = ()
-            for i in tl.static_range(G):
-                if (i >> s) & 1 == 0:
-                    w = w + (v[i] + v[i + (1 << s)],)
-                else:
-                    w = w + (v[i - (1 << s)] - v[i],)
-            v = w
-        amax = tl.zeros([BR], tl.int32)
-        if LOG > 0:
-            w = ()
-            for i in tl.static_range(G):
-                w = w + (v[i] * SCALE,)
-            v = w
-        for i in tl.static_range(G):
-            # |x| as int32 bits: integer max orders them as floats and keeps NaN (> Inf) on top
-            amax = tl.maximum(amax, v[i].to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        v, amax = _rotated_group(x_ptr, rows, rmask, k0, sxk, signs, G, HAD, LOG, SCALE, SIGNS)
         if AMAX:
             top = tl.maximum(top, amax)
         else:

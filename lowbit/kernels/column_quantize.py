@@ -14,6 +14,13 @@ the codes and scales (~0.5):
 Each thread holds whole groups of its rows (lowbit/kernels/_column_quantize_triton.py), so the
 butterfly, the group amax, the rounding and the packing need no data exchange between threads.
 
+With `fold` (MXFP4 only, `why_not_column_fold`), the same kernel pass writes the operand folded
+for cuBLAS's blockwise fp8 GEMM instead of as E2M1 codes: e4m3 values with one fp32 scale per
+1 x 128 chunk (`fold="chunk"`) or 128 x 128 tile (`fold="tile"`), as
+lowbit.quant.scale_fold.fold_blocks folds the codes, bit for bit (_column_fold_triton.py). That
+writes one byte an element instead of half of one, and saves the fold's own pass (read the codes,
+write the bytes) that the GEMM would otherwise need.
+
 `why_not_columns` says what it does not take (the caller then uses the other paths): views whose
 rows are not contiguous, granularities other than 1-D groups along K, groups that do not hold
 whole Hadamard blocks, K not a multiple of the group, or a group whose codes fill less than a
@@ -59,13 +66,36 @@ def why_not_columns(x: torch.Tensor, spec: QuantSpec, block: int) -> str | None:
     return None
 
 
+FOLDS = ("chunk", "tile")
+_FOLD_K = 128  # the side of a chunk along K, and of a tile
+
+
+def why_not_column_fold(x: torch.Tensor, spec: QuantSpec, block: int, fold: str) -> str | None:
+    """Why column_quantize declines to write (x, spec, block) folded as `fold`, or None."""
+    if fold not in FOLDS:
+        return f"fold={fold!r}; valid choices: {', '.join(FOLDS)}"
+    reason = why_not_columns(x, spec, block)
+    if reason is not None:
+        return reason
+    if spec.fmt != "fp4_e2m1" or spec.block != 32 or spec.scale not in ("e8m0", "e8m0_up"):
+        return f"{spec} is not MXFP4 (E2M1, E8M0 scales every 32): only power-of-two group scales fold"
+    if x.shape[1] % _FOLD_K:
+        return f"K={x.shape[1]} is not a multiple of {_FOLD_K}"
+    return None
+
+
 def column_quantize(
     x: torch.Tensor, spec: QuantSpec, block: int, sign_off: int | torch.Tensor | None,
-    seed_off: int | torch.Tensor,
+    seed_off: int | torch.Tensor, fold: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
     """x (R × K, rows contiguous) rotated along K in Hadamard blocks of `block` (random signs from
-    `sign_off`, None: none) and quantized in 1-D groups along K; the caller checked why_not_columns.
-    -> (data, scales, tensor scale or None, packed), as quantize_2d returns them."""
+    `sign_off`, None: none) and quantized in 1-D groups along K; the caller checked why_not_columns
+    (why_not_column_fold with `fold`).
+    -> (data, scales, tensor scale or None, packed), as quantize_2d returns them; with `fold`, the
+    e4m3 values and their chunk scales (R, K/128; group-major, as cuBLAS reads them) or tile scales
+    (ceil(R/128), K/128), as lowbit.quant.scale_fold.fold_blocks returns them."""
+    if fold is not None:
+        return _column_fold(x, spec, block, sign_off, seed_off, fold)
     from lowbit.kernels._column_quantize_triton import (
         COLUMN_GROUPS,
         COLUMN_MAXNREG,
@@ -117,3 +147,30 @@ def column_quantize(
     ddtype = {0: torch.float8_e4m3fn, 1: torch.float8_e5m2, 2: torch.int8}.get(enc)
     return (data.view(ddtype) if ddtype is not None else data, scale,
             tscale.reshape(()) if tscale is not None else None, packed)
+
+
+def _column_fold(
+    x: torch.Tensor, spec: QuantSpec, block: int, sign_off: int | torch.Tensor | None,
+    seed_off: int | torch.Tensor, fold: str,
+) -> tuple[torch.Tensor, torch.Tensor, None, bool]:
+    from lowbit.kernels._column_fold_triton import _column_fold_kernel
+    from lowbit.kernels._column_quantize_triton import COLUMN_WARPS
+    from lowbit.kernels._hadamard_triton import rotation_constants
+
+    r, k = x.shape
+    dev = x.device
+    tile = fold == "tile"
+    data = torch.empty((r, k), dtype=torch.uint8, device=dev)
+    if tile:
+        scale = torch.empty((-(-r // _FOLD_K), k // _FOLD_K), dtype=torch.float32, device=dev)
+    else:  # group-major, as the column quantizer stores its group scales and cuBLAS reads 1 x 128's
+        scale = torch.empty((k // _FOLD_K, r), dtype=torch.float32, device=dev).t()
+    br = _FOLD_K if tile else max(32, min(_FOLD_K, 1 << (r - 1).bit_length()))
+    (seed_arg, sign_arg), on_device = seed_args(seed_off, sign_off)
+    words = data.view(torch.int32)
+    launchable(_column_fold_kernel)[((r + br - 1) // br, k // _FOLD_K)](
+        x, words, scale, r, k, x.stride(1), words.stride(0), scale.stride(0), scale.stride(1), seed_arg,
+        sign_arg, SMODE=_SCALE[spec.scale], SR=spec.rounding == "stochastic", BR=br, TILE=tile,
+        SIGNS=sign_off is not None, SEED_PTR=on_device, **rotation_constants(block), num_warps=COLUMN_WARPS,
+    )
+    return data.view(torch.float8_e4m3fn), scale, None, False

@@ -25,6 +25,14 @@ GEMM turns into the same NaN output row as the unfolded operand gives. A row of 
 
 `lowbit.kernels.scale_fold` is the same fold in Triton (a pass over the scales, one over the codes),
 bit for bit this function.
+
+`fold_blocks` folds the same way into smaller scale blocks, for cuBLAS's blockwise fp8 GEMM
+(DeepSeek-V3's layout): one scale per 128 along K (`rows=1`, "chunks", cuBLAS's 1x128 for either
+operand) or per 128 x 128 tile (`rows=128`, cuBLAS's 128x128, for one operand of the pair). A
+block's largest group scale sets its scale, so the exact range above holds within each block
+rather than across a whole row. Its point is that a quantizer holding a block can fold it before
+writing (lowbit.kernels.column_quantize): the fold then costs no pass of its own. Always e4m3
+(cuBLAS's blockwise GEMM takes no e5m2 operand); a NaN scale makes its whole block NaN.
 """
 
 from __future__ import annotations
@@ -79,3 +87,43 @@ def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Q
         data=values.to(dtype), scale=row.reshape(-1), fmt=FORMATS[_FMT_NAME[dtype]], block="row",
         shape=q.shape, axis=q.axis, dtype=q.dtype, packed=False,
     )
+
+
+FOLD_BLOCK = 128  # the side of fold_blocks' blocks along K (and along the rows of a tile)
+
+
+def fold_blocks(q: QTensor, rows: int) -> QTensor:
+    """q (E2M1, power-of-two group scales along K) as e4m3 values with one fp32 scale per 1 x 128
+    chunk (`rows=1`, scales (R, K/128)) or per 128 x 128 tile (`rows=128`, scales (ceil(R/128), K/128)).
+
+    As `fold_group_scales`, with each block's largest group scale in place of the row's."""
+    reason = why_not_fold(q)
+    if reason is None and (rows not in (1, FOLD_BLOCK) or FOLD_BLOCK % q.block):
+        reason = f"rows={rows} with groups of {q.block} (blocks are 1 or {FOLD_BLOCK} rows by " \
+            f"{FOLD_BLOCK} along K, whole groups each)"
+    if reason is None and q.shape[1] % FOLD_BLOCK:
+        reason = f"K={q.shape[1]} is not a multiple of {FOLD_BLOCK}"
+    if reason is not None:
+        raise ValueError(f"fold_blocks: {reason}")
+    r, k = q.shape
+    scale = q.scale.float()  # (R, K / G)
+    per = FOLD_BLOCK // q.block
+    pad = (-r) % rows  # a ragged last tile holds fewer rows
+    s = torch.nn.functional.pad(scale, (0, 0, 0, pad), value=0.0)
+    s = s.reshape((r + pad) // rows, rows, k // FOLD_BLOCK, per)
+    top = s.amax(dim=(1, 3))  # (blocks along R, blocks along K); NaN propagates
+    block_scale = top * 2.0 ** -HEADROOM[torch.float8_e4m3fn]
+    per_group = block_scale.repeat_interleave(rows, 0)[:r].repeat_interleave(per, 1)
+    ratio = torch.where(per_group.isnan(), float("nan"), scale / per_group)
+    values = q.values() * expand_scale(ratio, q.block, q.shape)
+    block = FOLD_BLOCK if rows == 1 else (FOLD_BLOCK, FOLD_BLOCK)
+    return QTensor(
+        data=values.to(torch.float8_e4m3fn), scale=block_scale, fmt=FORMATS["fp8_e4m3"], block=block,
+        shape=q.shape, axis=q.axis, dtype=q.dtype, packed=False,
+    )
+
+
+def is_block_folded(q: QTensor) -> bool:
+    """Whether q is what fold_blocks returns (e4m3 with fp32 scales a 1 x 128 chunk or 128 x 128 tile)."""
+    return q.fmt.name == "fp8_e4m3" and q.block in (FOLD_BLOCK, (FOLD_BLOCK, FOLD_BLOCK)) \
+        and q.tensor_scale is None
