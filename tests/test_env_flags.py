@@ -15,6 +15,7 @@ from lowbit.env_flags import env_flag
 # (module, variable, attribute, default)
 FLAGS = (
     ("lowbit.kernels.column_quantize", "LOWBIT_COLUMN_QUANTIZE", "ENABLED", True),
+    ("lowbit.kernels.column_quantize", "LOWBIT_COLUMN_FOLD", "FOLD_ENABLED", True),
     ("lowbit.kernels.fast_launch", "LOWBIT_FAST_LAUNCH", "ENABLED", True),
     ("lowbit.kernels.leverage", "LOWBIT_LEVERAGE_KERNELS", "ENABLED", True),
     ("lowbit.kernels.scale_fold", "LOWBIT_MX_FP8", "ENABLED", True),

@@ -65,7 +65,7 @@ def _fp8_any(c, e, MBITS: tl.constexpr, EB: tl.constexpr):
 @triton.jit
 def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl.constexpr,
                  HEADROOM: tl.constexpr, MBITS: tl.constexpr, EB: tl.constexpr, BR: tl.constexpr,
-                 BC: tl.constexpr, FULL: tl.constexpr):
+                 BC: tl.constexpr, FULL: tl.constexpr, CHUNK: tl.constexpr = False, scr=0, scc=0):
     # out[r, k] = fp8 bits of value(code[r, k]) * 2^(log2 scale[r, k // G] - top[r] + HEADROOM),
     # rounded to nearest even where that falls below the fp8 normals; NaN rows 0x7F. Integer
     # operations only, on the packed bytes: each byte's two codes (one group) become one 16-bit
@@ -79,7 +79,16 @@ def _fold_kernel(d_ptr, s_ptr, top_ptr, out_ptr, R, K, sdr, ssr, ssg, sor, G: tl
     gs = tl.program_id(1) * (BC // G) + tl.arange(0, BC // G)
     mg = (rows[:, None] < R) & (gs[None, :] < tl.cdiv(K, G))
     s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * ssr + gs[None, :] * ssg, mg, other=1.0)
-    top = tl.load(top_ptr + rows, rows < R, other=0)
+    if CHUNK:  # the tile's BC columns are one chunk: its rows' tops from the scales in hand,
+        # and its scales (top_ptr: the chunk scales at r * scr + chunk * scc) written by FULL=False
+        top = tl.max(tl.where(s == s, _floor_log2(s), NAN_ROW), axis=1)
+        if not FULL:
+            row = _exp2i(top - HEADROOM)
+            nan_f = (row.to(tl.int32, bitcast=True) * 0 + 0x7FC00000).to(tl.float32, bitcast=True)
+            tl.store(top_ptr + rows * scr + tl.program_id(1) * scc, tl.where(top == NAN_ROW, nan_f, row),
+                     rows < R)
+    else:
+        top = tl.load(top_ptr + rows, rows < R, other=0)
     e_g = tl.where(mg, _floor_log2(s) - top[:, None] + HEADROOM, HEADROOM)  # <= HEADROOM
     normal = tl.min(tl.min(e_g, axis=1), axis=0) >= 2 - EB  # every value an fp8 normal (or zero)
     if normal != FULL:

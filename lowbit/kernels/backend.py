@@ -18,6 +18,7 @@ import torch
 from lowbit.kernels.quantize import interpret, triton_available
 from lowbit.quant.gemm import Operand
 from lowbit.quant.recipes import GemmSpec
+from lowbit.quant.scale_fold import is_block_folded
 
 # Tests set this to run the Triton interpreter on CPU operands; never on in normal use, where CPU
 # tensors must keep the fast emulation path.
@@ -69,6 +70,12 @@ def triton_gemm_backend(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """A·B^T (+ bias) of two prepared operands on the Triton GEMM, None to decline (`why_not_triton`)."""
+    if len(a.parts) == len(b.parts) == 1 and a.is_cuda and (
+        is_block_folded(a.parts[0]) or is_block_folded(b.parts[0])
+    ):  # an operand the column quantizer wrote folded (MXFP4): cuBLAS's blockwise GEMM
+        from lowbit.kernels.scale_fold import folded_gemm
+
+        return folded_gemm(a.parts[0], b.parts[0], out_dtype, bias)
     if why_not_triton(a, b, gemm) is not None:
         return None
     from lowbit.kernels.gemm import scaled_gemm

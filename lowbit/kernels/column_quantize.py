@@ -37,6 +37,7 @@ from lowbit.kernels.quantize import _ENC, _SCALE, interpret, supports
 from lowbit.quant.quantize import QuantSpec
 
 ENABLED = env_flag("LOWBIT_COLUMN_QUANTIZE", True)
+FOLD_ENABLED = env_flag("LOWBIT_COLUMN_FOLD", True)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the groups along K)
 
@@ -82,6 +83,21 @@ def why_not_column_fold(x: torch.Tensor, spec: QuantSpec, block: int, fold: str)
     if x.shape[1] % _FOLD_K:
         return f"K={x.shape[1]} is not a multiple of {_FOLD_K}"
     return None
+
+
+def column_fold_for(x: torch.Tensor, spec: QuantSpec, block: int, role: int | None) -> str | None:
+    """The fold the column quantizer writes x in as a GEMM's A (role 1: "chunk") or B (role 2:
+    "tile"), where that GEMM runs on cuBLAS's blockwise fp8 GEMM (lowbit.kernels.scale_fold:
+    MXFP4 on CUDA with LOWBIT_MX_FP8 on, rows a multiple of 128); None: codes, as without a role.
+    LOWBIT_COLUMN_FOLD=0 turns it off."""
+    from lowbit.kernels import scale_fold
+
+    if role not in (1, 2) or not (FOLD_ENABLED and scale_fold.ENABLED) or not x.is_cuda or interpret():
+        return None
+    fold = FOLDS[role - 1]
+    if x.shape[0] % _FOLD_K or why_not_column_fold(x, spec, block, fold) is not None:
+        return None
+    return fold
 
 
 def column_quantize(

@@ -31,13 +31,15 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import quantize as _kq
-from lowbit.kernels.column_quantize import column_quantize, why_not_columns
+from lowbit.kernels.column_quantize import column_fold_for, column_quantize, why_not_columns
 from lowbit.kernels.quantize import quantize_2d, supports, triton_runs_on
+from lowbit.quant.formats import FORMATS
 from lowbit.quant.hadamard import hadamard_rotate as reference_rotate
 from lowbit.quant.hadamard import random_signs
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec, check_quantize_args
 from lowbit.quant.rounding import seed_offset
+from lowbit.quant.scale_fold import FOLD_BLOCK
 
 MAX_BLOCK = 256  # the largest block a tile rotates (the issue's 16-256; 2-8 work too)
 
@@ -70,13 +72,20 @@ def rotate_quantize(
     *,
     seed: int = 0,
     amax: torch.Tensor | None = None,
+    role: int | None = None,
 ) -> QTensor | None:
     """x (R × K) rotated along K in Hadamard blocks of `block` and quantized, in one kernel; None
-    where it does not fuse (see why_not_fused)."""
+    where it does not fuse (see why_not_fused). `role`, the GEMM side x is for (1 = A, 2 = B), lets
+    the column quantizer write an MXFP4 operand folded for cuBLAS (`column_fold_for`)."""
     check_quantize_args(x, spec, amax)
     sign_off = seed_offset(signs_seed) if signs_seed is not None else None
     if 2 <= block <= MAX_BLOCK and why_not_columns(x, spec, block) is None:  # X^T, dY^T, W^T
-        data, scale, tscale, packed = column_quantize(x.detach(), spec, block, sign_off, seed_offset(seed))
+        fold = column_fold_for(x, spec, block, role)
+        data, scale, tscale, packed = column_quantize(x.detach(), spec, block, sign_off, seed_offset(seed),
+                                                      fold=fold)
+        if fold is not None:  # e4m3 values, a scale a 1 x 128 chunk (A) or 128 x 128 tile (B)
+            b = FOLD_BLOCK if fold == "chunk" else (FOLD_BLOCK, FOLD_BLOCK)
+            return QTensor(data, scale, FORMATS["fp8_e4m3"], b, x.shape, 1, torch.float32, False)
         return QTensor(data, scale, spec.format, spec.block, x.shape, 1, torch.float32, packed, tscale)
     if why_not_fused(x, spec, block) is not None:
         return None

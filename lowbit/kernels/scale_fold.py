@@ -36,18 +36,14 @@ from lowbit.kernels.launch import launchable
 from lowbit.kernels.quantize import triton_runs_on
 from lowbit.quant.formats import FORMATS
 from lowbit.quant.qtensor import QTensor
-from lowbit.quant.scale_fold import _FMT_NAME, HEADROOM, why_not_fold
+from lowbit.quant.scale_fold import _FMT_NAME, FOLD_BLOCK, HEADROOM, is_block_folded, why_not_fold
 
 ENABLED = env_flag("LOWBIT_MX_FP8", True)
 _BR, _BC = 32, 128  # the fold's tile (rows x elements)
 _TOP_BR, _TOP_BG = 8, 128  # the row-maximum pass: rows a program, scales a step
 
 
-def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> QTensor:
-    """lowbit.quant.scale_fold.fold_group_scales in two Triton passes (q packed, on a Triton device)."""
-    from lowbit.kernels import _scale_fold_triton as kt
-    from lowbit.kernels.gemm import _data2d, _scale2d
-
+def _why_not_kernel(q: QTensor) -> str | None:
     reason = why_not_fold(q)
     if reason is None and not q.packed:
         reason = "unpacked fp4 codes (the kernel reads two a byte)"
@@ -55,6 +51,43 @@ def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Q
         reason = f"group size {q.block} (the kernel takes powers of two from 2 to 1024)"
     if reason is None and not triton_runs_on(q.data):
         reason = f"a tensor on {q.data.device} (the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
+    return reason
+
+
+def fold_chunks(q: QTensor) -> QTensor:
+    """lowbit.quant.scale_fold.fold_blocks(q, rows=1) in Triton: one launch for the chunks whose
+    values are all e4m3 normals, one for the rest (q packed, groups dividing 128)."""
+    from lowbit.kernels import _scale_fold_triton as kt
+    from lowbit.kernels.gemm import _data2d, _scale2d
+
+    reason = _why_not_kernel(q)
+    if reason is None and (FOLD_BLOCK % q.block or q.shape[1] % FOLD_BLOCK):
+        reason = f"groups of {q.block} along K={q.shape[1]} (chunks of {FOLD_BLOCK} hold whole groups)"
+    if reason is not None:
+        raise ValueError(f"fold_chunks: {reason}")
+    dtype = torch.float8_e4m3fn
+    fmt = FORMATS[_FMT_NAME[dtype]]
+    r, k = q.shape
+    d, s = _data2d(q), _scale2d(q)
+    out = torch.empty((r, k), dtype=torch.uint8, device=d.device)
+    scale = torch.empty((k // FOLD_BLOCK, r), dtype=torch.float32, device=d.device).t()  # cuBLAS's layout
+    if r and k:
+        for full in (False, True):
+            launchable(kt._fold_kernel)[(-(-r // _BR), k // FOLD_BLOCK)](
+                d, s, scale, out.view(torch.int16), r, k, d.stride(0), s.stride(0), s.stride(1), k // 2,
+                G=q.block, HEADROOM=HEADROOM[dtype], MBITS=fmt.mbits, EB=fmt.bias, BR=_BR, BC=FOLD_BLOCK,
+                FULL=full, CHUNK=True, scr=scale.stride(0), scc=scale.stride(1), num_warps=4,
+            )
+    return QTensor(data=out.view(dtype), scale=scale, fmt=fmt, block=FOLD_BLOCK, shape=q.shape, axis=q.axis,
+                   dtype=q.dtype, packed=False)
+
+
+def fold_group_scales(q: QTensor, dtype: torch.dtype = torch.float8_e4m3fn) -> QTensor:
+    """lowbit.quant.scale_fold.fold_group_scales in two Triton passes (q packed, on a Triton device)."""
+    from lowbit.kernels import _scale_fold_triton as kt
+    from lowbit.kernels.gemm import _data2d, _scale2d
+
+    reason = _why_not_kernel(q)
     if reason is not None:
         raise ValueError(f"fold_group_scales: {reason}")
     if dtype not in HEADROOM:
@@ -107,7 +140,11 @@ def why_not_folded(qa: QTensor, qb: QTensor) -> str | None:
 
 def folded_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32,
                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """dequant(qa) · dequant(qb)^T (+ bias) on fp8 tensor cores (module docstring); None to decline."""
+    """dequant(qa) · dequant(qb)^T (+ bias) on fp8 tensor cores (module docstring); None to decline.
+    Where an operand comes folded already (`is_block_folded`: the column quantizer's chunks or
+    tiles), the pair runs on cuBLAS's blockwise GEMM, and is never declined."""
+    if is_block_folded(qa) or is_block_folded(qb):
+        return _blockwise_folded(qa, qb, out_dtype, bias)
     if out_dtype not in (torch.float32, torch.bfloat16) or why_not_folded(qa, qb) is not None:
         return None
     from lowbit.kernels.parts_gemm import parts_gemm
@@ -119,3 +156,64 @@ def folded_gemm(qa: QTensor, qb: QTensor, out_dtype: torch.dtype = torch.float32
         return torch._scaled_mm(fa.data, fb.data.t(), scale_a=fa.scale.reshape(-1, 1),
                                 scale_b=fb.scale.reshape(1, -1), bias=bias, out_dtype=torch.bfloat16)
     return parts_gemm([fa], fb, out_dtype, bias)
+
+
+def why_not_blockwise(qa: QTensor, qb: QTensor) -> str | None:
+    """None when cuBLAS's blockwise fp8 GEMM runs qa · qb^T for folded (or chunk-foldable) operands."""
+    if not hasattr(torch.nn.functional, "ScalingType"):
+        return f"torch {torch.__version__} has no blockwise scaled_mm"
+    if not (qa.data.is_cuda and qb.data.is_cuda):
+        return "CPU operands (cuBLAS fp8 runs on CUDA)"
+    if qa.block == qb.block == (FOLD_BLOCK, FOLD_BLOCK):
+        return "two 128 x 128 tiled operands (cuBLAS pairs a tiled operand with 1 x 128 chunks)"
+    (m, k), n = qa.shape, qb.shape[0]
+    if not (m and n and k) or m % FOLD_BLOCK or n % FOLD_BLOCK or k % FOLD_BLOCK or qb.shape[1] != k:
+        return f"shapes {tuple(qa.shape)} x {tuple(qb.shape)} (cuBLAS's blockwise GEMM wants multiples of " \
+            f"{FOLD_BLOCK})"
+    for q in (qa, qb):
+        if is_block_folded(q):
+            continue
+        reason = _why_not_kernel(q)
+        if reason is None and FOLD_BLOCK % q.block:
+            reason = f"groups of {q.block} (a chunk of {FOLD_BLOCK} holds whole groups)"
+        if reason is not None:
+            return reason
+    return None
+
+
+def _cublas_scales(q: QTensor) -> tuple[torch.Tensor, object]:
+    # 1 x 128 scales as (rows, K/128) with the rows contiguous; 128 x 128 tile scales as
+    # (L4, rows/128), stride (1, L4), L4 = K/128 rounded up to 4 (the padding unread).
+    from torch.nn.functional import ScalingType
+
+    if q.block == FOLD_BLOCK:
+        sc = q.scale if q.scale.stride(0) == 1 else q.scale.t().contiguous().t()
+        return sc, ScalingType.BlockWise1x128
+    nb, kb = q.scale.shape
+    l4 = -(-kb // 4) * 4
+    if l4 == kb and q.scale.is_contiguous():
+        return q.scale.t(), ScalingType.BlockWise128x128
+    padded = torch.zeros((nb, l4), dtype=torch.float32, device=q.scale.device)
+    padded[:, :kb] = q.scale
+    return padded.t(), ScalingType.BlockWise128x128
+
+
+def _blockwise_folded(qa: QTensor, qb: QTensor, out_dtype: torch.dtype,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    from torch.nn.functional import scaled_mm
+
+    from lowbit.kernels.gemm import bf16_gemm
+
+    if why_not_blockwise(qa, qb) is not None:
+        # Exact either way: e4m3 values times power-of-two scales, and E2M1 codes times E8M0
+        # scales, are bf16 numbers.
+        a16, b16 = (q.dequantize_lastdim().to(torch.bfloat16) for q in (qa, qb))
+        return bf16_gemm(a16, b16, [], bias, out_dtype)
+    fa = qa if is_block_folded(qa) else fold_chunks(qa)
+    fb = qb if is_block_folded(qb) else fold_chunks(qb)
+    (sa, ka), (sb, kb) = _cublas_scales(fa), _cublas_scales(fb)
+    dt = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+    out = scaled_mm(fa.data, fb.data.t(), sa, ka, sb, kb, output_dtype=dt)
+    if bias is not None:
+        out = out + bias.to(dt)
+    return out.to(out_dtype)

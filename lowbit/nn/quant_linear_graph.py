@@ -56,11 +56,13 @@ import torch
 from lowbit.kernels.launch import shapes_only
 from lowbit.kernels.quantize import interpret, triton_runs_on
 from lowbit.nn import quant_linear_values as values
+from lowbit.quant.formats import FORMATS
 from lowbit.quant.gemm import Operand, OperandPlan, gemm_backends, gemm_operands, prepare_operand_pair
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantize import QuantSpec
 from lowbit.quant.recipes import GEMMS, GemmSpec, Recipe
 from lowbit.quant.rounding import DERIVED_STREAMS, DeviceSeed, lowbias32, lowbias32_int, seed_table
+from lowbit.quant.scale_fold import FOLD_BLOCK
 
 if TYPE_CHECKING:
     from lowbit.nn.quant_linear import QuantLinear
@@ -195,6 +197,11 @@ def _operand(
     # pads K to a multiple of the block, and a rotated operand dequantizes to fp32).
     if gemm.hadamard:
         k, dtype = k + (-k) % gemm.hadamard, torch.float32
+    if data.dtype == torch.float8_e4m3fn and spec.fmt == "fp4_e2m1":
+        # saved folded by the column quantizer (lowbit.kernels.column_quantize.column_fold_for):
+        # e4m3 values with a scale a 1 x 128 chunk (scales a row) or a 128 x 128 tile
+        block = FOLD_BLOCK if scale.shape[0] == rows else (FOLD_BLOCK, FOLD_BLOCK)
+        return Operand([QTensor(data, scale, FORMATS["fp8_e4m3"], block, torch.Size((rows, k)), 1, dtype)])
     packed = spec.fmt in _PACKED and k % 2 == 0
     ts = tscale if tscale.numel() else None
     return Operand(

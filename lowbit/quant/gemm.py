@@ -149,7 +149,7 @@ def prepare_operand(
             gemm.bit_split and role == 1
         ):  # rotation inside the quantize pass; it returns None for shapes it does not take
             q = fused(t, spec, gemm.hadamard, signs_seed, seed=derive_seed(seed, role),
-                      amax=amax if spec.block == "tensor" else None)
+                      amax=amax if spec.block == "tensor" else None, role=role)
             if q is not None:
                 return Operand([q])
         pad = (-t.shape[1]) % gemm.hadamard
@@ -285,7 +285,10 @@ _QUANTIZERS: dict[str, Callable[..., QTensor]] = {}
 _PAIR_QUANTIZERS: dict[str, Callable[..., tuple[QTensor, QTensor] | None]] = {}
 
 # rotate(t, block, signs_seed) -> fp32 t·R, and rotate_quantize(t, spec, block, signs_seed, seed=,
-# amax=) -> QTensor or None, both bit for bit the reference's (lowbit.kernels.hadamard).
+# amax=, role=) -> QTensor or None, both bit for bit the reference's (lowbit.kernels.hadamard). With
+# `role` (the operand's GEMM side) an MXFP4 operand may come folded for cuBLAS's fp8 GEMM (e4m3
+# values with a scale a 128-block, lowbit.quant.scale_fold.fold_blocks): the same values, which
+# the GEMM backends take as they take any fp8 blockwise operand.
 _ROTATORS: dict[str, Callable[..., torch.Tensor]] = {}
 _ROTATE_QUANTIZERS: dict[str, Callable[..., QTensor | None]] = {}
 
