@@ -10,11 +10,16 @@ along the tokens in Hadamard blocks and quantized in 1-D groups along the tokens
 
 Device time of one call (calls captured in a CUDA graph and replayed); bytes counted are X read
 once and the codes and scales written once. Every row checks that both paths give the same bytes.
+--folds also times the MXFP4-SR operand written folded for cuBLAS's blockwise GEMM (e4m3 values,
+a scale a 1 x 128 chunk or 128 x 128 tile; lowbit.kernels.column_quantize's `fold`) against the
+codes followed by the fold pass a GEMM needs otherwise (the row fold, and the chunk fold), each
+checked against lowbit.quant.scale_fold.fold_blocks of the codes.
 --tiles also times other settings of the kernel's knobs (values a program holds per group, i.e.
 rows times the group size; groups per program; warps; optionally a register cap), each row
 printed as it is timed (every setting compiles a kernel of its own).
 
     python benchmarks/column_quantize_bw.py --out $OUT/columns.json
+    python benchmarks/column_quantize_bw.py --folds --specs mxfp4_sr --shapes 16384x8192
     python benchmarks/column_quantize_bw.py --tiles "8192,2,4;4096,2,4,128" --specs mxfp4_sr \
         --shapes 16384x8192
 """
@@ -87,6 +92,41 @@ def _row(x: torch.Tensor, shape: str, name: str, copy_bw: float, extra: list[tup
     return rows
 
 
+def _fold_rows(x: torch.Tensor, shape: str, copy_bw: float) -> list[dict]:
+    from lowbit.kernels.column_quantize import column_quantize
+    from lowbit.kernels.scale_fold import fold_chunks, fold_group_scales
+    from lowbit.quant.rounding import seed_offset
+    from lowbit.quant.scale_fold import fold_blocks
+
+    spec, block = SPECS["mxfp4_sr"]
+    xt = x.t()
+    q = rotate_quantize(xt, spec, block, 3, seed=1)
+    variants = {
+        "codes + row fold": lambda: fold_group_scales(rotate_quantize(xt, spec, block, 3, seed=1)),
+        "codes + chunk fold": lambda: fold_chunks(rotate_quantize(xt, spec, block, 3, seed=1)),
+    }
+    rows = []
+    for fold, n in (("chunk", 1), ("tile", 128)):
+        variants[f"folded {fold}s"] = lambda fold=fold: column_quantize(xt, spec, block, seed_offset(3),
+                                                                        seed_offset(1), fold=fold)
+        data, scale, _, _ = variants[f"folded {fold}s"]()
+        ref = fold_blocks(q, n)
+        same = torch.equal(data.view(torch.uint8), ref.data.view(torch.uint8))
+        same = same and torch.equal(scale, ref.scale)
+        rows.append(dict(shape=shape, variant=f"folded {fold}s", same_bits=same))
+    times = {name: _bench_graph(fn) for name, fn in variants.items()}
+    nbytes = x.numel() * x.element_size() + x.numel()  # bf16 read, e4m3 written
+    out = []
+    for name, t in times.items():
+        r = dict(shape=shape, variant=name, ms=t, frac_of_copy=nbytes / (t * 1e-3) / copy_bw,
+                 vs_codes_and_row_fold=times["codes + row fold"] / t)
+        r.update(next((c for c in rows if c["variant"] == name), {}))
+        print(f"  mxfp4_sr {name:19} {t * 1e3:7.1f} us ({r['frac_of_copy']:.2f} of a copy)  "
+              f"{r['vs_codes_and_row_fold']:.2f}x  same bits: {r.get('same_bits', '-')}", flush=True)
+        out.append(r)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="16384x2048,16384x8192,8192x4096,8192x14336",
@@ -94,6 +134,7 @@ def main() -> None:
     p.add_argument("--specs", default=",".join(SPECS))
     p.add_argument("--tiles", default="",
                    help='other "values,groups,warps[,maxnreg]" settings to time, ";"-separated')
+    p.add_argument("--folds", action="store_true", help="also time MXFP4-SR written folded (docstring)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -120,6 +161,8 @@ def main() -> None:
         print(f"{shape}: copy {t_copy * 1e3:.1f} us ({copy_bw / 1e12:.2f} TB/s)")
         for name in args.specs.split(","):
             results += _row(x, shape, name, copy_bw, extra)
+        if args.folds:
+            results += _fold_rows(x, shape, copy_bw)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
