@@ -86,7 +86,8 @@ CASES = ("fp8_pair", "fp8_pair_delayed", "fp8_pair_delayed_fp32", "swiglu_fwd", 
          "int4_rows_14336", "fp8_rows_14336", "fp8_1x128", "fp8_128x128",
          "mxfp8_pair", "fp8_1x128_pair", "fp8_128x128_pair", "int4_hadamard", "gemm_int8_rows", "gemm_mxfp8",
          "gemm_nvfp4", "fp8_pair_own", "norm_pair", "adamw_pair", "row_major_bf16",
-         "fp8_row_pair", "int4_hq_backward", "mxfp4_fold", "mxfp4_columns", "nvfp4_columns")
+         "fp8_row_pair", "int4_hq_backward", "mxfp4_fold", "mxfp4_columns", "nvfp4_columns",
+         "mxfp4_column_fold")
 
 
 def _cases() -> dict[str, Callable[[], None]]:
@@ -94,6 +95,7 @@ def _cases() -> dict[str, Callable[[], None]]:
     from lowbit.kernels import pair_quantize as pq
     from lowbit.kernels import pair_quantize_op as po
     from lowbit.kernels import quantize as kq
+    from lowbit.kernels.column_quantize import column_quantize
     from lowbit.kernels.hadamard import rotate_quantize
     from lowbit.kernels.swiglu_pair import swiglu_grad_pairs_delayed, swiglu_pair_delayed
     from lowbit.kernels.transpose import row_major
@@ -170,6 +172,8 @@ def _cases() -> dict[str, Callable[[], None]]:
             x.t(), QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"), 32, signs_seed=3, seed=1),
         "nvfp4_columns": lambda: rotate_quantize(
             x.t(), QuantSpec("fp4_e2m1", 16, "e4m3", "stochastic"), 16, signs_seed=3, seed=1),
+        "mxfp4_column_fold": lambda: column_quantize(
+            x.t(), QuantSpec("fp4_e2m1", 32, "e8m0_up", "stochastic"), 32, 3, 1, fold="tile"),
     }
 
 

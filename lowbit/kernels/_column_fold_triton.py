@@ -3,10 +3,10 @@ lowbit/kernels/column_quantize.py): MXFP4 groups of a strided-K operand rotated,
 written as e4m3 values with one fp32 scale per 1 x 128 chunk or 128 x 128 tile, as
 lowbit.quant.scale_fold.fold_blocks folds the reference's codes, bit for bit.
 
-A program holds 128 rows by one 128-wide chunk along K: four groups of 32. Each group is rotated
-and rounded as the column quantizer does it (_column_quantize_triton.py), but its E2M1 codes are
-kept, one per byte, until the chunk's (or tile's) largest group scale is known. Then each word of
-four codes becomes four e4m3 bytes by integer operations on the whole word: the value of code c
+A program holds 128 rows by one 128-wide chunk along K: four groups of 32. A first pass over them
+finds the chunk's (or tile's) largest group scale; a second rotates and rounds each group as the
+column quantizer does it (_column_quantize_triton.py), its E2M1 codes one per byte, and each word
+of four codes becomes four e4m3 bytes by integer operations on the whole word: the value of code c
 of a group d binades below the block's largest is E2M1(c) · 2^(6 - d) (6: the e4m3 headroom), whose
 exponent field and mantissa follow from c's magnitude bits, with no carry between bytes while
 every value stays an e4m3 normal (d <= 11). A block with a group further down, among its nonzero
@@ -63,6 +63,9 @@ def _column_fold_kernel(
     # i*BR.., chunk j (K indices 128j..). d_ptr: int32 words of the e4m3 bytes, row stride sdw
     # words. s_ptr: TILE=False, the chunk scales at r * ssr + j * ssc; TILE=True (BR = 128), the
     # tile's scale at i * ssr + j * ssc.
+    # Two loops over the chunk's four groups (loops, not unrolled: four unrolled groups compiled
+    # for many minutes): the first rotates each group for its scale only, the second rotates it
+    # again (its 8 KB re-read from cache) and rounds, now that the block's top scale is known.
     G: tl.constexpr = 32
     if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
         seed_off = tl.load(seed_off)
@@ -70,43 +73,43 @@ def _column_fold_kernel(
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = rows < R
     signs = _block_signs(sign_off, HAD, SIGNS)
-    codes = ()
-    exps = ()
-    live = ()  # whether a group has a nonzero code
-    for gi in tl.static_range(4):
+    top = tl.full([BR], -127, tl.int32)
+    low = tl.full([BR], 127, tl.int32)  # the lowest scale of a group with a nonzero value
+    for gi in range(4):
+        _, amax = _rotated_group(x_ptr, rows, rmask, tl.program_id(1) * 128 + gi * G, sxk, signs, G, HAD,
+                                 LOG, SCALE, SIGNS)
+        s, _ = _scales(amax.to(tl.float32, bitcast=True), 1.0, 6.0, 2, SMODE)
+        e = _floor_log2(s)  # a NaN scale gives 128, e8m0's largest 127
+        top = tl.maximum(top, e)
+        # A group whose amax is not 0 has a nonzero code: its largest value rounds to 4 or more.
+        low = tl.where(amax != 0, tl.minimum(low, e), low)
+    if TILE:
+        top = tl.zeros_like(top) + tl.max(tl.where(rmask, top, -127), axis=0)
+        low = tl.zeros_like(low) + tl.min(tl.where(rmask, low, 127), axis=0)
+    nan_block = top == _NAN_TOP
+    # every live group within _MAX_SHIFT of the top: the word path (NaN blocks take the other)
+    fast = tl.max(tl.where(rmask & ((top - low > _MAX_SHIFT) | nan_block), 1, 0), axis=0) == 0
+    for gi in range(4):
         k0 = tl.program_id(1) * 128 + gi * G
         v, amax = _rotated_group(x_ptr, rows, rmask, k0, sxk, signs, G, HAD, LOG, SCALE, SIGNS)
         s, eff = _scales(amax.to(tl.float32, bitcast=True), 1.0, 6.0, 2, SMODE)
         key = (rows.to(tl.int64) * K + k0 + seed_off).to(tl.uint32)
         words = _group_words(v, key, eff, seed_off, G, False, False, 1, 0, 2, 6.0, False, 3, SR, SMODE,
                              False, 0)
-        nz = words[0] & 0x07070707
-        for w in tl.static_range(1, 8):
-            nz = nz | (words[w] & 0x07070707)
-        codes = codes + (words,)
-        exps = exps + (_floor_log2(s),)  # a NaN scale gives 128, e8m0's largest 127
-        live = live + (nz != 0,)
-    top = tl.maximum(tl.maximum(exps[0], exps[1]), tl.maximum(exps[2], exps[3]))
-    if TILE:
-        top = tl.zeros_like(top) + tl.max(tl.where(rmask, top, -127), axis=0)
-    deep = tl.zeros_like(top)  # a live group more than _MAX_SHIFT below its block's top
-    for gi in tl.static_range(4):
-        deep = deep | (live[gi] & (top - exps[gi] > _MAX_SHIFT)).to(tl.int32)
-    nan_block = top == _NAN_TOP
-    if tl.max(tl.where(rmask, deep, 0), axis=0) == 0:
-        for gi in tl.static_range(4):
-            d = tl.minimum(top - exps[gi], _MAX_SHIFT)  # dead groups: any d gives their zeros
+        d = top - _floor_log2(s)
+        w0 = (tl.program_id(1) * 4 + gi) * 8
+        if fast:  # (each branch stores: a compiled branch may not change a tuple's type)
+            d = tl.minimum(d, _MAX_SHIFT)  # dead groups (all codes 0): any d gives their zeros
             out = ()
             for w in tl.static_range(8):
-                out = out + (tl.where(nan_block, 0x7F7F7F7F, _e4m3_word(codes[gi][w], d)),)
-            _store_words(d_ptr, out, rows, rmask, sdw, (tl.program_id(1) * 4 + gi) * 8, 8)
-    else:
-        for gi in tl.static_range(4):
-            d = tl.maximum(top - exps[gi], 0)
+                out = out + (_e4m3_word(words[w], d),)
+            _store_words(d_ptr, out, rows, rmask, sdw, w0, 8)
+        else:
+            d = tl.maximum(d, 0)
             out = ()
             for w in tl.static_range(8):
-                out = out + (tl.where(nan_block, 0x7F7F7F7F, _e4m3_word_rounded(codes[gi][w], d)),)
-            _store_words(d_ptr, out, rows, rmask, sdw, (tl.program_id(1) * 4 + gi) * 8, 8)
+                out = out + (tl.where(nan_block, 0x7F7F7F7F, _e4m3_word_rounded(words[w], d)),)
+            _store_words(d_ptr, out, rows, rmask, sdw, w0, 8)
     scale = _exp2i(top - _HEADROOM)
     scale = tl.where(nan_block, _nan_like(scale), scale)
     if TILE:
