@@ -125,12 +125,22 @@ def why_not_graph(recipe: Recipe, backend: str = "auto") -> str | None:
 _RECIPES: dict[str, Recipe] = {}
 
 
+def _layout_tag() -> str:
+    # What decides the saved operands' shapes besides the recipe: X^T and W^T written folded (e4m3,
+    # K bytes a row) or as codes (K/2). It is part of the key, so that a compiled graph cached on
+    # disk (Inductor's FX graph cache, keyed by the graph) is not reused under the other layout.
+    from lowbit.kernels import column_quantize, scale_fold
+
+    return "|folded" if column_quantize.FOLD_ENABLED and scale_fold.ENABLED else ""
+
+
 def recipe_key(recipe: Recipe) -> str:
     """The string the ops name `recipe` by (op arguments are tensors, numbers and strings)."""
+    tag = _layout_tag()
     for key, r in _RECIPES.items():
-        if r == recipe:
+        if r == recipe and key.endswith(tag) and (tag or "|" not in key):
             return key
-    key = f"{recipe.name}#{len(_RECIPES)}"
+    key = f"{recipe.name}#{len(_RECIPES)}{tag}"
     _RECIPES[key] = recipe
     return key
 
