@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.kernels._column_quantize_triton import _block_signs, _group_words, _rotated_group, _store_words
+from lowbit.kernels._column_quantize_triton import _group_words, _program_rows, _rotated_group, _store_words
 from lowbit.kernels._quant_math_triton import _exp2i, _floor_log2, _nan_like, _scales
 from lowbit.kernels._scale_fold_triton import _fp8_any
 
@@ -67,12 +67,7 @@ def _column_fold_kernel(
     # for many minutes): the first rotates each group for its scale only, the second rotates it
     # again (its 8 KB re-read from cache) and rounds, now that the block's top scale is known.
     G: tl.constexpr = 32
-    if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
-        seed_off = tl.load(seed_off)
-        sign_off = tl.load(sign_off)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    rmask = rows < R
-    signs = _block_signs(sign_off, HAD, SIGNS)
+    seed_off, rows, rmask, signs = _program_rows(seed_off, sign_off, R, BR, HAD, SIGNS, SEED_PTR)
     top = tl.full([BR], -127, tl.int32)
     low = tl.full([BR], 127, tl.int32)  # the lowest scale of a group with a nonzero value
     for gi in range(4):

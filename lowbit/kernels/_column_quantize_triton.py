@@ -115,6 +115,18 @@ def _block_signs(sign_off, HAD: tl.constexpr, SIGNS: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(seed_off, sign_off, R, BR: tl.constexpr, HAD: tl.constexpr, SIGNS: tl.constexpr,
+                  SEED_PTR: tl.constexpr):
+    # A program's prologue: the seed offset (loaded where SEED_PTR says the offsets are one-element
+    # int64 tensors, lowbit.kernels.launch.seed_args), its rows and their mask, and the block signs.
+    if SEED_PTR:
+        seed_off = tl.load(seed_off)
+        sign_off = tl.load(sign_off)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    return seed_off, rows, rows < R, _block_signs(sign_off, HAD, SIGNS)
+
+
+@triton.jit
 def _rotated_group(x_ptr, rows, rmask, k0, sxk, signs, G: tl.constexpr, HAD: tl.constexpr, LOG: tl.constexpr,
                    SCALE: tl.constexpr, SIGNS: tl.constexpr):
     # The group at K index k0 of `rows` (x's element (r, k) at x_ptr + r + k * sxk), rotated: a tuple
@@ -160,12 +172,7 @@ def _column_groups_kernel(
     # (K a multiple of G, G of HAD). d_ptr: int32 words of the codes, row stride sdw words;
     # s_ptr: the group scales at r * ssr + group * ssc. AMAX: only max |x·R| as integer bits into
     # ta_ptr[0] (NVFP4's tensor amax, before the pass that quantizes).
-    if SEED_PTR:  # the offsets are one-element int64 tensors (lowbit.kernels.launch.seed_args)
-        seed_off = tl.load(seed_off)
-        sign_off = tl.load(sign_off)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    rmask = rows < R
-    signs = _block_signs(sign_off, HAD, SIGNS)
+    seed_off, rows, rmask, signs = _program_rows(seed_off, sign_off, R, BR, HAD, SIGNS, SEED_PTR)
     t_amax = 1.0
     if SMODE == 3 and not AMAX:
         t_amax = tl.load(ta_ptr)  # the rotated data's own amax (NVFP4 tensor scale)
