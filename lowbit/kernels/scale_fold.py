@@ -205,8 +205,8 @@ def _blockwise_folded(qa: QTensor, qb: QTensor, out_dtype: torch.dtype,
     from lowbit.kernels.gemm import bf16_gemm
 
     if why_not_blockwise(qa, qb) is not None:
-        # Exact either way: e4m3 values times power-of-two scales, and E2M1 codes times E8M0
-        # scales, are bf16 numbers.
+        # e4m3 values times power-of-two scales, and E2M1 codes times E8M0 scales, are bf16
+        # numbers (short significands) wherever they fall in bf16's range, as training's do.
         a16, b16 = (q.dequantize_lastdim().to(torch.bfloat16) for q in (qa, qb))
         return bf16_gemm(a16, b16, [], bias, out_dtype)
     fa = qa if is_block_folded(qa) else fold_chunks(qa)
