@@ -202,3 +202,23 @@ def test_gpu_quant_linear_with_folded_columns(graph, monkeypatch):
     off = run(False)
     for a, b in zip(on, off):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3 * b.abs().max().item())
+
+
+def test_blockwise_scales_are_laid_out_as_cublas_reads_them():
+    # 1 x 128 scales: (rows, K/128) with the rows contiguous, without a copy when they already are
+    # (the column quantizer and fold_chunks write them so); tiles: (L4, rows/128), stride (1, L4),
+    # L4 = K/128 rounded up to 4, the padding zero.
+    from lowbit.kernels.scale_fold import fold_chunks
+    from lowbit.quant.gemm import blockwise_scales
+
+    q = quantize(_groups(256, 640, 3, 1), MX4)
+    chunks = fold_chunks(q) if os.environ.get("TRITON_INTERPRET") == "1" else fold_blocks(q, 1)
+    sc, kind = blockwise_scales(chunks)
+    assert kind.name == "BlockWise1x128" and sc.shape == (256, 5) and sc.stride(0) == 1
+    assert torch.equal(sc, chunks.scale)
+    if chunks.scale.stride(0) == 1:
+        assert sc.data_ptr() == chunks.scale.data_ptr()
+    tiles = fold_blocks(q, 128)
+    sc, kind = blockwise_scales(tiles)
+    assert kind.name == "BlockWise128x128" and sc.shape == (8, 2) and sc.stride() == (1, 8)
+    assert torch.equal(sc[:5].t(), tiles.scale) and not sc[5:].any()

@@ -181,28 +181,12 @@ def why_not_blockwise(qa: QTensor, qb: QTensor) -> str | None:
     return None
 
 
-def _cublas_scales(q: QTensor) -> tuple[torch.Tensor, object]:
-    # 1 x 128 scales as (rows, K/128) with the rows contiguous; 128 x 128 tile scales as
-    # (L4, rows/128), stride (1, L4), L4 = K/128 rounded up to 4 (the padding unread).
-    from torch.nn.functional import ScalingType
-
-    if q.block == FOLD_BLOCK:
-        sc = q.scale if q.scale.stride(0) == 1 else q.scale.t().contiguous().t()
-        return sc, ScalingType.BlockWise1x128
-    nb, kb = q.scale.shape
-    l4 = -(-kb // 4) * 4
-    if l4 == kb and q.scale.is_contiguous():
-        return q.scale.t(), ScalingType.BlockWise128x128
-    padded = torch.zeros((nb, l4), dtype=torch.float32, device=q.scale.device)
-    padded[:, :kb] = q.scale
-    return padded.t(), ScalingType.BlockWise128x128
-
-
 def _blockwise_folded(qa: QTensor, qb: QTensor, out_dtype: torch.dtype,
                       bias: torch.Tensor | None) -> torch.Tensor:
     from torch.nn.functional import scaled_mm
 
     from lowbit.kernels.gemm import bf16_gemm
+    from lowbit.quant.gemm import blockwise_scales
 
     if why_not_blockwise(qa, qb) is not None:
         # e4m3 values times power-of-two scales, and E2M1 codes times E8M0 scales, are bf16
@@ -211,7 +195,7 @@ def _blockwise_folded(qa: QTensor, qb: QTensor, out_dtype: torch.dtype,
         return bf16_gemm(a16, b16, [], bias, out_dtype)
     fa = qa if is_block_folded(qa) else fold_chunks(qa)
     fb = qb if is_block_folded(qb) else fold_chunks(qb)
-    (sa, ka), (sb, kb) = _cublas_scales(fa), _cublas_scales(fb)
+    (sa, ka), (sb, kb) = blockwise_scales(fa), blockwise_scales(fb)
     dt = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
     out = scaled_mm(fa.data, fb.data.t(), sa, ka, sb, kb, output_dtype=dt)
     if bias is not None:

@@ -435,28 +435,31 @@ def _scaled_mm(
     return _finish(out, out_dtype, bias)
 
 
+def blockwise_scales(q: QTensor) -> tuple[torch.Tensor, object]:
+    """q's fp32 scales (1x128 groups or 128x128 tiles along K) as cuBLAS's blockwise fp8 GEMM reads
+    them, with their torch.nn.functional.ScalingType: 1x128 scales as (rows, K/128) with the rows
+    contiguous (the group-major layout lowbit.kernels writes; a copy otherwise), 128x128 tile scales
+    as (L4, rows/128), stride (1, L4), L4 = K/128 rounded up to 4 (zero padding, a copy where needed)."""
+    from torch.nn.functional import ScalingType
+
+    if q.block == 128:
+        return q.scale.float().t().contiguous().t(), ScalingType.BlockWise1x128
+    nb, kb = q.scale.shape
+    l4 = -(-kb // 4) * 4
+    if l4 == kb and q.scale.dtype == torch.float32 and q.scale.is_contiguous():
+        return q.scale.t(), ScalingType.BlockWise128x128
+    padded = torch.zeros((nb, l4), dtype=torch.float32, device=q.scale.device)
+    padded[:, :kb] = q.scale.float()
+    return padded.t(), ScalingType.BlockWise128x128
+
+
 def _blockwise_mm(qa: QTensor, qb: QTensor, fast: bool) -> torch.Tensor:
-    # cuBLAS wants 1x128 scales as (rows, K/128) with the rows contiguous (the group-major layout
-    # lowbit.kernels writes; a copy otherwise) and 128x128 tile scales as (L4, N/128), stride (1, L4),
-    # L4 = K/128 rounded up to 4. Dims are multiples of 128 (checked by _cublas_kind).
-    from torch.nn.functional import ScalingType, scaled_mm
+    # A in 1x128 groups, B in 1x128 groups or 128x128 tiles; dims are multiples of 128 (checked by
+    # _cublas_kind).
+    from torch.nn.functional import scaled_mm
 
-    def rows_major(sc: torch.Tensor) -> torch.Tensor:
-        return sc.float().t().contiguous().t()
-
-    sa = rows_major(qa.scale)
-    if qb.block == 128:
-        sb, rb = rows_major(qb.scale), ScalingType.BlockWise1x128
-    else:
-        nb, kb = qb.scale.shape
-        l4 = -(-kb // 4) * 4
-        padded = torch.zeros((nb, l4), dtype=torch.float32, device=qb.scale.device)
-        padded[:, :kb] = qb.scale.float()
-        sb, rb = padded.t(), ScalingType.BlockWise128x128
-    return scaled_mm(
-        qa.data, qb.data.t(), sa, ScalingType.BlockWise1x128, sb, rb,
-        output_dtype=torch.bfloat16, use_fast_accum=fast,
-    )
+    (sa, ka), (sb, kb) = blockwise_scales(qa), blockwise_scales(qb)
+    return scaled_mm(qa.data, qb.data.t(), sa, ka, sb, kb, output_dtype=torch.bfloat16, use_fast_accum=fast)
 
 
 def _finish(out: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
