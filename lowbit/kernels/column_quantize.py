@@ -35,6 +35,7 @@ from lowbit.env_flags import env_flag
 from lowbit.kernels.launch import launchable, seed_args
 from lowbit.kernels.quantize import _ENC, _SCALE, interpret, supports
 from lowbit.quant.quantize import QuantSpec
+from lowbit.quant.scale_fold import FOLD_BLOCK
 
 ENABLED = env_flag("LOWBIT_COLUMN_QUANTIZE", True)
 FOLD_ENABLED = env_flag("LOWBIT_COLUMN_FOLD", True)
@@ -67,8 +68,7 @@ def why_not_columns(x: torch.Tensor, spec: QuantSpec, block: int) -> str | None:
     return None
 
 
-FOLDS = ("chunk", "tile")
-_FOLD_K = 128  # the side of a chunk along K, and of a tile
+FOLDS = ("chunk", "tile")  # by the GEMM side they are for: A (role 1), B (role 2)
 
 
 def why_not_column_fold(x: torch.Tensor, spec: QuantSpec, block: int, fold: str) -> str | None:
@@ -80,8 +80,8 @@ def why_not_column_fold(x: torch.Tensor, spec: QuantSpec, block: int, fold: str)
         return reason
     if spec.fmt != "fp4_e2m1" or spec.block != 32 or spec.scale not in ("e8m0", "e8m0_up"):
         return f"{spec} is not MXFP4 (E2M1, E8M0 scales every 32): only power-of-two group scales fold"
-    if x.shape[1] % _FOLD_K:
-        return f"K={x.shape[1]} is not a multiple of {_FOLD_K}"
+    if x.shape[1] % FOLD_BLOCK:
+        return f"K={x.shape[1]} is not a multiple of {FOLD_BLOCK}"
     return None
 
 
@@ -95,7 +95,7 @@ def column_fold_for(x: torch.Tensor, spec: QuantSpec, block: int, role: int | No
     if role not in (1, 2) or not (FOLD_ENABLED and scale_fold.ENABLED) or not x.is_cuda or interpret():
         return None
     fold = FOLDS[role - 1]
-    if x.shape[0] % _FOLD_K or why_not_column_fold(x, spec, block, fold) is not None:
+    if x.shape[0] % FOLD_BLOCK or why_not_column_fold(x, spec, block, fold) is not None:
         return None
     return fold
 
@@ -178,13 +178,13 @@ def _column_fold(
     tile = fold == "tile"
     data = torch.empty((r, k), dtype=torch.uint8, device=dev)
     if tile:
-        scale = torch.empty((-(-r // _FOLD_K), k // _FOLD_K), dtype=torch.float32, device=dev)
+        scale = torch.empty((-(-r // FOLD_BLOCK), k // FOLD_BLOCK), dtype=torch.float32, device=dev)
     else:  # group-major, as the column quantizer stores its group scales and cuBLAS reads 1 x 128's
-        scale = torch.empty((k // _FOLD_K, r), dtype=torch.float32, device=dev).t()
-    br = _FOLD_K if tile else max(32, min(_FOLD_K, 1 << (r - 1).bit_length()))
+        scale = torch.empty((k // FOLD_BLOCK, r), dtype=torch.float32, device=dev).t()
+    br = FOLD_BLOCK if tile else max(32, min(FOLD_BLOCK, 1 << (r - 1).bit_length()))
     (seed_arg, sign_arg), on_device = seed_args(seed_off, sign_off)
     words = data.view(torch.int32)
-    launchable(_column_fold_kernel)[((r + br - 1) // br, k // _FOLD_K)](
+    launchable(_column_fold_kernel)[((r + br - 1) // br, k // FOLD_BLOCK)](
         x, words, scale, r, k, x.stride(1), words.stride(0), scale.stride(0), scale.stride(1), seed_arg,
         sign_arg, SMODE=_SCALE[spec.scale], SR=spec.rounding == "stochastic", BR=br, TILE=tile,
         SIGNS=sign_off is not None, SEED_PTR=on_device, **rotation_constants(block), num_warps=COLUMN_WARPS,
