@@ -126,6 +126,10 @@ def test_column_fold_declines_what_it_does_not_fold():
 
     x_t = torch.randn(256, 128).t()
     assert "valid choices: chunk, tile" in why_not_column_fold(x_t, MX4, 32, "rows")
+    from lowbit.kernels.column_quantize import column_quantize
+
+    with pytest.raises(ValueError, match="fold='rows'; valid choices: chunk, tile"):
+        column_quantize(x_t, MX4, 32, None, 0, fold="rows")
     assert "not MXFP4" in why_not_column_fold(x_t, QuantSpec("fp4_e2m1", 16, "e4m3"), 16, "tile")
     assert "not a multiple of 128" in why_not_column_fold(torch.randn(96, 128).t(), MX4, 32, "chunk")
     assert "contiguous rows" in why_not_column_fold(x_t.contiguous(), MX4, 32, "tile")

@@ -111,6 +111,8 @@ def column_quantize(
     e4m3 values and their chunk scales (R, K/128; group-major, as cuBLAS reads them) or tile scales
     (ceil(R/128), K/128), as lowbit.quant.scale_fold.fold_blocks returns them."""
     if fold is not None:
+        if fold not in FOLDS:
+            raise ValueError(f"column_quantize: fold={fold!r}; valid choices: {', '.join(FOLDS)} (or None)")
         return _column_fold(x, spec, block, sign_off, seed_off, fold)
     from lowbit.kernels._column_quantize_triton import (
         COLUMN_GROUPS,
